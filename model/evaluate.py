@@ -1,0 +1,59 @@
+"""Loss of a model on a text, in nats and bits per character, with the state carried through it.
+
+The text is cut into B contiguous streams that run side by side; each carries its recurrent state
+from its first character to its last, so every character is predicted from everything before it in
+its stream (as when sampling), not from a fixed window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from model.data import streams
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class Loss:
+    nats: float
+    chars: int  # how many predictions were scored
+
+    @property
+    def bits(self) -> float:
+        return self.nats / LN2
+
+    def to_dict(self) -> dict:
+        return {"nats_per_char": round(self.nats, 5), "bits_per_char": round(self.bits, 5), "chars_scored": self.chars}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    m = logits.max(axis=-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+
+
+class StreamScorer:
+    """Scores texts with a model; each stream runs through the network in one call, so the state is
+    carried from its first character to its last (streams of at most `max_len` characters)."""
+
+    def __init__(self, n_streams: int = 64, max_len: int = 4096, batch: int = 64):
+        self.n_streams, self.max_len, self.batch = n_streams, max_len, batch
+
+    def loss(self, model: keras.Model, ids: np.ndarray) -> Loss:
+        if len(ids) < 2:
+            raise ValueError("need at least two characters to score")
+        rows = streams(ids, max(self.n_streams, -(-len(ids) // self.max_len)))  # (B, L)
+        total, count = 0.0, 0
+        for start in range(0, rows.shape[0], self.batch):
+            group = rows[start : start + self.batch]
+            x, y = group[:, :-1], group[:, 1:]
+            logits = keras.ops.convert_to_numpy(model.predict_on_batch(x))  # (b, L-1, V)
+            logp = np.take_along_axis(log_softmax(logits), y[..., None].astype(np.int64), axis=-1)
+            total -= float(logp.sum())
+            count += y.size
+        return Loss(total / count, count)

@@ -1,0 +1,96 @@
+"""The network: character ids -> embedding -> stacked recurrent layers -> next-character logits.
+
+Keras 3 layers only (no backend-specific code), so the same model trains on TensorFlow or JAX and
+its `.keras` file loads on either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import keras
+
+CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: str = "lstm"  # lstm | gru | rnn
+    layers: int = 2
+    units: int = 256
+    embedding: int = 64
+    dropout: float = 0.0  # between layers, as char-rnn does; never inside the recurrence
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        for name in ("layers", "units", "embedding"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if self.layers > 16:
+            raise ValueError(f"layers must be at most 16, got {self.layers}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def build_model(config: ModelConfig, vocab_size: int, *, stateful_batch: int | None = None) -> keras.Model:
+    """Logits for every position: (B, T) int ids -> (B, T, vocab_size).
+
+    With `stateful_batch`, the recurrent layers keep their state between calls (for streaming
+    evaluation and the reference sampler); the weights are the same as the trainable model's.
+    """
+    stateful = stateful_batch is not None
+    if stateful:
+        inputs = keras.Input(batch_shape=(stateful_batch, None), dtype="int32", name="chars")
+    else:
+        inputs = keras.Input(shape=(None,), dtype="int32", name="chars")
+    x = keras.layers.Embedding(vocab_size, config.embedding, name="embedding")(inputs)
+    rnn = CELLS[config.cell]
+    for i in range(config.layers):
+        x = rnn(config.units, return_sequences=True, stateful=stateful, name=f"rnn_{i + 1}")(x)  # (B, T, H)
+        if config.dropout and i < config.layers - 1:
+            x = keras.layers.Dropout(config.dropout, name=f"dropout_{i + 1}")(x)
+    logits = keras.layers.Dense(vocab_size, name="logits")(x)  # (B, T, V)
+    return keras.Model(inputs, logits, name=f"chargen_{config.cell}")
+
+
+def reset_states(model: keras.Model) -> None:
+    for layer in model.layers:
+        if getattr(layer, "stateful", False):
+            layer.reset_state()
+
+
+def config_of(model: keras.Model) -> ModelConfig:
+    """Read the network's configuration back from a built model (used to check artifacts)."""
+    rnns = [layer for layer in model.layers if layer.name.startswith("rnn_")]
+    if not rnns:
+        raise ValueError("model has no recurrent layers named rnn_1, rnn_2, ...")
+    kinds = {type(layer) for layer in rnns}
+    cell = next((name for name, cls in CELLS.items() if {cls} == kinds), None)
+    if cell is None:
+        raise ValueError(f"model mixes or uses unknown recurrent layers: {sorted(k.__name__ for k in kinds)}")
+    dropouts = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    embedding = model.get_layer("embedding")
+    return ModelConfig(
+        cell=cell,
+        layers=len(rnns),
+        units=rnns[0].units,
+        embedding=embedding.output_dim,
+        dropout=float(dropouts[0]) if dropouts else 0.0,
+    )
+
+
+def count_parameters(model: keras.Model) -> int:
+    return int(sum(w.size for w in model.get_weights()))

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models trained inside the test session on small synthetic text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
+
+# A deterministic periodic text: a model that learned it reproduces it exactly by greedy sampling.
+PERIODIC = "the quick brown fox jumps over the lazy dog.\n"
+
+
+def train_tiny(out: Path, text: str, *, cell: str = "lstm", layers: int = 1, units: int = 32,
+               epochs: int = 25, seq_len: int = 40, batch_size: int = 8, lr: float = 1e-2, **kw) -> Path:
+    """Train a tiny model on `text` with the real training code; returns the best artifact's path."""
+    from model.network import ModelConfig
+    from model.train import TrainSettings, train
+
+    corpus = out.parent / f"{out.name}-corpus.txt"
+    corpus.write_text(text, encoding="utf-8")
+    settings = TrainSettings(
+        corpus=str(corpus), out=str(out), config=ModelConfig(cell=cell, layers=layers, units=units, embedding=16),
+        seq_len=seq_len, batch_size=batch_size, lr=lr, lr_decay=1.0, epochs=epochs, patience=0, **kw,
+    )
+    return train(settings, command="test", verbose=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """A 1x32 LSTM that has learned PERIODIC (greedy sampling reproduces it)."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    return train_tiny(out, PERIODIC * 60)
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"reference corpus not found at {SHAKESPEARE} (it lives in ../shared/corpora beside the repo)")
+    return SHAKESPEARE
