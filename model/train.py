@@ -71,6 +71,9 @@ class TrainSettings:
         positive_int("epochs", self.epochs)
         positive_int("patience", self.patience, minimum=0)
         positive_int("eval_streams", self.eval_streams)
+        positive_int("seed", self.seed, minimum=0)
+        if self.seed >= 2**32:  # NumPy's legacy seeding, which Keras uses, takes 32 bits
+            raise TrainingError(f"--seed must be below 2**32, got {self.seed}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise TrainingError(f"--lr must be a positive number, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
@@ -139,15 +142,30 @@ class _Deadline(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def _history_files(history: list[dict], out: Path, title: str) -> None:
-    _write_atomic(out / "history.json", json.dumps(history, indent=1))
+class _ProgressBar(keras.callbacks.ProgbarLogger):
+    """Keras' live bar with the run's epoch count in its header: each fit() call covers one epoch, so
+    Keras alone would print "Epoch 3/3" for the third of 30."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.run_epochs = epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.run_epochs
+
+
+def _history_files(history: list[dict], dirs: list[Path], title: str) -> None:
     buf = io.StringIO()
     if history:
         writer = csv.DictWriter(buf, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    _write_atomic(out / "history.csv", buf.getvalue())
-    _write_atomic(out / "loss.png", plot_history(history, title))
+    png = plot_history(history, title)  # drawn once: on tiny corpora plotting costs more than an epoch
+    for out in dirs:
+        _write_atomic(out / "history.json", json.dumps(history, indent=1))
+        _write_atomic(out / "history.csv", buf.getvalue())
+        _write_atomic(out / "loss.png", png)
 
 
 def plot_history(history: list[dict], title: str) -> bytes:
@@ -157,6 +175,7 @@ def plot_history(history: list[dict], title: str) -> bytes:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2), dpi=100)
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.12)  # bbox_inches="tight" would draw twice
     ax = fig.subplots()
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_bits_per_char"] for h in history], "o-", label="train")
@@ -165,10 +184,30 @@ def plot_history(history: list[dict], title: str) -> bytes:
     ax.set_ylabel("bits per character")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _tidy(out: Path, best: dict | None) -> None:
+    """Make the run directory agree with state.json: `best` points to the artifact it records, and
+    artifacts or temporary files that a killed run left behind are removed."""
+    for tmp in [*out.glob(".*.tmp*"), *out.glob(".tmp-*"), *(out / "artifacts").glob(".*.tmp-*")]:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    keep = best["artifact"] if best else None
+    for old in (out / "artifacts").glob("epoch-*"):
+        if old.relative_to(out).as_posix() != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    link = out / "best"
+    if keep is None:
+        if link.is_symlink():
+            link.unlink()
+    elif not link.is_symlink() or os.readlink(link) != os.path.relpath(out / keep, out):
+        artifact.point(link, out / keep)
 
 
 def _steps(model: keras.Model) -> int:
@@ -201,6 +240,12 @@ def prepare(settings: TrainSettings, resume: bool) -> tuple[TrainSettings, Corpu
     elif out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a directory")
 
+    if settings.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
     from model.data import CorpusError
 
     try:
@@ -222,7 +267,13 @@ def prepare(settings: TrainSettings, resume: bool) -> tuple[TrainSettings, Corpu
 
 
 def train(settings: TrainSettings, *, resume: bool = False, command: str | None = None, verbose: int | str = "auto") -> Path:
-    """Train (or resume) a run; returns the path of the best artifact."""
+    """Train (or resume) a run; returns the path of the best artifact.
+
+    verbose="auto" shows Keras' live progress bar with the running loss on a terminal; elsewhere (a
+    log file, CI) only the one line per epoch that this function prints, because the bar writes
+    backspaces and colour codes many times a second even when stdout is not a terminal."""
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 0
     settings, corpus, state = prepare(settings, resume)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,13 +321,20 @@ def train(settings: TrainSettings, *, resume: bool = False, command: str | None 
 
     scorer = StreamScorer(n_streams=settings.eval_streams)
     deadline_cb = _Deadline(time.monotonic() + 60 * settings.max_minutes if settings.max_minutes else None)
-    callbacks: list = [deadline_cb]
+    callbacks: list = [deadline_cb] + ([_ProgressBar(settings.epochs)] if verbose else [])
     if settings.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard")))
 
+    _tidy(out, best)
+    first_epoch = epoch
     stop_reason = "epochs"
     while epoch < settings.epochs:
-        if deadline_cb.deadline is not None and time.monotonic() > deadline_cb.deadline:
+        if settings.patience and stale >= settings.patience:  # a resumed run that had already stopped early
+            stop_reason = f"no improvement for {stale} epochs (patience {settings.patience})"
+            break
+        # time ran out during the last epoch's validation or saving (each invocation trains at least
+        # one batch, so a tiny --max-minutes still leaves an artifact)
+        if deadline_cb.deadline is not None and time.monotonic() > deadline_cb.deadline and epoch > first_epoch:
             stop_reason = "max-minutes"
             break
         x, y = epoch_windows(split.train, settings.seq_len, settings.batch_size, settings.seed, epoch)
@@ -315,8 +373,6 @@ def train(settings: TrainSettings, *, resume: bool = False, command: str | None 
 
         if improved:
             name = f"artifacts/epoch-{epoch:03d}"
-            if (out / name).exists():  # left by a run killed after saving it but before recording it
-                shutil.rmtree(out / name)
             meta = {
                 "config": settings.config.to_dict(),
                 "parameters": params,
@@ -336,8 +392,6 @@ def train(settings: TrainSettings, *, resume: bool = False, command: str | None 
             }
             artifact.save(out / name, model, vocab, meta)
             artifact.point(out / "best", out / name)
-            if best and best.get("artifact") and best["artifact"] != name:
-                shutil.rmtree(out / best["artifact"], ignore_errors=True)
             best = {"epoch": epoch, "val_nats": val.nats, "artifact": name}
             stale = 0
         else:
@@ -347,9 +401,9 @@ def train(settings: TrainSettings, *, resume: bool = False, command: str | None 
         state = {"epoch": epoch, "best": best, "epochs_without_improvement": stale, "history": history,
                  "training_seconds": training_seconds, "chars_trained": chars_trained, "corpus_sha256": corpus.sha256}
         _write_atomic(out / STATE_FILE, json.dumps(state, indent=1))
+        _tidy(out, best)  # the previous best goes only now that state.json no longer names it
         title = f"{corpus.name}: {settings.config.cell} {settings.config.layers}x{settings.config.units}"
-        _history_files(history, out, title)
-        _history_files(history, out / best["artifact"], title)
+        _history_files(history, [out, out / best["artifact"]], title)
 
         if partial:
             stop_reason = "max-minutes"

@@ -1,0 +1,246 @@
+"""Artifacts: a round trip keeps the logits; every kind of damage has its own error naming the file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from model import artifact
+from model.artifact import (ArtifactError, ArtifactNotFound, BadMeta, BadVocab, CorruptModel, MissingFile,
+                            UnsupportedFormat, VocabMismatch)
+from model.network import ModelConfig, build_model
+from model.vocab import Vocab
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ModelConfig(cell="gru", layers=2, units=16, embedding=8)
+VOCAB = Vocab.from_text("abcdefgh \n")
+X = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]], dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """An artifact of a randomly initialised network, and that network."""
+    keras.utils.set_random_seed(3)
+    model = build_model(CONFIG, len(VOCAB))
+    path = artifact.save(tmp_path_factory.mktemp("artifact") / "a", model, VOCAB,
+                         {"config": CONFIG.to_dict(), "corpus": {"name": "letters"}})
+    return path, model
+
+
+@pytest.fixture
+def copy(saved, tmp_path) -> Path:
+    """A fresh copy to damage."""
+    return Path(shutil.copytree(saved[0], tmp_path / "a"))
+
+
+def raises(cls, path: Path, names: str) -> ArtifactError:
+    with pytest.raises(ArtifactError) as e:
+        artifact.load(path)
+    assert type(e.value) is cls, f"expected {cls.__name__}, got {type(e.value).__name__}: {e.value}"
+    assert names in str(e.value), f"message should name {names}: {e.value}"
+    return e.value
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_round_trip_gives_identical_logits(saved):
+    path, model = saved
+    loaded = artifact.load(path)
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.keras", "vocab.json"]
+    assert loaded.vocab.chars == VOCAB.chars
+    assert loaded.config == CONFIG
+    assert loaded.meta["format_version"] == artifact.FORMAT_VERSION
+    assert loaded.meta["vocab_size"] == len(VOCAB)
+    assert loaded.meta["corpus"] == {"name": "letters"}
+    expected = keras.ops.convert_to_numpy(model(X))
+    got = keras.ops.convert_to_numpy(loaded.model(X))
+    assert got.shape == (2, 10, len(VOCAB))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_saved_network_is_for_inference_only(tmp_path):
+    """A trained, compiled network is saved without its optimizer state."""
+    import h5py
+
+    model = build_model(CONFIG, len(VOCAB))
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.train_on_batch(X[:, :-1], X[:, 1:])
+    path = artifact.save(tmp_path / "a", model, VOCAB, {"config": CONFIG.to_dict()})
+    loaded = artifact.load(path)
+    assert getattr(loaded.model, "optimizer", None) is None
+    with zipfile.ZipFile(path / "model.keras") as z:
+        assert sorted(z.namelist()) == ["config.json", "metadata.json", "model.weights.h5"]
+        z.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as h5:
+        assert "optimizer" not in h5
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded.model(X)), keras.ops.convert_to_numpy(model(X)))
+
+
+def test_a_run_directory_resolves_to_its_best_artifact(saved, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved[0], run / "artifacts" / "epoch-002")
+    artifact.point(run / "best", run / "artifacts" / "epoch-002")
+    assert artifact.load(run).path == run / "best"
+
+
+def test_save_refuses_an_existing_directory_and_leaves_nothing_half_written(saved, tmp_path):
+    _, model = saved
+    with pytest.raises(FileExistsError, match="already exists"):
+        artifact.save(saved[0], model, VOCAB, {"config": CONFIG.to_dict()})
+    target = tmp_path / "new"
+    with pytest.raises(FileNotFoundError):  # fails part-way: after model.keras, while copying extras
+        artifact.save(target, model, VOCAB, {"config": CONFIG.to_dict()}, extra_files={"x": tmp_path / "absent"})
+    assert list(tmp_path.iterdir()) == []  # neither the target nor its temporary directory
+
+
+# ---------------------------------------------------------------- damage, one error class each
+
+
+def test_no_such_directory(tmp_path):
+    raises(ArtifactNotFound, tmp_path / "nowhere", "nowhere")
+    (tmp_path / "file").write_text("x")
+    raises(ArtifactNotFound, tmp_path / "file", "is a file")
+
+
+@pytest.mark.parametrize("name", artifact.FILES)
+def test_missing_file(copy, name):
+    (copy / name).unlink()
+    raises(MissingFile, copy, name)
+
+
+def test_model_that_is_not_an_archive(copy):
+    (copy / "model.keras").write_bytes(b"definitely not a zip file" * 10)
+    raises(CorruptModel, copy, "model.keras")
+
+
+def test_truncated_archive(copy):
+    data = (copy / "model.keras").read_bytes()
+    (copy / "model.keras").write_bytes(data[: len(data) // 2])
+    raises(CorruptModel, copy, "model.keras")
+
+
+def test_archive_with_damaged_weights(copy):
+    path = copy / "model.keras"
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members["model.weights.h5"] = members["model.weights.h5"][:200]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    raises(CorruptModel, copy, "model.keras")
+
+
+def test_zip_that_is_not_a_keras_model(copy):
+    with zipfile.ZipFile(copy / "model.keras", "w") as z:
+        z.writestr("hello.txt", "hi")
+    raises(CorruptModel, copy, "model.keras")
+
+
+def test_model_with_code_is_refused_by_safe_mode(copy):
+    """A Lambda layer carries Python code; safe_mode=True must refuse to run it."""
+    inputs = keras.Input(shape=(None,), dtype="int32")
+    x = keras.layers.Embedding(len(VOCAB), 8, name="embedding")(inputs)
+    x = keras.layers.Lambda(lambda t: t * 2.0)(x)
+    x = keras.layers.GRU(16, return_sequences=True, name="rnn_1")(x)
+    keras.Model(inputs, keras.layers.Dense(len(VOCAB), name="logits")(x)).save(copy / "model.keras")
+    error = raises(CorruptModel, copy, "model.keras")
+    assert "safe_mode" in str(error) or "Lambda" in str(error)
+
+
+def test_vocabulary_that_does_not_fit_the_model(copy):
+    (copy / "vocab.json").write_text(Vocab(VOCAB.chars + ["z"]).to_json())
+    error = raises(VocabMismatch, copy, "vocab.json")
+    assert f"{len(VOCAB) + 1} characters" in str(error) and f"built for {len(VOCAB)}" in str(error)
+
+
+def test_meta_vocab_size_that_disagrees(copy):
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["vocab_size"] = 99
+    (copy / "meta.json").write_text(json.dumps(meta))
+    raises(VocabMismatch, copy, "meta.json says vocab_size 99")
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_unknown_format_version(copy, version):
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["format_version"] = version
+    (copy / "meta.json").write_text(json.dumps(meta))
+    error = raises(UnsupportedFormat, copy, "meta.json")
+    assert f"format_version {version!r}" in str(error)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"format_version": 1}), "no 'config'"),
+    (json.dumps({"format_version": 1, "config": {"cell": "transformer"}}), "invalid config"),
+    (json.dumps({"format_version": 1, "config": {"colour": "red"}}), "invalid config"),
+])
+def test_bad_meta(copy, text, problem):
+    (copy / "meta.json").write_text(text)
+    error = raises(BadMeta, copy, "meta.json")
+    assert problem in str(error)
+
+
+def test_meta_that_describes_another_network(copy):
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["config"]["units"] = 32
+    (copy / "meta.json").write_text(json.dumps(meta))
+    raises(BadMeta, copy, "model.keras holds")
+
+
+@pytest.mark.parametrize("data", [b"{oops", b'{"letters": []}', b'{"chars": ["a", "a"]}', b"\xff\xfe"])
+def test_bad_vocab(copy, data):
+    (copy / "vocab.json").write_bytes(data)
+    raises(BadVocab, copy, "vocab.json")
+
+
+def test_error_classes_are_distinct():
+    classes = [ArtifactNotFound, MissingFile, CorruptModel, BadVocab, BadMeta, UnsupportedFormat, VocabMismatch]
+    assert len(set(classes)) == len(classes)
+    assert all(issubclass(c, ArtifactError) and c is not ArtifactError for c in classes)
+
+
+# ---------------------------------------------------------------- what training writes
+
+
+def test_trained_artifact_describes_itself(tiny_artifact):
+    meta = json.loads((tiny_artifact / "meta.json").read_text())
+    corpus_file = tiny_artifact.parent.parent / f"{tiny_artifact.parent.name}-corpus.txt"
+    data = corpus_file.read_bytes()
+    assert meta["format_version"] == artifact.FORMAT_VERSION
+    assert meta["config"] == {"cell": "lstm", "layers": 1, "units": 32, "embedding": 16, "dropout": 0.0}
+    assert meta["vocab_size"] == len(set(data.decode()))
+    assert meta["corpus"] == {"name": corpus_file.name, "size_bytes": len(data), "chars": len(data),
+                              "sha256": hashlib.sha256(data).hexdigest()}
+    split = meta["split"]
+    assert split["validation_fraction"] == 0.1
+    assert split["train_chars"] + split["validation_chars"] == len(data)
+    validation = meta["validation"]
+    assert validation["bits_per_char"] == pytest.approx(validation["nats_per_char"] / np.log(2), abs=1e-4)
+    assert 1 <= validation["epoch"] <= meta["training"]["epochs"]
+    assert meta["training"]["seconds"] > 0 and meta["training"]["chars_per_second"] > 0
+    assert meta["versions"]["keras"] == keras.__version__
+    assert meta["versions"]["backend"] in ("tensorflow", "jax")
+    assert re.fullmatch(r"\d+\.\d+.*", meta["versions"]["backend_version"])
+    assert meta["command"] == "test"  # what train_tiny passes
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["created"])
+    assert artifact.load(tiny_artifact).meta == meta
+
+
+def test_no_pickle_anywhere():
+    """Artifacts are JSON plus a Keras archive loaded with safe_mode=True; nothing unpickles."""
+    for path in [*ROOT.glob("model/*.py"), *ROOT.glob("service/*.py")]:
+        source = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib|marshal|shelve)\b", source, re.M), path
+        assert "safe_mode=False" not in source, path
+    assert "safe_mode=True" in (ROOT / "model" / "artifact.py").read_text()

@@ -1,0 +1,222 @@
+"""`chargen train` from the command line: every bad input is refused before any work starts, and a
+run killed with SIGKILL continues with --resume as if it had never stopped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import PERIODIC
+
+from model import artifact
+from model.cli import main
+
+CHARGEN = str(Path(sys.executable).with_name("chargen"))
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(PERIODIC * 20)  # 900 characters
+    return path
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(main, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--units", "-5"], "Invalid value for '--units': -5 is not in the range"),
+    (["--units", "0"], "Invalid value for '--units'"),
+    (["--units", "many"], "Invalid value for '--units': 'many' is not a valid integer"),
+    (["--cell", "transformer"], "Invalid value for '--cell': 'transformer' is not one of 'lstm', 'gru', 'rnn'"),
+    (["--layers", "0"], "Invalid value for '--layers'"),
+    (["--layers", "17"], "Invalid value for '--layers'"),
+    (["--embedding", "0"], "Invalid value for '--embedding'"),
+    (["--dropout", "1"], "Invalid value for '--dropout'"),
+    (["--dropout", "-0.1"], "Invalid value for '--dropout'"),
+    (["--dropout", "nan"], "dropout must be in [0, 1), got nan"),
+    (["--seq-len", "0"], "Invalid value for '--seq-len'"),
+    (["--seq-len", "5000"], "--seq-len 5000 is longer than the training part of the corpus (810 characters)"),
+    (["--seq-len", "810"], "--seq-len 810 is longer than the training part of the corpus"),
+    (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["--lr", "0"], "Invalid value for '--lr'"),
+    (["--lr", "-0.01"], "Invalid value for '--lr'"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--lr", "inf"], "--lr must be a positive number, got inf"),
+    (["--lr-decay", "0"], "Invalid value for '--lr-decay'"),
+    (["--lr-decay", "1.5"], "Invalid value for '--lr-decay'"),
+    (["--lr-decay", "nan"], "--lr-decay must be in (0, 1], got nan"),
+    (["--clipnorm", "-1"], "Invalid value for '--clipnorm'"),
+    (["--clipnorm", "nan"], "--clipnorm must be >= 0"),
+    (["--epochs", "0"], "Invalid value for '--epochs'"),
+    (["--max-minutes", "0"], "Invalid value for '--max-minutes'"),
+    (["--max-minutes", "nan"], "--max-minutes must be positive, got nan"),
+    (["--patience", "-1"], "Invalid value for '--patience'"),
+    (["--validation", "0"], "Invalid value for '--validation'"),
+    (["--validation", "0.6"], "Invalid value for '--validation'"),
+    (["--validation", "nan"], "--validation must be in (0, 0.5], got nan"),
+    (["--validation", "0.001"], "the validation part of the corpus has only 0 characters; raise --validation"),
+    (["--seed", "-1"], "Invalid value for '--seed'"),
+    (["--seed", str(2**32)], "Invalid value for '--seed'"),
+    (["--optimizer", "sgd"], "No such option '--optimizer'"),
+    (["--resume"], "holds no run to resume (no run.json); start one without --resume"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, corpus, args, problem):
+    out = tmp_path / "run"
+    result = invoke("train", "--corpus", str(corpus), "--out", str(out), *args)
+    assert result.exit_code != 0
+    assert problem in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("data, problem", [
+    (None, "no such file"),
+    (b"", "the file is empty"),
+    (b"\xff\xfe" + "text".encode("utf-16-le") * 100, "not UTF-8 text (byte 0xff at offset 0"),
+    (b"ab\x00" * 100, "contains NUL characters"),
+    (b"too short\n", "only 10 characters; at least 200 are needed"),
+])
+def test_bad_corpora_are_refused_before_any_work(tmp_path, data, problem):
+    corpus = tmp_path / "text.txt"
+    if data is not None:
+        corpus.write_bytes(data)
+    out = tmp_path / "run"
+    out.mkdir()  # an existing empty directory stays empty
+    result = invoke("train", "--corpus", str(corpus), "--out", str(out))
+    assert result.exit_code == 1
+    assert problem in result.output and "text.txt" in result.output
+    assert list(out.iterdir()) == []
+
+
+def test_corpus_that_is_a_directory_and_out_that_is_a_file(tmp_path, corpus):
+    result = invoke("train", "--corpus", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "is a directory" in result.output
+    (tmp_path / "file").write_text("keep me")
+    result = invoke("train", "--corpus", str(corpus), "--out", str(tmp_path / "file"))
+    assert result.exit_code == 2 and "is a file" in result.output
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_without_the_package_is_refused(tmp_path, corpus, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    result = invoke("train", "--corpus", str(corpus), "--out", str(tmp_path / "run"), "--tensorboard")
+    assert result.exit_code == 1 and "--tensorboard needs the tensorboard package" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_in_an_empty_directory(tmp_path, corpus):
+    (tmp_path / "run").mkdir()
+    result = invoke("train", "--corpus", str(corpus), "--out", str(tmp_path / "run"), "--resume")
+    assert result.exit_code == 1 and "holds no run to resume" in result.output
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_defaults_are_the_library_defaults(tmp_path, corpus):
+    """`chargen train` with no flags trains what TrainSettings and ModelConfig describe."""
+    from model.network import ModelConfig
+    from model.train import TrainSettings
+
+    run = tmp_path / "run"
+    result = invoke("train", "--corpus", str(corpus), "--out", str(run), "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "epoch 1: train " in result.output and " bits), validation " in result.output
+    saved = json.loads((run / "run.json").read_text())
+    expected = TrainSettings(corpus=str(corpus), out=str(run), epochs=1).to_dict()
+    assert {k: saved[k] for k in expected} == expected
+    assert saved["config"] == ModelConfig().to_dict() == {"cell": "lstm", "layers": 2, "units": 256, "embedding": 64, "dropout": 0.0}
+    assert (saved["seq_len"], saved["batch_size"], saved["lr"], saved["lr_decay"], saved["clipnorm"]) == (100, 64, 2e-3, 0.95, 5.0)
+    assert (saved["patience"], saved["validation_fraction"], saved["tensorboard"]) == (5, 0.1, False)
+    assert artifact.load(run).config == ModelConfig()
+
+
+# ---------------------------------------------------------------- kill -9, then --resume
+
+
+def words(n_chars: int, seed: int = 0) -> str:
+    """Pseudo-text: random words from a small list, in lines."""
+    rng = np.random.default_rng(seed)
+    vocabulary = "the of and to a in that is was he for it with as his on be at by had".split()
+    lines, size = [], 0
+    while size < n_chars:
+        line = " ".join(rng.choice(vocabulary, 8)) + "\n"
+        lines.append(line)
+        size += len(line)
+    return "".join(lines)[:n_chars]
+
+
+def test_killed_run_resumes_from_its_last_completed_epoch(tmp_path):
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(words(20_000))
+    run = tmp_path / "run"
+    epochs, seq_len, batch_size, lr, decay = 6, 50, 16, 0.005, 0.9
+    command = [CHARGEN, "train", "--corpus", str(corpus), "--out", str(run), "--layers", "1", "--units", "32",
+               "--embedding", "16", "--seq-len", str(seq_len), "--batch-size", str(batch_size), "--lr", str(lr),
+               "--lr-decay", str(decay), "--epochs", str(epochs), "--patience", "0", "--tensorboard"]
+    steps_per_epoch = (int(20_000 * 0.9) // seq_len) // batch_size
+
+    # start it and SIGKILL it once state.json records epoch 2 (it is then somewhere in epoch 3)
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and first.poll() is None:
+                state = run / "state.json"
+                if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+                    break
+                time.sleep(0.02)
+            assert first.poll() is None, f"the run ended before it could be killed:\n{(tmp_path / 'first.log').read_text()}"
+            first.send_signal(signal.SIGKILL)
+        finally:
+            first.kill()
+            first.wait(timeout=30)
+    killed_at = json.loads((run / "state.json").read_text())["epoch"]
+    assert 2 <= killed_at < epochs
+    first_log = (tmp_path / "first.log").read_text()
+    assert "\x1b" not in first_log and "\b" not in first_log  # no progress-bar codes when stdout is a file
+    assert f"epoch {killed_at}: train " in first_log
+    assert artifact.load(run).meta["training"]["epochs"] <= killed_at + 1  # whole (maybe not yet in state.json)
+
+    # a second start without --resume refuses to touch the run
+    before = (run / "state.json").read_text()
+    result = invoke(*command[1:])
+    assert result.exit_code == 1 and "already holds a training run: pass --resume" in result.output
+    assert (run / "state.json").read_text() == before
+
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming {run} after epoch {killed_at} (optimizer step {killed_at * steps_per_epoch})" in resumed.stdout
+    assert f"epoch {killed_at + 1}: train " in resumed.stdout and f"epoch {killed_at}: train " not in resumed.stdout
+
+    state = json.loads((run / "state.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    assert state["epoch"] == epochs
+    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))  # each epoch exactly once
+    assert (run / "history.csv").read_text().count("\n") == epochs + 1
+    checkpoint = keras.saving.load_model(run / "checkpoint.keras", compile=True, safe_mode=True)
+    assert int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) == epochs * steps_per_epoch
+    # the learning-rate schedule went on from the carried-over step count
+    assert history[-1]["learning_rate"] == pytest.approx(lr * decay**epochs, rel=1e-4)
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+
+    best = artifact.load(run)
+    assert best.meta["validation"]["nats_per_char"] == pytest.approx(min(r["val_nats_per_char"] for r in history), abs=1e-5)
+    assert best.meta["command"].startswith("chargen train --corpus ")
+    assert sorted(p.name for p in (run / "artifacts").iterdir()) == [best.path.resolve().name]

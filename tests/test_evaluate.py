@@ -1,0 +1,83 @@
+"""`chargen evaluate`: nats and bits per character on any text, characters outside the vocabulary."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+from conftest import PERIODIC
+
+from model.cli import main
+
+
+def evaluate(*args: str):
+    result = CliRunner().invoke(main, ["evaluate", *args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_loss_on_the_text_it_learned(tiny_artifact, tmp_path):
+    text = tmp_path / "periodic.txt"
+    text.write_text(PERIODIC * 20)
+    result = evaluate("--artifact", str(tiny_artifact), "--text", str(text), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["nats_per_char"] < 0.05
+    assert data["bits_per_char"] == pytest.approx(data["nats_per_char"] / math.log(2), abs=1e-4)
+    assert data["chars"] == len(PERIODIC) * 20 and data["outside_vocabulary"] == 0 and data["dropped"] == 0
+    assert data["chars_scored"] == len(PERIODIC) * 20 - 1  # one stream: every character but the first
+
+
+def test_the_validation_part_scores_as_training_reported(tiny_artifact, tmp_path):
+    """The same scorer on the same characters gives the loss recorded in meta.json."""
+    meta = json.loads((tiny_artifact / "meta.json").read_text())
+    corpus = (tiny_artifact.parent.parent / f"{tiny_artifact.parent.name}-corpus.txt").read_text()
+    n_train = meta["split"]["train_chars"]
+    (tmp_path / "validation.txt").write_text(corpus[n_train:])
+    run_dir = tiny_artifact.parent  # a run directory stands for its best artifact
+    result = evaluate("--artifact", str(run_dir), "--text", str(tmp_path / "validation.txt"), "--json")
+    data = json.loads(result.stdout)
+    assert data["nats_per_char"] == pytest.approx(meta["validation"]["nats_per_char"], abs=1e-4)
+    assert data["chars_scored"] == meta["validation"]["chars_scored"]
+
+
+def test_characters_outside_the_vocabulary_are_replaced_or_dropped_and_counted(tiny_artifact, tmp_path):
+    text = tmp_path / "odd.txt"
+    text.write_text("thé quick brown fox jumps over the lazy dog.€\r\n" * 3)  # é -> e; € is dropped
+    result = evaluate("--artifact", str(tiny_artifact), "--text", str(text))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"artifact  {tiny_artifact}: lstm 1x32, vocabulary 29, trained on ")
+    assert lines[1] == f"text      {text}: 138 characters, 6 outside the vocabulary (3 replaced by their base form, 3 dropped)"
+    nats, bits = (float(x) for x in lines[2].split()[1:5:3])
+    assert nats < 0.1 and bits == pytest.approx(nats / math.log(2), abs=2e-4)
+    assert "nats/char" in lines[2] and "bits/char" in lines[2]
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "no such file"),
+    (b"", "the file is empty"),
+    (b"caf\xe9", "not UTF-8 text (byte 0xe9 at offset 3 is invalid)"),
+    ("t".encode(), "only 1 character(s) the model knows; at least 2 are needed"),
+    ("€€€ ☃☃".encode(), "only 1 character(s) the model knows"),
+])
+def test_bad_texts(tiny_artifact, tmp_path, content, problem):
+    text = tmp_path / "t.txt"
+    if content is not None:
+        text.write_bytes(content)
+    result = evaluate("--artifact", str(tiny_artifact), "--text", str(text))
+    assert result.exit_code == 1
+    assert problem in result.output and "t.txt" in result.output
+
+
+def test_bad_artifacts(tmp_path):
+    (tmp_path / "t.txt").write_text(PERIODIC)
+    result = evaluate("--artifact", str(tmp_path / "nothing"), "--text", str(tmp_path / "t.txt"))
+    assert result.exit_code == 1 and "nothing: no such artifact directory" in result.output
+    (tmp_path / "empty").mkdir()
+    result = evaluate("--artifact", str(tmp_path / "empty"), "--text", str(tmp_path / "t.txt"))
+    assert result.exit_code == 1 and "missing model.keras, vocab.json, meta.json" in result.output
+    result = evaluate("--artifact", str(tmp_path / "empty"), "--text", str(tmp_path))
+    assert result.exit_code == 1 and "is a directory" in result.output

@@ -1,0 +1,151 @@
+"""Training: every cell learns, the run directory's files, early stopping, --max-minutes, TensorBoard,
+and a resumed run tidying what a killed one left behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import PERIODIC, train_tiny
+
+from model import artifact
+from model.network import ModelConfig
+from model.train import TrainSettings, train
+
+
+def greedy(loaded: artifact.Artifact, prompt: str, max_chars: int) -> str:
+    """The argmax continuation, straight from the network's logits. The network is causal, so the
+    logits at position t depend only on characters 0..t: a fixed-size buffer keeps one shape."""
+    start = len(prompt)
+    ids = np.zeros((1, start + max_chars), dtype=np.int32)
+    ids[0, :start] = loaded.vocab.encode(prompt).ids
+    for t in range(start, start + max_chars):
+        logits = keras.ops.convert_to_numpy(loaded.model.predict_on_batch(ids))  # (1, T, V)
+        ids[0, t] = logits[0, t - 1].argmax()
+    return loaded.vocab.decode(ids[0, start:])
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory, tiny_artifact) -> dict[str, Path]:
+    """A one-layer network of each cell trained on PERIODIC (the LSTM is the session's tiny_artifact)."""
+    runs = {"lstm": tiny_artifact}
+    for cell in ("gru", "rnn"):
+        runs[cell] = train_tiny(tmp_path_factory.mktemp(cell) / "run", PERIODIC * 120, cell=cell, epochs=10)
+    return runs
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_each_cell_learns_a_periodic_text(cells, cell):
+    loaded = artifact.load(cells[cell])
+    assert loaded.config.cell == cell and loaded.config.layers == 1
+    assert loaded.meta["validation"]["nats_per_char"] < 0.05
+    prompt = PERIODIC[:20]  # past "the quick", so the next "the" is known to be "the lazy"
+    expected = (PERIODIC * 3)[20 : 20 + 2 * len(PERIODIC)]
+    assert greedy(loaded, prompt, len(expected)) == expected
+
+
+def test_run_directory_files(tiny_artifact):
+    run = tiny_artifact.parent
+    history = json.loads((run / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, 26))
+    for row in history:
+        assert row["train_bits_per_char"] == pytest.approx(row["train_nats_per_char"] / np.log(2), abs=1e-4)
+        assert row["val_bits_per_char"] == pytest.approx(row["val_nats_per_char"] / np.log(2), abs=1e-4)
+        assert row["seconds"] >= 0 and row["chars_per_second"] > 0 and row["partial"] is False
+    assert history[-1]["val_nats_per_char"] < history[0]["val_nats_per_char"] / 10
+    with open(run / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 26))
+    assert float(rows[4]["val_nats_per_char"]) == history[4]["val_nats_per_char"]
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the best artifact is the epoch with the lowest validation loss, and the only one kept
+    best_epoch = min(history, key=lambda row: row["val_nats_per_char"])["epoch"]
+    assert os.readlink(run / "best") == f"artifacts/epoch-{best_epoch:03d}"
+    assert [p.name for p in (run / "artifacts").iterdir()] == [f"epoch-{best_epoch:03d}"]
+    meta = json.loads((run / "best" / "meta.json").read_text())
+    assert meta["validation"]["epoch"] == best_epoch
+    assert (run / "best" / "history.json").exists() and (run / "best" / "loss.png").exists()
+
+    state = json.loads((run / "state.json").read_text())
+    assert state["epoch"] == 25 and state["best"]["artifact"] == f"artifacts/epoch-{best_epoch:03d}"
+    run_json = json.loads((run / "run.json").read_text())
+    assert run_json["config"]["cell"] == "lstm" and run_json["seq_len"] == 40 and run_json["command"] == "test"
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+    assert not (run / "tensorboard").exists()  # only on request
+
+
+def test_max_minutes_stops_mid_epoch_with_a_valid_artifact(tmp_path, capsys):
+    text = PERIODIC * 60  # 2,430 training characters: 7 batches of 8 windows of 40
+    best = train_tiny(tmp_path / "run", text, max_minutes=1e-4)  # 6 ms: over before the first batch ends
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history) == 1 and history[0]["partial"] is True
+    checkpoint = keras.saving.load_model(tmp_path / "run" / "checkpoint.keras", compile=True, safe_mode=True)
+    assert 1 <= int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) < 7
+    loaded = artifact.load(best)
+    assert loaded.meta["training"]["epochs"] == 1
+    assert "stopped (max-minutes) after epoch 1" in capsys.readouterr().out
+
+
+def test_tensorboard_logs_on_request(tmp_path):
+    train_tiny(tmp_path / "run", PERIODIC * 10, epochs=2, tensorboard=True)
+    events = list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+
+
+# ---------------------------------------------------------------- early stopping and resuming
+
+
+def settings(tmp_path: Path, text: str, **kw) -> TrainSettings:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    defaults = dict(config=ModelConfig(cell="gru", layers=1, units=32, embedding=16), seq_len=40, batch_size=8,
+                    lr=1e-2, lr_decay=1.0, epochs=30, patience=2)
+    return TrainSettings(corpus=str(corpus), out=str(tmp_path / "run"), **{**defaults, **kw})
+
+
+def test_early_stopping_then_resume_does_not_train_more(tmp_path, capsys):
+    # Train on a periodic text, validate on its words in random order: the validation loss improves
+    # while the network learns the words, then gets worse as it grows sure of their order.
+    rng = np.random.default_rng(0)
+    noise = " ".join(rng.choice(PERIODIC.split(), 80))[:300]
+    run = tmp_path / "run"
+    train(settings(tmp_path, PERIODIC * 60 + noise), verbose=0)
+    history = json.loads((run / "history.json").read_text())
+    val = [row["val_nats_per_char"] for row in history]
+    best_epoch = int(np.argmin(val)) + 1
+    assert 1 < best_epoch and len(history) < 30
+    assert len(history) == best_epoch + 2  # patience 2: two epochs without improvement, then stop
+    assert os.readlink(run / "best") == f"artifacts/epoch-{best_epoch:03d}"
+    assert "no improvement for 2 epochs (patience 2)" in capsys.readouterr().out
+
+    # A run killed between saving a new best artifact and recording it in state.json leaves an
+    # unrecorded artifact that `best` points to, plus temporary files; --resume tidies them away.
+    stray = run / "artifacts" / "epoch-099"
+    shutil.copytree(run / "best", stray)
+    artifact.point(run / "best", stray)
+    (run / "artifacts" / ".epoch-100.tmp-x1y2").mkdir()
+    (run / ".tmp-checkpoint.keras").write_bytes(b"half")
+    (run / ".state.json.tmp").write_text("{")
+
+    before = (run / "state.json").read_text()
+    train(settings(tmp_path, PERIODIC * 60 + noise), resume=True, verbose=0)
+    assert (run / "state.json").read_text() == before  # no further epoch: it had already stopped
+    assert "resuming" in capsys.readouterr().out
+    assert os.readlink(run / "best") == f"artifacts/epoch-{best_epoch:03d}"
+    assert sorted(p.name for p in (run / "artifacts").iterdir()) == [f"epoch-{best_epoch:03d}"]
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+
+    # with more patience it goes on from where it stopped, keeping the optimizer's step count
+    train(settings(tmp_path, PERIODIC * 60 + noise, patience=3), resume=True, verbose=0)
+    after = json.loads((run / "history.json").read_text())
+    assert [row["epoch"] for row in after] == list(range(1, len(history) + 2))
+    steps = (int(len(PERIODIC * 60 + noise) * 0.9) // 40) // 8
+    checkpoint = keras.saving.load_model(run / "checkpoint.keras", compile=True, safe_mode=True)
+    assert int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) == len(after) * steps
