@@ -1,0 +1,394 @@
+"""The generation engine against the Keras model it was copied from, and its stream bookkeeping.
+
+Exactness runs on tiny networks with random weights (no training): every cell and depth, weights
+scaled up so states and predictions are far from trivial, but recurrent weights left at their
+orthogonal initialization so the dynamics are not chaotic (a chaotic network amplifies float32
+rounding in any two implementations, Keras against Keras on another backend included).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from model.artifact import Artifact
+from model.engine import Engine, EngineFull, GenerationRequest
+from model.network import ModelConfig, build_model
+from model.sampling import GREEDY, SamplingSettings, log_softmax, next_ids
+from model.vocab import Vocab
+
+VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")
+STEPS = 1000
+TOLERANCE = 1e-4  # absolute, on natural-log probabilities
+CASES = [(cell, layers) for cell in ("lstm", "gru", "rnn") for layers in (1, 2, 3)]
+
+
+def random_artifact(cell: str, layers: int, units: int = 24, seed: int = 0) -> Artifact:
+    keras.utils.set_random_seed(seed + layers)
+    model = build_model(ModelConfig(cell=cell, layers=layers, units=units, embedding=8), len(VOCAB))
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        w = keras.ops.convert_to_numpy(v)
+        if v.path.endswith("recurrent_kernel"):
+            pass  # orthogonal: strong memory, not chaotic
+        elif v.path.endswith("embeddings"):
+            w = rng.normal(0.0, 1.0, w.shape)
+        elif v.path.endswith("bias"):
+            w = rng.normal(0.0, 0.5, w.shape)
+        elif v.path.startswith("logits"):
+            w = w * (12.0 if cell == "lstm" else 6.0)  # peaked predictions (an LSTM's h = o * tanh(c) is smaller)
+        else:
+            w = w * 3.0  # input kernels: inputs drive the gates hard
+        v.assign(w.astype("float32"))
+    return Artifact(Path(f"random-{cell}-{layers}"), model, VOCAB, {})
+
+
+@functools.cache
+def artifact_for(cell: str, layers: int) -> Artifact:
+    return random_artifact(cell, layers)
+
+
+def prompt_ids(prompt: str) -> list[int]:
+    ids = VOCAB.encode(prompt).ids.tolist()
+    return ids or [VOCAB.index["\n"]]  # the engine's rule for an empty prompt
+
+
+def keras_log_probs(model: keras.Model, ids: list[int]) -> np.ndarray:
+    """(len(ids), V): the Keras model's next-character log-probabilities after each prefix."""
+    logits = model.predict_on_batch(np.asarray(ids, dtype=np.int32)[None, :])
+    return log_softmax(keras.ops.convert_to_numpy(logits)[0])
+
+
+def run_collecting(engine: Engine, plan: list[tuple[int, GenerationRequest]], leave_at: dict[int, int] | None = None):
+    """Start plan[i]'s request at its step, cancel stream i at step leave_at[i], step every running
+    stream each step. Returns per request: (stream, [(V,) log-probabilities of each emitted char's
+    position])."""
+    leave_at = leave_at or {}
+    out: list = [None] * len(plan)
+    step = 0
+    while step <= max(at for at, _ in plan) or any(s.finish_reason is None for s, _ in filter(None, out)):
+        for i, (at, request) in enumerate(plan):
+            if at == step:
+                out[i] = (engine.start(request), [])
+            if leave_at.get(i) == step:
+                engine.cancel(out[i][0])
+        live = [s for s, _ in filter(None, out) if s.finish_reason is None]
+        for delta in engine.step(live):
+            rows = next(rows for s, rows in filter(None, out) if s is delta.stream)
+            for lp in delta.logprobs:
+                row = np.full(len(VOCAB), np.nan)
+                for char, value in lp.top:
+                    row[VOCAB.index[char]] = value
+                rows.append(row)
+        step += 1
+    return out
+
+
+# ---------------------------------------------------------------- exactness against Keras
+
+
+@pytest.mark.parametrize("cell,layers", CASES)
+def test_single_stream_log_probs_match_keras_for_1000_steps(cell, layers):
+    art = artifact_for(cell, layers)
+    engine = Engine(art, max_batch=4)
+    request = GenerationRequest("the cat sat on the mat", max_chars=STEPS, seed=7, logprobs=len(VOCAB))
+    ((stream, rows),) = run_collecting(engine, [(0, request)])
+    assert len(stream.text) == STEPS and stream.finish_reason == "length"
+    got = np.array(rows)  # (STEPS, V)
+    ids = prompt_ids(request.prompt) + VOCAB.encode(stream.text).ids.tolist()
+    want = keras_log_probs(art.model, ids[:-1])[len(prompt_ids(request.prompt)) - 1 :]
+    assert np.abs(got - want).max() < TOLERANCE
+    # the comparison means something: busy states, predictions far from uniform, varied text
+    assert np.abs(engine.network.S[: engine.max_batch]).max() > 0.5
+    entropy = -(np.exp(want) * want).sum(axis=1).mean()
+    assert entropy < 0.8 * np.log(len(VOCAB))
+    assert len(set(stream.text)) > 5
+
+
+@pytest.mark.parametrize("cell,layers", CASES)
+def test_batched_streams_log_probs_match_keras(cell, layers):
+    """Streams with their own prompts (one empty, one with unknown characters) join at different
+    steps and one leaves early; each matches Keras run on its own text alone."""
+    art = artifact_for(cell, layers)
+    engine = Engine(art, max_batch=8)
+    plan = [
+        (0, GenerationRequest("a long prompt, with words.", max_chars=STEPS, seed=1, logprobs=len(VOCAB))),
+        (3, GenerationRequest("", max_chars=STEPS, seed=2, sampling=SamplingSettings(1.3), logprobs=len(VOCAB))),
+        (10, GenerationRequest("xyz ☃ éa", max_chars=400, seed=3, sampling=GREEDY, logprobs=len(VOCAB))),
+        (250, GenerationRequest("b", max_chars=STEPS, seed=4, sampling=SamplingSettings(1.0, top_k=5), logprobs=len(VOCAB))),
+    ]
+    results = run_collecting(engine, plan, leave_at={3: 700})
+    for (_, request), (stream, rows) in zip(plan, results):
+        got = np.array(rows)
+        n = len(rows)
+        assert n == len(stream.text) and n >= 400
+        ids = prompt_ids(request.prompt) + VOCAB.encode(stream.text).ids.tolist()
+        want = keras_log_probs(art.model, ids[:-1])[len(prompt_ids(request.prompt)) - 1 :]
+        assert np.abs(got - want).max() < TOLERANCE, request.prompt
+    cancelled = results[3][0]
+    assert cancelled.finish_reason == "cancelled" and len(cancelled.text) == 700 - 250
+    assert engine.active == 0
+
+
+# ---------------------------------------------------------------- the reference sampler
+
+
+class KerasReference:
+    """The reference sampler: the Keras model run on the whole text so far, then the same sampler.
+
+    A recurrent model's prediction at a position depends only on the text before it, so the
+    predictions along a `guess` of the continuation are computed in one call and reused for as long
+    as the generated text follows the guess; anywhere else the model is run on the text so far.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+
+    def generate(self, request: GenerationRequest, guess: str = "") -> tuple[str, str]:
+        start = prompt_ids(request.prompt)
+        guess_ids = VOCAB.encode(guess).ids.tolist()
+        known = keras_log_probs(self.model, start + guess_ids)  # log-softmax keeps the argmax and the sampling distribution
+        rng = np.random.default_rng(request.seed)
+        generated: list[int] = []
+        for _ in range(request.max_chars):
+            if generated != guess_ids[: len(generated)] or len(generated) > len(guess_ids):
+                known = keras_log_probs(self.model, start + generated)
+            logits = known[len(start) + len(generated) - 1]
+            generated.append(int(next_ids(logits[None, :], [request.sampling], [rng])[0]))
+            text = VOCAB.decode(generated)
+            found = [text.find(s) for s in request.stop if s in text]
+            if found:
+                return text[: min(found)], "stop"
+        return VOCAB.decode(generated), "length"
+
+
+SETTINGS = [GREEDY, SamplingSettings(1.0), SamplingSettings(0.7, top_k=4), SamplingSettings(1.2, top_p=0.8)]
+
+
+@pytest.mark.parametrize("cell,layers", [("lstm", 2), ("gru", 3), ("rnn", 1)])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["greedy", "t1", "topk", "topp"])
+def test_engine_text_equals_reference_sampler(cell, layers, settings):
+    art = artifact_for(cell, layers)
+    reference = KerasReference(art.model)
+    request = GenerationRequest("to be or not", max_chars=300, sampling=settings, seed=11)
+    stream = Engine(art).generate(request)
+    assert (stream.text, stream.finish_reason) == reference.generate(request, guess=stream.text)
+    assert len(stream.text) == 300 and stream.finish_reason == "length"
+
+
+@pytest.mark.parametrize("cell,layers", [("lstm", 1), ("gru", 2)])
+def test_stop_sequences_behave_as_in_reference_sampler(cell, layers):
+    art = artifact_for(cell, layers)
+    reference = KerasReference(art.model)
+    base = GenerationRequest("once upon", max_chars=300, sampling=SamplingSettings(0.9), seed=5)
+    free_text = Engine(art).generate(base).text
+    # stop sequences taken from the text itself, so they are met; one never occurs
+    stops = (free_text[120:123], free_text[200:202], "zzzzzzzz")
+    request = GenerationRequest(base.prompt, max_chars=300, sampling=base.sampling, seed=5, stop=stops)
+    engine = Engine(art)
+    stream = engine.start(request)
+    emitted = []
+    while stream.finish_reason is None:
+        (delta,) = engine.step([stream])
+        emitted.append(delta.text)
+    assert stream.finish_reason == "stop"
+    assert "".join(emitted) == stream.text
+    assert all(s not in stream.text for s in stops)
+    assert free_text.startswith(stream.text)  # same seed: the same text up to the stop
+    assert (stream.text, stream.finish_reason) == reference.generate(request, guess=stream.text)
+
+
+def test_greedy_reproduces_the_learned_periodic_text(tiny_artifact):
+    from model.artifact import load
+    from conftest import PERIODIC
+
+    art = load(tiny_artifact)
+    stream = Engine(art).generate(GenerationRequest("the quick ", max_chars=200, sampling=GREEDY))
+    assert stream.text == (PERIODIC * 6)[10:210]
+    # the Keras model agrees at every position (its vocabulary is not VOCAB, so no KerasReference)
+    ids = art.vocab.encode("the quick " + stream.text).ids
+    logits = keras.ops.convert_to_numpy(art.model.predict_on_batch(ids[None, :-1]))[0, 9:]
+    assert art.vocab.decode(logits.argmax(axis=1)) == stream.text
+
+
+# ---------------------------------------------------------------- streams joining and leaving
+
+
+def test_streams_joining_and_leaving_give_the_same_text_as_each_run_alone():
+    art = artifact_for("lstm", 2)
+    free = Engine(art).generate(GenerationRequest("fifth", max_chars=300, seed=5)).text
+    requests = [
+        GenerationRequest("first", max_chars=150, seed=1, sampling=SamplingSettings(1.0)),
+        GenerationRequest("second one", max_chars=90, seed=2, sampling=GREEDY),
+        GenerationRequest("", max_chars=200, seed=3, sampling=SamplingSettings(0.8, top_k=3), logprobs=2),
+        GenerationRequest("fourth", max_chars=120, seed=4, sampling=SamplingSettings(1.5, top_p=0.9)),
+        GenerationRequest("fifth", max_chars=300, seed=5, stop=(free[200:203], "zz")),
+        GenerationRequest("x", max_chars=400, seed=21, sampling=SamplingSettings(1.0)),
+    ]
+    alone = [Engine(art, max_batch=1).generate(r) for r in requests]
+    assert alone[4].finish_reason == "stop" and alone[0].finish_reason == "length"
+
+    engine = Engine(art, max_batch=4)  # fewer slots than requests: some wait for others to finish
+    joins = {0: 0, 1: 5, 2: 5, 3: 40, 4: 60, 5: 61}
+    waiting = sorted(joins, key=joins.get)
+    streams, deltas = {}, {i: [] for i in range(len(requests))}
+    step = 0
+    while waiting or any(s.finish_reason is None for s in streams.values()):
+        while waiting and joins[waiting[0]] <= step and engine.active < engine.max_batch:
+            i = waiting.pop(0)
+            streams[i] = engine.start(requests[i])
+        live = [s for s in streams.values() if s.finish_reason is None]
+        if step % 7 == 3 and len(live) > 1:
+            live = live[1:]  # sometimes a stream sits a step out; its text must not change
+        for delta in engine.step(live[::-1]):
+            i = next(k for k, s in streams.items() if s is delta.stream)
+            deltas[i].append(delta)
+        step += 1
+        assert step < 5000
+    for i, request in enumerate(requests):
+        assert streams[i].text == alone[i].text, i
+        assert streams[i].finish_reason == alone[i].finish_reason
+        assert "".join(d.text for d in deltas[i]) == streams[i].text
+        assert [d.finish_reason for d in deltas[i]].count(streams[i].finish_reason) == 1
+        assert deltas[i][-1].finish_reason == streams[i].finish_reason
+    assert engine.active == 0
+    for d in deltas[2]:
+        assert len(d.logprobs) == len(d.text)
+        for lp, char in zip(d.logprobs, d.text):
+            assert lp.char == char and len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1] and lp.logprob <= 0
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_large_batch_split_over_threads_matches_streams_run_alone(cell):
+    art = artifact_for(cell, 2)
+    requests = [GenerationRequest(f"stream {i}", max_chars=60, seed=i, logprobs=len(VOCAB)) for i in range(40)]
+    batch = run_collecting(Engine(art, max_batch=40, threads=2), [(0, r) for r in requests])
+    for request, (stream, rows) in zip(requests, batch):
+        ((alone, alone_rows),) = run_collecting(Engine(art, max_batch=1), [(0, request)])
+        assert stream.text == alone.text
+        assert np.abs(np.array(rows) - np.array(alone_rows)).max() < 1e-5
+
+
+def test_a_waiting_stream_keeps_its_state():
+    """A stream left out of steps for a while continues exactly where it was."""
+    art = artifact_for("gru", 2)
+    request = GenerationRequest("abc", max_chars=100, seed=9)
+    alone = Engine(art).generate(request).text
+    engine = Engine(art, max_batch=8)
+    target = engine.start(request)
+    others = [engine.start(GenerationRequest(p, max_chars=1000, seed=i)) for i, p in enumerate(["q", "rr", "sss"])]
+    for k in range(250):
+        engine.step(others if 10 <= k < 60 else [*others, target])
+    assert target.finish_reason == "length" and target.text == alone
+
+
+# ---------------------------------------------------------------- requests, slots, errors
+
+
+def test_empty_and_all_unknown_prompts_start_as_after_a_newline():
+    art = artifact_for("rnn", 2)
+    engine = Engine(art)
+    after_newline = engine.generate(GenerationRequest("\n", max_chars=50, seed=3)).text
+    empty = engine.generate(GenerationRequest("", max_chars=50, seed=3))
+    unknown = engine.generate(GenerationRequest("☃☃Z", max_chars=50, seed=3))
+    assert empty.text == after_newline == unknown.text
+    assert (empty.prompt_chars, empty.dropped_chars) == (0, 0)
+    assert (unknown.prompt_chars, unknown.dropped_chars) == (0, 3)
+    mixed = engine.start(GenerationRequest("ab☃é", max_chars=5))
+    assert (mixed.prompt_chars, mixed.dropped_chars) == (3, 1)  # é -> e is kept, ☃ is dropped
+    engine.cancel(mixed)
+
+
+def test_seed_none_draws_one_that_reproduces_the_text():
+    engine = Engine(artifact_for("lstm", 1))
+    first = engine.generate(GenerationRequest("ab", max_chars=80))
+    again = engine.generate(GenerationRequest("ab", max_chars=80, seed=first.seed))
+    other = engine.generate(GenerationRequest("ab", max_chars=80, seed=first.seed + 1))
+    assert isinstance(first.seed, int) and again.text == first.text and other.text != first.text
+
+
+def test_max_chars_releases_held_back_text():
+    engine = Engine(artifact_for("lstm", 1))
+    free = engine.generate(GenerationRequest("ab", max_chars=60, seed=2)).text
+    stop = free[58:] + "@"  # never completed, but its first two characters end the text
+    stream = engine.start(GenerationRequest("ab", max_chars=60, seed=2, stop=(stop,)))
+    deltas = []
+    while stream.finish_reason is None:
+        deltas.extend(engine.step([stream]))
+    assert deltas[-2].text == "" and deltas[-1].text == free[58:]  # held back, then released
+    assert stream.text == free and stream.finish_reason == "length"
+
+
+def test_stop_sequence_inside_a_held_back_prefix():
+    """Stops 'abc' and 'b': after 'ab' the second completes inside the first's held-back prefix."""
+    engine = Engine(artifact_for("lstm", 1))
+    free = engine.generate(GenerationRequest("q", max_chars=200, seed=8, sampling=SamplingSettings(1.5))).text
+    a, b = free[150], free[151]
+    request = GenerationRequest("q", max_chars=200, seed=8, sampling=SamplingSettings(1.5), stop=(a + b + "@@", b))
+    stream = engine.generate(request)
+    first = min(i for i in range(len(free)) if free[i] == b or free[i : i + 4] == a + b + "@@")
+    assert stream.finish_reason == "stop" and stream.text == free[:first]
+
+
+def test_engine_full_and_slots_freed_by_finishing_and_cancelling():
+    engine = Engine(artifact_for("gru", 1), max_batch=2)
+    a = engine.start(GenerationRequest("a", max_chars=3))
+    b = engine.start(GenerationRequest("b", max_chars=50))
+    with pytest.raises(EngineFull):
+        engine.start(GenerationRequest("c"))
+    for _ in range(3):
+        engine.step([a, b])
+    assert a.finish_reason == "length" and engine.active == 1
+    c = engine.start(GenerationRequest("c", max_chars=50))
+    engine.cancel(b)
+    assert b.finish_reason == "cancelled" and engine.active == 1
+    assert engine.step([a, b]) == []  # finished streams are skipped
+    engine.cancel(b)  # cancelling twice is harmless
+    (delta,) = engine.step([a, b, c])
+    assert delta.stream is c and len(c.text) + len(delta.text) >= 1
+    other = Engine(artifact_for("gru", 1))
+    with pytest.raises(ValueError, match="did not start"):
+        other.step([c])
+    with pytest.raises(ValueError, match="twice"):
+        engine.step([c, c])
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"prompt": None}, "prompt"),
+        ({"max_chars": 0}, "max_chars"),
+        ({"max_chars": 2.5}, "max_chars"),
+        ({"max_chars": True}, "max_chars"),
+        ({"seed": -1}, "seed"),
+        ({"seed": "7"}, "seed"),
+        ({"stop": "\n"}, "stop"),
+        ({"stop": ("",)}, "stop"),
+        ({"stop": (3,)}, "stop"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"sampling": {"temperature": 1}}, "sampling"),
+    ],
+)
+def test_bad_requests_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        GenerationRequest(**{"prompt": "x", **kwargs})
+
+
+def test_too_many_logprobs_is_a_value_error():
+    engine = Engine(artifact_for("rnn", 1))
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.start(GenerationRequest("x", logprobs=len(VOCAB) + 1))
+    assert engine.active == 0
+
+
+def test_unsupported_network_is_refused():
+    inputs = keras.Input(shape=(None,), dtype="int32")
+    x = keras.layers.Embedding(len(VOCAB), 4, name="embedding")(inputs)
+    x = keras.layers.GRU(8, return_sequences=True, reset_after=False, name="rnn_1")(x)
+    model = keras.Model(inputs, keras.layers.Dense(len(VOCAB), name="logits")(x))
+    with pytest.raises(ValueError, match="reset_after"):
+        Engine(Artifact(Path("x"), model, VOCAB, {}))

@@ -1,0 +1,307 @@
+"""The sampler (temperature, top-k, top-p, seeds) and the `chargen sample` command."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from model.sampling import GREEDY, SamplingSettings, log_softmax, next_ids, probabilities
+
+RNG = np.random.default_rng(1234)
+LOGITS = RNG.normal(0.0, 2.0, size=(16, 30)).astype(np.float32)  # 16 rows over 30 characters
+
+
+def draws(logits: np.ndarray, settings: SamplingSettings, n: int, seed: int = 0) -> np.ndarray:
+    """n picks from one row; one generator used n times in turn (rows share it)."""
+    rng = np.random.default_rng(seed)
+    return next_ids(np.tile(logits, (n, 1)), [settings] * n, [rng] * n)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(x))
+
+
+# ---------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"top_k": True}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_p": None}, "top_p"),
+    ],
+)
+def test_bad_settings_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field} must"):
+        SamplingSettings(**kwargs)
+
+
+def test_settings_defaults_and_normalized_types():
+    s = SamplingSettings(temperature=1, top_k=np.int64(3), top_p=1)
+    assert (s.temperature, s.top_k, s.top_p) == (1.0, 3, 1.0)
+    assert isinstance(s.top_k, int) and isinstance(s.temperature, float)
+    assert SamplingSettings() == SamplingSettings(1.0, 0, 1.0) and not SamplingSettings().greedy and GREEDY.greedy
+
+
+# ---------------------------------------------------------------- greedy and top-k 1
+
+
+def test_temperature_zero_is_argmax_and_draws_nothing():
+    rngs = [np.random.default_rng(b) for b in range(len(LOGITS))]
+    before = [r.bit_generator.state for r in rngs]
+    ids = next_ids(LOGITS, [GREEDY] * len(LOGITS), rngs)
+    assert (ids == LOGITS.argmax(axis=1)).all()
+    assert [r.bit_generator.state for r in rngs] == before
+
+
+def test_greedy_ties_pick_the_lowest_id():
+    tied = np.array([[0.0, 3.0, 1.0, 3.0, 3.0]], dtype=np.float32)
+    assert next_ids(tied, [GREEDY], [np.random.default_rng(0)])[0] == 1
+    for seed in range(20):
+        assert next_ids(tied, [SamplingSettings(2.0, top_k=1)], [np.random.default_rng(seed)])[0] == 1
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0])
+def test_top_k_1_equals_greedy(temperature):
+    settings = SamplingSettings(temperature, top_k=1)
+    for seed in range(10):
+        rngs = [np.random.default_rng(seed * 100 + b) for b in range(len(LOGITS))]
+        assert (next_ids(LOGITS, [settings] * len(LOGITS), rngs) == LOGITS.argmax(axis=1)).all()
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def test_seeded_runs_repeat_and_different_seeds_differ():
+    settings = SamplingSettings(1.0)
+    a = draws(LOGITS[0], settings, 500, seed=42)
+    b = draws(LOGITS[0], settings, 500, seed=42)
+    c = draws(LOGITS[0], settings, 500, seed=43)
+    assert (a == b).all() and (a != c).any()
+
+
+def test_a_rows_pick_does_not_depend_on_the_other_rows():
+    mixed = [SamplingSettings(1.0), GREEDY, SamplingSettings(0.5, top_k=3), SamplingSettings(2.0, top_p=0.6)] * 4
+    together = next_ids(LOGITS, mixed, [np.random.default_rng(b) for b in range(16)])
+    alone = [next_ids(LOGITS[b : b + 1], [mixed[b]], [np.random.default_rng(b)])[0] for b in range(16)]
+    assert together.tolist() == alone
+    reordered = next_ids(LOGITS[::-1], mixed[::-1], [np.random.default_rng(b) for b in reversed(range(16))])
+    assert reordered[::-1].tolist() == alone
+
+
+def test_one_setting_and_generator_per_row():
+    with pytest.raises(ValueError, match="one setting and one generator per row"):
+        next_ids(LOGITS, [GREEDY], [np.random.default_rng(0)])
+
+
+# ---------------------------------------------------------------- distributions
+
+# With N draws a character of probability p has a frequency with standard deviation
+# sqrt(p (1 - p) / N) <= 0.5 / sqrt(N) = 0.00112 at N = 200,000; the tests allow 0.005 (> 4 sd) and
+# also require the chi-square statistic below its 99.9% quantile. The draws are seeded: no flakiness.
+N = 200_000
+MAX_FREQUENCY_ERROR = 0.005
+# 99.9% quantiles of the chi-square distribution by degrees of freedom
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88, 10: 29.59, 11: 31.26}
+
+
+def check_frequencies(ids: np.ndarray, expected: np.ndarray) -> None:
+    counts = np.bincount(ids, minlength=len(expected))
+    assert counts[expected == 0].sum() == 0  # filtered characters are never drawn
+    kept = expected > 0
+    frequencies = counts / len(ids)
+    assert np.abs(frequencies - expected).max() < MAX_FREQUENCY_ERROR
+    chi2 = (((counts - len(ids) * expected) ** 2)[kept] / (len(ids) * expected[kept])).sum()
+    assert chi2 < CHI2_999[kept.sum() - 1]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_frequencies_match_softmax_of_logits_over_temperature(temperature):
+    logits = np.array([2.0, 1.5, 0.3, -0.2, 0.0, 1.0, -1.0, 0.7], dtype=np.float32)
+    expected = softmax(logits.astype(np.float64) / temperature)
+    check_frequencies(draws(logits, SamplingSettings(temperature), N, seed=int(temperature * 10)), expected)
+
+
+def test_frequencies_after_top_k_and_top_p_match_the_filtered_distribution():
+    logits = np.linspace(3.0, -3.0, 12).astype(np.float32)[np.random.default_rng(5).permutation(12)]
+    settings = SamplingSettings(1.5, top_k=8, top_p=0.9)
+    expected = probabilities(logits, settings)
+    kept = np.argsort(-logits)[: (expected > 0).sum()]
+    assert 2 < len(kept) < 8  # top-p cut inside the top-k set
+    full = softmax(logits.astype(np.float64) / 1.5)
+    assert np.allclose(expected[kept], full[kept] / full[kept].sum())
+    check_frequencies(draws(logits, settings, N, seed=9), expected)
+
+
+def test_top_p_keeps_exactly_the_smallest_set_whose_mass_reaches_p():
+    p = np.array([0.4, 0.3, 0.2, 0.1])
+    logits = np.log(p)[[2, 0, 3, 1]]  # ids in a shuffled order: id 1 is 0.4, id 3 is 0.3, id 0 is 0.2
+    for top_p, kept in [(0.4, {1}), (0.39, {1}), (0.41, {1, 3}), (0.7, {1, 3}), (0.70001, {1, 3, 0}), (0.9, {1, 3, 0}), (0.95, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})]:
+        probs = probabilities(logits, SamplingSettings(1.0, top_p=top_p))
+        assert set(np.flatnonzero(probs)) == kept, top_p
+        assert math.isclose(probs.sum(), 1.0)
+
+
+def test_top_p_against_brute_force_on_random_rows():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        logits = rng.normal(0, 2, size=20)
+        top_p, top_k, temperature = rng.uniform(0.05, 1.0), int(rng.integers(0, 25)), rng.uniform(0.2, 3.0)
+        settings = SamplingSettings(temperature, top_k=top_k, top_p=top_p)
+        full = softmax(logits / temperature)
+        order = np.argsort(-full, kind="stable")[: top_k or 20]
+        ranked = full[order] / full[order].sum()
+        smallest = next(n for n in range(1, len(ranked) + 1) if ranked[:n].sum() >= top_p - 1e-12)
+        probs = probabilities(logits, settings)
+        assert set(np.flatnonzero(probs)) == set(order[:smallest].tolist())
+        assert np.allclose(probs[order[:smallest]], ranked[:smallest] / ranked[:smallest].sum())
+
+
+class Fixed:
+    """A stand-in generator whose draws are given."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_extreme_draws_never_pick_a_filtered_character():
+    logits = np.array([[0.0, 2.0, -1.0, 1.9, 5.0, -3.0]], dtype=np.float32)
+    top3 = SamplingSettings(1.0, top_k=3)  # keeps ids 4, 1, 3
+    largest = np.nextafter(1.0, 0.0)
+    assert next_ids(logits, [top3], [Fixed(0.0)])[0] == 1  # the first kept id in id order
+    assert next_ids(logits, [top3], [Fixed(largest)])[0] == 4  # the last kept id, even if u * total rounds up
+    assert next_ids(logits, [SamplingSettings(1e-3)], [Fixed(largest)])[0] == 4  # the others underflow to 0
+
+
+def test_tiny_temperature_does_not_overflow():
+    probs = probabilities(np.array([1.0, 1.0 + 1e-3, -5.0]), SamplingSettings(1e-6))
+    assert probs.tolist() == [0.0, 1.0, 0.0]
+
+
+# ---------------------------------------------------------------- chargen sample
+
+
+@pytest.fixture(scope="module")
+def cli():
+    from model.cli import main
+
+    def run(*args):
+        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        return result
+
+    return run
+
+
+def continuation(prompt: str, n: int) -> str:
+    from conftest import PERIODIC
+
+    text = PERIODIC * (2 + n // len(PERIODIC))
+    start = text.index(prompt) + len(prompt)
+    return text[start : start + n]
+
+
+def test_sample_greedy_reproduces_the_periodic_text(cli, tiny_artifact):
+    result = cli("sample", "--artifact", str(tiny_artifact), "--prompt", "the quick ", "--max-chars", "120", "--temperature", "0")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "the quick " + continuation("the quick ", 120)
+    assert result.stderr == ""
+    quiet = cli("sample", "--artifact", str(tiny_artifact), "--prompt", "lazy ", "--max-chars", "30", "--temperature", "0", "--no-prompt")
+    assert quiet.stdout == continuation("lazy ", 30)
+
+
+def test_sample_seeds_repeat(cli, tiny_artifact):
+    args = ["sample", "--artifact", str(tiny_artifact), "--prompt", "the ", "--max-chars", "200", "--temperature", "3"]
+    a, b, c = cli(*args, "--seed", "5"), cli(*args, "--seed", "5"), cli(*args, "--seed", "6")
+    assert a.exit_code == b.exit_code == c.exit_code == 0
+    assert a.stdout == b.stdout != c.stdout
+    assert a.stdout != "the " + continuation("the ", 200)  # really sampled, not greedy
+    unseeded = cli(*args)
+    seed = unseeded.stderr.split("seed: ")[1].split()[0]
+    assert cli(*args, "--seed", seed).stdout == unseeded.stdout
+
+
+def test_sample_top_k_1_and_top_p_small_are_greedy(cli, tiny_artifact):
+    base = ["sample", "--artifact", str(tiny_artifact), "--prompt", "jumps", "--max-chars", "60"]
+    greedy = cli(*base, "--temperature", "0").stdout
+    assert cli(*base, "--temperature", "2", "--top-k", "1", "--seed", "1").stdout == greedy
+    assert cli(*base, "--temperature", "1", "--top-p", "0.01", "--seed", "1").stdout == greedy
+
+
+def test_sample_stop_sequences(cli, tiny_artifact):
+    result = cli("sample", "--artifact", str(tiny_artifact), "--prompt", "the quick ", "--max-chars", "200",
+                 "--temperature", "0", "--stop", "lazy", "--stop", "nothing like this")
+    assert result.exit_code == 0
+    assert result.stdout == "the quick brown fox jumps over the "
+
+
+def test_sample_unknown_prompt_characters_are_dropped_with_a_note(cli, tiny_artifact):
+    args = ["sample", "--artifact", str(tiny_artifact), "--max-chars", "50", "--temperature", "0"]
+    result = cli(*args, "--prompt", "the qu☃ick ")
+    assert result.exit_code == 0
+    assert result.stdout == "the qu☃ick " + continuation("the quick ", 50)  # the user's prompt, as typed
+    assert "dropped 1 prompt character" in result.stderr
+    accented = cli(*args, "--prompt", "thé quick ")  # é -> e: kept, no note
+    assert accented.stdout == "thé quick " + continuation("the quick ", 50) and accented.stderr == ""
+    nothing_known = cli(*args, "--prompt", "☃☃")
+    assert nothing_known.exit_code == 0 and "dropped 2" in nothing_known.stderr
+    assert nothing_known.stdout == "☃☃" + cli(*args, "--prompt", "\n").stdout[1:]  # as after a newline
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--temperature", "nan"], "temperature must be a finite number"),
+        (["--temperature", "inf"], "temperature must be a finite number"),
+        (["--temperature", "warm"], "--temperature"),
+        (["--top-k", "-2"], "--top-k"),
+        (["--top-k", "1.5"], "--top-k"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--max-chars", "0"], "--max-chars"),
+        (["--seed", "-3"], "--seed"),
+        (["--stop", ""], "--stop"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_sample_bad_values_are_usage_errors(cli, tiny_artifact, args, message):
+    result = cli("sample", "--artifact", str(tiny_artifact), *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_sample_artifact_errors_exit_1_without_traceback(cli, tiny_artifact, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("vocab.json", "meta.json"):
+        (broken / name).write_bytes((tiny_artifact / name).read_bytes())
+    (broken / "model.keras").write_bytes(b"not a zip")
+    cases = [
+        (tmp_path / "missing", "no such artifact directory"),
+        (tmp_path / "a-file", "is a file"),
+        (tmp_path, "missing model.keras"),
+        (broken, "not a Keras archive"),
+    ]
+    for path, message in cases:
+        result = cli("sample", "--artifact", str(path), "--prompt", "x")
+        assert result.exit_code == 1, path
+        assert message in result.stderr and "Traceback" not in result.output
+        assert result.stdout == ""
+    assert cli("sample", "--prompt", "x").exit_code == 2  # --artifact is required
