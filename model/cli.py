@@ -51,7 +51,7 @@ def main(backend):
 @click.option("--patience", type=click.IntRange(0), default=5, show_default=True, help="Early stopping: epochs without improvement (0: off).")
 @click.option("--validation", "validation_fraction", type=click.FloatRange(0, 0.5, min_open=True), default=0.1, show_default=True,
               help="Fraction at the end of the corpus kept for validation.")
-@click.option("--seed", type=int, default=1234, show_default=True, help="Random seed (weights, batches, dropout).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1234, show_default=True, help="Random seed (weights, batches, dropout).")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to OUT/tensorboard.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs):
@@ -59,7 +59,10 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs
     from model.network import ModelConfig
     from model.train import TrainingError, TrainSettings, prepare, train as run
 
-    config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
+    try:  # what the click types let through (--dropout nan) is caught here
+        config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     settings = TrainSettings(corpus=corpus, out=out, config=config, **kwargs)
     command = "chargen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -70,3 +73,211 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; continue with: chargen train --corpus {shlex.quote(corpus)} --out {shlex.quote(out)} --resume", err=True)
         sys.exit(130)
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def _read_text(path: str) -> str:
+    """A UTF-8 text file, newlines normalized; every problem is a ClickException naming the file."""
+    from pathlib import Path
+
+    from model.vocab import normalize_newlines
+
+    p = Path(path)
+    if not p.exists():
+        raise click.ClickException(f"{path}: no such file")
+    if p.is_dir():
+        raise click.ClickException(f"{path}: is a directory, expected a text file")
+    data = p.read_bytes()
+    if not data:
+        raise click.ClickException(f"{path}: the file is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise click.ClickException(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid)"
+        ) from None
+    return normalize_newlines(text.removeprefix("\ufeff"))
+
+
+@main.command()
+@click.option("--artifact", "artifact_path", required=True, type=click.Path(),
+              help="Artifact directory (or a training run directory: its best/ is used).")
+@click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines for people.")
+def evaluate(artifact_path, text_path, as_json):
+    """Score a text: nats and bits per character.
+
+    Prints the model's loss on the text in nats and bits per character (lower is better). Characters outside the model's vocabulary follow the usual rule: replaced by their unaccented
+    form when the vocabulary has it, dropped otherwise; both are counted.
+    """
+    text = _read_text(text_path)  # a bad text is reported before the backend loads
+
+    import json
+
+    from model import artifact
+    from model.evaluate import StreamScorer
+
+    try:
+        loaded = artifact.load(artifact_path)
+    except artifact.ArtifactError as e:
+        raise click.ClickException(str(e)) from None
+    encoded = loaded.vocab.encode(text)
+    outside = sum(c not in loaded.vocab for c in text)
+    if len(encoded.ids) < 2:
+        raise click.ClickException(
+            f"{text_path}: only {len(encoded.ids)} character(s) the model knows; at least 2 are needed to score"
+        )
+    loss = StreamScorer().loss(loaded.model, encoded.ids)
+    result = {
+        "artifact": str(loaded.path), "text": text_path, "chars": len(text),
+        "outside_vocabulary": outside, "replaced": outside - encoded.dropped, "dropped": encoded.dropped,
+        **loss.to_dict(),
+    }
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    config, corpus = loaded.config, loaded.meta.get("corpus", {}).get("name", "?")
+    click.echo(f"artifact  {loaded.path}: {config.cell} {config.layers}x{config.units}, "
+               f"vocabulary {len(loaded.vocab)}, trained on {corpus}")
+    click.echo(f"text      {text_path}: {len(text):,} characters, {outside:,} outside the vocabulary "
+               f"({result['replaced']:,} replaced by their base form, {encoded.dropped:,} dropped)")
+    click.echo(f"loss      {loss.nats:.4f} nats/char = {loss.bits:.4f} bits/char "
+               f"({loss.chars:,} characters predicted, state carried through each stream)")
+
+
+# ---------------------------------------------------------------- prepare
+
+
+@main.command("prepare")
+@click.argument("source")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the prepared text (UTF-8, \\n newlines) here. Default: nothing for a local file; "
+                   "a download goes to its file name in the current directory.")
+@click.option("--sha256", "expected_sha256", default=None, metavar="HEX",
+              help="Expected sha256 of the source's bytes (known corpora are checked against the manifest anyway).")
+@click.option("--force", is_flag=True, help="Replace an existing --out file that holds something else.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
+              help="Seconds to wait for a server before giving up.")
+@click.option("--max-mb", type=click.FloatRange(0, min_open=True), default=512.0, show_default=True,
+              help="Refuse downloads larger than this many MiB.")
+@click.option("--top", type=click.IntRange(1, 1000), default=10, show_default=True, help="How many of the most frequent characters to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines for people.")
+def prepare_command(source, out, expected_sha256, force, timeout, max_mb, top, as_json):
+    """Check, describe and normalize a corpus.
+
+    SOURCE is a file, an http(s) URL, or a known corpus name (corpora/manifest.json, e.g.
+    tinyshakespeare). Checks the sha256 of a known corpus, normalizes newlines (\\r\\n and \\r become \\n), and prints
+    size, vocabulary and the most frequent characters. A file that is not UTF-8, empty or too short to
+    train on is an error.
+    """
+    import json
+    import math
+
+    from model.prepare import PrepareError, is_url, load_manifest, prepare, report
+
+    for name, value in (("--timeout", timeout), ("--max-mb", max_mb)):
+        if not math.isfinite(value):  # the click type lets nan and inf through
+            raise click.BadParameter(f"must be a finite number, got {value}", param_hint=name)
+    try:
+        manifest = load_manifest()
+        if is_url(source) or (not os.path.exists(source) and source in manifest):
+            click.echo(f"fetching {source} ...", err=True)
+        summary = prepare(source, out=out, expected_sha256=expected_sha256, force=force, timeout=timeout,
+                          max_bytes=int(max_mb * 2**20), top=top, manifest=manifest)
+    except PrepareError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(summary.to_dict(), ensure_ascii=False) if as_json else report(summary))
+
+
+# ---------------------------------------------------------------- sample
+
+
+def _stop_sequences(ctx, param, value):
+    if any(s == "" for s in value):
+        raise click.BadParameter("a stop sequence must not be empty")
+    return value
+
+
+@main.command()
+@click.option("--artifact", "artifact_path", required=True, type=click.Path(),
+              help="Artifact directory (or a training run directory: its best/ is used).")
+@click.option("--prompt", default="", help="Text to continue. Empty: start as if after a newline.")
+@click.option("--max-chars", type=click.IntRange(1, 10_000_000), default=500, show_default=True, help="Most characters to generate.")
+@click.option("--temperature", type=click.FloatRange(0), default=None,
+              help="Divide the logits by this before sampling; 0 is greedy (the most likely character).  [default: 1]")
+@click.option("--top-k", type=click.IntRange(0), default=None, help="Sample only among the K most likely characters (0: off).  [default: 0]")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Sample only among the fewest most likely characters whose probability reaches P (1: off).  [default: 1]")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Random seed: the same seed gives the same text (default: a fresh one, shown on stderr).")
+@click.option("--stop", multiple=True, callback=_stop_sequences,
+              help="End before this text (repeatable; not printed). In bash, a blank line is --stop $'\\n\\n'.")
+@click.option("--no-prompt", is_flag=True, help="Print only the continuation.")
+def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, stop, no_prompt):
+    """Print the prompt and a sampled continuation, character by character as it is generated."""
+    from model.sampling import SamplingSettings
+
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    try:  # what the click types let through (nan, inf) is caught here, before the backend loads
+        settings = SamplingSettings(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+    from model import artifact
+    from model.engine import Engine, GenerationRequest
+
+    try:
+        engine = Engine(artifact.load(artifact_path), max_batch=1)
+    except artifact.ArtifactError as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:  # a network the engine cannot run
+        raise click.ClickException(f"{artifact_path}: {e}") from None
+    stream = engine.start(GenerationRequest(prompt, max_chars=max_chars, sampling=settings, seed=seed, stop=stop))
+    if stream.dropped_chars:
+        click.echo(f"note: dropped {stream.dropped_chars} prompt character(s) that are not in the model's vocabulary", err=True)
+    if seed is None and not settings.greedy:
+        click.echo(f"seed: {stream.seed}", err=True)
+    if not no_prompt:
+        click.echo(prompt, nl=False)
+    try:
+        while stream.finish_reason is None:
+            for delta in engine.step([stream]):
+                if delta.text:
+                    click.echo(delta.text, nl=False)  # click.echo flushes
+    except KeyboardInterrupt:
+        engine.cancel(stream)
+        click.echo("", err=True)
+        sys.exit(130)
+    if sys.stdout.isatty():
+        click.echo()
+
+
+# ---------------------------------------------------------------- serve
+
+
+@main.command()
+@click.option("--bind", default=None, metavar="HOST:PORT", help="Address to listen on (default: $CHARGEN_BIND, else 127.0.0.1:8000).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Worker processes, each with its own copy of the model (default: $CHARGEN_WORKERS, else 1).")
+@click.option("--artifact", "artifact_path", default=None, type=click.Path(),
+              help="Artifact to serve (default: $CHARGEN_ARTIFACT, else artifacts/default).")
+def serve(bind, workers, artifact_path):
+    """Serve the model over HTTP: gunicorn with the project's config (service/gunicorn_conf.py).
+
+    Everything else is configured with CHARGEN_* environment variables (see README.md)."""
+    from service.config import Settings, SettingsError  # here, so model/ never imports the service up front
+
+    if artifact_path:
+        os.environ["CHARGEN_ARTIFACT"] = os.path.abspath(artifact_path)
+    try:
+        Settings.from_env()
+    except SettingsError as e:
+        raise click.ClickException(str(e)) from None
+    argv = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
+    if bind:
+        argv += ["--bind", bind]
+    if workers:
+        argv += ["--workers", str(workers)]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)  # gunicorn becomes this process: signals and exit status are its own

@@ -1,0 +1,408 @@
+"""One engine loop per worker: continuous batching of all the worker's requests.
+
+HTTP threads never touch the engine (it is not thread-safe). They hand a Job to the loop through a
+bounded queue and read what it produces from the job's own queue:
+
+    HTTP thread                          engine loop thread (the only caller of the engine)
+    submit(job) --- waiting (bounded) --> admit when slots are free: engine.start() per choice
+                                          step all active streams together, one character each
+    job.events  <-- Deltas (streaming) -- and the end of the job (DONE)
+    cancel(job) --- cancelled ----------> engine.cancel(): the slot is free before the next step
+
+Requests join and leave between steps. A full queue is refused at once (QueueFull -> 429), so
+overload turns into quick 429s rather than ever longer waits. Every job has a deadline; the loop
+cancels a job that passes it, queued or running.
+
+Non-streaming jobs without logprobs get nothing until they finish (one wake-up per request instead
+of one per character). A streaming job gets its first characters at once, then what accumulated
+at most every `interval` seconds (and at its end): one thread wake-up, one write and one event per
+interval instead of per character. interval = max(stream_interval, streams / stream_chunk_rate),
+so however many streams run, the HTTP threads wake at most stream_chunk_rate times a second in
+all: every wake-up takes the GIL from the engine loop, and per-character wake-ups of 32 streams
+halved the characters a worker generated (bench/load.py). A reader sees 50 updates a second at
+low load, fewer and larger ones with many streams.
+
+The model loads in this thread too (TensorFlow is imported here, after gunicorn forked the worker),
+so /health can answer 503 while it loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections import deque
+from typing import Callable, Iterator
+
+from service import metrics
+from service.config import Settings
+
+log = logging.getLogger("chargen")
+
+DONE = object()  # the last item on a job's events queue
+POLL_SECONDS = 0.25  # how often a waiting HTTP thread checks that its client is still there
+HANGUP = getattr(select, "POLLRDHUP", 0)  # the peer closed or shut down its side of the connection
+
+
+class NotReady(Exception):
+    pass
+
+
+class QueueFull(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Job:
+    """One HTTP request's generations (its n choices) on their way through the engine loop."""
+
+    def __init__(self, requests: list, *, deltas: bool, deadline: float, arrived: float, fd: int | None = None):
+        self.requests = requests  # [GenerationRequest], one per choice
+        self.fd = fd  # the client's socket, watched for hang-ups while the job runs
+        self.deltas = deltas  # the consumer wants every Delta (streaming, or logprobs to collect)
+        self.deadline = deadline  # time.perf_counter() value
+        self.arrived = arrived
+        self.events: queue.SimpleQueue = queue.SimpleQueue()  # lists of Deltas, then DONE
+        self.pending: list = []  # Deltas not handed over yet
+        self.handed_over = 0.0  # when Deltas were last put on `events`
+        self.streams: list = []  # [Stream] in choice order, once started
+        self.submitted = self.started = self.generating = self.first_char = self.finished = None
+        self.prompt_seconds = 0.0
+        self.error: str | None = None  # "deadline" or "server": why the loop ended it early
+        self.cancelled = False
+        self.done = False
+        self._unfinished = len(requests)
+
+
+class Scheduler:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = None
+        self.artifact = None
+        self.failure: BaseException | None = None
+        self._ready = threading.Event()
+        self._closing = threading.Event()
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._cancelled: deque[Job] = deque()
+        self._next_deadline = float("inf")
+        self._on_failure: Callable[[BaseException, bool], None] | None = None
+        self._reported_active = 0
+        # The loop polls the sockets of running jobs (one poll(0) call per step) for the client's
+        # hang-up, so a dropped client's slot is free before the next step. Linux only (POLLRDHUP);
+        # elsewhere the job's HTTP thread notices when it next wakes or writes.
+        self._hangups = select.poll() if HANGUP else None
+        self._watched: dict[int, Job] = {}  # fd -> running job
+        self._thread = threading.Thread(target=self._run, name="chargen-engine", daemon=True)
+
+    # ------------------------------------------------------------ life
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the model is loaded (True) or loading failed or timed out (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready.is_set() and self.failure is None and self._thread.is_alive():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self._ready.wait(0.1 if left is None else min(0.1, left))
+        return self._ready.is_set()
+
+    def on_failure(self, callback: Callable[[BaseException, bool], None]) -> None:
+        """Call `callback(error, loaded)` when loading fails (loaded False) or the loop dies (True);
+        at once if that already happened."""
+        with self._cond:
+            self._on_failure = callback
+            failure = self.failure
+        if failure is not None:
+            callback(failure, self.engine is not None)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._closing.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------ HTTP threads
+
+    def submit(self, job: Job) -> None:
+        if not self._ready.is_set() or self._closing.is_set():
+            raise NotReady()
+        with self._cond:
+            if len(self._waiting) >= self.settings.max_queue and not self._fits_now(job):
+                raise QueueFull()
+            job.submitted = time.perf_counter()
+            self._waiting.append(job)
+            self._next_deadline = min(self._next_deadline, job.deadline)
+            self._cond.notify()
+        metrics.queue_depth.inc()
+
+    def _fits_now(self, job: Job) -> bool:
+        # With max_queue 0 a request is still taken when a slot is free for it right now.
+        return not self._waiting and self.engine.max_batch - self.engine.active >= len(job.requests)
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job (its client went away); its slots are free before the next engine step."""
+        if job.done:
+            return
+        job.cancelled = True
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+                removed = True
+            except ValueError:
+                removed = False
+                self._cancelled.append(job)
+            self._cond.notify()
+        if removed:
+            metrics.queue_depth.dec()
+            self._finish(job)
+
+    def events(self, job: Job, client_gone: Callable[[], bool] = lambda: False) -> Iterator[list]:
+        """Yield lists of Deltas as they are handed over until the job is done. If the consumer stops early
+        (the generator is closed, the client is gone), the job is cancelled."""
+        done = False
+        try:
+            while not done:
+                try:
+                    items = [job.events.get(timeout=POLL_SECONDS)]
+                except queue.Empty:
+                    if client_gone():
+                        raise ClientGone() from None
+                    if time.perf_counter() > job.deadline + 10 and not self._thread.is_alive():
+                        job.error = "server"  # the loop died; never wait forever
+                        return
+                    continue
+                while True:
+                    try:
+                        items.append(job.events.get_nowait())
+                    except queue.Empty:
+                        break
+                if items[-1] is DONE:
+                    done = True
+                    items.pop()
+                    if job.cancelled:  # the loop saw the client hang up
+                        raise ClientGone()
+                elif client_gone():
+                    raise ClientGone()
+                if items:
+                    yield [d for batch in items for d in batch]
+        finally:
+            if not done:
+                self.cancel(job)
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except BaseException as e:  # noqa: BLE001 - reported to the worker, which exits
+            self._fail(e, loaded=False)
+            return
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001
+            log.exception("the engine loop stopped")
+            self._fail(e, loaded=True)
+        finally:
+            self._ready.clear()
+            metrics.workers_ready.dec()
+            metrics.active_streams.dec(self._reported_active)
+
+    def _load(self) -> None:
+        if self.settings.load_delay and self._closing.wait(self.settings.load_delay):
+            raise RuntimeError("closed while loading")
+        started = time.perf_counter()
+        from model.artifact import load
+        from model.engine import Engine, GenerationRequest
+        from model.sampling import SamplingSettings
+
+        artifact = load(self.settings.artifact)
+        engine = Engine(artifact, max_batch=self.settings.max_batch)
+        # One short generation so the first request does not pay for first-call costs.
+        engine.generate(GenerationRequest("\n", max_chars=4, sampling=SamplingSettings(temperature=1.0), seed=0))
+        self.artifact, self.engine = artifact, engine
+        self._ready.set()
+        metrics.workers_ready.inc()
+        log.info("worker %d: loaded %s (%s %dx%d, %d characters) in %.1f s", os.getpid(), artifact.path,
+                 artifact.config.cell, artifact.config.layers, artifact.config.units, len(artifact.vocab),
+                 time.perf_counter() - started)
+
+    def _fail(self, error: BaseException, loaded: bool) -> None:
+        with self._cond:
+            self.failure = error
+            callback = self._on_failure
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for job in waiting:
+            metrics.queue_depth.dec()
+            job.error = "server"
+            self._finish(job)
+        if callback is not None:
+            callback(error, loaded)
+
+    def _loop(self) -> None:
+        engine, settings = self.engine, self.settings
+        interval = settings.stream_interval
+        active: dict = {}  # Stream -> Job
+        streams: list = []
+        while not self._closing.is_set():
+            changed = False
+            if self._cancelled:
+                changed |= self._drop_cancelled(active)
+            if self._waiting and engine.active < engine.max_batch:
+                changed |= self._admit(active)
+            if time.perf_counter() >= self._next_deadline:
+                changed |= self._expire(active)
+            if self._watched:
+                changed |= self._drop_hung_up(active)
+            if changed:
+                streams = list(active)
+                self._report_active(engine.active)
+                interval = max(settings.stream_interval, len(streams) / settings.stream_chunk_rate)
+            if not streams:
+                with self._cond:
+                    while not (self._waiting or self._cancelled or self._closing.is_set()):
+                        self._cond.wait(1.0)
+                continue
+
+            deltas = engine.step(streams)
+            now = time.perf_counter()
+            chars, finished = 0, False
+            for d in deltas:
+                job = active[d.stream]
+                if d.text:
+                    chars += len(d.text)
+                    if job.first_char is None:
+                        job.first_char = now
+                if job.deltas and (d.text or d.finish_reason):
+                    job.pending.append(d)
+                    if now - job.handed_over >= interval:
+                        job.events.put(job.pending)
+                        job.pending, job.handed_over = [], now
+                if d.finish_reason:
+                    del active[d.stream]
+                    finished = True
+                    job._unfinished -= 1
+                    if not job._unfinished:
+                        self._finish(job, now)
+            metrics.batch_size.observe(len(streams))
+            if chars:
+                metrics.chars_generated.inc(chars)
+            if finished:
+                streams = list(active)
+                self._report_active(engine.active)
+                interval = max(settings.stream_interval, len(streams) / settings.stream_chunk_rate)
+        for job in set(active.values()):
+            job.error = "server"
+            self._finish(job)
+
+    def _admit(self, active: dict) -> bool:
+        engine, admitted = self.engine, False
+        while True:
+            with self._cond:
+                if not self._waiting or len(self._waiting[0].requests) > engine.max_batch - engine.active:
+                    return admitted
+                job = self._waiting.popleft()
+            metrics.queue_depth.dec()
+            job.started = time.perf_counter()
+            try:
+                for request in job.requests:
+                    stream = engine.start(request)
+                    job.streams.append(stream)
+                    active[stream] = job
+            except Exception:
+                log.exception("could not start a generation")
+                self._stop(job, active)
+                job.error = "server"
+                self._finish(job)
+                continue
+            job.generating = time.perf_counter()
+            job.prompt_seconds = job.generating - job.started
+            if self._hangups is not None and job.fd is not None:
+                self._hangups.register(job.fd, HANGUP)
+                self._watched[job.fd] = job
+            admitted = True
+
+    def _stop(self, job: Job, active: dict) -> bool:
+        """Cancel the job's unfinished streams (their slots are free at once)."""
+        changed = False
+        for stream in job.streams:
+            if stream.finish_reason is None:
+                self.engine.cancel(stream)
+                changed = True
+            active.pop(stream, None)
+        return changed
+
+    def _drop_cancelled(self, active: dict) -> bool:
+        changed = False
+        while self._cancelled:
+            job = self._cancelled.popleft()
+            changed |= self._stop(job, active)
+            self._finish(job)
+        return changed
+
+    def _drop_hung_up(self, active: dict) -> bool:
+        """Cancel the jobs whose clients closed their connections, before the next step."""
+        changed = False
+        for fd, _ in self._hangups.poll(0):
+            job = self._watched.get(fd)
+            if job is not None and not job.done:
+                job.cancelled = True
+                changed |= self._stop(job, active)
+                self._finish(job)
+        return changed
+
+    def _expire(self, active: dict) -> bool:
+        now, changed = time.perf_counter(), False
+        with self._cond:
+            late = [job for job in self._waiting if job.deadline <= now]
+            for job in late:
+                self._waiting.remove(job)
+        for job in late:
+            metrics.queue_depth.dec()
+            job.error = "deadline"
+            self._finish(job)
+        for job in {job for job in active.values() if job.deadline <= now}:
+            self._stop(job, active)
+            job.error = "deadline"
+            self._finish(job)
+            changed = True
+        with self._cond:
+            self._next_deadline = min([j.deadline for j in self._waiting] + [j.deadline for j in active.values()],
+                                      default=float("inf"))
+        return changed
+
+    def _finish(self, job: Job, now: float | None = None) -> None:
+        if job.done:
+            return
+        job.done = True
+        job.finished = now or time.perf_counter()
+        if self._watched.get(job.fd) is job:  # only the loop registers jobs, so only it gets here
+            self._hangups.unregister(job.fd)
+            del self._watched[job.fd]
+        if job.pending:
+            job.events.put(job.pending)
+            job.pending = []
+        job.events.put(DONE)
+
+    def _report_active(self, n: int) -> None:
+        if n != self._reported_active:
+            metrics.active_streams.inc(n - self._reported_active)
+            self._reported_active = n

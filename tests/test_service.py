@@ -1,0 +1,619 @@
+"""The HTTP service through Flask's test client: every endpoint and every kind of bad input.
+
+The real gunicorn server (streams over sockets, several workers, the openai client) is tested in
+test_service_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from conftest import PERIODIC
+from server import continuation
+from service.app import create_app
+from service.config import SettingsError
+
+LIMITS = {"MAX_CHARS": 1000, "MAX_N": 4, "MAX_PROMPT_CHARS": 300, "MAX_BODY_BYTES": 4096, "MAX_BATCH": 16}
+
+
+def make_app(artifact, **config):
+    app = create_app({"ARTIFACT": str(artifact), "TESTING": True, **config})
+    return app
+
+
+def ready(app):
+    scheduler = app.extensions["chargen"].scheduler
+    assert scheduler.wait_ready(120), f"model did not load: {scheduler.failure}"
+    return app
+
+
+@pytest.fixture(scope="module")
+def app(tiny_artifact):
+    app = ready(make_app(tiny_artifact, **LIMITS))
+    yield app
+    app.extensions["chargen"].scheduler.close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def events(response) -> list:
+    """The JSON (or [DONE]) payloads of a server-sent-events body."""
+    body = response.get_data(as_text=True)
+    out = []
+    for block in body.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            payload = block[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def assert_error(response, status: int, code: str, param=None):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    error = response.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code, error
+    assert error["param"] == param, error
+    assert error["message"]
+    assert "Traceback" not in error["message"]
+    return error
+
+
+# ---------------------------------------------------------------- /v1/generate: JSON
+
+
+def test_generate_greedy_json(client):
+    r = client.post("/v1/generate", json={"prompt": "the quick", "max_chars": 60, "temperature": 0})
+    assert r.status_code == 200
+    body = r.get_json()
+    assert body["id"].startswith("gen-")
+    assert body["model"] == "run"  # the artifact's directory name
+    assert isinstance(body["seed"], int)
+    assert body["choices"] == [{"index": 0, "text": continuation("the quick", 60), "finish_reason": "length"}]
+    assert body["usage"] == {"prompt_chars": 9, "completion_chars": 60, "dropped_chars": 0}
+    timings = body["timings"]
+    assert set(timings) == {"queue_ms", "prompt_ms", "generation_ms", "chars_per_second"}
+    assert all(v >= 0 for v in timings.values())
+    assert timings["chars_per_second"] > 0
+    assert r.headers["X-Request-Id"].startswith("req-")
+    assert r.headers["X-Seed"] == str(body["seed"])
+
+
+def test_same_seed_same_text_and_choices_use_seed_plus_index(client):
+    ask = {"prompt": "the", "max_chars": 80, "temperature": 1.5, "seed": 41}
+    one = client.post("/v1/generate", json=ask).get_json()
+    again = client.post("/v1/generate", json=ask).get_json()
+    assert one["choices"][0]["text"] == again["choices"][0]["text"]
+    assert one["seed"] == 41
+    three = client.post("/v1/generate", json={**ask, "seed": 40, "n": 3}).get_json()
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    assert three["choices"][1]["text"] == one["choices"][0]["text"]  # seed 40 + 1
+    assert len({c["text"] for c in three["choices"]}) > 1  # at temperature 1.5 the seeds differ
+    assert three["usage"]["prompt_chars"] == 3  # the prompt is counted once
+    assert three["usage"]["completion_chars"] == sum(len(c["text"]) for c in three["choices"])
+
+
+def test_stop_sequences(client):
+    r = client.post("/v1/generate", json={"prompt": "the quick", "max_chars": 200, "temperature": 0, "stop": ["lazy", "zzz"]})
+    choice = r.get_json()["choices"][0]
+    assert choice == {"index": 0, "text": " brown fox jumps over the ", "finish_reason": "stop"}
+    r = client.post("/v1/generate", json={"prompt": "the quick", "max_chars": 200, "temperature": 0, "stop": "\n"})
+    assert r.get_json()["choices"][0]["text"] == " brown fox jumps over the lazy dog."
+
+
+def test_logprobs(client):
+    r = client.post("/v1/generate", json={"prompt": "the quick", "max_chars": 12, "temperature": 0, "logprobs": 3})
+    choice = r.get_json()["choices"][0]
+    assert len(choice["logprobs"]) == len(choice["text"]) == 12
+    for char, entry in zip(choice["text"], choice["logprobs"]):
+        assert entry["char"] == char
+        assert entry["logprob"] <= 0
+        assert len(entry["top"]) == 3
+        assert entry["top"][0] == {"char": char, "logprob": entry["logprob"]}  # greedy takes the most likely
+        assert [t["logprob"] for t in entry["top"]] == sorted((t["logprob"] for t in entry["top"]), reverse=True)
+    without = client.post("/v1/generate", json={"prompt": "the", "max_chars": 5}).get_json()
+    assert "logprobs" not in without["choices"][0]
+
+
+def test_unknown_characters_rule(client):
+    # é has the base form e in the vocabulary; ☃ has none and is dropped
+    r = client.post("/v1/generate", json={"prompt": "the quick ☃br", "max_chars": 10, "temperature": 0}).get_json()
+    assert r["usage"]["dropped_chars"] == 1
+    assert r["usage"]["prompt_chars"] == len("the quick br")
+    r = client.post("/v1/generate", json={"prompt": "thé", "max_chars": 7, "temperature": 0}).get_json()
+    assert r["usage"]["dropped_chars"] == 0
+    assert r["choices"][0]["text"] == continuation("the", 7)
+
+
+def test_empty_prompt_and_defaults(client):
+    r = client.post("/v1/generate", json={})
+    body = r.get_json()
+    assert r.status_code == 200
+    assert body["usage"]["prompt_chars"] == 0
+    assert len(body["choices"][0]["text"]) <= 200  # default max_chars
+    assert body["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+# ---------------------------------------------------------------- /v1/generate: streaming
+
+
+def test_stream_events_match_the_plain_answer(client):
+    ask = {"prompt": "the", "max_chars": 150, "temperature": 1.0, "seed": 7, "n": 2, "logprobs": 1}
+    whole = client.post("/v1/generate", json=ask).get_json()
+    r = client.post("/v1/generate", json={**ask, "stream": True})
+    assert r.status_code == 200
+    assert r.mimetype == "text/event-stream"
+    got = events(r)
+    *chunks, last = got
+    assert chunks and all(set(c) == {"index", "text", "logprobs"} for c in chunks)
+    for i in range(2):
+        text = "".join(c["text"] for c in chunks if c["index"] == i)
+        assert text == whole["choices"][i]["text"]
+        assert [lp["char"] for c in chunks if c["index"] == i for lp in c["logprobs"]] == list(text)
+    assert last["done"] is True
+    assert last["seed"] == 7
+    assert last["choices"] == [{"index": i, "finish_reason": whole["choices"][i]["finish_reason"]} for i in range(2)]
+    assert last["usage"] == whole["usage"]
+    assert set(last["timings"]) == {"queue_ms", "prompt_ms", "generation_ms", "chars_per_second"}
+
+
+# ---------------------------------------------------------------- /v1/generate: plain text
+
+
+def test_plain_text_like_curl(client):
+    # curl -d 'the quick' 'localhost:8000/v1/generate?temperature=0&max_chars=50' sends form-urlencoded
+    r = client.post("/v1/generate?temperature=0&max_chars=50", data=b"the quick",
+                    content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 200
+    assert r.mimetype == "text/plain"
+    assert r.get_data(as_text=True) == continuation("the quick", 50)
+    assert r.headers["X-Finish-Reason"] == "length"
+    assert r.headers["X-Completion-Chars"] == "50"
+    # --data-binary @prompt.txt keeps newlines; text/plain is always a prompt, even one that looks like JSON
+    r = client.post("/v1/generate?temperature=0&max_chars=9", data="over the lazy dog.\n".encode(), content_type="text/plain")
+    assert r.get_data(as_text=True) == "the quick"
+    r = client.post("/v1/generate?max_chars=5", data=b'{"not": "json"}', content_type="text/plain")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+
+
+def test_plain_text_stream(client):
+    r = client.post("/v1/generate?temperature=0&max_chars=120&stream=1", data=b"the quick", content_type="text/plain")
+    assert r.status_code == 200
+    assert r.mimetype == "text/plain"
+    assert r.get_data(as_text=True) == continuation("the quick", 120)
+
+
+def test_json_body_without_content_type_is_json(client):
+    r = client.post("/v1/generate", data=b'{"prompt": "the quick", "max_chars": 5, "temperature": 0}',
+                    content_type="application/x-www-form-urlencoded")
+    assert r.mimetype == "application/json"
+    assert r.get_json()["choices"][0]["text"] == continuation("the quick", 5)
+
+
+def test_plain_text_in_latin1_when_declared(client):
+    r = client.post("/v1/generate?temperature=0&max_chars=3", data="thé".encode("latin-1"),
+                    content_type="text/plain; charset=latin-1")
+    assert r.status_code == 200
+    assert r.get_data(as_text=True) == continuation("the", 3)
+
+
+# ---------------------------------------------------------------- OpenAI: /v1/completions, /v1/models
+
+
+def test_completions(client):
+    r = client.post("/v1/completions", json={"model": "anything", "prompt": "the quick", "max_tokens": 30, "temperature": 0})
+    body = r.get_json()
+    assert r.status_code == 200
+    assert body["object"] == "text_completion"
+    assert body["id"].startswith("cmpl-")
+    assert isinstance(body["created"], int)
+    assert body["model"] == "run"
+    assert body["choices"] == [{"text": continuation("the quick", 30), "index": 0, "logprobs": None, "finish_reason": "length"}]
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 30, "total_tokens": 39}
+
+
+def test_completions_logprobs_echo_and_several_prompts(client):
+    r = client.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 4, "temperature": 0, "logprobs": 2})
+    lp = r.get_json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == list(continuation("the quick", 4))
+    assert len(lp["token_logprobs"]) == 4 and all(v <= 0 for v in lp["token_logprobs"])
+    assert all(len(top) == 2 and tok in top for tok, top in zip(lp["tokens"], lp["top_logprobs"]))
+    assert lp["text_offset"] == [0, 1, 2, 3]
+    r = client.post("/v1/completions", json={"prompt": ["the quick", "over the"], "max_tokens": 5, "temperature": 0,
+                                             "echo": True, "n": 2})
+    texts = [c["text"] for c in r.get_json()["choices"]]
+    assert texts == ["the quick" + continuation("the quick", 5)] * 2 + ["over the" + continuation("over the", 5)] * 2
+    assert r.get_json()["usage"]["prompt_tokens"] == len("the quick") + len("over the")
+
+
+def test_completions_stream(client):
+    ask = {"prompt": "the quick", "max_tokens": 40, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    got = events(client.post("/v1/completions", json=ask))
+    assert got[-1] == "[DONE]"
+    usage_chunk = got[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 40
+    chunks = got[:-2]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == continuation("the quick", 40)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_models(client):
+    body = client.get("/v1/models").get_json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["run"]
+    assert body["data"][0]["object"] == "model" and body["data"][0]["created"] > 0
+    assert client.get("/v1/models/run").get_json()["id"] == "run"
+    assert_error(client.get("/v1/models/gpt-4"), 404, "model_not_found", "model")
+
+
+# ---------------------------------------------------------------- /health, /info, /metrics, /openapi.json
+
+
+def test_health_and_info(client, tiny_artifact):
+    assert client.get("/health").status_code == 200
+    info = client.get("/info").get_json()
+    model = info["model"]
+    assert (model["cell"], model["layers"], model["units"], model["embedding"]) == ("lstm", 1, 32, 16)
+    assert model["parameters"] > 0 and model["vocab_size"] == len(set(PERIODIC))
+    assert model["corpus"]["chars"] > 0 and model["validation"]["bits_per_char"] > 0
+    assert model["path"] == str(tiny_artifact)
+    assert info["limits"] == {"max_prompt_chars": 300, "max_chars": 1000, "max_n": 4, "max_queue": 128,
+                              "max_body_bytes": 4096, "request_timeout": 300.0}
+    assert info["defaults"] == {"max_chars": 200, "temperature": 0.8, "top_k": 0, "top_p": 1.0}
+    assert info["engine"]["max_batch"] == 16
+
+
+def test_metrics(client):
+    with client.post("/v1/generate", json={"prompt": "the", "max_chars": 10}) as r:
+        assert r.status_code == 200
+    with client.post("/v1/generate", json={"temprature": 1}) as r:
+        assert r.status_code == 422
+    text = client.get("/metrics").get_data(as_text=True)
+    for name in ("chargen_requests_total", "chargen_request_duration_seconds_bucket", "chargen_time_to_first_char_seconds_bucket",
+                 "chargen_chars_generated_total", "chargen_queue_depth", "chargen_active_streams", "chargen_batch_size_bucket",
+                 "chargen_workers_ready"):
+        assert name in text
+    assert 'chargen_requests_total{method="POST",route="/v1/generate",status="422"}' in text
+    assert 'chargen_requests_total{method="POST",route="/v1/generate",status="200"}' in text
+
+
+def test_openapi_comes_from_the_request_schemas(client):
+    doc = client.get("/openapi.json").get_json()
+    assert doc["openapi"].startswith("3.")
+    schemas = doc["components"]["schemas"]
+    generate = schemas["GenerateRequest"]
+    assert generate["additionalProperties"] is False
+    assert generate["properties"]["max_chars"]["maximum"] == 1000  # the configured limit
+    assert generate["properties"]["n"]["maximum"] == 4
+    assert generate["properties"]["temperature"]["default"] == 0.8
+    assert "max_tokens" in schemas["CompletionRequest"]["properties"]
+    assert set(schemas["ErrorResponse"]["properties"]) == {"error"}
+    post = doc["paths"]["/v1/generate"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/GenerateRequest"}
+    assert {p["name"] for p in post["parameters"]} == set(generate["properties"]) - {"prompt"}
+    assert {"/v1/completions", "/v1/models", "/health", "/info", "/metrics"} <= set(doc["paths"])
+
+
+# ---------------------------------------------------------------- bad input: 400
+
+
+@pytest.mark.parametrize("body, content_type, code", [
+    (b'{"prompt": "the', "application/json", "invalid_json"),
+    (b"", "application/json", "invalid_json"),
+    (b'{"prompt": "caf\xe9"}', "application/json", "invalid_encoding"),
+    (b'\xff\xfe{\x00}\x00', "application/json", "invalid_encoding"),
+    (b'["the", "quick"]', "application/json", "not_an_object"),
+    (b'"the quick"', "application/json", "not_an_object"),
+    (b"42", "application/json", "not_an_object"),
+    (b"null", "application/json", "not_an_object"),
+    (b'{"temperature": NaN}', "application/json", "invalid_json"),
+    (b'{"prompt": "x",}', "application/x-www-form-urlencoded", "invalid_json"),  # looks like JSON, is broken
+    (b"caf\xe9 au lait", "text/plain", "invalid_encoding"),
+    (b"the", "text/plain; charset=klingon", "invalid_encoding"),
+])
+def test_unparsable_body_is_400(client, body, content_type, code):
+    assert_error(client.post("/v1/generate", data=body, content_type=content_type), 400, code)
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": ', b"[1]", b'{"prompt": "\xff"}'])
+def test_unparsable_completion_body_is_400(client, body):
+    r = client.post("/v1/completions", data=body, content_type="application/json")
+    assert r.status_code == 400
+    assert r.get_json()["error"]["type"] == "invalid_request_error"
+
+
+# ---------------------------------------------------------------- bad input: 422
+
+
+@pytest.mark.parametrize("fields, param, code", [
+    ({"temprature": 0.5}, "temprature", "unknown_field"),
+    ({"prompt": "x", "max_char": 5}, "max_char", "unknown_field"),
+    ({"temperature": -0.1}, "temperature", "out_of_range"),
+    ({"temperature": "hot"}, "temperature", "wrong_type"),
+    ({"temperature": "0.5"}, "temperature", "wrong_type"),  # JSON bodies are strict: a string is not a number
+    ({"temperature": True}, "temperature", "wrong_type"),
+    ({"max_chars": 0}, "max_chars", "out_of_range"),
+    ({"max_chars": 1001}, "max_chars", "out_of_range"),
+    ({"max_chars": 2.5}, "max_chars", "wrong_type"),
+    ({"max_chars": None}, "max_chars", "wrong_type"),
+    ({"top_k": -1}, "top_k", "out_of_range"),
+    ({"top_p": 0}, "top_p", "out_of_range"),
+    ({"top_p": 1.01}, "top_p", "out_of_range"),
+    ({"seed": -1}, "seed", "out_of_range"),
+    ({"seed": 2**64}, "seed", "out_of_range"),
+    ({"seed": "42"}, "seed", "wrong_type"),
+    ({"n": 0}, "n", "out_of_range"),
+    ({"n": 5}, "n", "out_of_range"),
+    ({"stop": ""}, "stop", "out_of_range"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "out_of_range"),
+    ({"stop": [1]}, "stop", "wrong_type"),
+    ({"stop": {"text": "x"}}, "stop", "wrong_type"),
+    ({"logprobs": 11}, "logprobs", "out_of_range"),
+    ({"logprobs": -1}, "logprobs", "out_of_range"),
+    ({"stream": "yes"}, "stream", "wrong_type"),
+    ({"prompt": 5}, "prompt", "wrong_type"),
+    ({"prompt": ["the"]}, "prompt", "wrong_type"),
+    ({"prompt": "x" * 301}, "prompt", "out_of_range"),
+])
+def test_wrong_field_is_422_naming_it(client, fields, param, code):
+    error = assert_error(client.post("/v1/generate", json=fields), 422, code, param)
+    assert param in error["message"]
+
+
+def test_number_too_large_for_a_float_is_422(client):
+    r = client.post("/v1/generate", data=b'{"temperature": 1e999}', content_type="application/json")  # reads as infinity
+    assert_error(r, 422, "out_of_range", "temperature")
+
+
+@pytest.mark.parametrize("query, param, code", [
+    ("temperature=warm", "temperature", "wrong_type"),
+    ("max_chars=-3", "max_chars", "out_of_range"),
+    ("bogus=1", "bogus", "unknown_field"),
+    ("n=2", "n", "unsupported"),
+    ("logprobs=2", "logprobs", "unsupported"),
+    ("prompt=the", "prompt", "duplicate_prompt"),
+])
+def test_wrong_query_setting_for_plain_text_is_422(client, query, param, code):
+    assert_error(client.post(f"/v1/generate?{query}", data=b"the", content_type="text/plain"), 422, code, param)
+
+
+def test_query_settings_with_a_json_body_are_refused(client):
+    assert_error(client.post("/v1/generate?temperature=0", json={"prompt": "the"}), 422, "unexpected_query", "temperature")
+
+
+@pytest.mark.parametrize("fields, param, code", [
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "out_of_range"),
+    ({"prompt": "x", "max_tokens": 1001}, "max_tokens", "out_of_range"),
+    ({"prompt": [1, 2, 3]}, "prompt", "wrong_type"),  # token ids: this model reads characters
+    ({"prompt": "x", "suffix": "y"}, "suffix", "invalid_value"),
+    ({"prompt": "x", "best_of": 2}, "best_of", "invalid_value"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty", "invalid_value"),
+    ({"prompt": "x", "logit_bias": {"50256": -100}}, "logit_bias", "invalid_value"),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo", "unsupported"),
+    ({"prompt": ["a", "b", "c"], "n": 2}, "n", "out_of_range"),
+    ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options", "wrong_type"),
+    ({"prompt": "x", "temprature": 0}, "temprature", "unknown_field"),
+])
+def test_wrong_completion_field_is_422(client, fields, param, code):
+    assert_error(client.post("/v1/completions", json=fields), 422, code, param)
+
+
+def test_completions_accepts_openai_neutral_fields(client):
+    r = client.post("/v1/completions", json={"model": "x", "prompt": "the", "max_tokens": 3, "suffix": None, "best_of": 1,
+                                             "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u",
+                                             "echo": False, "logprobs": None, "stream": False, "n": 1, "stop": None})
+    assert r.status_code == 200, r.get_json()
+
+
+def test_completions_needs_a_json_body(client):
+    assert_error(client.post("/v1/completions", data=b"the quick", content_type="text/plain"), 415, "unsupported_media_type")
+
+
+# ---------------------------------------------------------------- bad input: 413, 404, 405
+
+
+@pytest.mark.parametrize("path, body, content_type", [
+    ("/v1/generate", json.dumps({"prompt": "x" * 5000}).encode(), "application/json"),
+    ("/v1/generate", b"x" * 5000, "text/plain"),
+    ("/v1/completions", json.dumps({"prompt": "x" * 5000}).encode(), "application/json"),
+])
+def test_body_over_the_limit_is_413(client, path, body, content_type):
+    error = assert_error(client.post(path, data=body, content_type=content_type), 413, "body_too_large")
+    assert "4096" in error["message"]
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("get", "/nope", 404, "not_found"),
+    ("post", "/v1/generat", 404, "not_found"),
+    ("get", "/v1/generate", 405, "method_not_allowed"),
+    ("put", "/v1/completions", 405, "method_not_allowed"),
+    ("delete", "/health", 405, "method_not_allowed"),
+    ("post", "/metrics", 405, "method_not_allowed"),
+])
+def test_wrong_route_or_method(client, method, path, status, code):
+    r = getattr(client, method)(path)
+    assert_error(r, status, code)
+    if status == 405:
+        assert r.headers["Allow"]
+
+
+# ---------------------------------------------------------------- 500: logged with the request id, no stack trace
+
+
+def test_unexpected_error_is_a_json_500_with_the_request_id(app, client, monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(app.extensions["chargen"], "info", broken)
+    with caplog.at_level(logging.ERROR, logger="chargen"):
+        r = client.get("/info")
+    error = assert_error(r, 500, "internal_error")
+    request_id = r.headers["X-Request-Id"]
+    assert request_id in error["message"]
+    assert "disk on fire" not in r.get_data(as_text=True)
+    assert any(request_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+# ---------------------------------------------------------------- 401 and CORS
+
+
+@pytest.fixture(scope="module")
+def keyed_app(tiny_artifact):
+    app = ready(make_app(tiny_artifact, API_KEY="s3cret", CORS_ORIGINS="https://page.example, http://localhost:5173"))
+    yield app
+    app.extensions["chargen"].scheduler.close()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                                     {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer s3cret2"},
+                                     {"Authorization": "Bearer sécret"}])
+@pytest.mark.parametrize("method, path", [("post", "/v1/generate"), ("post", "/v1/completions"), ("get", "/v1/models")])
+def test_api_key_missing_or_wrong_is_401(keyed_app, headers, method, path):
+    r = getattr(keyed_app.test_client(), method)(path, json={"prompt": "the"}, headers=headers)
+    assert_error(r, 401, "invalid_api_key")
+    assert r.get_json()["error"]["type"] == "authentication_error"
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_api_key_accepted_and_ops_routes_open(keyed_app):
+    c = keyed_app.test_client()
+    r = c.post("/v1/generate", json={"prompt": "the", "max_chars": 3}, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200
+    for path in ("/health", "/info", "/metrics", "/openapi.json"):
+        assert c.get(path).status_code == 200, path
+    assert keyed_app.extensions["chargen"].openapi()["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+def test_cors(keyed_app):
+    c = keyed_app.test_client()
+    pre = c.options("/v1/generate", headers={"Origin": "https://page.example", "Access-Control-Request-Method": "POST",
+                                             "Access-Control-Request-Headers": "authorization, content-type"})
+    assert pre.status_code == 200
+    assert pre.headers["Access-Control-Allow-Origin"] == "https://page.example"
+    assert "authorization" in pre.headers["Access-Control-Allow-Headers"].lower()
+    r = c.post("/v1/generate", json={"prompt": "the", "max_chars": 3}, headers={"Authorization": "Bearer s3cret",
+                                                                                "Origin": "http://localhost:5173"})
+    assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+    assert "Origin" in r.headers["Vary"]
+    other = c.post("/v1/generate", json={"prompt": "the"}, headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_no_cors_by_default(client):
+    r = client.post("/v1/generate", json={"prompt": "the", "max_chars": 3}, headers={"Origin": "https://page.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+# ---------------------------------------------------------------- 503 while loading
+
+
+def test_503_while_loading(tiny_artifact):
+    app = make_app(tiny_artifact, LOAD_DELAY=600)  # the test-only knob: it never gets to load here
+    try:
+        c = app.test_client()
+        for method, path in [("get", "/health"), ("post", "/v1/generate"), ("post", "/v1/completions"), ("get", "/v1/models"),
+                             ("get", "/info")]:
+            r = getattr(c, method)(path, json={"prompt": "the"})
+            assert_error(r, 503, "model_loading")
+            assert int(r.headers["Retry-After"]) > 0
+        assert c.get("/openapi.json").status_code == 200  # needs no model
+        assert_error(c.post("/v1/generate", json={"temprature": 1}), 422, "unknown_field", "temprature")  # input checked first
+    finally:
+        app.extensions["chargen"].scheduler.close()
+
+
+def test_missing_artifact_fails_loading_with_the_loaders_message(tmp_path):
+    app = make_app(tmp_path / "nothing-here")
+    try:
+        scheduler = app.extensions["chargen"].scheduler
+        assert not scheduler.wait_ready(60)
+        assert "no such artifact directory" in str(scheduler.failure)
+        error = assert_error(app.test_client().get("/health"), 503, "model_failed")
+        assert "nothing-here" in error["message"]
+    finally:
+        app.extensions["chargen"].scheduler.close()
+
+
+# ---------------------------------------------------------------- queue full (429), deadline (504), client gone
+
+
+@pytest.fixture(scope="module")
+def tight_app(tiny_artifact):
+    """One batch slot, no queue, a 2 s deadline, and max_chars high enough that a request would
+    run far longer than that."""
+    app = ready(make_app(tiny_artifact, MAX_BATCH=1, MAX_N=1, MAX_QUEUE=0, MAX_CHARS=1_000_000, REQUEST_TIMEOUT=2))
+    yield app
+    app.extensions["chargen"].scheduler.close()
+
+
+def test_queue_full_is_429_and_a_dropped_stream_frees_its_slot(tight_app):
+    from prometheus_client import REGISTRY
+
+    c = tight_app.test_client()
+    scheduler = tight_app.extensions["chargen"].scheduler
+    long = c.post("/v1/generate", json={"prompt": "the", "max_chars": 1_000_000, "stream": True}, buffered=False)
+    assert long.status_code == 200
+    first = next(long.response)  # the stream is generating
+    assert first.startswith(b"data: ")
+    assert scheduler.engine.active == 1
+    busy = c.post("/v1/generate", json={"prompt": "the", "max_chars": 5})
+    assert_error(busy, 429, "queue_full")
+    assert int(busy.headers["Retry-After"]) >= 1
+    long.close()  # the client goes away: the generator is closed, the job cancelled
+    deadline = time.monotonic() + 5
+    while scheduler.engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler.engine.active == 0
+    assert REGISTRY.get_sample_value("chargen_active_streams") == 0
+    assert c.post("/v1/generate", json={"prompt": "the", "max_chars": 5}).status_code == 200
+
+
+def test_deadline_is_504(tight_app):
+    c = tight_app.test_client()
+    started = time.monotonic()
+    r = c.post("/v1/generate", json={"prompt": "the", "max_chars": 1_000_000})
+    assert_error(r, 504, "deadline_exceeded")
+    assert 1.5 < time.monotonic() - started < 10
+    got = events(c.post("/v1/generate", json={"prompt": "the", "max_chars": 1_000_000, "stream": True}))
+    assert got[0]["text"]
+    assert got[-1]["error"]["code"] == "deadline_exceeded"  # the status line went out before the deadline
+    assert tight_app.extensions["chargen"].scheduler.engine.active == 0
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("config, variable", [
+    ({"MAX_QUEUE": "lots"}, "CHARGEN_MAX_QUEUE"),
+    ({"MAX_BATCH": "0"}, "CHARGEN_MAX_BATCH"),
+    ({"DEFAULT_TOP_P": "2"}, "CHARGEN_DEFAULT_TOP_P"),
+    ({"CORS_ORIGINS": "page.example"}, "CHARGEN_CORS_ORIGINS"),
+    ({"MAX_N": "9", "MAX_BATCH": "8"}, "max_n"),
+])
+def test_bad_configuration_names_the_variable(tiny_artifact, config, variable):
+    with pytest.raises(SettingsError, match=variable):
+        create_app({"ARTIFACT": str(tiny_artifact), **config})
+
+
+def test_configuration_from_the_environment(tiny_artifact, monkeypatch):
+    monkeypatch.setenv("CHARGEN_ARTIFACT", str(tiny_artifact))
+    monkeypatch.setenv("CHARGEN_API_KEY", "null")  # stays the string "null", not "no key"
+    monkeypatch.setenv("CHARGEN_MAX_N", "3")
+    monkeypatch.setenv("CHARGEN_LOAD_DELAY", "600")
+    app = create_app()
+    try:
+        settings = app.extensions["chargen"].settings
+        assert settings.api_key == "null" and settings.max_n == 3 and settings.artifact == str(tiny_artifact)
+        assert_error(app.test_client().post("/v1/generate", json={}), 401, "invalid_api_key")
+    finally:
+        app.extensions["chargen"].scheduler.close()
