@@ -1,0 +1,364 @@
+// The page at / (a transcript of turns) and its compact variant at /embed (one answer at a time,
+// body.embed). One generation runs at a time; Stop aborts its fetch, which closes the connection
+// and frees the server's slot.
+
+import { ApiError, describe, generate, getInfo } from "./api.js";
+import { Answer, ProbabilityTips } from "./answer.js";
+
+const $ = (id) => document.getElementById(id);
+const compact = document.body.classList.contains("embed");
+const LOGPROBS = 5; // alternatives asked for per character when probabilities are shown
+const FINISH = { length: "reached max characters", stop: "hit a stop sequence" };
+
+const ui = {
+  transcript: $("transcript"), intro: $("intro"), composer: $("composer"), prompt: $("prompt"),
+  send: $("send"), stop: $("stop"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
+  maxChars: $("max-chars"), probabilities: $("probabilities"), topK: $("top-k"), topP: $("top-p"),
+  seed: $("seed"), stopSequences: $("stop-sequences"), apiKey: $("api-key"), apiKeyField: $("api-key-field"),
+  model: $("model"), modelDetails: $("model-details"), announce: $("announce"), tip: $("tip"),
+  template: $("turn-template"),
+};
+
+// The request field each control sets: a 422 naming the field marks the control.
+const FIELDS = {
+  temperature: ui.temperature, max_chars: ui.maxChars, top_k: ui.topK, top_p: ui.topP, seed: ui.seed,
+  stop: ui.stopSequences, prompt: ui.prompt,
+};
+
+let info = null; // GET /info, once it has answered
+let running = null; // {controller, turn} of the generation in progress
+
+// ---------------------------------------------------------------- settings
+
+class SettingsError extends Error {
+  constructor(control, message) {
+    super(message);
+    this.control = control;
+  }
+}
+
+function labelOf(control) {
+  return control.labels?.[0]?.textContent.trim() || control.id;
+}
+
+// A number field: empty means "the server's default"; text that is not a number is caught here
+// (the browser hands it over as ""), anything numeric goes to the server, which judges the range.
+function number(control) {
+  if (!control) return undefined;
+  if (control.validity.badInput) throw new SettingsError(control, `${labelOf(control)} is not a number.`);
+  const value = control.value.trim();
+  if (value === "") return undefined;
+  if (!Number.isFinite(Number(value))) throw new SettingsError(control, `${labelOf(control)} is too large.`);
+  return Number(value);
+}
+
+// "\n" in a stop sequence means a line break (a textarea line cannot hold one); "\\" a backslash.
+function unescape(line) {
+  return line.replace(/\\(n|t|\\)/g, (_, c) => ({ n: "\n", t: "\t", "\\": "\\" })[c]);
+}
+
+function requestSettings() {
+  const body = { temperature: Number(ui.temperature.value) };
+  const fields = { max_chars: ui.maxChars, top_k: ui.topK, top_p: ui.topP };
+  for (const [name, control] of Object.entries(fields)) {
+    const value = number(control);
+    if (value !== undefined) body[name] = value;
+  }
+  if (!ui.maxChars && presets.has("max_chars")) body.max_chars = Number(presets.get("max_chars"));
+  if (ui.seed && ui.seed.value.trim() !== "") {
+    if (ui.seed.validity.badInput) throw new SettingsError(ui.seed, "Seed is not a number.");
+    const seed = ui.seed.value.trim();
+    if (!Number.isFinite(Number(seed))) throw new SettingsError(ui.seed, "Seed is not a number.");
+    // digits go to the server as written (a JS number would round seeds above 2^53)
+    body.seed = /^\d+$/.test(seed) ? seed : String(Number(seed));
+  }
+  if (ui.stopSequences) {
+    const stops = ui.stopSequences.value.split("\n").filter((line) => line !== "").map(unescape);
+    if (stops.length) body.stop = stops;
+  }
+  if (ui.probabilities?.checked) body.logprobs = LOGPROBS;
+  return body;
+}
+
+function markInvalid(control) {
+  if (!control) return;
+  control.setAttribute("aria-invalid", "true");
+  const details = control.closest("details");
+  if (details) details.open = true;
+}
+
+document.addEventListener("input", (e) => e.target.removeAttribute?.("aria-invalid"));
+
+function showTemperature() {
+  const t = Number(ui.temperature.value);
+  ui.temperatureValue.value = t === 0 ? "0 (greedy)" : t.toFixed(2);
+}
+
+// Query-string presets (?prompt=…&temperature=…&max_chars=…), so a site embedding the page can
+// start it with its own example. Values only ever fill form fields.
+const presets = new URLSearchParams(location.search);
+
+function applyPresets() {
+  const q = presets;
+  if (q.has("prompt")) ui.prompt.value = q.get("prompt");
+  if (q.has("temperature")) ui.temperature.value = q.get("temperature");
+  if (q.has("max_chars") && ui.maxChars) ui.maxChars.value = q.get("max_chars");
+}
+
+// ---------------------------------------------------------------- the model, from /info
+
+function describeModel(data) {
+  const m = data.model;
+  const parts = [m.name, `${String(m.cell).toUpperCase()} ${m.layers}×${m.units}`];
+  if (m.parameters) parts.push(`${new Intl.NumberFormat("en", { notation: "compact" }).format(m.parameters)} parameters`);
+  ui.model.textContent = parts.join(" · ");
+  if (ui.modelDetails) {
+    const corpus = m.corpus?.name ? `It learned from ${m.corpus.name}` : "";
+    const chars = m.corpus?.chars ? ` (${new Intl.NumberFormat("en").format(m.corpus.chars)} characters)` : "";
+    const bits = m.validation?.bits_per_char ? `; on text it never saw, it needs ${
+      Number(m.validation.bits_per_char).toFixed(2)} bits per character` : "";
+    ui.modelDetails.textContent = corpus ? `${corpus}${chars}${bits}.` : "";
+  }
+  ui.model.title = `Vocabulary of ${m.vocab_size} characters`;
+}
+
+async function loadInfo() {
+  // Bounded: while the server is loading (503) or unreachable, retry for about a minute.
+  for (let attempt = 0; attempt < 30; attempt++) {
+    try {
+      info = await getInfo();
+      describeModel(info);
+      if (ui.maxChars && ui.maxChars.value === "" && info.defaults) ui.maxChars.value = info.defaults.max_chars;
+      if (ui.apiKeyField && info.engine?.api_key_required) ui.apiKeyField.hidden = false;
+      return;
+    } catch (e) {
+      ui.model.textContent = e instanceof ApiError && e.kind === "loading" ? "model loading…" : "server unreachable, retrying…";
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+    }
+  }
+  ui.model.textContent = "model unavailable";
+}
+
+// ---------------------------------------------------------------- turns
+
+function contextOf(prompt) {
+  if (compact) return prompt;
+  // the end of the prompt, so the continuation reads on from it
+  const lines = prompt.split("\n");
+  let last = lines.pop();
+  if (last === "" && lines.length) last = `${lines.pop()}\n`;
+  return last.length > 60 ? `…${last.slice(-60)}` : last;
+}
+
+class Turn {
+  constructor(prompt) {
+    this.prompt = prompt;
+    this.node = ui.template.content.firstElementChild.cloneNode(true);
+    const q = (selector) => this.node.querySelector(selector);
+    this.answerBox = q(".answer");
+    this.answer = new Answer(q(".generated"));
+    this.context = q(".context");
+    this.error = q(".error");
+    this.finish = q(".finish");
+    this.speed = q(".speed");
+    this.seed = q(".seed");
+    this.buttons = [...this.node.querySelectorAll(".actions button")];
+    const shown = q(".prompt-text");
+    shown.textContent = prompt === "" ? "(empty prompt: the model starts a new text)" : prompt;
+    shown.classList.toggle("empty", prompt === "");
+    this.context.textContent = contextOf(prompt);
+    q(".regenerate").addEventListener("click", () => start(this, prompt, { fresh: true }));
+    q(".continue").addEventListener("click", () => start(this, this.continuation(), { fresh: false }));
+    q(".copy").addEventListener("click", (e) => copy(e.currentTarget, this.prompt + this.answer.text));
+  }
+
+  // The prompt for "Continue": prompt and answer so far, cut to the server's prompt limit from the
+  // left (the recurrent state mostly depends on the recent text anyway).
+  continuation() {
+    const text = this.prompt + this.answer.text;
+    const limit = info?.limits?.max_prompt_chars;
+    return limit && text.length > limit ? text.slice(-limit) : text;
+  }
+
+  begin(fresh) {
+    this.node.dataset.state = "streaming";
+    this.node.setAttribute("aria-busy", "true");
+    this.error.hidden = true;
+    this.error.textContent = "";
+    for (const el of [this.finish, this.speed, this.seed]) el.textContent = "";
+    this.finish.dataset.reason = "";
+    if (fresh) this.answer.clear();
+    this.answerBox.removeAttribute("tabindex");
+  }
+
+  end(state) {
+    this.node.dataset.state = state;
+    this.node.removeAttribute("aria-busy");
+    const empty = this.answer.text === "";
+    this.node.querySelector(".continue").hidden = empty;
+    this.node.querySelector(".copy").hidden = empty;
+    if (this.answer.scored) {
+      // focusable, so the probability tooltip can be walked with the arrow keys
+      this.answerBox.tabIndex = 0;
+      this.answerBox.setAttribute("aria-describedby", "answer-help");
+    }
+  }
+
+  done(event) {
+    const choice = event.choices?.[0] ?? {};
+    const reason = choice.finish_reason ?? "unknown";
+    this.finish.dataset.reason = reason;
+    this.finish.textContent = `finish: ${reason}${FINISH[reason] ? ` (${FINISH[reason]})` : ""}`;
+    const cps = event.timings?.chars_per_second;
+    this.speed.textContent = cps ? `${Math.round(cps).toLocaleString("en")} chars/s` : "";
+    if (event.seed !== undefined) this.seed.textContent = `seed ${event.seed}`;
+    const dropped = event.usage?.dropped_chars;
+    if (dropped) {
+      this.showError(`${dropped} character${dropped > 1 ? "s" : ""} of the prompt ${dropped > 1 ? "are" : "is"} not in the model's vocabulary and ${dropped > 1 ? "were" : "was"} left out.`, "note");
+    }
+    this.end("done");
+    announce(`Answer complete: ${this.answer.text.length} characters, ${this.finish.textContent}.`);
+  }
+
+  stopped() {
+    this.finish.dataset.reason = "stopped";
+    this.finish.textContent = `stopped by you after ${this.answer.text.length.toLocaleString("en")} characters`;
+    this.end("stopped");
+    announce("Generation stopped.");
+  }
+
+  failed(error) {
+    this.showError(describe(error));
+    this.finish.dataset.reason = "error";
+    this.end("error");
+    if (error instanceof ApiError && error.kind === "refused") markInvalid(FIELDS[error.param]);
+    if (error instanceof SettingsError) markInvalid(error.control);
+  }
+
+  showError(message, kind = "error") {
+    this.error.textContent = message;
+    this.error.dataset.kind = kind;
+    this.error.hidden = false;
+  }
+}
+
+function announce(message) {
+  if (ui.announce) ui.announce.textContent = message;
+}
+
+async function copy(button, text) {
+  const label = button.textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    button.textContent = "Copied";
+  } catch {
+    // clipboard API refused (plain http on another host): select the text so Ctrl+C works
+    const range = document.createRange();
+    range.selectNodeContents(button.closest(".turn").querySelector(".answer"));
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    button.textContent = "Selected: press Ctrl+C";
+  }
+  setTimeout(() => { button.textContent = label; }, 1500);
+}
+
+function setBusy(busy) {
+  ui.send.hidden = busy;
+  ui.stop.hidden = !busy;
+  for (const button of ui.transcript.querySelectorAll(".actions button")) button.disabled = busy;
+  if (busy) ui.stop.focus({ preventScroll: true });
+}
+
+function following() {
+  const box = compact ? ui.transcript : document.scrollingElement;
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 120;
+}
+
+function scrollToEnd() {
+  const box = compact ? ui.transcript : document.scrollingElement;
+  box.scrollTop = box.scrollHeight;
+}
+
+// ---------------------------------------------------------------- generating
+
+async function start(turn, prompt, { fresh }) {
+  if (running) return;
+  let settings;
+  try {
+    settings = requestSettings();
+  } catch (e) {
+    turn.begin(false);
+    turn.failed(e);
+    return;
+  }
+  const controller = new AbortController();
+  running = { controller, turn };
+  setBusy(true);
+  turn.begin(fresh);
+  const apiKey = ui.apiKey?.value.trim() || undefined;
+  try {
+    const stream = generate({ ...settings, prompt }, { signal: controller.signal, apiKey });
+    for (;;) {
+      const { value, done } = await stream.next();
+      if (done) {
+        turn.done(value);
+        break;
+      }
+      const follow = following();
+      turn.answer.append(value.text, value.logprobs);
+      if (follow) scrollToEnd();
+    }
+  } catch (e) {
+    if (e.name === "AbortError") turn.stopped();
+    else turn.failed(e);
+  } finally {
+    running = null;
+    setBusy(false);
+    if (!compact || document.activeElement === ui.stop || document.activeElement === document.body) {
+      ui.prompt.focus({ preventScroll: true });
+    }
+  }
+}
+
+function send() {
+  if (running) return;
+  const prompt = ui.prompt.value;
+  const turn = new Turn(prompt);
+  if (compact) ui.transcript.replaceChildren(turn.node);
+  else {
+    ui.intro?.remove();
+    ui.transcript.append(turn.node);
+    ui.prompt.value = "";
+  }
+  scrollToEnd();
+  start(turn, prompt, { fresh: true });
+}
+
+ui.composer.addEventListener("submit", (e) => {
+  e.preventDefault();
+  send();
+});
+
+ui.prompt.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    send();
+  }
+});
+
+ui.stop.addEventListener("click", () => running?.controller.abort());
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && running) running.controller.abort();
+});
+
+ui.temperature.addEventListener("input", showTemperature);
+const tips = new ProbabilityTips(ui.transcript, ui.tip, () => ui.probabilities?.checked);
+ui.probabilities?.addEventListener("change", () => {
+  document.body.classList.toggle("show-probabilities", ui.probabilities.checked);
+  tips.hide();
+});
+
+applyPresets();
+showTemperature();
+document.body.classList.toggle("show-probabilities", Boolean(ui.probabilities?.checked));
+loadInfo();

@@ -1,0 +1,189 @@
+"""Deployment: the Dockerfile and docker-compose.yml.
+
+No Docker engine is needed: the compose file is checked by a compose validator (`docker compose` or
+the older `docker-compose`; the test skips, saying so, when neither is installed), and the command
+the container runs (the Dockerfile's CMD, with its ENV) is run here, outside Docker, to show that it
+starts the service and that the image's HEALTHCHECK command sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from server import ROOT, START_TIMEOUT, Server, free_port, server_env, stop
+
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+VENV_BIN = Path(sys.executable).parent
+
+
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) for each instruction, continuation lines joined, comments dropped."""
+    lines, current = [], ""
+    for line in path.read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        lines.append(current + line)
+        current = ""
+    return [(keyword.upper(), rest.strip()) for keyword, _, rest in (line.strip().partition(" ") for line in lines)]
+
+
+def env_of(dockerfile: list[tuple[str, str]]) -> dict[str, str]:
+    env = {}
+    for keyword, args in dockerfile:
+        if keyword == "ENV":
+            for pair in shlex.split(args):
+                name, _, value = pair.partition("=")
+                env[name] = value
+    return env
+
+
+def only(dockerfile, keyword: str) -> str:
+    found = [args for k, args in dockerfile if k == keyword]
+    assert len(found) == 1, f"expected one {keyword} in the Dockerfile, found {len(found)}"
+    return found[0]
+
+
+def healthcheck_command(dockerfile) -> list[str]:
+    args = only(dockerfile, "HEALTHCHECK")
+    assert " CMD " in f" {args} ", args
+    return json.loads(args.split("CMD", 1)[1])
+
+
+def test_the_image_is_slim_runs_as_a_user_and_checks_its_health():
+    dockerfile = instructions()
+    assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", only(dockerfile, "FROM")), "a slim Python base image"
+    keywords = [k for k, _ in dockerfile]
+    user = only(dockerfile, "USER")
+    assert user not in ("root", "0") and not user.startswith(("root:", "0:"))
+    assert keywords.index("USER") < keywords.index("CMD")
+    assert "/health" in " ".join(healthcheck_command(dockerfile))
+    port = env_of(dockerfile)["CHARGEN_BIND"].rpartition(":")[2]
+    assert only(dockerfile, "EXPOSE") == port
+    assert f":{port}\"" in COMPOSE.read_text()  # the container port compose publishes
+
+
+# ---------------------------------------------------------------- the container's command, outside Docker
+
+
+def test_the_containers_command_starts_the_service_outside_docker(tiny_artifact, tmp_path):
+    dockerfile = instructions()
+    command = json.loads(only(dockerfile, "CMD"))
+    image_env = env_of(dockerfile)
+    assert set(image_env) >= {"CHARGEN_BIND", "CHARGEN_ARTIFACT"}
+    # The image's environment, but this machine's python (first on PATH, as /opt/chargen/bin is in
+    # the image), the tiny model and a free loopback port.
+    port = free_port()
+    settings = {k: v for k, v in image_env.items() if k not in ("PATH", "CHARGEN_ARTIFACT")}
+    settings["CHARGEN_BIND"] = f"127.0.0.1:{port}"
+    env = server_env(tiny_artifact, settings)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    assert shutil.which(command[0], path=env["PATH"]), f"{command[0]} is not on PATH"
+
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    health = healthcheck_command(dockerfile)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"the command exited with {process.returncode}:\n{server.log()[-3000:]}"
+            try:
+                if server.get("/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no healthy server within {START_TIMEOUT} s:\n{server.log()[-3000:]}")
+
+        check = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+        r = server.post("/v1/generate", json={"prompt": "the quick", "max_chars": 20, "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 20
+        assert server.get("/").status_code == 200
+    finally:
+        stop(server)
+    # and the health check notices a server that is gone
+    assert subprocess.run(health, env=env, capture_output=True, timeout=30).returncode != 0
+
+
+# ---------------------------------------------------------------- docker-compose.yml
+
+
+def compose_command() -> list[str] | None:
+    docker = shutil.which("docker")
+    if docker:
+        try:
+            if subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+                return [docker, "compose"]
+        except subprocess.TimeoutExpired:
+            pass
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+@pytest.fixture
+def compose():
+    command = compose_command()
+    if command is None:
+        pytest.skip("no compose validator: install the docker compose plugin or Debian's docker-compose package")
+
+    def run(*args, file: Path = COMPOSE, env: dict | None = None) -> subprocess.CompletedProcess:
+        # a clean environment, so that variables of the developer's shell do not change the result
+        base = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+        return subprocess.run([*command, "--project-directory", str(ROOT), "-f", str(file), *args],
+                              env={**base, **(env or {})}, capture_output=True, text=True, timeout=60)
+
+    return run
+
+
+def test_compose_accepts_the_file(compose):
+    r = compose("config", "-q")
+    assert r.returncode == 0, r.stderr
+    profiles = compose("config", "--profiles")
+    assert profiles.returncode == 0 and profiles.stdout.split() == ["train"], profiles.stdout + profiles.stderr
+    services = compose("--profile", "train", "config", "--services")
+    assert sorted(services.stdout.split()) == ["api", "train"], services.stdout + services.stderr
+
+
+def test_compose_variables_choose_port_address_and_model(compose):
+    r = compose("config", env={"PORT": "9123", "PUBLISH": "0.0.0.0", "MODEL": "/models/mine"})
+    assert r.returncode == 0, r.stderr
+    assert "9123" in r.stdout and "0.0.0.0" in r.stdout and "/models/mine" in r.stdout
+
+
+def test_compose_rejects_a_broken_file(compose, tmp_path):
+    """The validator validates: the same file with one wrong value is refused, naming it."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("restart: unless-stopped", "restart: [sometimes]"))
+    r = compose("config", "-q", file=broken)
+    assert r.returncode != 0
+    assert "restart" in r.stderr
+
+
+def test_the_api_service_runs_the_images_command():
+    """No `command:` under `api`: what runs is the Dockerfile's CMD, tested above."""
+    text = COMPOSE.read_text()
+    api = re.search(r"^  api:\n((?:    .*\n|\s*\n)*)", text, re.M)
+    assert api, "no api service"
+    assert "command:" not in api.group(1)
+    assert re.search(r"^\s+restart: unless-stopped$", api.group(1), re.M)
+    assert re.search(r"^\s+- \./artifacts:/app/artifacts:ro\b", api.group(1), re.M)
+    assert re.search(r"^\s+- models:/models:ro\b", api.group(1), re.M)

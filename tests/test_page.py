@@ -1,0 +1,599 @@
+"""The pages people use, / and /embed, tested the way a person uses them: headless Chromium
+(Playwright driving Debian's `chromium`) against the real gunicorn server and conftest's tiny model,
+whose greedy text is known exactly (server.continuation).
+
+The markup and headers are checked first through Flask's test client; the browser tests skip, saying
+why, where /usr/bin/chromium or the playwright package is missing (scripts/test installs both).
+Screenshots go to docs/screenshot-*.png; the README shows one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from server import ROOT, continuation, running_server
+from service.app import create_app
+from service.config import SettingsError
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking flags Chromium's own connections (updates, sync) are refused by
+# a closed network and it logs errors; the page itself needs nothing but the server.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DESKTOP = {"width": 1280, "height": 860}
+PHONE = {"width": 375, "height": 760}
+LONG = 100_000  # max_chars of the "long generation" (the server's limit is raised to it)
+TIMEOUT_MS = 30_000
+STATIC = ROOT / "service" / "static"
+DOCS = ROOT / "docs"
+ENDED = "() => ['done', 'stopped', 'error'].includes(document.querySelector('.turn:last-child')?.dataset.state)"
+
+
+# ---------------------------------------------------------------- markup and headers (test client)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_artifact):
+    app = create_app({"ARTIFACT": str(tiny_artifact), "TESTING": True})
+    yield app.test_client()
+    app.extensions["chargen"].scheduler.close()
+
+
+def csp(response) -> dict[str, list[str]]:
+    policy = {}
+    for directive in response.headers["Content-Security-Policy"].split(";"):
+        name, *sources = directive.split()
+        policy[name] = sources
+    return policy
+
+
+class Markup(HTMLParser):
+    """What the checks below need from a page: elements with their attributes, script bodies, labels."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.elements: list[tuple[str, dict]] = []
+        self.script_text: list[str] = []
+        self.label_for: set[str] = set()
+        self.open: list[tuple[str, dict]] = []
+        self.text_in: dict[int, str] = {}
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.elements.append((tag, attrs))
+        if tag == "label" and attrs.get("for"):
+            self.label_for.add(attrs["for"])
+        if tag not in ("input", "img", "meta", "link", "br"):
+            self.open.append((tag, attrs))
+
+    def handle_endtag(self, tag):
+        while self.open:
+            if self.open.pop()[0] == tag:
+                break
+
+    def handle_data(self, data):
+        if self.open and self.open[-1][0] == "script":
+            self.script_text.append(data)
+        for _, attrs in self.open:
+            self.text_in[id(attrs)] = self.text_in.get(id(attrs), "") + data
+
+
+@pytest.mark.parametrize("path, ancestors", [("/", ["'none'"]), ("/embed", ["'self'"])])
+def test_pages_are_sent_with_a_strict_content_security_policy(client, path, ancestors):
+    r = client.get(path)
+    assert r.status_code == 200 and r.mimetype == "text/html"
+    policy = csp(r)
+    assert "unsafe" not in r.headers["Content-Security-Policy"]
+    assert policy["default-src"] == ["'none'"]
+    assert policy["script-src"] == ["'self'"] and policy["style-src"] == ["'self'"]
+    assert policy["connect-src"] == ["'self'"]
+    assert policy["frame-ancestors"] == ancestors
+    if path == "/":
+        assert r.headers["X-Frame-Options"] == "DENY"
+
+
+@pytest.mark.parametrize("path", ["/", "/embed"])
+def test_markup_holds_no_inline_code_and_only_local_assets(client, path):
+    page = Markup(client.get(path).get_data(as_text=True))
+    assert "".join(page.script_text).strip() == "", "inline script"
+    assets = []
+    for tag, attrs in page.elements:
+        assert tag != "style", "inline <style>"
+        assert "style" not in attrs, f"style attribute on <{tag}>"
+        assert not [a for a in attrs if a.startswith("on")], f"event handler attribute on <{tag}>: {attrs}"
+        for name in ("src", "href"):
+            url = attrs.get(name)
+            if url is not None:
+                assert url.startswith(("/", "#")) and not url.startswith("//"), f"<{tag} {name}={url!r}> is not on this server"
+                if url.startswith("/static/"):
+                    assets.append(url)
+    assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for url in assets:
+        assert client.get(url).status_code == 200, url
+
+
+@pytest.mark.parametrize("path", ["/", "/embed"])
+def test_every_control_has_a_label(client, path):
+    page = Markup(client.get(path).get_data(as_text=True))
+    controls = 0
+    for tag, attrs in page.elements:
+        if tag in ("input", "textarea", "select"):
+            controls += 1
+            assert attrs.get("id") in page.label_for or attrs.get("aria-label"), f"<{tag} id={attrs.get('id')}> has no label"
+        elif tag == "button":
+            controls += 1
+            assert page.text_in.get(id(attrs), "").strip() or attrs.get("aria-label"), f"button without a name: {attrs}"
+    assert controls >= (12 if path == "/" else 7)
+
+
+def test_scripts_and_styles_need_no_internet(client):
+    files = sorted(STATIC.iterdir())
+    assert {f.name for f in files} >= {"chat.js", "api.js", "answer.js", "style.css", "icon.svg"}
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        # xmlns names a namespace; it is never fetched
+        urls = [u for u in re.findall(r"https?://[^\s\"')]+", text) if u != "http://www.w3.org/2000/svg"]
+        assert urls == [], f"{f.name} refers to {urls}"
+        r = client.get(f"/static/{f.name}")
+        assert r.status_code == 200
+        if f.suffix == ".js":
+            assert r.mimetype == "text/javascript"  # module scripts are refused with any other type
+            for module in re.findall(r"""from\s+["'](.+?)["']""", text):
+                assert module.startswith("./") and (STATIC / module).is_file(), f"{f.name} imports {module}"
+
+
+def test_framing_of_the_embed_is_configured_by_environment(tiny_artifact):
+    app = create_app({"ARTIFACT": str(tiny_artifact), "FRAME_ANCESTORS": "https://blog.example, https://*.example.org:8443"})
+    try:
+        c = app.test_client()
+        assert csp(c.get("/embed"))["frame-ancestors"] == ["'self'", "https://blog.example", "https://*.example.org:8443"]
+        assert csp(c.get("/"))["frame-ancestors"] == ["'none'"]  # the full page is never framed
+    finally:
+        app.extensions["chargen"].scheduler.close()
+
+
+@pytest.mark.parametrize("value", ["blog.example", "https://blog.example/path", "'unsafe-inline'", "https://a.example;script-src *"])
+def test_a_bad_frame_ancestor_stops_start_up_naming_the_variable(tiny_artifact, value):
+    with pytest.raises(SettingsError, match="CHARGEN_FRAME_ANCESTORS"):
+        create_app({"ARTIFACT": str(tiny_artifact), "FRAME_ANCESTORS": value})
+
+
+# ---------------------------------------------------------------- in the browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium; scripts/test does it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (pip install -e '.[test]')")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class HostSite:
+    """Another site on this machine (its own origin: another loopback port) whose page frames /embed."""
+
+    def __init__(self):
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = (f'<!doctype html><title>a site</title><h1>A site</h1>'
+                        f'<iframe src="{site.embed_url}" width="480" height="360" title="chargen"></iframe>').encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.embed_url = ""
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def sites():
+    allowed, other = HostSite(), HostSite()
+    yield allowed, other
+    allowed.close()
+    other.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, browser, sites):
+    allowed, other = sites
+    env = {"CHARGEN_MAX_CHARS": str(LONG), "CHARGEN_FRAME_ANCESTORS": allowed.url}
+    with running_server(tiny_artifact, env=env) as s:
+        allowed.embed_url = other.embed_url = s.url + "/embed"
+        yield s
+
+
+class Tab:
+    """A browser tab on the page, with what it logged: console errors and dialogs opened."""
+
+    def __init__(self, browser, url: str, viewport=DESKTOP, color_scheme="light"):
+        self.context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
+        self.context.set_default_timeout(TIMEOUT_MS)
+        self.page = self.context.new_page()
+        self.console_errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.console_errors.append(f"uncaught: {e}"))
+        self.page.on("dialog", self._dialog)
+        self.page.goto(url)
+        # the header describes the model (cell layers×units) once /info has answered
+        self.page.wait_for_function("() => document.getElementById('model').textContent.includes('×')")
+
+    def _dialog(self, dialog):
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def send(self, prompt: str, *, temperature: float | None = None, max_chars: int | None = None):
+        if temperature is not None:
+            self.page.fill("#temperature", str(temperature))
+        if max_chars is not None:
+            self.page.fill("#max-chars", str(max_chars))
+        self.page.fill("#prompt", prompt)
+        self.page.press("#prompt", "Enter")
+
+    def turn(self, index: int = -1):
+        return self.page.locator(".turn").nth(index)
+
+    def wait_ended(self) -> str:
+        self.page.wait_for_function(ENDED)
+        return self.turn().get_attribute("data-state")
+
+    def generated(self, index: int = -1) -> str:
+        return self.turn(index).locator(".generated").text_content()
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def tab(browser, server):
+    t = Tab(browser, server.url + "/")
+    yield t
+    t.close()
+
+
+def test_the_page_loads_without_console_errors_and_names_the_model(tab):
+    page = tab.page
+    assert page.title().startswith("chargen")
+    assert "LSTM 1×32" in page.text_content("#model")
+    assert page.is_visible("#prompt") and page.is_visible("#send") and page.is_hidden("#stop")
+    assert page.get_by_label("Temperature").input_value() == "0.8"
+    assert page.input_value("#max-chars") == "200"  # the server's default, from /info
+    page.wait_for_timeout(300)  # anything the modules do after load
+    assert tab.console_errors == []
+
+
+# Records the length of the last answer at every change while it streams.
+RECORD = """() => {
+  window.lengths = [];
+  new MutationObserver(() => {
+    const turn = document.querySelector('.turn:last-child');
+    if (turn && turn.dataset.state === 'streaming') window.lengths.push(turn.querySelector('.generated').textContent.length);
+  }).observe(document.getElementById('transcript'), {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+
+
+def test_the_answer_streams_in_and_ends_with_a_finish_reason(tab):
+    tab.page.evaluate(RECORD)
+    tab.send("the quick", temperature=0, max_chars=1500)
+    assert tab.wait_ended() == "done"
+    text = tab.generated()
+    assert text == continuation("the quick", 1500)
+    partial = {n for n in tab.page.evaluate("window.lengths") if 0 < n < len(text)}
+    assert len(partial) >= 2, f"the answer did not grow in steps: {sorted(partial)}"
+    turn = tab.turn()
+    assert turn.locator(".finish").get_attribute("data-reason") == "length"
+    assert "length" in turn.locator(".finish").text_content()
+    assert re.search(r"[\d,]+ chars/s", turn.locator(".speed").text_content())
+    assert turn.locator(".prompt-text").text_content() == "the quick"
+    assert tab.console_errors == []
+
+    tab.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    turn.locator(".copy").click()
+    assert tab.page.evaluate("navigator.clipboard.readText()") == "the quick" + text
+
+
+def test_stop_ends_a_long_generation_and_the_server_frees_its_slot(tab, server):
+    page = tab.page
+    tab.send("the", temperature=0, max_chars=LONG)
+    page.wait_for_function("() => document.querySelector('.turn:last-child .generated').textContent.length > 200")
+    assert page.is_visible("#stop") and page.is_hidden("#send")
+    assert poll(lambda: server.metric("chargen_active_streams") == 1), "the stream never showed in the gauge"
+    page.click("#stop")
+    assert tab.wait_ended() == "stopped"
+    stopped_at = len(tab.generated())
+    assert 200 < stopped_at < LONG
+    assert poll(lambda: server.metric("chargen_active_streams") == 0, seconds=10), "the server kept generating after Stop"
+    assert len(tab.generated()) == stopped_at  # nothing more arrived
+    assert "stopped" in tab.turn().locator(".finish").text_content()
+    assert page.is_visible("#send") and page.is_hidden("#stop")
+
+
+def poll(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("control, value, field", [("#top-p", "1.5", "top_p"), ("#max-chars", str(LONG + 1), "max_chars")])
+def test_an_out_of_range_setting_shows_the_servers_message_and_the_page_keeps_working(tab, server, control, value, field):
+    body = {"prompt": "the", "temperature": 0, "max_chars": 20, field: json.loads(value)}
+    expected = server.post("/v1/generate", json=body).json()["error"]["message"]
+    assert field in expected
+
+    page = tab.page
+    page.click("summary")  # Advanced
+    page.fill("#max-chars", "20")
+    page.fill(control, value)
+    tab.send("the", temperature=0)
+    assert tab.wait_ended() == "error"
+    assert tab.turn().locator(".continue").is_hidden()  # nothing to continue
+    error = tab.turn().locator(".error")
+    assert error.is_visible() and expected in error.text_content()
+    assert page.get_attribute(control, "aria-invalid") == "true"
+
+    page.fill(control, "" if control == "#top-p" else "30")
+    assert page.get_attribute(control, "aria-invalid") is None
+    tab.send("the quick", temperature=0)
+    assert tab.wait_ended() == "done"
+    assert tab.generated() == continuation("the quick", 30 if control == "#max-chars" else 20)
+
+
+SSE = "text/event-stream"
+
+
+def events(*payloads) -> str:
+    return "".join(f"data: {json.dumps(p)}\n\n" for p in payloads)
+
+
+DONE = {"done": True, "id": "gen-x", "model": "run", "seed": 7, "choices": [{"index": 0, "finish_reason": "length"}],
+        "usage": {"prompt_chars": 3, "completion_chars": 6, "dropped_chars": 0},
+        "timings": {"queue_ms": 0, "prompt_ms": 0, "generation_ms": 1, "chars_per_second": 6000}}
+
+
+@pytest.mark.parametrize("failure, words", [
+    ("busy", "The server is busy (every generation slot is taken). Try again in 3 s."),
+    ("gone", "The server cannot be reached."),
+    ("cut", "The server ended the answer early"),
+])
+def test_a_busy_gone_or_failing_server_is_explained_and_the_page_recovers(tab, failure, words):
+    """What the browser sees of a full queue (429), a server that is down, and a stream cut short,
+    made to happen on demand by intercepting the request."""
+
+    def answer(route):
+        if failure == "busy":
+            error = {"error": {"message": "the server is busy", "type": "rate_limit_error", "param": None, "code": "queue_full"}}
+            route.fulfill(status=429, headers={"Retry-After": "3"}, content_type="application/json", body=json.dumps(error))
+        elif failure == "gone":
+            route.abort("connectionrefused")
+        else:
+            route.fulfill(status=200, content_type=SSE, body=events({"index": 0, "text": "the qu"}))
+
+    page = tab.page
+    page.route("**/v1/generate", answer)
+    tab.send("the", temperature=0, max_chars=20)
+    assert tab.wait_ended() == "error"
+    assert words in tab.turn().locator(".error").text_content()
+    if failure == "cut":
+        assert tab.generated() == "the qu"  # what did arrive stays
+    page.unroute("**/v1/generate")
+    tab.send("the quick", temperature=0, max_chars=20)
+    assert tab.wait_ended() == "done"
+    assert tab.generated() == continuation("the quick", 20)
+
+
+EVIL = "<img src=x onerror=alert(1)>"
+
+
+def test_markup_in_prompts_and_in_model_text_is_shown_as_text(tab):
+    page = tab.page
+    tab.send(EVIL, temperature=0, max_chars=20)
+    assert tab.wait_ended() == "done"
+    assert tab.turn().locator(".prompt-text").text_content() == EVIL
+    assert EVIL in tab.turn().locator(".context").text_content()
+
+    # The model could produce markup too (a model trained on HTML would): its text is text as well,
+    # both plainly and as shaded characters.
+    evil_text = "<b>x</b>" + EVIL
+    logprobs = [{"char": c, "logprob": -0.5, "top": [{"char": c, "logprob": -0.5}]} for c in evil_text]
+    for probabilities in (False, True):
+        chunk = {"index": 0, "text": evil_text, **({"logprobs": logprobs} if probabilities else {})}
+        body = events(chunk, DONE)
+        page.route("**/v1/generate", lambda route: route.fulfill(status=200, content_type=SSE, body=body))
+        page.set_checked("#probabilities", probabilities)
+        tab.send("the", max_chars=20)
+        assert tab.wait_ended() == "done"
+        assert tab.generated() == evil_text
+        page.unroute("**/v1/generate")
+    page.wait_for_timeout(300)  # an image's onerror would have fired by now
+    assert page.locator("#transcript img, #transcript b").count() == 0
+    assert tab.dialogs == []
+
+
+def alpha(color: str) -> float:
+    """The alpha of a computed CSS color: rgba(r, g, b, a), rgb(r, g, b) or color(srgb r g b / a)."""
+    numbers = [float(x) for x in re.findall(r"[\d.]+", color)]
+    if color.startswith("rgba") or "/" in color:
+        return numbers[-1]
+    return 1.0 if color.startswith("rgb(") else 0.0
+
+
+def test_probabilities_shade_each_character_and_show_alternatives_on_hover(tab, server):
+    settings = {"temperature": 1.4, "seed": 11, "max_chars": 60}
+    reference = server.post("/v1/generate", json={"prompt": "the quick", "logprobs": 5, **settings}).json()["choices"][0]
+
+    page = tab.page
+    page.check("#probabilities")
+    page.click("summary")
+    page.fill("#seed", "11")
+    tab.send("the quick", temperature=1.4, max_chars=60)
+    assert tab.wait_ended() == "done"
+    assert tab.generated() == reference["text"]
+
+    chars = tab.turn().locator(".generated .ch")
+    shown = chars.evaluate_all("spans => spans.map(s => [s.textContent, Number(s.dataset.p), getComputedStyle(s).backgroundColor])")
+    assert "".join(c for c, _, _ in shown) == reference["text"]
+    for (char, p, background), lp in zip(shown, reference["logprobs"]):
+        assert char == lp["char"]
+        assert p == pytest.approx(math.exp(lp["logprob"]), rel=1e-3)
+        # the less likely, the darker (answer.js: shade)
+        assert alpha(background) == pytest.approx(0.75 * (1 - p) ** 2, abs=0.01), (char, p, background)
+    ps = [p for _, p, _ in shown]
+    assert min(ps) < 0.8 < max(ps), "the sample should hold both sure and unsure characters"
+
+    # hovering the least likely character shows the model's top alternatives for that position
+    i = ps.index(min(ps))
+    chars.nth(i).hover()
+    tip = page.locator("#tip")
+    assert tip.is_visible()
+    rows = tip.locator("li").all_text_contents()
+    top = reference["logprobs"][i]["top"]
+    assert len(rows) == len(top) == 5
+    for row, alt in zip(rows, top):
+        shown_char = {" ": "␣ space", "\n": "↵ new line"}.get(alt["char"], alt["char"])
+        assert row.startswith(shown_char)
+        assert row.endswith("%")
+    page.mouse.move(2, 2)
+    assert tip.is_hidden()
+
+    # from the keyboard: focus the answer, then the arrow keys walk through its characters
+    tab.turn().locator(".answer").focus()
+    assert tip.is_visible() and "current" in chars.nth(0).get_attribute("class")
+    page.keyboard.press("ArrowRight")
+    assert "current" in chars.nth(1).get_attribute("class")
+    page.keyboard.press("Escape")
+    assert tip.is_hidden()
+
+    page.uncheck("#probabilities")  # plain text again: no shading
+    assert alpha(chars.nth(i).evaluate("s => getComputedStyle(s).backgroundColor")) == 0
+
+
+def test_keyboard_alone_sends_regenerates_and_continues(tab):
+    page, keyboard = tab.page, tab.page.keyboard
+    for _ in range(10):  # from the top of the page to the prompt
+        keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "prompt":
+            break
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    keyboard.type("the quick")
+    keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "send"
+    keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "temperature"
+    keyboard.press("Home")  # the slider's minimum: greedy
+    assert page.text_content("#temperature-value") == "0 (greedy)"
+    keyboard.press("Shift+Tab")
+    keyboard.press("Enter")  # Send
+    assert tab.wait_ended() == "done"
+    assert tab.generated() == continuation("the quick", 200)
+
+    assert page.evaluate("document.activeElement.id") == "prompt"  # ready for the next prompt
+    keyboard.press("Shift+Tab")  # Copy
+    keyboard.press("Shift+Tab")  # Continue
+    assert page.evaluate("document.activeElement.textContent") == "Continue"
+    keyboard.press("Enter")
+    assert tab.wait_ended() == "done"
+    assert tab.generated() == continuation("the quick", 400)
+
+    keyboard.press("Shift+Tab")
+    keyboard.press("Shift+Tab")
+    keyboard.press("Shift+Tab")  # Regenerate
+    assert page.evaluate("document.activeElement.textContent") == "Regenerate"
+    keyboard.press("Enter")
+    assert tab.wait_ended() == "done"
+    assert tab.generated() == continuation("the quick", 200)
+    assert page.locator(".turn").count() == 1
+
+
+def test_the_embed_works_in_an_iframe_of_an_allowed_site_and_is_refused_elsewhere(browser, server, sites):
+    allowed, other = sites
+    context = browser.new_context(viewport=DESKTOP)
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        page.goto(allowed.url + "/")
+        frame = page.frame_locator("iframe")
+        frame.locator("#model").filter(has_text="×").wait_for()
+        frame.locator("#temperature").fill("0")
+        frame.locator("#prompt").fill("the quick")
+        frame.locator("#prompt").press("Enter")
+        frame.locator(".turn[data-state=done]").wait_for()
+        assert frame.locator(".generated").text_content() == continuation("the quick", 200)
+        assert "length" in frame.locator(".finish").text_content()
+
+        refused = context.new_page()
+        with refused.expect_event("requestfailed", lambda r: r.url == server.url + "/embed") as failed:
+            refused.goto(other.url + "/")
+        assert failed.value.failure == "net::ERR_BLOCKED_BY_RESPONSE"
+        assert refused.frame_locator("iframe").locator("#prompt").count() == 0
+    finally:
+        context.close()
+
+
+def test_screenshots_at_desktop_and_phone_width_in_light_and_dark(browser, tiny_artifact):
+    """Writes docs/screenshot-*.png (the README shows the desktop one) with the shipped model when
+    it is there, else the tiny test model; checks the layout fits a phone's width."""
+    shipped = ROOT / "artifacts" / "default"
+    artifact, prompt = (shipped, "ROMEO:\n") if (shipped / "meta.json").exists() else (tiny_artifact, "the quick")
+    DOCS.mkdir(exist_ok=True)
+    with running_server(artifact) as s:
+        for name, viewport, scheme in [("desktop", DESKTOP, "light"), ("mobile", PHONE, "light"), ("dark", DESKTOP, "dark")]:
+            t = Tab(browser, s.url + "/", viewport=viewport, color_scheme=scheme)
+            try:
+                page = t.page
+                page.check("#probabilities")
+                page.click("summary")
+                page.fill("#seed", "3")
+                page.click("summary")
+                t.send(prompt, temperature=0.8, max_chars=400 if viewport is DESKTOP else 160)
+                assert t.wait_ended() == "done"
+                chars = t.turn().locator(".generated .ch")
+                ps = chars.evaluate_all("spans => spans.map(s => Number(s.dataset.p))")
+                chars.nth(ps.index(min(ps))).hover()
+                width = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
+                assert width[0] <= width[1], f"the page is wider than the {name} screen: {width}"
+                background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+                luminance = sum(float(x) for x in re.findall(r"[\d.]+", background)[:3]) / 3
+                assert (luminance < 60) if scheme == "dark" else (luminance > 200), background
+                path = DOCS / f"screenshot-{name}.png"
+                page.screenshot(path=str(path))
+                assert path.stat().st_size > 10_000
+                assert t.console_errors == []
+            finally:
+                t.close()
+        # the narrowest phones the page promises to fit
+        t = Tab(browser, s.url + "/", viewport={"width": 360, "height": 640})
+        try:
+            t.page.click("summary")
+            assert t.page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+        finally:
+            t.close()
+
