@@ -66,7 +66,11 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs
     settings = TrainSettings(corpus=corpus, out=out, config=config, **kwargs)
     command = "chargen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        prepare(settings, resume)  # every bad input is reported here, before the backend does any work
+        ctx = click.get_current_context()
+        explicit = frozenset(
+            name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        )
+        prepare(settings, resume, explicit)  # every bad input is reported here, before the backend does any work
         run(settings, resume=resume, command=command)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None

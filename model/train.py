@@ -221,8 +221,11 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------- the run
 
 
-def prepare(settings: TrainSettings, resume: bool) -> tuple[TrainSettings, Corpus, dict]:
-    """Everything that can fail on bad input, checked before any training starts."""
+def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] = frozenset()) -> tuple[TrainSettings, Corpus, dict]:
+    """Everything that can fail on bad input, checked before any training starts.
+
+    `explicit` names the settings the user gave on the command line: on --resume, one that differs
+    from the interrupted run's (other than those in RESUMABLE) is an error rather than ignored."""
     settings.check()
     out = Path(settings.out)
     state = {}
@@ -230,6 +233,19 @@ def prepare(settings: TrainSettings, resume: bool) -> tuple[TrainSettings, Corpu
         if not (out / RUN_FILE).exists():
             raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE}); start one without --resume")
         saved = TrainSettings.from_dict(json.loads((out / RUN_FILE).read_text()))
+        for name in sorted(explicit - set(RESUMABLE) - {"corpus"}):
+            if hasattr(settings.config, name):
+                ours, theirs = getattr(settings.config, name), getattr(saved.config, name)
+            elif hasattr(settings, name):
+                ours, theirs = getattr(settings, name), getattr(saved, name)
+            else:
+                continue
+            if ours != theirs:
+                flag = "--validation" if name == "validation_fraction" else "--" + name.replace("_", "-")
+                raise TrainingError(
+                    f"--resume: {flag} {ours} differs from the run's {theirs}; a resumed run keeps its "
+                    f"settings (only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE if n != 'out')} may change)"
+                )
         for name in RESUMABLE:
             setattr(saved, name, getattr(settings, name))
         settings = saved

@@ -220,3 +220,28 @@ def test_killed_run_resumes_from_its_last_completed_epoch(tmp_path):
     assert best.meta["validation"]["nats_per_char"] == pytest.approx(min(r["val_nats_per_char"] for r in history), abs=1e-5)
     assert best.meta["command"].startswith("chargen train --corpus ")
     assert sorted(p.name for p in (run / "artifacts").iterdir()) == [best.path.resolve().name]
+
+
+def test_resume_refuses_a_changed_network_or_data_setting(tmp_path, corpus):
+    """A resumed run keeps its settings; a differing flag is an error, not silently ignored."""
+    from model.network import ModelConfig
+    from model.train import RUN_FILE, TrainingError, TrainSettings, prepare
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = TrainSettings(corpus=str(corpus), out=str(run), config=ModelConfig(units=32), seq_len=20)
+    (run / RUN_FILE).write_text(json.dumps(saved.to_dict()))
+    before = sorted(p.name for p in run.iterdir())
+
+    result = invoke("train", "--corpus", str(corpus), "--out", str(run), "--resume", "--units", "64")
+    assert result.exit_code == 1 and "--units 64 differs from the run's 32" in result.output
+    result = invoke("train", "--corpus", str(corpus), "--out", str(run), "--resume", "--seq-len", "30")
+    assert result.exit_code == 1 and "--seq-len 30 differs from the run's 20" in result.output
+    assert sorted(p.name for p in run.iterdir()) == before
+
+    # the same values, or the settings a resumed run may change, are accepted
+    given = TrainSettings(corpus=str(corpus), out=str(run), config=ModelConfig(units=32), seq_len=20, epochs=99)
+    settings, _, _ = prepare(given, True, frozenset({"units", "seq_len", "epochs"}))
+    assert settings.config.units == 32 and settings.epochs == 99
+    with pytest.raises(TrainingError, match="--validation 0.2 differs"):
+        prepare(TrainSettings(corpus=str(corpus), out=str(run), validation_fraction=0.2), True, frozenset({"validation_fraction"}))
