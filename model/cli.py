@@ -57,7 +57,7 @@ def main(backend):
 def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs):
     """Train a model on CORPUS; the best checkpoint is kept as OUT/best."""
     from model.network import ModelConfig
-    from model.train import TrainingError, TrainSettings, prepare, train as run
+    from model.train import TrainingError, TrainSettings, train as run
 
     try:  # what the click types let through (--dropout nan) is caught here
         config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
@@ -70,8 +70,7 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs
         explicit = frozenset(
             name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
         )
-        prepare(settings, resume, explicit)  # every bad input is reported here, before the backend does any work
-        run(settings, resume=resume, command=command)
+        run(settings, resume=resume, explicit=explicit, command=command)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.vocab import Vocab, normalize_newlines
+from model.vocab import normalize_newlines
 
 MIN_CORPUS_CHARS = 200  # below this there is nothing to learn and nothing to validate on
 
@@ -94,6 +94,3 @@ def streams(ids: np.ndarray, n_streams: int, min_len: int = 512) -> np.ndarray:
     length = len(ids) // n_streams
     return ids[: n_streams * length].reshape(n_streams, length)
 
-
-def text_of(vocab: Vocab, corpus: Corpus) -> np.ndarray:
-    return vocab.encode_exact(corpus.text)

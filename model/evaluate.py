@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from model.data import streams
+from model.sampling import log_softmax
 
 LN2 = math.log(2.0)
 
@@ -29,12 +30,6 @@ class Loss:
 
     def to_dict(self) -> dict:
         return {"nats_per_char": round(self.nats, 5), "bits_per_char": round(self.bits, 5), "chars_scored": self.chars}
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    m = logits.max(axis=-1, keepdims=True)
-    return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
 
 
 class StreamScorer:

@@ -45,31 +45,17 @@ class ModelConfig:
         return cls(**data)
 
 
-def build_model(config: ModelConfig, vocab_size: int, *, stateful_batch: int | None = None) -> keras.Model:
-    """Logits for every position: (B, T) int ids -> (B, T, vocab_size).
-
-    With `stateful_batch`, the recurrent layers keep their state between calls (for streaming
-    evaluation and the reference sampler); the weights are the same as the trainable model's.
-    """
-    stateful = stateful_batch is not None
-    if stateful:
-        inputs = keras.Input(batch_shape=(stateful_batch, None), dtype="int32", name="chars")
-    else:
-        inputs = keras.Input(shape=(None,), dtype="int32", name="chars")
+def build_model(config: ModelConfig, vocab_size: int) -> keras.Model:
+    """Logits for every position: (B, T) int ids -> (B, T, vocab_size)."""
+    inputs = keras.Input(shape=(None,), dtype="int32", name="chars")
     x = keras.layers.Embedding(vocab_size, config.embedding, name="embedding")(inputs)
     rnn = CELLS[config.cell]
     for i in range(config.layers):
-        x = rnn(config.units, return_sequences=True, stateful=stateful, name=f"rnn_{i + 1}")(x)  # (B, T, H)
+        x = rnn(config.units, return_sequences=True, name=f"rnn_{i + 1}")(x)  # (B, T, H)
         if config.dropout and i < config.layers - 1:
             x = keras.layers.Dropout(config.dropout, name=f"dropout_{i + 1}")(x)
     logits = keras.layers.Dense(vocab_size, name="logits")(x)  # (B, T, V)
     return keras.Model(inputs, logits, name=f"chargen_{config.cell}")
-
-
-def reset_states(model: keras.Model) -> None:
-    for layer in model.layers:
-        if getattr(layer, "stateful", False):
-            layer.reset_state()
 
 
 def config_of(model: keras.Model) -> ModelConfig:

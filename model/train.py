@@ -282,15 +282,17 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] = fr
     return settings, corpus, state
 
 
-def train(settings: TrainSettings, *, resume: bool = False, command: str | None = None, verbose: int | str = "auto") -> Path:
-    """Train (or resume) a run; returns the path of the best artifact.
+def train(settings: TrainSettings, *, resume: bool = False, explicit: frozenset[str] = frozenset(),
+          command: str | None = None, verbose: int | str = "auto") -> Path:
+    """Train (or resume) a run; returns the path of the best artifact. Bad settings and corpora are
+    reported (TrainingError) before any work starts; `explicit` is as in prepare().
 
     verbose="auto" shows Keras' live progress bar with the running loss on a terminal; elsewhere (a
     log file, CI) only the one line per epoch that this function prints, because the bar writes
     backspaces and colour codes many times a second even when stdout is not a terminal."""
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 0
-    settings, corpus, state = prepare(settings, resume)
+    settings, corpus, state = prepare(settings, resume, explicit)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     command = command or " ".join(sys.argv)
