@@ -30,7 +30,8 @@ COPY artifacts/default/ artifacts/default/
 ENV CHARGEN_BIND=0.0.0.0:8000 \
     CHARGEN_ARTIFACT=/app/artifacts/default \
     TF_CPP_MIN_LOG_LEVEL=2 \
-    KERAS_HOME=/tmp/keras
+    KERAS_HOME=/tmp/keras \
+    NUMBA_CACHE_DIR=/tmp/numba
 
 USER chargen
 WORKDIR /home/chargen

@@ -1,39 +1,41 @@
 """Fast incremental generation for one stream or many stepped together (continuous batching).
 
-The Keras network is copied once into numpy float32 arrays and run by hand: each stream keeps its
-recurrent state in a batch slot and every character costs one step of the recurrence, never a
-re-run over a window. Streams join (`start`) and leave (finish, `cancel`) between steps; every
-`step` advances the given streams together with one matrix product per layer.
+The Keras network is copied once into float32 arrays and run by compiled kernels (`model.kernels`):
+each stream keeps its recurrent state in a batch slot and every character costs one step of the
+recurrence, never a re-run over a window. Streams join (`start`) and leave (finish, `cancel`)
+between steps; every `step` advances the given streams together with one matrix product per layer.
 
-How the arithmetic is arranged (the matrix products are the real work; everything else is kept to
-a few passes over preallocated buffers with `out=`, no temporaries):
-  - The first layer's input projection embedding @ kernel + bias is a (V, gates) lookup table.
-  - Gate columns are reordered and scaled by -1 (sigmoid gates) or -2 (tanh gates) when the weights
-    are copied. Scaling by a power of two is exact, and then every gate is 1 / (1 + exp(z)):
-    sigmoid(x) = 1 / (1 + exp(-x)) and tanh(x) = 2 / (1 + exp(-2x)) - 1. numpy's float32 exp is
-    vectorized where its tanh is not, and one call covers all gates of a layer.
-  - States of all layers sit side by side in one row per slot, [h_1 | h_2 | ... | h_L], so layer l
-    reads its input and its own previous state as one contiguous [h_{l-1}, h_l] block and does one
-    product with the stacked [kernel; recurrent_kernel] (LSTM and SimpleRNN; the GRU's reset gate
-    acts between the two products, so it keeps them apart).
-  - A prompt is consumed layer by layer: the input projections of all its positions are one matrix
-    product per layer, then only the recurrence itself steps through the positions.
+How a step is arranged (the matrix products are the real work; the rest is kept off their way):
+  - The first layer's input projection embedding @ kernel + bias is a (gates, V) lookup table.
+  - State is feature-major, one column per slot, so a block of streams times a weight matrix is a
+    single BLAS call in its fastest orientation, and the gate arithmetic is one fused, vectorized
+    pass over contiguous columns (see model/kernels.py).
+  - A prompt is consumed layer by layer: the inputs of all its positions to a layer are one matrix
+    product, then only the recurrence itself steps through the positions.
+  - All rows are sampled first (one compiled pass, float64), then the network steps: the rows are
+    cut into one block per core, each block one kernel call that holds no GIL, the last block on
+    the calling thread and the others on helper threads. Blocks are multiples of 8 rows, where
+    OpenBLAS's kernels run best.
   - BLAS runs single-threaded inside the engine: multi-threaded BLAS is faster on an idle machine
     but its spin-waiting threads collapse when anything else wants the cores (a step 10-20x slower
-    beside a training run). Batches of 48 streams or more are instead cut into one block of rows
-    per core; a block's network step runs on a helper thread while the next block is sampled
-    (numpy releases the GIL in its loops and BLAS calls).
+    beside a training run).
+  - Each slot takes its stream's uniform draws 64 at a time (the same numbers, in the same order,
+    as one generator.random() per pick), so a step makes no Python call per stream to sample.
 
 Float32 products of a batch and of a single row round differently (BLAS picks different kernels), so
 a stream's log-probabilities can differ by ~1e-6 depending on its batch; the sampler works in
 float64 so that this flips a pick only when a draw lands within ~1e-6 of a boundary. Same seed and
 same batch composition: same text, always.
 
+The first engine of a process compiles the kernels (about 10 s), or loads them from numba's cache
+(`model/__pycache__`, or $NUMBA_CACHE_DIR) in well under a second.
+
 The engine is not thread-safe: exactly one thread calls it.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -43,12 +45,15 @@ import keras
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from model import kernels
 from model.artifact import Artifact
 from model.network import config_of
-from model.sampling import SamplingSettings, log_softmax, next_ids
+from model.sampling import SamplingSettings, log_softmax, pick
 from model.vocab import Vocab
 
 F32 = np.float32
+DRAWS_AHEAD = 64  # uniform draws taken from a stream's generator at a time
+HELPER_SPINS = 20_000  # looks (each a sched_yield, ~1 us) for the helpers' blocks before sleeping on them
 
 # ---------------------------------------------------------------- requests, streams, deltas
 
@@ -79,6 +84,9 @@ class GenerationRequest:
                 raise ValueError(f"stop sequences must be non-empty strings, got {s!r}")
         if not _whole(self.logprobs) or self.logprobs < 0:
             raise ValueError(f"logprobs must be a whole number >= 0, got {self.logprobs!r}")
+
+
+_slot_of = operator.attrgetter("_slot")
 
 
 def _whole(value) -> bool:
@@ -122,7 +130,7 @@ class Stream:
         return f"<Stream seed={self.seed} generated={self.generated} finish_reason={self.finish_reason}>"
 
 
-@dataclass
+@dataclass(slots=True)
 class Delta:
     stream: Stream
     text: str  # newly emitted characters ("" while a possible stop sequence is held back)
@@ -151,9 +159,31 @@ class Engine:
         if self.network.vocab_size != len(self.vocab):
             raise ValueError(f"the network predicts {self.network.vocab_size} characters but the vocabulary has {len(self.vocab)}")
         self._slots: list[Stream] = []  # slot i holds _slots[i]; active streams always fill 0..active-1
+        self._slot_range = list(range(self.max_batch))
+        self._done = np.zeros(self.network.threads, np.int64)  # set by each block's kernel call
+        # Each slot's sampling settings and a block of uniform draws taken ahead from its stream's
+        # generator (the same numbers, in the same order, as one generator.random() per pick).
+        self._temperature = np.zeros(self.max_batch)
+        self._top_k = np.zeros(self.max_batch, np.int64)
+        self._top_p = np.ones(self.max_batch)
+        self._draws = np.zeros((self.max_batch, DRAWS_AHEAD))
+        self._next_draw = np.zeros(self.max_batch, np.int64)
         # An empty prompt starts from the zero state as if after a newline (after the first
         # vocabulary character when the vocabulary has no newline).
         self._empty_prompt = np.array([self.vocab.index.get("\n", 0)], dtype=np.int64)
+        self._compile()
+
+    def _compile(self) -> None:
+        """Compile (or load from numba's cache) every kernel a request will use, now rather than on
+        the first request: run slot 0 through a prompt, a step and a pick, then clear it."""
+        one = slice(0, 1)
+        with self._blas:
+            self.network.consume(0, self._empty_prompt)
+            self.network.advance(self._empty_prompt, one)
+            if self.max_batch > 1:  # a block of several rows takes the other branch of the products
+                self.network.advance(np.zeros(2, np.int64), slice(0, 2))
+        pick(self.network.logits[one], np.ones(1), np.zeros(1, np.int64), np.ones(1), np.zeros(1), np.empty(1, np.int64))
+        self.network.reset()
 
     @property
     def active(self) -> int:
@@ -171,8 +201,11 @@ class Engine:
         ids = encoded.ids if len(encoded.ids) else self._empty_prompt
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         stream = Stream(self, request, int(seed), len(encoded.ids), encoded.dropped)
-        stream._slot = len(self._slots)
+        stream._slot = slot = len(self._slots)
         self._slots.append(stream)
+        settings = request.sampling
+        self._temperature[slot], self._top_k[slot], self._top_p[slot] = settings.temperature, settings.top_k, settings.top_p
+        self._next_draw[slot] = DRAWS_AHEAD  # none drawn yet
         try:
             with self._blas:
                 self.network.consume(stream._slot, ids)
@@ -183,16 +216,12 @@ class Engine:
 
     def step(self, streams: list[Stream]) -> list[Delta]:
         """Advance every given unfinished stream by one character in one batched step."""
-        batch, seen = [], set()
         for s in streams:
-            if not isinstance(s, Stream) or s._engine is not self:
+            if s.__class__ is not Stream or s._engine is not self:
                 raise ValueError("step() was given a stream this engine did not start")
-            if s.finish_reason is not None:
-                continue
-            if id(s) in seen:
-                raise ValueError("step() was given the same stream twice")
-            seen.add(id(s))
-            batch.append(s)
+        batch = [s for s in streams if s.finish_reason is None]
+        if len(set(map(id, batch))) != len(batch):
+            raise ValueError("step() was given the same stream twice")
         if not batch:
             return []
         ordered = self._to_front(batch)  # ordered[i] holds slot i
@@ -205,29 +234,53 @@ class Engine:
                 wait(jobs)  # never leave a helper thread writing into the state
             for job in jobs:
                 job.result()  # raise what failed there
-        for s in ordered:
-            if s.finish_reason is not None:
-                self._release(s)
+        for d in deltas:
+            if d.finish_reason is not None:
+                self._release(d.stream)
         if batch != ordered:
             by_stream = {id(d.stream): d for d in deltas}
             deltas = [by_stream[id(s)] for s in batch]
         return deltas
 
     def _step_blocks(self, ordered: list[Stream], deltas: list[Delta], jobs: list) -> None:
-        """Blocks of rows go through sampling, text bookkeeping and the network step in turn; a
-        block's network step runs on a helper thread while the next block is sampled."""
-        blocks = self.network.blocks(len(ordered))
-        for k, rows in enumerate(blocks):
-            group, logits = ordered[rows], self.network.logits[rows]  # (n, V)
-            ids = next_ids(logits, [s.request.sampling for s in group], [s._rng for s in group])
-            for s, row, i in zip(group, logits, ids.tolist()):
-                lp = self._logprob(row, i, s.request.logprobs) if s.request.logprobs else None
-                deltas.append(self._emit(s, self.vocab.chars[i], lp))
-            if any(s.finish_reason is None for s in group):
-                if k < len(blocks) - 1:
-                    jobs.append(_workers().submit(self.network.advance, ids, rows))
-                else:
-                    self.network.advance(ids, rows)
+        """Sample every row, then step the network: every block of rows but the last on a helper
+        thread, the last on this one."""
+        n = len(ordered)
+        logits = self.network.logits[:n]  # (n, V)
+        ids = np.empty(n, np.int64)
+        pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), ids)
+        chars = self.vocab.chars
+        for s, i in zip(ordered, ids.tolist()):
+            request = s.request
+            if request.stop or request.logprobs:
+                k = request.logprobs
+                deltas.append(self._emit(s, chars[i], self._logprob(logits[s._slot], i, k) if k else None))
+            else:  # the common case, inline: the character is the text
+                s.generated += 1
+                s._emitted.append(chars[i])
+                if s.generated >= request.max_chars:
+                    s.finish_reason = "length"
+                deltas.append(Delta(s, chars[i], [], s.finish_reason))
+        blocks = self.network.blocks(n)
+        done = self._done[: len(blocks)]
+        done[:] = 0
+        for k, rows in enumerate(blocks[:-1]):
+            jobs.append(_workers().submit(self.network.advance, ids[rows], rows, done[k : k + 1]))
+        self.network.advance(ids[blocks[-1]], blocks[-1], done[-1:])
+        if kernels.wait_done(done, HELPER_SPINS):
+            jobs.clear()  # the helpers' work is all written; their threads finish on their own
+
+    def _uniforms(self, ordered: list[Stream]) -> np.ndarray:
+        """The next draw of every sampling (non-greedy) stream in slots 0..n-1."""
+        n = len(ordered)
+        sampling = self._temperature[:n] > 0
+        taken = self._next_draw[:n]
+        for b in np.flatnonzero(sampling & (taken == DRAWS_AHEAD)).tolist():
+            self._draws[b] = ordered[b]._rng.random(DRAWS_AHEAD)
+            taken[b] = 0
+        u = self._draws[np.arange(n), np.minimum(taken, DRAWS_AHEAD - 1)]
+        taken += sampling
+        return u
 
     def cancel(self, stream: Stream) -> None:
         """finish_reason = "cancelled"; frees the slot at once (held-back text is discarded)."""
@@ -295,21 +348,30 @@ class Engine:
     def _to_front(self, batch: list[Stream]) -> list[Stream]:
         """Move the batch's streams into slots 0..n-1 (keeping their order) so a step works on
         contiguous rows; usually they are there already."""
-        ordered = sorted(batch, key=lambda s: s._slot)
+        ordered = sorted(batch, key=_slot_of)
+        if [s._slot for s in ordered] == self._slot_range[: len(ordered)]:
+            return ordered
         for i, s in enumerate(ordered):
             j = s._slot
             if j != i:  # j > i always; slot i holds a stream outside the batch
                 other = self._slots[i]
                 self.network.swap(i, j)
+                for a in self._per_slot():
+                    a[[i, j]] = a[[j, i]]
                 self._slots[i], self._slots[j] = s, other
                 s._slot, other._slot = i, j
         return ordered
+
+    def _per_slot(self) -> list[np.ndarray]:
+        return [self._temperature, self._top_k, self._top_p, self._draws, self._next_draw]
 
     def _release(self, s: Stream) -> None:
         slot, last = s._slot, len(self._slots) - 1
         if slot != last:
             moved = self._slots[last]
             self.network.copy(last, slot)
+            for a in self._per_slot():
+                a[slot] = a[last]
             self._slots[slot] = moved
             moved._slot = slot
         self._slots.pop()
@@ -318,7 +380,7 @@ class Engine:
 
 # ---------------------------------------------------------------- the network in numpy
 
-MIN_ROWS_PER_THREAD = 24  # below this a hand-off to a helper thread (~0.1 ms here) costs more than it saves
+MIN_ROWS_PER_THREAD = 8  # below this a hand-off to a helper thread (~50 us here) costs more than it saves
 
 
 def _cores() -> int:
@@ -359,98 +421,116 @@ class _SingleThreadedBlas:
 
 
 class Network:
-    """The artifact's network as float32 arrays with per-slot state buffers.
+    """The artifact's network as one float32 blob of weights plus per-slot state buffers, stepped by
+    the compiled kernels in `model.kernels` (see there for the layout: one column per batch slot).
 
-    S (max_batch, L*H) holds [h_1 | ... | h_L] per slot, C the LSTM cell states in the same layout,
-    logits (max_batch, V) each slot's prediction for its next character. Every operation of a step
-    is row by row, so a batch is split into blocks of rows that run on separate threads (numpy
-    releases the GIL inside its loops and BLAS calls).
+    Every operation of a step works column by column, so a batch is cut into blocks of columns that
+    run on separate threads: a kernel call holds no GIL from its start to its end.
     """
 
     def __init__(self, model: keras.Model, max_batch: int, threads: int | None = None):
         config = config_of(model)
         self.cell, self.units, self.depth = config.cell, config.units, config.layers
+        self.code = kernels.CELL_CODES[self.cell]
         embedding = _numpy(model.get_layer("embedding").embeddings).astype(np.float64)  # (V, E)
         dense = model.get_layer("logits")
-        self.vocab_size = embedding.shape[0]
-        H, L = self.units, self.depth
-        kind = {"lstm": _LSTM, "gru": _GRU, "rnn": _RNN}[self.cell]
-        self.layers = [kind(model.get_layer(f"rnn_{i + 1}"), max_batch) for i in range(L)]
-        first = self.layers[0]
-        # The first layer's input projection of every character, once: (V, gates).
-        self.table = (embedding @ first.W.astype(np.float64) + first.b.astype(np.float64)).astype(F32)
-        self.dense_W = _numpy(dense.kernel).astype(F32)  # (H, V)
-        self.dense_b = _numpy(dense.bias).astype(F32)
-        self.S = np.zeros((max_batch, L * H), F32)
-        self.C = np.zeros((max_batch, L * H), F32) if self.cell == "lstm" else None
-        self.logits = np.zeros((max_batch, self.vocab_size), F32)
-        self._input = np.empty((max_batch, first.gates * H), F32)
+        self.vocab_size = V = embedding.shape[0]
+        H, L, B = self.units, self.depth, max_batch
+        self.gates = G = kernels.GATES[self.code] * H
+        pieces: list[np.ndarray] = []
+        offsets: list[int] = []
+        size = 0
+
+        def put(array) -> int:
+            nonlocal size
+            at, flat = size, np.ascontiguousarray(array, dtype=F32).ravel()
+            pieces.append(flat)
+            size += flat.size
+            return at
+
+        table = None
+        for i in range(L):
+            layer = model.get_layer(f"rnn_{i + 1}")
+            _check_layer(layer, self.cell)
+            kernel, recurrent, bias = (_numpy(v).astype(np.float64) for v in (layer.cell.kernel, layer.cell.recurrent_kernel, layer.cell.bias))
+            candidate_bias = np.zeros(H)
+            if self.cell == "gru":  # bias (2, 3H) = [input; recurrent]: the z and r parts always add up
+                candidate_bias = bias[1, 2 * H :]
+                bias = bias[0] + np.r_[bias[1, : 2 * H], np.zeros(H)]
+            if i == 0:  # the input projection of every character, once: (V, G)
+                table = embedding @ kernel + bias
+                weights = recurrent.T  # (G, H)
+            else:
+                weights = np.concatenate([kernel, recurrent]).T  # (G, 2H)
+            offsets += [put(weights), put(bias), put(candidate_bias), 0]
+        offsets += [put(table.T), put(_numpy(dense.kernel).T), put(_numpy(dense.bias))]  # (G, V), (V, H), (V,)
+        self.blob = np.concatenate(pieces)
+        self.offsets = np.array(offsets, np.int64)
+        self.max_batch = B
+        self.S = np.zeros((L * H, B), F32)  # [h_1; ...; h_L], one column per slot
+        self.C = np.zeros((L * H, B), F32) if self.cell == "lstm" else np.zeros((1, 1), F32)
+        self.Z = np.zeros((G, B), F32)
+        self.R = np.zeros((G, B), F32) if self.cell == "gru" else np.zeros((1, 1), F32)
+        self.logits_T = np.zeros((V, B), F32)
         self.threads = min(threads or _cores(), _cores())
 
-    def h(self, layer: int, rows: slice) -> np.ndarray:
-        return self.S[rows, layer * self.units : (layer + 1) * self.units]
+    @property
+    def logits(self) -> np.ndarray:
+        """(max_batch, V): each slot's prediction for its next character (a view)."""
+        return self.logits_T.T
 
-    def c(self, layer: int, rows: slice) -> np.ndarray | None:
-        return None if self.C is None else self.C[rows, layer * self.units : (layer + 1) * self.units]
+    def h(self, layer: int) -> np.ndarray:
+        """(max_batch, H): layer's output state of every slot (a view)."""
+        return self.S[layer * self.units : (layer + 1) * self.units].T
+
+    def _args(self):
+        return (self.blob, self.offsets, self.S.ravel(), self.C.ravel(), self.Z.ravel(), self.R.ravel(), self.logits_T.ravel())
 
     def consume(self, slot: int, ids: np.ndarray) -> None:
         """Reset `slot` to the zero state and run it through the prompt `ids` (T,), leaving the
         prediction for the character after the prompt in logits[slot]."""
-        rows = slice(slot, slot + 1)
-        self.S[rows] = 0
-        if self.C is not None:
-            self.C[rows] = 0
-        x = self.table[ids]  # (T, gates): layer 1's input projection of every position
-        with np.errstate(over="ignore"):  # exp overflowing to inf is how saturated gates come out 0 or 1
-            for i, layer in enumerate(self.layers):
-                if i > 0:
-                    x = layer.project(outputs)  # (T, gates) in one product
-                outputs = layer.scan(x, self.h(i, rows), self.c(i, rows), rows)  # (T, H)
-        self._logits(rows)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        kernels.consume(self.code, self.depth, self.units, self.vocab_size, self.max_batch, slot, ids, *self._args())
 
     def blocks(self, n: int) -> list[slice]:
-        """Rows 0..n-1 cut into one block per thread (at least MIN_ROWS_PER_THREAD rows each)."""
+        """Rows 0..n-1 cut into one block per thread, of at least MIN_ROWS_PER_THREAD rows and
+        starting at multiples of 8 (OpenBLAS takes 10% longer per row on a block of 60 than of 64)."""
         k = min(self.threads, n // MIN_ROWS_PER_THREAD) or 1
-        return [slice(n * i // k, n * (i + 1) // k) for i in range(k)]
+        bounds = [8 * round(n * i / k / 8) for i in range(k)] + [n]
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
-    def advance(self, ids: np.ndarray, rows: slice) -> None:
-        """Feed character ids[b] to slot rows.start + b; logits[rows] become the next predictions."""
-        x = self._input[rows]
-        np.take(self.table, ids, axis=0, out=x, mode="clip")  # ids are valid; "clip" skips a copy
-        with np.errstate(over="ignore"):
-            self.layers[0].recur(x, self.h(0, rows), self.c(0, rows), rows)
-            for i in range(1, self.depth):
-                # [h_{i-1} (just updated), h_i (previous)] is one contiguous block of S
-                xh = self.S[rows, (i - 1) * self.units : (i + 1) * self.units]
-                self.layers[i].stacked(xh, self.h(i, rows), self.c(i, rows), rows)
-        self._logits(rows)
+    def advance(self, ids: np.ndarray, rows: slice, done: np.ndarray | None = None) -> None:
+        """Feed character ids[b] to slot rows.start + b; logits[rows] become the next predictions.
+        done (int64 (1,)), if given, becomes 1 once all is written."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        done = np.zeros(1, np.int64) if done is None else done
+        kernels.advance(self.code, self.depth, self.units, self.vocab_size, self.max_batch, rows.start, ids, *self._args(), done)
 
-    def _logits(self, rows: slice) -> None:
-        np.matmul(self.S[rows, -self.units :], self.dense_W, out=self.logits[rows])
-        self.logits[rows] += self.dense_b
+    def _per_slot(self) -> list[np.ndarray]:
+        return [self.S, self.logits_T] + ([self.C] if self.cell == "lstm" else [])
+
+    def reset(self) -> None:
+        for a in self._per_slot() + [self.Z, self.R]:
+            a[:] = 0
 
     def swap(self, i: int, j: int) -> None:
-        for a in (self.S, self.C, self.logits):
-            if a is not None:
-                a[[i, j]] = a[[j, i]]
+        for a in self._per_slot():
+            a[:, [i, j]] = a[:, [j, i]]
 
     def copy(self, src: int, dst: int) -> None:
-        for a in (self.S, self.C, self.logits):
-            if a is not None:
-                a[dst] = a[src]
+        for a in self._per_slot():
+            a[:, dst] = a[:, src]
 
     def flops_per_char(self) -> int:
         """2 x the multiply-adds of the matrix products in one step (the first layer's input
         projection is a table lookup and is not counted, nor is element-wise work)."""
-        H, V = self.units, self.vocab_size
-        total = sum(layer.gates * H * (H if i == 0 else 2 * H) for i, layer in enumerate(self.layers))
-        return 2 * (total + H * V)
+        H, V, L = self.units, self.vocab_size, self.depth
+        return 2 * (self.gates * H * (1 + 2 * (L - 1)) + H * V)
 
     def bytes_per_slot(self) -> int:
         """State and scratch buffers preallocated for each batch slot."""
-        per_row = self.S[0].nbytes + self.logits[0].nbytes + self._input[0].nbytes
-        per_row += 0 if self.C is None else self.C[0].nbytes
-        return per_row + sum(layer.bytes_per_row() for layer in self.layers)
+        scratch = [self.Z] + ([self.R] if self.cell == "gru" else [])
+        return sum(a[:, 0].nbytes for a in self._per_slot() + scratch)
 
 
 def _numpy(variable) -> np.ndarray:
@@ -469,148 +549,3 @@ def _check_layer(layer, cell: str) -> None:
         raise ValueError(f"{layer.name}: the engine does not support go_backwards")
     if cell == "gru" and not layer.cell.reset_after:
         raise ValueError(f"{layer.name}: the engine supports GRU with reset_after=True only")
-
-
-class _Layer:
-    """One recurrent layer. W (in, G), U (H, G), b (G,) are stored reordered and scaled so every gate
-    nonlinearity is 1 / (1 + exp(z)); WU is [W; U] for the stacked product. z and t are per-slot
-    scratch: a call working on `rows` touches only those rows, so blocks of rows run in parallel."""
-
-    gates = 1
-    cell = ""
-
-    def __init__(self, layer, max_batch: int, scale: np.ndarray, order: np.ndarray | None = None):
-        _check_layer(layer, self.cell)
-        kernel, recurrent, bias = (_numpy(v) for v in (layer.cell.kernel, layer.cell.recurrent_kernel, layer.cell.bias))
-        if order is not None:
-            kernel, recurrent, bias = kernel[:, order], recurrent[:, order], bias[..., order]
-        self.units = layer.cell.units
-        self.W = (kernel * scale).astype(F32)  # (in, G)
-        self.U = (recurrent * scale).astype(F32)  # (H, G)
-        self.b = (bias * scale).astype(F32)  # (G,) (GRU: (2, G), folded in _GRU)
-        self.WU = np.concatenate([self.W, self.U])  # (in + H, G)
-        self.z = np.empty((max_batch, self.gates * self.units), F32)  # pre-activations
-        self.t = np.empty((max_batch, self.units), F32)  # element-wise scratch
-
-    def project(self, x: np.ndarray) -> np.ndarray:
-        return np.matmul(x, self.W) + self.b  # (T, G)
-
-    def scan(self, x: np.ndarray, h: np.ndarray, c: np.ndarray | None, rows: slice) -> np.ndarray:
-        """Run one stream (h, c are (1, H) views updated in place) over input projections x (T, G)."""
-        out = np.empty((len(x), self.units), F32)  # (T, H)
-        for t in range(len(x)):
-            self.recur(x[t : t + 1], h, c, rows)
-            out[t] = h[0]
-        return out
-
-    def recur(self, x: np.ndarray, h: np.ndarray, c: np.ndarray | None, rows: slice) -> None:
-        """x (n, G) input projections including the bias: h (and c) become the next state."""
-        z = self.z[rows]
-        np.matmul(h, self.U, out=z)
-        z += x
-        self.update(z, h, c, rows)
-
-    def stacked(self, xh: np.ndarray, h: np.ndarray, c: np.ndarray | None, rows: slice) -> None:
-        """xh (n, in + H) = [input, h]: one product with [W; U]."""
-        z = self.z[rows]
-        np.matmul(xh, self.WU, out=z)
-        z += self.b
-        self.update(z, h, c, rows)
-
-    def update(self, z, h, c, rows) -> None:
-        raise NotImplementedError
-
-    def bytes_per_row(self) -> int:
-        return self.z[0].nbytes + self.t[0].nbytes
-
-
-class _LSTM(_Layer):
-    gates, cell = 4, "lstm"
-
-    def __init__(self, layer, max_batch: int):
-        H = layer.cell.units
-        order = np.r_[0 : 2 * H, 3 * H : 4 * H, 2 * H : 3 * H]  # Keras i, f, c, o -> i, f, o, c
-        scale = np.r_[np.full(3 * H, -1.0), np.full(H, -2.0)]
-        super().__init__(layer, max_batch, scale, order)
-
-    def update(self, z, h, c, rows) -> None:
-        H = self.units
-        np.exp(z, out=z)
-        z += 1
-        np.reciprocal(z, out=z)  # i, f, o = sigmoid; the last block is (1 + tanh(g)) / 2
-        i, f, o, g = z[:, :H], z[:, H : 2 * H], z[:, 2 * H : 3 * H], z[:, 3 * H :]
-        g *= 2
-        g -= 1  # tanh(g)
-        c *= f
-        g *= i
-        c += g  # c = f * c + i * g
-        t = self.t[rows]
-        np.multiply(c, -2, out=t)
-        np.exp(t, out=t)
-        t += 1
-        np.divide(2, t, out=t)
-        t -= 1  # tanh(c)
-        np.multiply(o, t, out=h)
-
-
-class _RNN(_Layer):
-    gates, cell = 1, "rnn"
-
-    def __init__(self, layer, max_batch: int):
-        super().__init__(layer, max_batch, np.float64(-2.0))
-
-    def update(self, z, h, c, rows) -> None:
-        np.exp(z, out=z)
-        z += 1
-        np.divide(2, z, out=z)
-        np.subtract(z, 1, out=h)  # tanh
-
-
-class _GRU(_Layer):
-    """Keras GRU with reset_after=True: z, r = sigmoid(x W + b_in + h U + b_rec) and
-    candidate = tanh(x W_h + b_in_h + r * (h U_h + b_rec_h)); h = z * h + (1 - z) * candidate."""
-
-    gates, cell = 3, "gru"
-
-    def __init__(self, layer, max_batch: int):
-        H = layer.cell.units
-        scale = np.r_[np.full(2 * H, -1.0), np.full(H, -2.0)]
-        super().__init__(layer, max_batch, scale)
-        b_in, b_rec = self.b  # (2, 3H)
-        self.b = b_in.copy()
-        self.b[: 2 * H] += b_rec[: 2 * H]  # the z and r biases always add up
-        self.b_candidate = b_rec[2 * H :].copy()  # the one that r multiplies
-        self.rec = np.empty_like(self.z)
-        self.WU = None
-
-    def recur(self, x: np.ndarray, h: np.ndarray, c, rows: slice) -> None:
-        H = self.units
-        rec = self.rec[rows]
-        np.matmul(h, self.U, out=rec)  # (n, 3H)
-        zr = x[:, : 2 * H]
-        zr += rec[:, : 2 * H]
-        np.exp(zr, out=zr)
-        zr += 1
-        np.reciprocal(zr, out=zr)  # z, r
-        z, r = zr[:, :H], zr[:, H:]
-        cand = rec[:, 2 * H :]
-        cand += self.b_candidate
-        cand *= r
-        cand += x[:, 2 * H :]
-        np.exp(cand, out=cand)
-        cand += 1
-        np.divide(2, cand, out=cand)
-        cand -= 1  # tanh
-        d = x[:, 2 * H :]  # free now
-        np.subtract(h, cand, out=d)
-        d *= z
-        np.add(cand, d, out=h)  # h = candidate + z * (h - candidate)
-
-    def stacked(self, xh: np.ndarray, h: np.ndarray, c, rows: slice) -> None:
-        x = self.z[rows]
-        np.matmul(xh[:, : self.units], self.W, out=x)
-        x += self.b
-        self.recur(x, h, c, rows)
-
-    def bytes_per_row(self) -> int:
-        return super().bytes_per_row() + self.rec[0].nbytes

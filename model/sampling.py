@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Sequence
 
+import numba as nb
 import numpy as np
 
 # Running sums of probabilities round; without this slack a set whose mass is exactly p could
@@ -66,30 +67,56 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def _weights(logits: np.ndarray, settings: Sequence[SamplingSettings]) -> np.ndarray:
-    """(B, V) float64 weights of non-greedy rows after temperature, top-k and top-p: proportional
-    to the probabilities a row is sampled with, zero where filtered out (not normalized)."""
-    temperature = np.array([s.temperature for s in settings])[:, None]  # (B, 1)
-    w = np.array(logits, dtype=np.float64)  # a copy: (B, V)
-    w /= temperature
-    w -= w.max(axis=1, keepdims=True)
-    np.exp(w, out=w)  # the largest weight of a row is 1
-    # Only rows with a filter pay for sorting their characters by likelihood.
-    rows = [b for b, s in enumerate(settings) if s.top_k or s.top_p < 1.0]
-    if rows:
-        V = w.shape[1]
-        top_k = np.array([settings[b].top_k or V for b in rows])[:, None]
-        top_p = np.array([settings[b].top_p for b in rows])[:, None]
-        order = np.argsort(-w[rows], axis=1, kind="stable")  # most likely first; ties: lower id first
-        ranked = np.take_along_axis(w[rows], order, axis=1)
-        ranked[np.arange(V)[None, :] >= top_k] = 0.0
-        ranked /= ranked.sum(axis=1, keepdims=True)  # probabilities within the top k
-        mass_before = np.cumsum(ranked, axis=1) - ranked  # mass of the more likely characters
-        ranked[mass_before >= top_p - TOP_P_SLACK] = 0.0  # the most likely one (mass 0) always stays
-        kept = np.empty_like(ranked)
-        np.put_along_axis(kept, order, ranked, axis=1)
-        w[rows] = kept
-    return w
+@nb.njit(nogil=True, cache=True)
+def _weights(row, temperature, top_k, top_p, out):
+    """out (V,) float64 = weights of one row of logits after temperature, top-k and top-p:
+    proportional to the probabilities it is sampled with, zero where filtered out."""
+    V = row.shape[0]
+    for v in range(V):
+        out[v] = np.float64(row[v]) / temperature
+    top = out.max()
+    for v in range(V):
+        out[v] = np.exp(out[v] - top)  # the largest weight is 1
+    if top_k == 0 and top_p >= 1.0:
+        return
+    order = np.argsort(-out, kind="mergesort")  # most likely first; ties: lower id first
+    k = min(top_k, V) if top_k else V
+    total = 0.0
+    for r in range(k):
+        total += out[order[r]]
+    before = 0.0  # probability mass (within the top k) of the more likely characters
+    for r in range(V):
+        v = order[r]
+        if r >= k or before >= top_p - TOP_P_SLACK:  # the most likely one (mass 0) always stays
+            out[v] = 0.0
+        else:
+            out[v] /= total
+            before += out[v]
+
+
+@nb.njit(nogil=True, cache=True)
+def pick(logits, temperature, top_k, top_p, u, ids):
+    """The sampler's core, row by row: ids[b] = argmax of logits[b] (lowest id on ties) where
+    temperature[b] == 0, else the first id whose running sum of weights exceeds u[b] times their
+    total, u[b] in [0, 1) being the row's draw. Every path that samples ends here."""
+    V = logits.shape[1]
+    w = np.empty(V)
+    for b in range(logits.shape[0]):
+        if temperature[b] == 0.0:
+            ids[b] = np.argmax(logits[b])
+            continue
+        _weights(logits[b], temperature[b], top_k[b], top_p[b], w)
+        total = 0.0
+        for v in range(V):
+            total += w[v]
+        target = u[b] * total  # u < 1 makes u * total < total in floating point too
+        running, chosen = 0.0, V - 1
+        for v in range(V):
+            running += w[v]
+            if running > target:  # never true first at a zero weight: the sum did not grow there
+                chosen = v
+                break
+        ids[b] = chosen
 
 
 def probabilities(logits: np.ndarray, settings: SamplingSettings) -> np.ndarray:
@@ -99,7 +126,8 @@ def probabilities(logits: np.ndarray, settings: SamplingSettings) -> np.ndarray:
         out = np.zeros(logits.shape[-1])
         out[int(np.argmax(logits))] = 1.0
         return out
-    w = _weights(logits[None, :], [settings])[0]
+    w = np.empty(logits.shape[-1])
+    _weights(logits, settings.temperature, settings.top_k, settings.top_p, w)
     return w / w.sum()
 
 
@@ -112,15 +140,10 @@ def next_ids(logits: np.ndarray, settings: Sequence[SamplingSettings], generator
     B = logits.shape[0]
     if not (len(settings) == len(generators) == B):
         raise ValueError(f"need one setting and one generator per row: {B} rows, {len(settings)} settings, {len(generators)} generators")
-    ids = np.argmax(logits, axis=1)  # greedy rows keep these
-    rows = [b for b in range(B) if settings[b].temperature]
-    if not rows:
-        return ids
-    if len(rows) < B:
-        logits, settings, generators = logits[rows], [settings[b] for b in rows], [generators[b] for b in rows]
-    cdf = _weights(logits, settings)
-    np.cumsum(cdf, axis=1, out=cdf)  # (b, V)
-    u = np.fromiter((g.random() for g in generators), np.float64, len(generators))
-    u *= cdf[:, -1]  # u < 1 makes u * total < total in floating point too: some cdf entry exceeds it
-    ids[rows] = (cdf <= u[:, None]).sum(axis=1)  # the first id whose cdf exceeds u (never a zero weight)
+    temperature = np.array([s.temperature for s in settings])
+    top_k = np.array([s.top_k for s in settings], dtype=np.int64)
+    top_p = np.array([s.top_p for s in settings])
+    u = np.array([g.random() if s.temperature else 0.0 for s, g in zip(settings, generators)])
+    ids = np.empty(B, dtype=np.int64)
+    pick(logits, temperature, top_k, top_p, u, ids)
     return ids
