@@ -168,6 +168,7 @@ class Engine:
         self._top_p = np.ones(self.max_batch)
         self._draws = np.zeros((self.max_batch, DRAWS_AHEAD))
         self._next_draw = np.zeros(self.max_batch, np.int64)
+        self._logprobs = np.zeros(self.max_batch, np.int64)  # the logprobs each slot's request asks for
         # An empty prompt starts from the zero state as if after a newline (after the first
         # vocabulary character when the vocabulary has no newline).
         self._empty_prompt = np.array([self.vocab.index.get("\n", 0)], dtype=np.int64)
@@ -206,6 +207,7 @@ class Engine:
         settings = request.sampling
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = settings.temperature, settings.top_k, settings.top_p
         self._next_draw[slot] = DRAWS_AHEAD  # none drawn yet
+        self._logprobs[slot] = request.logprobs
         try:
             with self._blas:
                 self.network.consume(stream._slot, ids)
@@ -243,30 +245,38 @@ class Engine:
         return deltas
 
     def _step_blocks(self, ordered: list[Stream], deltas: list[Delta], jobs: list) -> None:
-        """Sample every row, then step the network: every block of rows but the last on a helper
-        thread, the last on this one."""
+        """Sample every row, start the network step (every block of rows but the last on a helper
+        thread, the last on this one), and turn the picks into text while the helpers finish."""
         n = len(ordered)
         logits = self.network.logits[:n]  # (n, V)
         ids = np.empty(n, np.int64)
-        pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), ids)
+        u = self._uniforms(ordered)
+        blocks = self.network.blocks(n)
+        done = self._done[: len(blocks)]
+        done[:] = 0
+        lps: dict[int, CharLogprob] = {}
+        for k, rows in enumerate(blocks):
+            # pick releases the GIL: a helper handed the block before wakes up and starts meanwhile
+            pick(logits[rows], self._temperature[rows], self._top_k[rows], self._top_p[rows], u[rows], ids[rows])
+            for b in np.flatnonzero(self._logprobs[rows]).tolist():  # they read the logits, which the step overwrites
+                b += rows.start
+                lps[b] = self._logprob(logits[b], int(ids[b]), ordered[b].request.logprobs)
+            if k < len(blocks) - 1:
+                jobs.append(_workers().submit(self.network.advance, ids[rows], rows, done[k : k + 1]))
+            else:
+                self.network.advance(ids[rows], rows, done[k:])
+        picked = ids.tolist()
         chars = self.vocab.chars
-        for s, i in zip(ordered, ids.tolist()):
+        for b, (s, i) in enumerate(zip(ordered, picked)):
             request = s.request
             if request.stop or request.logprobs:
-                k = request.logprobs
-                deltas.append(self._emit(s, chars[i], self._logprob(logits[s._slot], i, k) if k else None))
+                deltas.append(self._emit(s, chars[i], lps.get(b)))
             else:  # the common case, inline: the character is the text
                 s.generated += 1
                 s._emitted.append(chars[i])
                 if s.generated >= request.max_chars:
                     s.finish_reason = "length"
                 deltas.append(Delta(s, chars[i], [], s.finish_reason))
-        blocks = self.network.blocks(n)
-        done = self._done[: len(blocks)]
-        done[:] = 0
-        for k, rows in enumerate(blocks[:-1]):
-            jobs.append(_workers().submit(self.network.advance, ids[rows], rows, done[k : k + 1]))
-        self.network.advance(ids[blocks[-1]], blocks[-1], done[-1:])
         if kernels.wait_done(done, HELPER_SPINS):
             jobs.clear()  # the helpers' work is all written; their threads finish on their own
 
@@ -363,7 +373,7 @@ class Engine:
         return ordered
 
     def _per_slot(self) -> list[np.ndarray]:
-        return [self._temperature, self._top_k, self._top_p, self._draws, self._next_draw]
+        return [self._temperature, self._top_k, self._top_p, self._draws, self._next_draw, self._logprobs]
 
     def _release(self, s: Stream) -> None:
         slot, last = s._slot, len(self._slots) - 1
