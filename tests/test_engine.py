@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from model.artifact import Artifact
-from model.engine import Engine, EngineFull, GenerationRequest
+from model import kernels
+from model.engine import MIN_ROWS_PER_THREAD, Engine, EngineFull, GenerationRequest
 from model.network import ModelConfig, build_model
 from model.sampling import GREEDY, SamplingSettings, log_softmax, next_ids
 from model.vocab import Vocab
@@ -271,6 +272,23 @@ def test_a_large_batch_split_over_threads_matches_streams_run_alone(cell):
         ((alone, alone_rows),) = run_collecting(Engine(art, max_batch=1), [(0, request)])
         assert stream.text == alone.text
         assert np.abs(np.array(rows) - np.array(alone_rows)).max() < 1e-5
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_blocks_cover_the_batch_once_starting_at_multiples_of_8(threads):
+    network = Engine(artifact_for("rnn", 1), max_batch=128, threads=threads).network
+    network.threads = threads  # as on a machine with that many cores
+    for n in range(1, 129):
+        blocks = network.blocks(n)
+        assert blocks[0].start == 0 and blocks[-1].stop == n
+        assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+        assert all(b.start % 8 == 0 and b.stop - b.start >= min(n, MIN_ROWS_PER_THREAD) for b in blocks)
+        assert len(blocks) == max(1, min(threads, n // MIN_ROWS_PER_THREAD))
+
+
+def test_waiting_for_blocks_gives_up_when_one_is_not_done():
+    assert kernels.wait_done(np.array([1, 1], np.int64), 5)
+    assert not kernels.wait_done(np.array([1, 0], np.int64), 5)  # the engine then waits on the thread
 
 
 def test_a_waiting_stream_keeps_its_state():
