@@ -472,7 +472,7 @@ class Network:
                 weights = recurrent.T  # (G, H)
             else:
                 weights = np.concatenate([kernel, recurrent]).T  # (G, 2H)
-            offsets += [put(weights), put(bias), put(candidate_bias), 0]
+            offsets += [put(weights), put(bias), put(candidate_bias)]
         offsets += [put(table.T), put(_numpy(dense.kernel).T), put(_numpy(dense.bias))]  # (G, V), (V, H), (V,)
         self.blob = np.concatenate(pieces)
         self.offsets = np.array(offsets, np.int64)
@@ -488,10 +488,6 @@ class Network:
     def logits(self) -> np.ndarray:
         """(max_batch, V): each slot's prediction for its next character (a view)."""
         return self.logits_T.T
-
-    def h(self, layer: int) -> np.ndarray:
-        """(max_batch, H): layer's output state of every slot (a view)."""
-        return self.S[layer * self.units : (layer + 1) * self.units].T
 
     def _args(self):
         return (self.blob, self.offsets, self.S.ravel(), self.C.ravel(), self.Z.ravel(), self.R.ravel(), self.logits_T.ravel())

@@ -15,7 +15,7 @@ vectorized across streams.
     logits  (V, B)
 
 Weights sit in one float32 blob; `offsets` (int64) says where each piece starts, per layer l:
-offsets[l*4 + 0] the (G, K) transposed product matrix (layer 1: U^T with K = H; deeper layers:
+offsets[l*3 + 0] the (G, K) transposed product matrix (layer 1: U^T with K = H; deeper layers:
 [W; U]^T with K = 2H), +1 the bias (G,), +2 the GRU candidate's recurrent bias (H,), and after the
 layers: the first layer's input table (G, V) (embedding @ W + b, transposed), the output layer's
 (V, H) kernel^T and its bias (V,). Gate order is Keras's own: LSTM i, f, c, o; GRU z, r, h.
@@ -38,7 +38,7 @@ from numba.extending import get_cython_function_address
 
 LSTM, GRU, RNN = 0, 1, 2
 CELL_CODES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
-PER_LAYER = 4  # entries of `offsets` per layer
+PER_LAYER = 3  # entries of `offsets` per layer
 
 # Fortran BLAS through scipy's cython_blas: symbols registered by name, so compiled code caches.
 llvm.add_symbol("chargen_sgemm", get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))

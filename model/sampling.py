@@ -14,9 +14,10 @@ then one uniform draw u from the row's generator picks, by inverse CDF in id ord
 character whose cumulative probability exceeds u. Every non-greedy pick consumes exactly one
 `generator.random()`, so a seed fixes the text.
 
-The math runs in float64: logits that differ by float32 rounding (as a batched matrix product can
-give compared with a single row) change a pick only when the draw falls within about 1e-6 of a
-boundary between two characters.
+The per-row work is compiled (numba): `pick`, which `next_ids` and the engine call, and its
+`_weights`, which `probabilities` calls too. The math runs in float64: logits that differ by
+float32 rounding (as a batched matrix product can give compared with a single row) change a pick
+only when the draw falls within about 1e-6 of a boundary between two characters.
 """
 
 from __future__ import annotations
