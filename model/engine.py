@@ -12,10 +12,11 @@ How a step is arranged (the matrix products are the real work; the rest is kept 
     pass over contiguous columns (see model/kernels.py).
   - A prompt is one kernel call that runs the same step through its positions (no Python per
     character; a 200-character prompt takes about 17 ms here).
-  - All rows are sampled first (one compiled pass, float64), then the network steps: the rows are
-    cut into one block per core, each block one kernel call that holds no GIL, the last block on
-    the calling thread and the others on helper threads. Blocks start at multiples of 8 rows, where
-    OpenBLAS's kernels run best.
+  - The rows are cut into one block per core. One kernel call, which holds no GIL, samples a
+    block's next characters (model.sampling's compiled core, in float64) and steps it through the
+    network; the last block runs on the calling thread, the others on helper threads. Blocks start
+    at multiples of 8 rows, where OpenBLAS's kernels run best. The calling thread turns the picks
+    into text while the helpers finish, and waits for them on flags their kernels set.
   - BLAS runs single-threaded inside the engine: multi-threaded BLAS is faster on an idle machine
     but its spin-waiting threads collapse when anything else wants the cores (a step 10-20x slower
     beside a training run).
@@ -48,10 +49,11 @@ from threadpoolctl import ThreadpoolController
 from model import kernels
 from model.artifact import Artifact
 from model.network import config_of
-from model.sampling import SamplingSettings, log_softmax, pick
+from model.sampling import SamplingSettings, log_softmax
 from model.vocab import Vocab
 
 F32 = np.float32
+_NONE_F, _NONE_I = np.zeros(0), np.zeros(0, np.int64)  # sampling arrays of a step that does not sample
 DRAWS_AHEAD = 64  # uniform draws taken from a stream's generator at a time
 HELPER_SPINS = 20_000  # looks (each a sched_yield, ~1 us) for the helpers' blocks before sleeping on them
 
@@ -160,7 +162,9 @@ class Engine:
             raise ValueError(f"the network predicts {self.network.vocab_size} characters but the vocabulary has {len(self.vocab)}")
         self._slots: list[Stream] = []  # slot i holds _slots[i]; active streams always fill 0..active-1
         self._slot_range = list(range(self.max_batch))
-        self._done = np.zeros(self.network.threads, np.int64)  # set by each block's kernel call
+        # set by each block's kernel call: its characters are picked; its state and logits are written
+        self._picked = np.zeros(self.network.threads, np.int64)
+        self._done = np.zeros(self.network.threads, np.int64)
         # Each slot's sampling settings and a block of uniform draws taken ahead from its stream's
         # generator (the same numbers, in the same order, as one generator.random() per pick).
         self._temperature = np.zeros(self.max_batch)
@@ -176,14 +180,11 @@ class Engine:
 
     def _compile(self) -> None:
         """Compile (or load from numba's cache) every kernel a request will use, now rather than on
-        the first request: run slot 0 through a prompt, a step and a pick, then clear it."""
-        one = slice(0, 1)
+        the first request: run slot 0 through a prompt and a sampled step, then clear it."""
+        sampling = (np.ones(1), np.zeros(1, np.int64), np.ones(1), np.zeros(1))
         with self._blas:
             self.network.consume(0, self._empty_prompt)
-            self.network.advance(self._empty_prompt, one)
-            if self.max_batch > 1:  # a block of several rows takes the other branch of the products
-                self.network.advance(np.zeros(2, np.int64), slice(0, 2))
-        pick(self.network.logits[one], np.ones(1), np.zeros(1, np.int64), np.ones(1), np.zeros(1), np.empty(1, np.int64))
+            self.network.advance(slice(0, 1), np.empty(1, np.int64), sampling)
         self.network.reset()
 
     @property
@@ -245,27 +246,26 @@ class Engine:
         return deltas
 
     def _step_blocks(self, ordered: list[Stream], deltas: list[Delta], jobs: list) -> None:
-        """Sample every row, start the network step (every block of rows but the last on a helper
-        thread, the last on this one), and turn the picks into text while the helpers finish."""
+        """Sample and step every block of rows (a helper thread's blocks first, the calling thread's
+        last), then turn the picks into text while the helpers finish."""
         n = len(ordered)
-        logits = self.network.logits[:n]  # (n, V)
         ids = np.empty(n, np.int64)
         u = self._uniforms(ordered)
+        wanted = np.flatnonzero(self._logprobs[:n])
+        saved = self.network.logits[wanted]  # a copy: logprobs read the logits, which the step overwrites
         blocks = self.network.blocks(n)
-        done = self._done[: len(blocks)]
-        done[:] = 0
-        lps: dict[int, CharLogprob] = {}
+        picked, done = self._picked[: len(blocks)], self._done[: len(blocks)]
+        picked[:], done[:] = 0, 0
         for k, rows in enumerate(blocks):
-            # pick releases the GIL: a helper handed the block before wakes up and starts meanwhile
-            pick(logits[rows], self._temperature[rows], self._top_k[rows], self._top_p[rows], u[rows], ids[rows])
-            for b in np.flatnonzero(self._logprobs[rows]).tolist():  # they read the logits, which the step overwrites
-                b += rows.start
-                lps[b] = self._logprob(logits[b], int(ids[b]), ordered[b].request.logprobs)
+            sampling = (self._temperature[rows], self._top_k[rows], self._top_p[rows], u[rows])
+            flags = (picked[k : k + 1], done[k : k + 1])
             if k < len(blocks) - 1:
-                jobs.append(_workers().submit(self.network.advance, ids[rows], rows, done[k : k + 1]))
+                jobs.append(_workers().submit(self.network.advance, rows, ids[rows], sampling, flags))
             else:
-                self.network.advance(ids[rows], rows, done[k:])
+                self.network.advance(rows, ids[rows], sampling, flags)
+        self._await(picked, jobs)  # long since: a helper picks before its step
         picked = ids.tolist()
+        lps = {b: self._logprob(row, picked[b], self._logprobs[b]) for b, row in zip(wanted.tolist(), saved)}
         chars = self.vocab.chars
         for b, (s, i) in enumerate(zip(ordered, picked)):
             request = s.request
@@ -277,8 +277,18 @@ class Engine:
                 if s.generated >= request.max_chars:
                     s.finish_reason = "length"
                 deltas.append(Delta(s, chars[i], [], s.finish_reason))
-        if kernels.wait_done(done, HELPER_SPINS):
-            jobs.clear()  # the helpers' work is all written; their threads finish on their own
+        self._await(done, jobs)
+        jobs.clear()  # the helpers' work is all written; their threads finish on their own
+
+    @staticmethod
+    def _await(flags: np.ndarray, jobs: list) -> None:
+        """Until every flag is 1: spin (yielding the core) on the flags the kernels set, which takes
+        microseconds where waking a sleeping thread takes 30-100 here; if that takes too long, wait
+        on the helper threads themselves (and raise what failed there)."""
+        if not kernels.wait_done(flags, HELPER_SPINS):
+            wait(jobs)
+            for job in jobs:
+                job.result()
 
     def _uniforms(self, ordered: list[Stream]) -> np.ndarray:
         """The next draw of every sampling (non-greedy) stream in slots 0..n-1."""
@@ -510,12 +520,16 @@ class Network:
             bounds.append(bounds[-1] + 8 * (units + (i < extra)))
         return [slice(a, b) for a, b in zip(bounds, bounds[1:] + [n])]
 
-    def advance(self, ids: np.ndarray, rows: slice, done: np.ndarray | None = None) -> None:
+    def advance(self, rows: slice, ids: np.ndarray, sampling: tuple | None = None, flags: tuple | None = None) -> None:
         """Feed character ids[b] to slot rows.start + b; logits[rows] become the next predictions.
-        done (int64 (1,)), if given, becomes 1 once all is written."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        done = np.zeros(1, np.int64) if done is None else done
-        kernels.advance(self.code, self.depth, self.units, self.vocab_size, self.max_batch, rows.start, ids, *self._args(), done)
+        With `sampling` (temperature, top_k, top_p, u: one per row, as model.sampling.pick takes
+        them), ids is an output: the characters are first picked from logits[rows]. `flags`
+        (picked, done): int64 (1,) arrays the kernel sets to 1 as it gets there."""
+        sample = sampling is not None
+        temperature, top_k, top_p, u = sampling if sample else (_NONE_F, _NONE_I, _NONE_F, _NONE_F)
+        picked, done = flags if flags is not None else (np.zeros(1, np.int64), np.zeros(1, np.int64))
+        kernels.advance(self.code, self.depth, self.units, self.vocab_size, self.max_batch, rows.start, ids, *self._args(),
+                        sample, temperature, top_k, top_p, u, picked, done)
 
     def _per_slot(self) -> list[np.ndarray]:
         return [self.S, self.logits_T] + ([self.C] if self.cell == "lstm" else [])

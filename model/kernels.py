@@ -1,5 +1,6 @@
-"""Compiled kernels of the engine: one recurrent step of a block of streams, and a prompt, each as a
-single call that holds no GIL (numba), with the matrix products in single-threaded BLAS.
+"""Compiled kernels of the engine: sampling and one recurrent step of a block of streams, and a
+prompt, each as a single call that holds no GIL (numba), with the matrix products in
+single-threaded BLAS.
 
 Layout (feature-major): every per-stream buffer is a float32 (rows, max_batch) array, one column per
 batch slot, passed flattened. A block of streams is a run of columns [b0, b1). Read as column-major,
@@ -35,6 +36,8 @@ import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS whose addresses are taken below)
 from numba import types
 from numba.extending import get_cython_function_address
+
+from model.sampling import pick
 
 LSTM, GRU, RNN = 0, 1, 2
 CELL_CODES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
@@ -205,10 +208,15 @@ def lookup(ids, G, V, B, b0, blob, table, Z):
 
 
 @_jit
-def advance(cell, L, H, V, B, b0, ids, blob, offsets, S, C, Z, R, logits, done):
+def advance(cell, L, H, V, B, b0, ids, blob, offsets, S, C, Z, R, logits, sample, temperature, top_k, top_p, u, picked, done):
     """Feed character ids[i] to the stream in column b0 + i: its state steps once and logits[:, b0 + i]
-    becomes its prediction for the character after. Sets done[0] = 1 when everything is written."""
+    becomes its prediction for the character after. With `sample`, ids are first picked from those
+    columns' logits by the sampler (model.sampling.pick, with per-column temperature, top_k, top_p
+    and draw u). Sets picked[0] = 1 once ids are final and done[0] = 1 once everything is written."""
     b1 = b0 + ids.shape[0]
+    if sample:
+        pick(logits.reshape(V, B)[:, b0:b1].T, temperature, top_k, top_p, u, ids)
+    picked[0] = 1
     lookup(ids, gates_of(cell) * H, V, B, b0, blob, offsets[L * PER_LAYER], Z)
     for layer in range(L):
         layer_step(cell, layer, H, B, b0, b1, blob, offsets, S, C, Z, R)
