@@ -16,6 +16,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY chargen/ chargen/
 COPY model/ model/
 COPY service/ service/
 COPY corpora/ corpora/
@@ -42,5 +43,5 @@ VOLUME ["/models"]
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('CHARGEN_BIND', '').rpartition(':')[2] or '8000'; urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=4)"]
 
-# exactly what `chargen serve` execs (model/cli.py); bind, workers and the rest come from CHARGEN_*
+# exactly what `chargen serve` execs (chargen/cli.py); bind, workers and the rest come from CHARGEN_*
 CMD ["python", "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]

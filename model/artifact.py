@@ -3,28 +3,38 @@
 An artifact is a directory:
     model.keras   the network (Keras 3 zip format, loaded with safe_mode=True; no pickle)
     vocab.json    {"chars": [...]}: id -> character
-    meta.json     format version, network config, corpus, split, validation loss, training figures,
-                  versions and the command line that made it
-and, when `chargen train` made it, history.json, history.csv and loss.png.
+    meta.json     an `ArtifactMeta`: format version, network config, corpus, split, validation loss,
+                  training figures, versions and the command line that made it
+and, when `chargen train` made it, history.json, history.csv and loss.png: the run's history up to
+the epoch it was saved at, written once with the rest (a published artifact is never rewritten).
 
 Directories are written under a temporary name beside the target and renamed into place, so a crash
 never leaves half an artifact under the real name.
+
+`check()` reads everything but the network, so a wrong path or a damaged file is reported without
+Keras (the command line calls it before the heavy imports, `load()` calls it first); this module
+imports Keras only inside `load()` and `save()`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
+import typing
 import zipfile
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
-
-from model.network import ModelConfig, build_model, config_of
+from model.network import ModelConfig
 from model.vocab import Vocab
+
+if TYPE_CHECKING:
+    import keras
 
 FORMAT_VERSION = 1
 FILES = ("model.keras", "vocab.json", "meta.json")
@@ -62,16 +72,160 @@ class VocabMismatch(ArtifactError):
     pass
 
 
+# ---------------------------------------------------------------- meta.json
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    name: str
+    size_bytes: int
+    chars: int
+    sha256: str  # of the file's bytes
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    validation_fraction: float
+    train_chars: int
+    validation_chars: int
+
+
+@dataclass(frozen=True)
+class ValidationInfo:
+    epoch: int
+    nats_per_char: float
+    bits_per_char: float
+    chars_scored: int
+
+
+@dataclass(frozen=True)
+class TrainingInfo:
+    epochs: int
+    seconds: float
+    chars_per_second: int | None
+    seq_len: int
+    batch_size: int
+    lr: float
+    lr_decay: float
+    clipnorm: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Versions:
+    keras: str
+    backend: str
+    backend_version: str
+    numpy: str
+    python: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArtifactMeta:
+    """meta.json. Fields are in the file's order; a section an artifact does not have is null
+    (an artifact saved outside a training run has no corpus, split, ...)."""
+
+    format_version: int = FORMAT_VERSION
+    config: ModelConfig
+    parameters: int | None = None
+    corpus: CorpusInfo | None = None
+    split: SplitInfo | None = None
+    validation: ValidationInfo | None = None
+    training: TrainingInfo | None = None
+    versions: Versions | None = None
+    command: str | None = None  # the command line that trained it
+    created: str | None = None  # ISO 8601, UTC
+    vocab_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "meta.json") -> "ArtifactMeta":
+        """The record in `text`; BadMeta (UnsupportedFormat for another version) names `where` and
+        the first field that is wrong."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadMeta(f"{where}: not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise BadMeta(f"{where}: expected a JSON object")
+        version = data.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise UnsupportedFormat(
+                f"{where}: format_version {version!r} is not supported (this chargen reads version {FORMAT_VERSION})"
+            )
+        meta = _record(cls, data, where, "")
+        if meta.created is not None:
+            try:
+                datetime.fromisoformat(meta.created)
+            except ValueError:
+                raise BadMeta(f"{where}: field 'created' must be an ISO 8601 time, got {meta.created!r}") from None
+        return meta
+
+
+_KINDS = {int: "a whole number", float: "a number", str: "a string"}
+
+
+def _record(cls: type, data, where: str, prefix: str):
+    """An instance of the dataclass `cls` from a JSON object, every field of its declared type."""
+    if not isinstance(data, dict):
+        raise BadMeta(f"{where}: field {prefix.rstrip('.')!r} must be an object, got {data!r:.60}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise BadMeta(f"{where}: unknown field {prefix + unknown[0]!r}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        name = prefix + f.name
+        if f.name not in data:
+            if f.default is MISSING:
+                raise BadMeta(f"{where}: missing field {name!r}")
+            continue
+        values[f.name] = _value(hints[f.name], data[f.name], where, name)
+    return cls(**values)
+
+
+def _value(kind, value, where: str, name: str):
+    options = typing.get_args(kind) or (kind,)  # X | None -> (X, NoneType)
+    if value is None and type(None) in options:
+        return None
+    kind = next(k for k in options if k is not type(None))
+    if kind is ModelConfig:
+        if not isinstance(value, dict):
+            raise BadMeta(f"{where}: invalid config: expected an object, got {value!r:.60}")
+        try:
+            return ModelConfig.from_dict(value)
+        except (TypeError, ValueError) as e:
+            raise BadMeta(f"{where}: invalid config: {e}") from None
+    if is_dataclass(kind):
+        return _record(kind, value, where, name + ".")
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        raise BadMeta(f"{where}: field {name!r} must be {_KINDS[kind]}, got {value!r:.60}")
+    return value
+
+
+# ---------------------------------------------------------------- loading
+
+
 @dataclass
 class Artifact:
     path: Path
     model: keras.Model
     vocab: Vocab
-    meta: dict
+    meta: ArtifactMeta
 
     @property
     def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.meta["config"])
+        return self.meta.config
 
 
 def resolve(path: str | Path) -> Path:
@@ -86,22 +240,31 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path) -> Artifact:
+def check(path: str | Path) -> tuple[Path, ArtifactMeta, Vocab]:
+    """Everything about an artifact that can be checked without Keras: the directory, its files,
+    meta.json, vocab.json and that they agree, and that model.keras is a zip archive. Returns the
+    resolved directory, its metadata and vocabulary. `load()` runs it first."""
     path = resolve(path)
     missing = [name for name in FILES if not (path / name).is_file()]
     if missing:
         raise MissingFile(f"{path}: missing {', '.join(missing)} (an artifact holds {', '.join(FILES)})")
-
     meta = _read_meta(path / "meta.json")
     vocab = _read_vocab(path / "vocab.json")
-    try:
-        config = ModelConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as e:
-        raise BadMeta(f"{path / 'meta.json'}: invalid config: {e}") from None
-
+    if meta.vocab_size != len(vocab):
+        raise VocabMismatch(f"{path}: meta.json says vocab_size {meta.vocab_size} but vocab.json has {len(vocab)}")
     model_path = path / "model.keras"
     if not zipfile.is_zipfile(model_path):
         raise CorruptModel(f"{model_path}: not a Keras archive (not a zip file; truncated or overwritten?)")
+    return path, meta, vocab
+
+
+def load(path: str | Path) -> Artifact:
+    path, meta, vocab = check(path)
+    import keras
+
+    from model.network import config_of
+
+    model_path, config = path / "model.keras", meta.config
     try:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises many types for damaged archives
@@ -120,26 +283,15 @@ def load(path: str | Path) -> Artifact:
             f"{path}: vocab.json has {len(vocab)} characters but the model was built for "
             f"{vocab_in} (input) and {vocab_out} (output)"
         )
-    if meta.get("vocab_size", len(vocab)) != len(vocab):
-        raise VocabMismatch(f"{path}: meta.json says vocab_size {meta['vocab_size']} but vocab.json has {len(vocab)}")
     return Artifact(path, model, vocab, meta)
 
 
-def _read_meta(path: Path) -> dict:
+def _read_meta(path: Path) -> ArtifactMeta:
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadMeta(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise BadMeta(f"{path}: expected a JSON object")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UnsupportedFormat(
-            f"{path}: format_version {version!r} is not supported (this chargen reads version {FORMAT_VERSION})"
-        )
-    if not isinstance(meta.get("config"), dict):
-        raise BadMeta(f"{path}: no 'config' object")
-    return meta
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadMeta(f"{path}: not valid JSON: not UTF-8 ({e})") from None
+    return ArtifactMeta.from_json(text, str(path))
 
 
 def _read_vocab(path: Path) -> Vocab:
@@ -152,29 +304,35 @@ def _read_vocab(path: Path) -> Vocab:
 # ---------------------------------------------------------------- saving
 
 
-def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: dict, extra_files: dict[str, Path] | None = None) -> Path:
-    """Write a new artifact directory at `path` (which must not exist) atomically.
+def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
+         extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a new artifact directory at `path` (which must not exist) atomically, with
+    `extra_files` (name -> contents) beside the three files of an artifact.
 
     The network is saved without optimizer state or dropout settings that only matter in training:
     a fresh inference model with the same weights.
     """
+    from model.network import build_model
+
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path}: already exists; choose a new directory")
+    if meta.vocab_size != len(vocab):
+        raise ValueError(f"meta.vocab_size is {meta.vocab_size} but the vocabulary has {len(vocab)} characters")
+    text = meta.to_json()
+    ArtifactMeta.from_json(text, f"{path / 'meta.json'} (about to be written)")  # what is written must load
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = ModelConfig.from_dict(meta["config"])
-    meta = {"format_version": FORMAT_VERSION, **meta, "vocab_size": len(vocab)}
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o755)
     try:
-        inference = build_model(config, len(vocab))
+        inference = build_model(meta.config, len(vocab))
         inference.set_weights(model.get_weights())
         inference.save(tmp / "model.keras")
         (tmp / "vocab.json").write_text(vocab.to_json(), encoding="utf-8")
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        (tmp / "meta.json").write_text(text, encoding="utf-8")
         _fsync_dir(tmp)
         os.rename(tmp, path)
     except BaseException:

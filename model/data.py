@@ -1,4 +1,6 @@
-"""Corpus text -> train/validation id arrays -> batches of windows for truncated BPTT."""
+"""Corpus text -> train/validation id arrays -> batches of windows for truncated BPTT.
+
+Reading and checking a text needs no Keras, so the command line reports a bad file at once."""
 
 from __future__ import annotations
 
@@ -28,9 +30,29 @@ class Corpus:
         return {"name": self.name, "size_bytes": self.size_bytes, "chars": len(self.text), "sha256": self.sha256}
 
 
-def decode_corpus(data: bytes, name: str) -> Corpus:
+# Bytes that do not occur in text files (NUL and the C0 controls other than tab, newline, vertical tab,
+# form feed, carriage return, backspace and escape; and DEL): more than a few and it is data, not text.
+_CONTROL = bytes([*range(0x00, 0x08), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
+BINARY_CONTROL_FRACTION = 0.05  # random bytes have 10% of them; text in any 8-bit encoding ~0%
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """UTF-8 text with newlines normalized and any byte-order mark removed. Every problem is a
+    CorpusError naming `name`: empty, binary (so nobody is told to convert a zip with iconv), text in
+    another encoding, not UTF-8."""
     if not data:
         raise CorpusError(f"{name}: the file is empty")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CorpusError(
+            f"{name}: not UTF-8 text (byte 0x{data[0]:02x} at offset 0 is invalid): it starts with a UTF-16 "
+            "byte-order mark; convert it first, e.g. `iconv -f utf-16 -t utf-8`"
+        )
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise CorpusError(f"{name}: a binary file, not text (a NUL byte at offset {nul})")
+    control = len(data) - len(data.translate(None, _CONTROL))
+    if control > BINARY_CONTROL_FRACTION * len(data):
+        raise CorpusError(f"{name}: a binary file, not text ({control / len(data):.0%} of its bytes are control codes)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -38,21 +60,32 @@ def decode_corpus(data: bytes, name: str) -> Corpus:
             f"{name}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid); "
             "convert it first, e.g. `iconv -f latin1 -t utf-8`"
         ) from None
-    text = normalize_newlines(text.removeprefix("\ufeff"))
-    if "\x00" in text:
-        raise CorpusError(f"{name}: contains NUL characters; this looks like a binary file, not text")
+    return normalize_newlines(text.removeprefix("\ufeff"))
+
+
+def decode_corpus(data: bytes, name: str) -> Corpus:
+    text = decode_text(data, name)
     if len(text) < MIN_CORPUS_CHARS:
         raise CorpusError(f"{name}: only {len(text)} characters; at least {MIN_CORPUS_CHARS} are needed to train")
     return Corpus(name=name, text=text, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
 
 
-def read_corpus(path: str | Path) -> Corpus:
+def read_bytes(path: str | Path) -> bytes:
     path = Path(path)
     if not path.exists():
         raise CorpusError(f"{path}: no such file")
     if path.is_dir():
         raise CorpusError(f"{path}: is a directory, expected a text file")
-    return decode_corpus(path.read_bytes(), path.name)
+    return path.read_bytes()
+
+
+def read_corpus(path: str | Path) -> Corpus:
+    return decode_corpus(read_bytes(path), Path(path).name)
+
+
+def read_text(path: str | Path) -> str:
+    """Any UTF-8 text file (a text to score), checked as a corpus is but of any length."""
+    return decode_text(read_bytes(path), str(path))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,26 @@
 """The network: character ids -> embedding -> stacked recurrent layers -> next-character logits.
 
 Keras 3 layers only (no backend-specific code), so the same model trains on TensorFlow or JAX and
-its `.keras` file loads on either.
+its `.keras` file loads on either. Keras is imported only by the functions that build or read a
+network: `ModelConfig` is read by code that never runs one (the artifact check, the command line).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
-import keras
+if TYPE_CHECKING:
+    import keras
 
-CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
+# cell name -> the Keras layer class that runs it
+CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn": "SimpleRNN"}
+
+
+def cell_layer(cell: str) -> type:
+    import keras
+
+    return getattr(keras.layers, CELLS[cell])
 
 
 @dataclass(frozen=True)
@@ -47,9 +57,11 @@ class ModelConfig:
 
 def build_model(config: ModelConfig, vocab_size: int) -> keras.Model:
     """Logits for every position: (B, T) int ids -> (B, T, vocab_size)."""
+    import keras
+
     inputs = keras.Input(shape=(None,), dtype="int32", name="chars")
     x = keras.layers.Embedding(vocab_size, config.embedding, name="embedding")(inputs)
-    rnn = CELLS[config.cell]
+    rnn = cell_layer(config.cell)
     for i in range(config.layers):
         x = rnn(config.units, return_sequences=True, name=f"rnn_{i + 1}")(x)  # (B, T, H)
         if config.dropout and i < config.layers - 1:
@@ -60,11 +72,13 @@ def build_model(config: ModelConfig, vocab_size: int) -> keras.Model:
 
 def config_of(model: keras.Model) -> ModelConfig:
     """Read the network's configuration back from a built model (used to check artifacts)."""
+    import keras
+
     rnns = [layer for layer in model.layers if layer.name.startswith("rnn_")]
     if not rnns:
         raise ValueError("model has no recurrent layers named rnn_1, rnn_2, ...")
     kinds = {type(layer) for layer in rnns}
-    cell = next((name for name, cls in CELLS.items() if {cls} == kinds), None)
+    cell = next((name for name in CELLS if {cell_layer(name)} == kinds), None)
     if cell is None:
         raise ValueError(f"model mixes or uses unknown recurrent layers: {sorted(k.__name__ for k in kinds)}")
     dropouts = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]

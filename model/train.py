@@ -5,11 +5,15 @@ A run directory holds:
     checkpoint.keras   the model with its optimizer state after the last completed epoch
     state.json         epoch counter, best validation loss, history (written after checkpoint.keras)
     best -> artifacts/epoch-NNN   the artifact with the lowest validation loss so far
-    history.json, history.csv, loss.png
+    history.json, history.csv, loss.png   every epoch so far (an artifact holds them as of its epoch)
     tensorboard/       with --tensorboard
 
 Every file is written under a temporary name and renamed, so killing the run at any moment (Ctrl-C,
 SIGKILL, power loss) leaves the previous epoch's files intact, and `--resume` continues from there.
+A published artifact is never written to again.
+
+Importing this module does not import Keras: `prepare()` checks settings and corpus first, so the
+command line reports a mistake in a fraction of a second; `train()` imports Keras after that.
 """
 
 from __future__ import annotations
@@ -26,15 +30,19 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from model import artifact
+from model.artifact import ArtifactMeta, CorpusInfo, SplitInfo, TrainingInfo, ValidationInfo, Versions
 from model.data import Corpus, epoch_windows, read_corpus, split_ids
 from model.evaluate import LN2, StreamScorer
 from model.network import ModelConfig, build_model, count_parameters
 from model.vocab import Vocab
+
+if TYPE_CHECKING:
+    import keras
 
 RUN_FILE, STATE_FILE, CHECKPOINT = "run.json", "state.json", "checkpoint.keras"
 
@@ -119,53 +127,101 @@ def _save_model_atomic(model: keras.Model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def versions() -> dict:
+def versions() -> Versions:
+    import keras
+
     backend = keras.backend.backend()
     try:
         backend_version = __import__({"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend, backend)).__version__
     except Exception:
         backend_version = "unknown"
-    return {"keras": keras.__version__, "backend": backend, "backend_version": backend_version,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return Versions(keras=keras.__version__, backend=backend, backend_version=backend_version,
+                    numpy=np.__version__, python=platform.python_version())
 
 
-class _Deadline(keras.callbacks.Callback):
-    """Stops training mid-epoch when the time budget runs out."""
+class _Budget:
+    """--max-minutes covers everything the run does, from train() being called to its return:
+    training, validating and saving. (Without it, every deadline is infinitely far away.)
 
-    def __init__(self, deadline: float | None):
-        super().__init__()
-        self.deadline, self.hit = deadline, False
+    After an epoch's training come its validation and its saving, so training stops early enough
+    for both to fit: the epoch is cut short, rather than the validation, because validation losses
+    are compared across epochs (the best artifact, early stopping) and stay comparable only on the
+    same characters. Validation is estimated before the first epoch by timing one group of streams
+    on the untrained network, then measured; saving is guessed, then measured. When even validating
+    would take more than a quarter of the budget (a huge --validation part), training keeps three
+    quarters and validation scores what fits of the rest: the loss of a prefix of the validation
+    text, recorded as such (chars_scored)."""
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            self.hit = True
-            self.model.stop_training = True
+    VALIDATION_SHARE = 0.25
+    SAVING_GUESS = 2.0  # seconds, until an epoch's saving has been measured
+
+    def __init__(self, started: float, minutes: float | None):
+        self.total = 60.0 * minutes if minutes else math.inf
+        self.end = started + self.total
+        self.validation = 0.0  # seconds a whole validation takes
+        self.group = 0.0  # seconds one network call of the validation takes
+        self.saving: float | None = None
+
+    def __bool__(self) -> bool:
+        return math.isfinite(self.total)
+
+    def _saving(self) -> float:
+        return self.SAVING_GUESS if self.saving is None else self.saving
+
+    def train_until(self) -> float:
+        validating = min(self.validation, max(self.VALIDATION_SHARE * self.total, self.group))
+        return self.end - self._saving() - validating
+
+    def validate_until(self) -> float:
+        return self.end - self._saving()
+
+    def validated(self, seconds: float, scored: int, whole: int, groups: int) -> None:
+        self.validation = seconds * whole / scored
+        self.group = self.validation / groups
+
+    def saved(self, seconds: float) -> None:
+        self.saving = seconds if self.saving is None else max(self.saving, seconds)
 
 
-class _ProgressBar(keras.callbacks.ProgbarLogger):
-    """Keras' live bar with the run's epoch count in its header: each fit() call covers one epoch, so
-    Keras alone would print "Epoch 3/3" for the third of 30."""
+def _callbacks(budget: _Budget, epochs: int, verbose: int, tensorboard: Path | None) -> list:
+    """The fit() callbacks; defined here, with Keras imported, so that importing this module does not
+    import Keras. The first stops an epoch's training at the budget's training deadline."""
+    import keras
 
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.run_epochs = epochs
+    class Deadline(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.hit = False
 
-    def set_params(self, params):
-        super().set_params(params)
-        self.epochs = self.run_epochs
+        def on_train_batch_end(self, batch, logs=None):
+            if time.monotonic() > budget.train_until():
+                self.hit = True
+                self.model.stop_training = True
+
+    class ProgressBar(keras.callbacks.ProgbarLogger):
+        """Keras' live bar with the run's epoch count in its header: each fit() call covers one
+        epoch, so Keras alone would print "Epoch 3/3" for the third of 30."""
+
+        def set_params(self, params):
+            super().set_params(params)
+            self.epochs = epochs
+
+    callbacks = [Deadline()] + ([ProgressBar()] if verbose else [])
+    if tensorboard is not None:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard)))
+    return callbacks
 
 
-def _history_files(history: list[dict], dirs: list[Path], title: str) -> None:
+def _history_files(history: list[dict], title: str) -> dict[str, bytes]:
+    """history.json, history.csv and loss.png of the epochs so far: for the run directory, and for
+    an artifact saved at this epoch."""
     buf = io.StringIO()
     if history:
         writer = csv.DictWriter(buf, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    png = plot_history(history, title)  # drawn once: on tiny corpora plotting costs more than an epoch
-    for out in dirs:
-        _write_atomic(out / "history.json", json.dumps(history, indent=1))
-        _write_atomic(out / "history.csv", buf.getvalue())
-        _write_atomic(out / "loss.png", png)
+    return {"history.json": json.dumps(history, indent=1).encode(), "history.csv": buf.getvalue().encode(),
+            "loss.png": plot_history(history, title)}  # drawn once: on tiny corpora plotting costs more than an epoch
 
 
 def plot_history(history: list[dict], title: str) -> bytes:
@@ -211,6 +267,8 @@ def _tidy(out: Path, best: dict | None) -> None:
 
 
 def _steps(model: keras.Model) -> int:
+    import keras
+
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
@@ -285,14 +343,20 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] = fr
 def train(settings: TrainSettings, *, resume: bool = False, explicit: frozenset[str] = frozenset(),
           command: str | None = None, verbose: int | str = "auto") -> Path:
     """Train (or resume) a run; returns the path of the best artifact. Bad settings and corpora are
-    reported (TrainingError) before any work starts; `explicit` is as in prepare().
+    reported (TrainingError) before any work starts, and before Keras is imported; `explicit` is as
+    in prepare(). --max-minutes counts from this call (see _Budget).
 
     verbose="auto" shows Keras' live progress bar with the running loss on a terminal; elsewhere (a
     log file, CI) only the one line per epoch that this function prints, because the bar writes
     backspaces and colour codes many times a second even when stdout is not a terminal."""
+    called = time.monotonic()
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 0
     settings, corpus, state = prepare(settings, resume, explicit)
+    budget = _Budget(called, settings.max_minutes)
+
+    import keras
+
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     command = command or " ".join(sys.argv)
@@ -338,10 +402,14 @@ def train(settings: TrainSettings, *, resume: bool = False, explicit: frozenset[
     _log(f"untrained loss would be ln {len(vocab)} = {math.log(len(vocab)):.3f} nats/char ({math.log2(len(vocab)):.3f} bits)")
 
     scorer = StreamScorer(n_streams=settings.eval_streams)
-    deadline_cb = _Deadline(time.monotonic() + 60 * settings.max_minutes if settings.max_minutes else None)
-    callbacks: list = [deadline_cb] + ([_ProgressBar(settings.epochs)] if verbose else [])
-    if settings.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard")))
+    whole, groups = scorer.scored(split.validation), scorer.groups(split.validation)
+    if budget:  # time one network call of the validation (deadline 0: exactly one group)
+        probe = time.monotonic()
+        scorer.loss(model, split.validation, deadline=0.0)
+        budget.validated((time.monotonic() - probe) * groups, whole, whole, groups)
+    callbacks = _callbacks(budget, settings.epochs, verbose, out / "tensorboard" if settings.tensorboard else None)
+    deadline_cb = callbacks[0]
+    title = f"{corpus.name}: {settings.config.cell} {settings.config.layers}x{settings.config.units}"
 
     _tidy(out, best)
     first_epoch = epoch
@@ -350,13 +418,14 @@ def train(settings: TrainSettings, *, resume: bool = False, explicit: frozenset[
         if settings.patience and stale >= settings.patience:  # a resumed run that had already stopped early
             stop_reason = f"no improvement for {stale} epochs (patience {settings.patience})"
             break
-        # time ran out during the last epoch's validation or saving (each invocation trains at least
-        # one batch, so a tiny --max-minutes still leaves an artifact)
-        if deadline_cb.deadline is not None and time.monotonic() > deadline_cb.deadline and epoch > first_epoch:
+        # no time left to train before validating and saving (each invocation trains at least one
+        # batch, so a tiny --max-minutes still leaves an artifact)
+        if time.monotonic() >= budget.train_until() and epoch > first_epoch:
             stop_reason = "max-minutes"
             break
         x, y = epoch_windows(split.train, settings.seq_len, settings.batch_size, settings.seed, epoch)
         started, steps_before = time.monotonic(), _steps(model)
+        deadline_cb.hit = False
         fit = model.fit(
             x, y, batch_size=settings.batch_size, epochs=epoch + 1, initial_epoch=epoch,
             shuffle=False, verbose=verbose, callbacks=callbacks,
@@ -365,7 +434,11 @@ def train(settings: TrainSettings, *, resume: bool = False, explicit: frozenset[
         train_nats = float(fit.history["loss"][-1])
         partial = deadline_cb.hit
         trained = (_steps(model) - steps_before) * settings.batch_size * settings.seq_len
-        val = scorer.loss(model, split.validation)
+
+        validating = time.monotonic()
+        val = scorer.loss(model, split.validation, deadline=budget.validate_until())
+        budget.validated(time.monotonic() - validating, val.chars, whole, groups)
+        saving = time.monotonic()
         epoch += 1
         training_seconds += seconds
         chars_trained += trained
@@ -376,6 +449,7 @@ def train(settings: TrainSettings, *, resume: bool = False, explicit: frozenset[
             "train_bits_per_char": round(train_nats / LN2, 5),
             "val_nats_per_char": round(val.nats, 5),
             "val_bits_per_char": round(val.bits, 5),
+            "val_chars_scored": val.chars,
             "learning_rate": lr_now,
             "seconds": round(seconds, 2),
             "chars_per_second": round(trained / seconds),
@@ -384,31 +458,34 @@ def train(settings: TrainSettings, *, resume: bool = False, explicit: frozenset[
         history.append(row)
         improved = best is None or val.nats < best["val_nats"]
         mark = "  (best so far)" if improved else ""
+        cut = f" (the first {val.chars:,} of {whole:,} characters: --max-minutes)" if val.chars < whole else ""
         _log(
             f"epoch {epoch}: train {train_nats:.4f} nats/char ({train_nats / LN2:.4f} bits), "
-            f"validation {val.nats:.4f} nats/char ({val.bits:.4f} bits){mark}; {seconds:.0f} s"
+            f"validation {val.nats:.4f} nats/char ({val.bits:.4f} bits){cut}{mark}; {seconds:.0f} s"
         )
 
+        files = _history_files(history, title)
         if improved:
             name = f"artifacts/epoch-{epoch:03d}"
-            meta = {
-                "config": settings.config.to_dict(),
-                "parameters": params,
-                "corpus": corpus.describe(),
-                "split": {"validation_fraction": settings.validation_fraction,
-                          "train_chars": int(len(split.train)), "validation_chars": int(len(split.validation))},
-                "validation": {"epoch": epoch, **val.to_dict()},
-                "training": {
-                    "epochs": epoch, "seconds": round(training_seconds, 1),
-                    "chars_per_second": round(chars_trained / training_seconds) if training_seconds else None,
-                    "seq_len": settings.seq_len, "batch_size": settings.batch_size, "lr": settings.lr,
-                    "lr_decay": settings.lr_decay, "clipnorm": settings.clipnorm, "seed": settings.seed,
-                },
-                "versions": versions(),
-                "command": command,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            artifact.save(out / name, model, vocab, meta)
+            meta = ArtifactMeta(
+                config=settings.config,
+                parameters=params,
+                corpus=CorpusInfo(**corpus.describe()),
+                split=SplitInfo(validation_fraction=settings.validation_fraction,
+                                train_chars=int(len(split.train)), validation_chars=int(len(split.validation))),
+                validation=ValidationInfo(epoch=epoch, **val.to_dict()),
+                training=TrainingInfo(
+                    epochs=epoch, seconds=round(training_seconds, 1),
+                    chars_per_second=round(chars_trained / training_seconds) if training_seconds else None,
+                    seq_len=settings.seq_len, batch_size=settings.batch_size, lr=settings.lr,
+                    lr_decay=settings.lr_decay, clipnorm=settings.clipnorm, seed=settings.seed,
+                ),
+                versions=versions(),
+                command=command,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                vocab_size=len(vocab),
+            )
+            artifact.save(out / name, model, vocab, meta, extra_files=files)  # the history as of this epoch
             artifact.point(out / "best", out / name)
             best = {"epoch": epoch, "val_nats": val.nats, "artifact": name}
             stale = 0
@@ -420,8 +497,9 @@ def train(settings: TrainSettings, *, resume: bool = False, explicit: frozenset[
                  "training_seconds": training_seconds, "chars_trained": chars_trained, "corpus_sha256": corpus.sha256}
         _write_atomic(out / STATE_FILE, json.dumps(state, indent=1))
         _tidy(out, best)  # the previous best goes only now that state.json no longer names it
-        title = f"{corpus.name}: {settings.config.cell} {settings.config.layers}x{settings.config.units}"
-        _history_files(history, [out, out / best["artifact"]], title)
+        for file_name, data in files.items():
+            _write_atomic(out / file_name, data)
+        budget.saved(time.monotonic() - saving)
 
         if partial:
             stop_reason = "max-minutes"

@@ -94,7 +94,7 @@ def free_port() -> int:
 
 def chargen_command() -> list[str]:
     script = Path(sys.executable).with_name("chargen")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from model.cli import main; main()"]
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from chargen.cli import main; main()"]
 
 
 def server_env(artifact: Path | str, env: dict | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""Artifacts: a round trip keeps the logits; every kind of damage has its own error naming the file."""
+"""Artifacts: a round trip keeps the logits; every kind of damage has its own error naming the file;
+meta.json is one typed record; the module and its check need no Keras."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,8 +17,8 @@ import numpy as np
 import pytest
 
 from model import artifact
-from model.artifact import (ArtifactError, ArtifactNotFound, BadMeta, BadVocab, CorruptModel, MissingFile,
-                            UnsupportedFormat, VocabMismatch)
+from model.artifact import (ArtifactError, ArtifactMeta, ArtifactNotFound, BadMeta, BadVocab, CorpusInfo, CorruptModel,
+                            MissingFile, UnsupportedFormat, VocabMismatch)
 from model.network import ModelConfig, build_model
 from model.vocab import Vocab
 
@@ -23,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(cell="gru", layers=2, units=16, embedding=8)
 VOCAB = Vocab.from_text("abcdefgh \n")
 X = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]], dtype=np.int32)
+META = ArtifactMeta(config=CONFIG, corpus=CorpusInfo(name="letters", size_bytes=10, chars=10, sha256="0" * 64),
+                    vocab_size=len(VOCAB))
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +35,7 @@ def saved(tmp_path_factory):
     """An artifact of a randomly initialised network, and that network."""
     keras.utils.set_random_seed(3)
     model = build_model(CONFIG, len(VOCAB))
-    path = artifact.save(tmp_path_factory.mktemp("artifact") / "a", model, VOCAB,
-                         {"config": CONFIG.to_dict(), "corpus": {"name": "letters"}})
+    path = artifact.save(tmp_path_factory.mktemp("artifact") / "a", model, VOCAB, META)
     return path, model
 
 
@@ -58,9 +62,8 @@ def test_round_trip_gives_identical_logits(saved):
     assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.keras", "vocab.json"]
     assert loaded.vocab.chars == VOCAB.chars
     assert loaded.config == CONFIG
-    assert loaded.meta["format_version"] == artifact.FORMAT_VERSION
-    assert loaded.meta["vocab_size"] == len(VOCAB)
-    assert loaded.meta["corpus"] == {"name": "letters"}
+    assert loaded.meta == META
+    assert loaded.meta.format_version == artifact.FORMAT_VERSION and loaded.meta.vocab_size == len(VOCAB)
     expected = keras.ops.convert_to_numpy(model(X))
     got = keras.ops.convert_to_numpy(loaded.model(X))
     assert got.shape == (2, 10, len(VOCAB))
@@ -74,7 +77,7 @@ def test_saved_network_is_for_inference_only(tmp_path):
     model = build_model(CONFIG, len(VOCAB))
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.train_on_batch(X[:, :-1], X[:, 1:])
-    path = artifact.save(tmp_path / "a", model, VOCAB, {"config": CONFIG.to_dict()})
+    path = artifact.save(tmp_path / "a", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=len(VOCAB)))
     loaded = artifact.load(path)
     assert getattr(loaded.model, "optimizer", None) is None
     with zipfile.ZipFile(path / "model.keras") as z:
@@ -95,11 +98,20 @@ def test_a_run_directory_resolves_to_its_best_artifact(saved, tmp_path):
 def test_save_refuses_an_existing_directory_and_leaves_nothing_half_written(saved, tmp_path):
     _, model = saved
     with pytest.raises(FileExistsError, match="already exists"):
-        artifact.save(saved[0], model, VOCAB, {"config": CONFIG.to_dict()})
+        artifact.save(saved[0], model, VOCAB, META)
     target = tmp_path / "new"
-    with pytest.raises(FileNotFoundError):  # fails part-way: after model.keras, while copying extras
-        artifact.save(target, model, VOCAB, {"config": CONFIG.to_dict()}, extra_files={"x": tmp_path / "absent"})
+    with pytest.raises(FileNotFoundError):  # fails part-way: after model.keras, while writing extras
+        artifact.save(target, model, VOCAB, META, extra_files={"no/such/dir": b"x"})
     assert list(tmp_path.iterdir()) == []  # neither the target nor its temporary directory
+
+
+def test_save_refuses_a_record_that_would_not_load(saved, tmp_path):
+    _, model = saved
+    with pytest.raises(ValueError, match="vocab_size is 3 but the vocabulary has 10"):
+        artifact.save(tmp_path / "a", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=3))
+    with pytest.raises(BadMeta, match="field 'parameters' must be a whole number, got 'many'"):
+        artifact.save(tmp_path / "b", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=len(VOCAB), parameters="many"))
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- damage, one error class each
@@ -158,6 +170,9 @@ def test_model_with_code_is_refused_by_safe_mode(copy):
 
 def test_vocabulary_that_does_not_fit_the_model(copy):
     (copy / "vocab.json").write_text(Vocab(VOCAB.chars + ["z"]).to_json())
+    raises(VocabMismatch, copy, "meta.json says vocab_size 10 but vocab.json has 11")  # seen without the network
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "vocab_size": len(VOCAB) + 1}))
     error = raises(VocabMismatch, copy, "vocab.json")
     assert f"{len(VOCAB) + 1} characters" in str(error) and f"built for {len(VOCAB)}" in str(error)
 
@@ -181,12 +196,37 @@ def test_unknown_format_version(copy, version):
 @pytest.mark.parametrize("text, problem", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    (json.dumps({"format_version": 1}), "no 'config'"),
+    (json.dumps({"format_version": 1}), "missing field 'config'"),
     (json.dumps({"format_version": 1, "config": {"cell": "transformer"}}), "invalid config"),
     (json.dumps({"format_version": 1, "config": {"colour": "red"}}), "invalid config"),
+    (json.dumps({"format_version": 1, "config": [1]}), "invalid config: expected an object"),
 ])
 def test_bad_meta(copy, text, problem):
     (copy / "meta.json").write_text(text)
+    error = raises(BadMeta, copy, "meta.json")
+    assert problem in str(error)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"vocab_size": None}, "field 'vocab_size' must be a whole number, got None"),
+    ({"vocab_size": "10"}, "field 'vocab_size' must be a whole number, got '10'"),
+    ({"vocab_size": True}, "field 'vocab_size' must be a whole number, got True"),
+    ({"parameters": 1.5}, "field 'parameters' must be a whole number, got 1.5"),
+    ({"command": ["chargen"]}, "field 'command' must be a string"),
+    ({"created": "yesterday"}, "field 'created' must be an ISO 8601 time, got 'yesterday'"),
+    ({"corpus": "letters"}, "field 'corpus' must be an object, got 'letters'"),
+    ({"corpus": {"name": "letters"}}, "missing field 'corpus.size_bytes'"),
+    ({"corpus": {**META.to_dict()["corpus"], "sha256": 7}}, "field 'corpus.sha256' must be a string, got 7"),
+    ({"corpus": {**META.to_dict()["corpus"], "colour": "red"}}, "unknown field 'corpus.colour'"),
+    ({"validation": {"epoch": 1, "nats_per_char": "low", "bits_per_char": 1.0, "chars_scored": 5}},
+     "field 'validation.nats_per_char' must be a number, got 'low'"),
+    ({"validation": {"epoch": 1, "nats_per_char": float("nan"), "bits_per_char": 1.0, "chars_scored": 5}},
+     "field 'validation.nats_per_char' must be a number, got nan"),
+    ({"notes": "mine"}, "unknown field 'notes'"),
+])
+def test_meta_fields_are_typed(copy, change, problem):
+    meta = {**json.loads((copy / "meta.json").read_text()), **change}
+    (copy / "meta.json").write_text(json.dumps(meta))
     error = raises(BadMeta, copy, "meta.json")
     assert problem in str(error)
 
@@ -234,7 +274,50 @@ def test_trained_artifact_describes_itself(tiny_artifact):
     assert re.fullmatch(r"\d+\.\d+.*", meta["versions"]["backend_version"])
     assert meta["command"] == "test"  # what train_tiny passes
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["created"])
-    assert artifact.load(tiny_artifact).meta == meta
+    loaded = artifact.load(tiny_artifact).meta
+    assert loaded.to_dict() == meta and loaded.to_json() == (tiny_artifact / "meta.json").read_text()
+    assert loaded.validation.nats_per_char == meta["validation"]["nats_per_char"] and loaded.corpus.name == corpus_file.name
+
+
+def test_the_shipped_artifact_reads_unchanged():
+    """artifacts/default (written before the typed record) is read and written back byte for byte."""
+    path = ROOT / "artifacts" / "default"
+    text = (path / "meta.json").read_text()
+    checked_path, meta, vocab = artifact.check(path)
+    assert checked_path == path and meta.vocab_size == len(vocab) == 65
+    assert meta.config == ModelConfig(cell="lstm", layers=2, units=256, embedding=64, dropout=0.2)
+    assert meta.validation.epoch == 27 and meta.training.epochs == 27 and meta.versions.backend == "jax"
+    assert meta.to_json() == text
+
+
+# ---------------------------------------------------------------- without Keras
+
+
+def test_check_and_the_module_need_no_keras(saved, tmp_path):
+    """The artifact module imports without Keras, and check() reports every damage it can see
+    without loading it (the next issue serves without TensorFlow)."""
+    (tmp_path / "broken").mkdir()
+    for name in ("vocab.json", "meta.json"):
+        shutil.copyfile(saved[0] / name, tmp_path / "broken" / name)
+    (tmp_path / "broken" / "model.keras").write_bytes(b"not a zip")
+    code = (
+        "import sys\n"
+        "from model import artifact\n"
+        "path, meta, vocab = artifact.check(sys.argv[1])\n"
+        "print(meta.config.cell, len(vocab))\n"
+        "try:\n"
+        "    artifact.check(sys.argv[2])\n"
+        "except artifact.CorruptModel as e:\n"
+        "    print(e)\n"
+        "print(sorted(m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(saved[0]), str(tmp_path / "broken")],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"gru {len(VOCAB)}"
+    assert "model.keras: not a Keras archive" in lines[1]
+    assert lines[2] == "[]"
 
 
 def test_no_pickle_anywhere():

@@ -76,8 +76,8 @@ def other_artifact(tmp_path_factory) -> Path:
 
 
 def test_artifacts_cross_backends_with_the_same_logits(tiny_artifact, other_artifact):
-    assert artifact.load(tiny_artifact).meta["versions"]["backend"] == HERE
-    assert artifact.load(other_artifact).meta["versions"]["backend"] == OTHER
+    assert artifact.load(tiny_artifact).meta.versions.backend == HERE
+    assert artifact.load(other_artifact).meta.versions.backend == OTHER
 
     paths = {"here": str(tiny_artifact), "other": str(other_artifact)}
     env = {**os.environ, "KERAS_BACKEND": OTHER, "TF_CPP_MIN_LOG_LEVEL": "2"}

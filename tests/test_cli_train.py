@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import PERIODIC
 
 from model import artifact
-from model.cli import main
+from chargen.cli import main
 
 CHARGEN = str(Path(sys.executable).with_name("chargen"))
 
@@ -87,7 +87,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, corpus, args, proble
     (None, "no such file"),
     (b"", "the file is empty"),
     (b"\xff\xfe" + "text".encode("utf-16-le") * 100, "not UTF-8 text (byte 0xff at offset 0"),
-    (b"ab\x00" * 100, "contains NUL characters"),
+    (b"ab\x00" * 100, "a binary file, not text (a NUL byte at offset 2)"),
     (b"too short\n", "only 10 characters; at least 200 are needed"),
 ])
 def test_bad_corpora_are_refused_before_any_work(tmp_path, data, problem):
@@ -192,7 +192,7 @@ def test_killed_run_resumes_from_its_last_completed_epoch(tmp_path):
     first_log = (tmp_path / "first.log").read_text()
     assert "\x1b" not in first_log and "\b" not in first_log  # no progress-bar codes when stdout is a file
     assert f"epoch {killed_at}: train " in first_log
-    assert artifact.load(run).meta["training"]["epochs"] <= killed_at + 1  # whole (maybe not yet in state.json)
+    assert artifact.load(run).meta.training.epochs <= killed_at + 1  # whole (maybe not yet in state.json)
 
     # a second start without --resume refuses to touch the run
     before = (run / "state.json").read_text()
@@ -217,8 +217,8 @@ def test_killed_run_resumes_from_its_last_completed_epoch(tmp_path):
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
 
     best = artifact.load(run)
-    assert best.meta["validation"]["nats_per_char"] == pytest.approx(min(r["val_nats_per_char"] for r in history), abs=1e-5)
-    assert best.meta["command"].startswith("chargen train --corpus ")
+    assert best.meta.validation.nats_per_char == pytest.approx(min(r["val_nats_per_char"] for r in history), abs=1e-5)
+    assert best.meta.command.startswith("chargen train --corpus ")
     assert sorted(p.name for p in (run / "artifacts").iterdir()) == [best.path.resolve().name]
 
 

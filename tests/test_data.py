@@ -27,8 +27,11 @@ def test_read_corpus_normalizes_newlines_and_hashes_the_bytes(tmp_path):
 
 @pytest.mark.parametrize("data, problem", [
     (b"", "empty"),
-    (b"caf\xe9 au lait " * 40, "not UTF-8 text (byte 0xe9 at offset 3"),
-    (b"text\x00with nul " * 40, "NUL"),
+    (b"caf\xe9 au lait " * 40, "not UTF-8 text (byte 0xe9 at offset 3 is invalid); convert it first, e.g. `iconv"),
+    ("text".encode("utf-16") * 100, "UTF-16 byte-order mark; convert it first, e.g. `iconv -f utf-16"),
+    (b"text\x00with nul " * 40, "a binary file, not text (a NUL byte at offset 4)"),
+    (bytes(range(1, 256)) * 4, "a binary file, not text (10% of its bytes are control codes)"),  # no NUL, not UTF-8
+    (b"\x01\x02\x03 valid UTF-8 but mostly control codes " * 20, "a binary file, not text"),
     (b"short", f"only 5 characters; at least {MIN_CORPUS_CHARS}"),
 ])
 def test_bad_corpora_give_clear_errors(tmp_path, data, problem):
@@ -37,6 +40,14 @@ def test_bad_corpora_give_clear_errors(tmp_path, data, problem):
     with pytest.raises(CorpusError) as e:
         read_corpus(path)
     assert problem in str(e.value) and "bad.txt" in str(e.value)
+    if "binary" in problem:
+        assert "iconv" not in str(e.value)
+
+
+def test_text_with_escape_codes_tabs_and_form_feeds_is_text(tmp_path):
+    path = tmp_path / "log.txt"
+    path.write_bytes(b"\x1b[1mbold\x1b[0m\tcolumn\x0cpage\r\n" * 30)
+    assert read_corpus(path).text.startswith("\x1b[1mbold\x1b[0m\tcolumn\x0cpage\n")
 
 
 def test_missing_file_and_directory(tmp_path):

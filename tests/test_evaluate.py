@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import PERIODIC
 
-from model.cli import main
+from chargen.cli import main
 
 
 def evaluate(*args: str):
@@ -81,3 +81,26 @@ def test_bad_artifacts(tmp_path):
     assert result.exit_code == 1 and "missing model.keras, vocab.json, meta.json" in result.output
     result = evaluate("--artifact", str(tmp_path / "empty"), "--text", str(tmp_path))
     assert result.exit_code == 1 and "is a directory" in result.output
+
+
+def test_a_deadline_scores_a_prefix_of_whole_groups(tiny_artifact):
+    """Training's --max-minutes bounds validation: scoring stops between network calls, after at
+    least one, and the loss is that of the streams scored so far (a prefix of the text)."""
+    import time
+
+    import numpy as np
+
+    from model import artifact
+    from model.evaluate import StreamScorer
+
+    loaded = artifact.load(tiny_artifact)
+    ids = loaded.vocab.encode(PERIODIC * 400).ids  # 18,000 characters
+    scorer = StreamScorer(n_streams=16, batch=4)  # 16 streams of 1,125 characters, 4 per call
+    assert scorer.groups(ids) == 4 and scorer.scored(ids) == 16 * 1124
+    whole = scorer.loss(loaded.model, ids)
+    assert whole.chars == scorer.scored(ids) == scorer.loss(loaded.model, ids, deadline=time.monotonic() + 600).chars
+    first = scorer.loss(loaded.model, ids, deadline=0.0)  # already passed: exactly one call
+    assert first.chars == 4 * 1124
+    prefix = StreamScorer(n_streams=4, batch=4).loss(loaded.model, ids[: 4 * 1125])  # the first 4 streams alone
+    assert (prefix.chars, prefix.nats) == (first.chars, pytest.approx(first.nats, abs=1e-6))
+    assert np.isfinite(first.nats) and first.nats < 0.1

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from model.cli import main
+from chargen.cli import main
 from model.prepare import MANIFEST, KnownCorpus, PrepareError, load_manifest, prepare, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_out_with_other_content_needs_force(tmp_path):
 @pytest.mark.parametrize("data, problem", [
     (b"", "the file is empty"),
     ("Schöne Grüße\n".encode("latin-1") * 30, "not UTF-8 text (byte 0xf6 at offset 3 is invalid)"),
-    (b"\x00\x01\x02binary" * 40, "NUL characters"),
+    (b"\x00\x01\x02binary" * 40, "a binary file, not text"),
     (b"too short\n", "only 10 characters; at least 200 are needed"),
 ])
 def test_unusable_files(tmp_path, data, problem):

@@ -1,22 +1,28 @@
-"""Training: every cell learns, the run directory's files, early stopping, --max-minutes, TensorBoard,
-and a resumed run tidying what a killed one left behind."""
+"""Training: every cell learns, the run directory's files, early stopping, --max-minutes (the whole
+run inside the budget), TensorBoard, a resumed run tidying what a killed one left behind, and a
+published artifact never written to again."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from conftest import PERIODIC, train_tiny
+from test_cli_train import words
 
 from model import artifact
 from model.network import ModelConfig
-from model.train import TrainSettings, train
+from model.train import TrainSettings, _Budget, train
 
 
 def greedy(loaded: artifact.Artifact, prompt: str, max_chars: int) -> str:
@@ -44,7 +50,7 @@ def cells(tmp_path_factory, tiny_artifact) -> dict[str, Path]:
 def test_each_cell_learns_a_periodic_text(cells, cell):
     loaded = artifact.load(cells[cell])
     assert loaded.config.cell == cell and loaded.config.layers == 1
-    assert loaded.meta["validation"]["nats_per_char"] < 0.05
+    assert loaded.meta.validation.nats_per_char < 0.05
     prompt = PERIODIC[:20]  # past "the quick", so the next "the" is known to be "the lazy"
     expected = (PERIODIC * 3)[20 : 20 + 2 * len(PERIODIC)]
     assert greedy(loaded, prompt, len(expected)) == expected
@@ -71,7 +77,9 @@ def test_run_directory_files(tiny_artifact):
     assert [p.name for p in (run / "artifacts").iterdir()] == [f"epoch-{best_epoch:03d}"]
     meta = json.loads((run / "best" / "meta.json").read_text())
     assert meta["validation"]["epoch"] == best_epoch
-    assert (run / "best" / "history.json").exists() and (run / "best" / "loss.png").exists()
+    # the artifact holds the history as of its epoch; the run directory has every epoch
+    assert json.loads((run / "best" / "history.json").read_text()) == history[:best_epoch]
+    assert (run / "best" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     state = json.loads((run / "state.json").read_text())
     assert state["epoch"] == 25 and state["best"]["artifact"] == f"artifacts/epoch-{best_epoch:03d}"
@@ -89,8 +97,70 @@ def test_max_minutes_stops_mid_epoch_with_a_valid_artifact(tmp_path, capsys):
     checkpoint = keras.saving.load_model(tmp_path / "run" / "checkpoint.keras", compile=True, safe_mode=True)
     assert 1 <= int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) < 7
     loaded = artifact.load(best)
-    assert loaded.meta["training"]["epochs"] == 1
+    assert loaded.meta.training.epochs == 1
     assert "stopped (max-minutes) after epoch 1" in capsys.readouterr().out
+
+
+class TimedLines(io.StringIO):
+    """stdout that notes when each line of the run's log was written."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[tuple[float, str]] = []
+
+    def write(self, text):
+        self.lines += [(time.monotonic(), line) for line in text.splitlines() if line.strip()]
+        return super().write(text)
+
+
+def test_max_minutes_covers_validation_and_saving(tmp_path, monkeypatch):
+    """--max-minutes 0.3 with a validation part that takes seconds to score: the epoch's training is
+    cut short so that its validation ends inside the budget and the run returns within it (plus a
+    margin for saving on a loaded machine), leaving a valid artifact. Before the fix, training ran
+    to the deadline and the whole validation came after it."""
+    budget = 0.3 * 60
+    run = tmp_path / "run"
+    (tmp_path / "words.txt").write_text(words(2_000_000))  # 1,000,000 characters to validate on
+    given = TrainSettings(corpus=str(tmp_path / "words.txt"), out=str(run), validation_fraction=0.5,
+                          config=ModelConfig(cell="lstm", layers=1, units=128, embedding=16), seq_len=50,
+                          batch_size=16, lr=1e-2, lr_decay=1.0, epochs=30, patience=0, max_minutes=budget / 60)
+    out = TimedLines()
+    monkeypatch.setattr(sys, "stdout", out)
+    started = time.monotonic()
+    best = train(given, verbose=0)
+    elapsed = time.monotonic() - started
+    monkeypatch.undo()
+
+    epoch_lines = [(t - started, line) for t, line in out.lines if line.startswith("epoch ")]
+    assert epoch_lines, out.getvalue()
+    validated_at = epoch_lines[-1][0]  # the epoch's line is written once its validation is done
+    assert validated_at < budget, out.getvalue()
+    assert elapsed < budget + 3, f"{elapsed:.1f} s for a budget of {budget:.0f} s\n{out.getvalue()}"
+    assert "stopped (max-minutes)" in out.getvalue()
+    history = json.loads((run / "history.json").read_text())
+    assert history[-1]["partial"] is True
+    loaded = artifact.load(best)
+    assert loaded.meta.validation.chars_scored == history[loaded.meta.validation.epoch - 1]["val_chars_scored"] > 0
+
+
+def test_budget_keeps_room_for_validation_and_saving():
+    budget = _Budget(1000.0, 100 / 60)  # 100 s from t=1000
+    assert not _Budget(1000.0, None) and budget
+    assert _Budget(1000.0, None).train_until() == _Budget(1000.0, None).validate_until() == math.inf
+    assert budget.train_until() == 1100 - _Budget.SAVING_GUESS  # nothing known about validation yet
+    budget.validated(seconds=1.0, scored=10, whole=100, groups=4)  # a tenth took 1 s: 10 s in 4 calls
+    assert (budget.validation, budget.group) == (10.0, 2.5)
+    assert budget.train_until() == 1100 - _Budget.SAVING_GUESS - 10
+    assert budget.validate_until() == 1100 - _Budget.SAVING_GUESS
+    budget.saved(3.0)
+    budget.saved(1.0)  # the slowest saving so far is kept
+    assert budget.train_until() == 1100 - 3 - 10
+    # validation that would take more than a quarter of the budget gets a quarter (and scores a prefix)
+    budget.validated(seconds=60.0, scored=100, whole=100, groups=4)
+    assert budget.train_until() == 1100 - 3 - 25
+    # but never less than one network call of it
+    budget.validated(seconds=120.0, scored=100, whole=100, groups=2)
+    assert budget.train_until() == 1100 - 3 - 60
 
 
 def test_tensorboard_logs_on_request(tmp_path):
@@ -124,6 +194,9 @@ def test_early_stopping_then_resume_does_not_train_more(tmp_path, capsys):
     assert len(history) == best_epoch + 2  # patience 2: two epochs without improvement, then stop
     assert os.readlink(run / "best") == f"artifacts/epoch-{best_epoch:03d}"
     assert "no improvement for 2 epochs (patience 2)" in capsys.readouterr().out
+    # the artifact was written once, at its epoch: the two epochs after it did not touch it
+    assert json.loads((run / "best" / "history.json").read_text()) == history[:best_epoch]
+    published = {p.name: p.read_bytes() for p in (run / "best").iterdir()}
 
     # A run killed between saving a new best artifact and recording it in state.json leaves an
     # unrecorded artifact that `best` points to, plus temporary files; --resume tidies them away.
@@ -146,6 +219,8 @@ def test_early_stopping_then_resume_does_not_train_more(tmp_path, capsys):
     train(settings(tmp_path, PERIODIC * 60 + noise, patience=3), resume=True, verbose=0)
     after = json.loads((run / "history.json").read_text())
     assert [row["epoch"] for row in after] == list(range(1, len(history) + 2))
+    if os.readlink(run / "best") == f"artifacts/epoch-{best_epoch:03d}":  # still the best: untouched
+        assert {p.name: p.read_bytes() for p in (run / "best").iterdir()} == published
     steps = (int(len(PERIODIC * 60 + noise) * 0.9) // 40) // 8
     checkpoint = keras.saving.load_model(run / "checkpoint.keras", compile=True, safe_mode=True)
     assert int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) == len(after) * steps

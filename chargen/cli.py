@@ -1,18 +1,25 @@
 """The `chargen` command: train, sample, evaluate, prepare, serve.
 
-Heavy imports (Keras and its backend) happen inside the commands, after `--backend` is known, so
-`chargen --help` is instant and a bad flag is reported before TensorFlow loads.
+It sits above both `model/` and `service/` (neither imports it). Heavy imports (Keras and its
+backend) happen inside the commands, after every check that needs no model: a bad flag, a missing
+or binary file, a directory that is not an artifact, a missing backend, a port in use are all
+reported in a fraction of a second, before TensorFlow loads.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import shlex
 import sys
 
 import click
 
-BACKENDS = ("tensorflow", "jax")
+from model.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K  # imports nothing
+
+# backend -> the package it needs and how to install it
+BACKENDS = {"tensorflow": "pip install -e .", "jax": "pip install -e '.[jax]'"}
 
 
 def _quiet_backend(backend: str | None) -> None:
@@ -22,8 +29,48 @@ def _quiet_backend(backend: str | None) -> None:
     os.environ.setdefault("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
 
 
+def _require_backend() -> None:
+    """The Keras backend this command will load is installed; else one line saying what to install
+    (instead of Keras' ModuleNotFoundError traceback). Called by the commands that load Keras."""
+    backend = os.environ.get("KERAS_BACKEND") or "tensorflow"
+    if backend not in BACKENDS:
+        raise click.ClickException(f"KERAS_BACKEND={backend}: chargen runs on {' or '.join(BACKENDS)}")
+    try:
+        found = importlib.util.find_spec(backend) is not None
+    except (ImportError, ValueError):  # a broken installation is as good as none
+        found = False
+    if not found:
+        raise click.ClickException(
+            f"the {backend} backend is not installed; install it with: {BACKENDS[backend]}"
+        )
+
+
+def _me() -> str:
+    """How the user ran chargen, for a command line to copy (`.venv/bin/chargen`, `chargen`)."""
+    return shlex.quote(sys.argv[0]) if os.path.basename(sys.argv[0]) == "chargen" else "chargen"
+
+
+def _check_artifact(path: str):
+    """The artifact's own check (model/artifact.py), without Keras: its path, meta and vocabulary."""
+    from model import artifact
+
+    try:
+        return artifact.check(path)
+    except artifact.ArtifactError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _load_artifact(path: str):
+    from model import artifact
+
+    try:
+        return artifact.load(path)
+    except artifact.ArtifactError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
               help="Keras backend (default: $KERAS_BACKEND, else tensorflow).")
 def main(backend):
     """chargen: train a character-level recurrent language model and serve it."""
@@ -47,7 +94,7 @@ def main(backend):
 @click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True, help="Learning-rate factor per epoch.")
 @click.option("--clipnorm", type=click.FloatRange(0), default=5.0, show_default=True, help="Clip the global gradient norm (0: off).")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Most epochs (one epoch covers the training text once).")
-@click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, help="Stop after this much training time.")
+@click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, help="Time budget of the whole run: training, validating and saving.")
 @click.option("--patience", type=click.IntRange(0), default=5, show_default=True, help="Early stopping: epochs without improvement (0: off).")
 @click.option("--validation", "validation_fraction", type=click.FloatRange(0, 0.5, min_open=True), default=0.1, show_default=True,
               help="Fraction at the end of the corpus kept for validation.")
@@ -56,8 +103,9 @@ def main(backend):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs):
     """Train a model on CORPUS; the best checkpoint is kept as OUT/best."""
+    _require_backend()
     from model.network import ModelConfig
-    from model.train import TrainingError, TrainSettings, train as run
+    from model.train import TrainingError, TrainSettings, train as run  # Keras comes after its checks
 
     try:  # what the click types let through (--dropout nan) is caught here
         config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
@@ -74,34 +122,11 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; continue with: chargen train --corpus {shlex.quote(corpus)} --out {shlex.quote(out)} --resume", err=True)
+        click.echo(f"\ninterrupted; continue with: {_me()} train --corpus {shlex.quote(corpus)} --out {shlex.quote(out)} --resume", err=True)
         sys.exit(130)
 
 
 # ---------------------------------------------------------------- evaluate
-
-
-def _read_text(path: str) -> str:
-    """A UTF-8 text file, newlines normalized; every problem is a ClickException naming the file."""
-    from pathlib import Path
-
-    from model.vocab import normalize_newlines
-
-    p = Path(path)
-    if not p.exists():
-        raise click.ClickException(f"{path}: no such file")
-    if p.is_dir():
-        raise click.ClickException(f"{path}: is a directory, expected a text file")
-    data = p.read_bytes()
-    if not data:
-        raise click.ClickException(f"{path}: the file is empty")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise click.ClickException(
-            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid)"
-        ) from None
-    return normalize_newlines(text.removeprefix("\ufeff"))
 
 
 @main.command()
@@ -115,23 +140,26 @@ def evaluate(artifact_path, text_path, as_json):
     Prints the model's loss on the text in nats and bits per character (lower is better). Characters outside the model's vocabulary follow the usual rule: replaced by their unaccented
     form when the vocabulary has it, dropped otherwise; both are counted.
     """
-    text = _read_text(text_path)  # a bad text is reported before the backend loads
-
     import json
 
-    from model import artifact
-    from model.evaluate import StreamScorer
+    from model.data import CorpusError, read_text
 
-    try:
-        loaded = artifact.load(artifact_path)
-    except artifact.ArtifactError as e:
+    _require_backend()
+    try:  # everything that needs no model is checked before Keras loads
+        text = read_text(text_path)
+    except CorpusError as e:
         raise click.ClickException(str(e)) from None
-    encoded = loaded.vocab.encode(text)
-    outside = sum(c not in loaded.vocab for c in text)
+    _, _, vocab = _check_artifact(artifact_path)
+    encoded = vocab.encode(text)
+    outside = sum(c not in vocab for c in text)
     if len(encoded.ids) < 2:
         raise click.ClickException(
             f"{text_path}: only {len(encoded.ids)} character(s) the model knows; at least 2 are needed to score"
         )
+
+    from model.evaluate import StreamScorer
+
+    loaded = _load_artifact(artifact_path)
     loss = StreamScorer().loss(loaded.model, encoded.ids)
     result = {
         "artifact": str(loaded.path), "text": text_path, "chars": len(text),
@@ -141,7 +169,7 @@ def evaluate(artifact_path, text_path, as_json):
     if as_json:
         click.echo(json.dumps(result))
         return
-    config, corpus = loaded.config, loaded.meta.get("corpus", {}).get("name", "?")
+    config, corpus = loaded.config, loaded.meta.corpus.name if loaded.meta.corpus else "?"
     click.echo(f"artifact  {loaded.path}: {config.cell} {config.layers}x{config.units}, "
                f"vocabulary {len(loaded.vocab)}, trained on {corpus}")
     click.echo(f"text      {text_path}: {len(text):,} characters, {outside:,} outside the vocabulary "
@@ -203,16 +231,24 @@ def _stop_sequences(ctx, param, value):
     return value
 
 
+def _finite(ctx, param, value):
+    if value is not None and not math.isfinite(value):  # the click types let nan through
+        raise click.BadParameter(f"{param.name} must be a finite number, got {value}")
+    return value
+
+
 @main.command()
 @click.option("--artifact", "artifact_path", required=True, type=click.Path(),
               help="Artifact directory (or a training run directory: its best/ is used).")
 @click.option("--prompt", default="", help="Text to continue. Empty: start as if after a newline.")
-@click.option("--max-chars", type=click.IntRange(1, 10_000_000), default=500, show_default=True, help="Most characters to generate.")
-@click.option("--temperature", type=click.FloatRange(0), default=None,
-              help="Divide the logits by this before sampling; 0 is greedy (the most likely character).  [default: 1]")
-@click.option("--top-k", type=click.IntRange(0), default=None, help="Sample only among the K most likely characters (0: off).  [default: 0]")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Sample only among the fewest most likely characters whose probability reaches P (1: off).  [default: 1]")
+@click.option("--max-chars", type=click.IntRange(1, 10_000_000), default=DEFAULTS.max_chars, show_default=True,
+              help="Most characters to generate.")
+@click.option("--temperature", type=click.FloatRange(0, MAX_TEMPERATURE), default=DEFAULTS.temperature, show_default=True,
+              callback=_finite, help="Divide the logits by this before sampling; 0 is greedy (the most likely character).")
+@click.option("--top-k", type=click.IntRange(0, MAX_TOP_K), default=DEFAULTS.top_k, show_default=True,
+              help="Sample only among the K most likely characters (0: off).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=DEFAULTS.top_p, show_default=True, callback=_finite,
+              help="Sample only among the fewest most likely characters whose probability reaches P (1: off).")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Random seed: the same seed gives the same text (default: a fresh one, shown on stderr).")
 @click.option("--stop", multiple=True, callback=_stop_sequences,
               help="End before this text (repeatable; not printed). In bash, a blank line is --stop $'\\n\\n'.")
@@ -221,19 +257,15 @@ def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, st
     """Print the prompt and a sampled continuation, character by character as it is generated."""
     from model.sampling import SamplingSettings
 
-    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-    try:  # what the click types let through (nan, inf) is caught here, before the backend loads
-        settings = SamplingSettings(**{name: value for name, value in given.items() if value is not None})
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+    settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p)  # the options checked them
+    _require_backend()
+    _check_artifact(artifact_path)
 
-    from model import artifact
-    from model.engine import Engine, GenerationRequest
+    from model.engine import Engine
+    from model.streams import GenerationRequest
 
     try:
-        engine = Engine(artifact.load(artifact_path), max_batch=1)
-    except artifact.ArtifactError as e:
-        raise click.ClickException(str(e)) from None
+        engine = Engine(_load_artifact(artifact_path), max_batch=1)
     except ValueError as e:  # a network the engine cannot run
         raise click.ClickException(f"{artifact_path}: {e}") from None
     stream = engine.start(GenerationRequest(prompt, max_chars=max_chars, sampling=settings, seed=seed, stop=stop))
@@ -269,14 +301,20 @@ def serve(bind, workers, artifact_path):
     """Serve the model over HTTP: gunicorn with the project's config (service/gunicorn_conf.py).
 
     Everything else is configured with CHARGEN_* environment variables (see README.md)."""
-    from service.config import Settings, SettingsError  # here, so model/ never imports the service up front
+    from service.config import Settings, SettingsError
 
     if artifact_path:
         os.environ["CHARGEN_ARTIFACT"] = os.path.abspath(artifact_path)
     try:
-        Settings.from_env()
+        settings = Settings.from_env()
     except SettingsError as e:
         raise click.ClickException(str(e)) from None
+    _require_backend()
+    # Before gunicorn starts: a wrong artifact would otherwise be found by each worker after
+    # TensorFlow has loaded, and a port in use would be retried and logged by gunicorn for seconds.
+    # The workers still load the network itself (a damaged archive inside a valid zip ends there).
+    _check_artifact(settings.artifact)
+    _check_bind(bind or settings.bind)
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
     if bind:
         argv += ["--bind", bind]
@@ -284,3 +322,31 @@ def serve(bind, workers, artifact_path):
         argv += ["--workers", str(workers)]
     sys.stdout.flush()
     os.execv(sys.executable, argv)  # gunicorn becomes this process: signals and exit status are its own
+
+
+def _check_bind(bind: str) -> None:
+    """The address can be listened on now: gunicorn binds it the same way (SO_REUSEADDR), so a port
+    another server holds is one line here, not gunicorn's five retries of ERROR lines. (Another
+    process could still take it in the moment before gunicorn binds.)"""
+    import errno
+    import socket
+
+    from gunicorn.util import parse_address
+
+    if bind.startswith(("unix:", "fd://")):
+        return
+    try:
+        host, port = parse_address(bind)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (ValueError, RuntimeError, socket.gaierror) as e:
+        raise click.ClickException(f"--bind {bind}: not an address to listen on ({e})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise click.ClickException(f"{bind} is already in use (another server listens there); "
+                                           "choose another with --bind HOST:PORT") from None
+            raise click.ClickException(f"cannot listen on {bind}: {e.strerror or e}") from None
