@@ -79,7 +79,7 @@ class OneStep:
         import keras
         import tensorflow as tf
 
-        from model.network import CELLS
+        from model.network import cell_layer
 
         ids = keras.Input(batch_shape=(batch, None), dtype="int32")
         per_layer = 2 if config.cell == "lstm" else 1
@@ -87,7 +87,7 @@ class OneStep:
         x = keras.layers.Embedding(model.get_layer("embedding").input_dim, config.embedding, name="embedding")(ids)
         states_out = []
         for i in range(config.layers):
-            layer = CELLS[config.cell](config.units, return_sequences=True, return_state=True, name=f"rnn_{i + 1}")
+            layer = cell_layer(config.cell)(config.units, return_sequences=True, return_state=True, name=f"rnn_{i + 1}")
             x, *s = layer(x, initial_state=states_in[i * per_layer : (i + 1) * per_layer])
             states_out += s
         logits = keras.layers.Dense(model.get_layer("logits").units, name="logits")(x)
@@ -164,10 +164,11 @@ def memory_per_stream(engine, streams: int = 64) -> float:
     """Bytes of Python objects and arrays allocated per started stream (slot buffers are allocated
     by the engine up front and counted separately)."""
     from model.engine import GenerationRequest
+    from model.sampling import SamplingSettings
 
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    batch = [engine.start(GenerationRequest(PROMPT, max_chars=10**9, seed=i)) for i in range(streams)]
+    batch = [engine.start(GenerationRequest(PROMPT, max_chars=10**9, sampling=SamplingSettings(TEMPERATURE), seed=i)) for i in range(streams)]
     for _ in range(20):
         engine.step(batch)
     used = tracemalloc.get_traced_memory()[0] - before

@@ -15,16 +15,19 @@ import keras
 import numpy as np
 import pytest
 
+from model import kernels, network_step
 from model.artifact import Artifact
-from model import kernels
-from model.engine import MIN_ROWS_PER_THREAD, Engine, EngineFull, GenerationRequest
+from model.compiled_step import MIN_ROWS_PER_THREAD
+from model.engine import CharLogprob, Engine, EngineFull, GenerationRequest, Stream
 from model.network import ModelConfig, build_model
+from model.network_step import NetworkStep
 from model.sampling import GREEDY, SamplingSettings, log_softmax, next_ids
 from model.vocab import Vocab
 
 VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")
 STEPS = 1000
 TOLERANCE = 1e-4  # absolute, on natural-log probabilities
+T1 = SamplingSettings(temperature=1.0)  # what a test's requests sample at unless it says otherwise
 CASES = [(cell, layers) for cell in ("lstm", "gru", "rnn") for layers in (1, 2, 3)]
 
 
@@ -96,7 +99,7 @@ def run_collecting(engine: Engine, plan: list[tuple[int, GenerationRequest]], le
 def test_single_stream_log_probs_match_keras_for_1000_steps(cell, layers):
     art = artifact_for(cell, layers)
     engine = Engine(art, max_batch=4)
-    request = GenerationRequest("the cat sat on the mat", max_chars=STEPS, seed=7, logprobs=len(VOCAB))
+    request = GenerationRequest("the cat sat on the mat", max_chars=STEPS, sampling=T1, seed=7, logprobs=len(VOCAB))
     ((stream, rows),) = run_collecting(engine, [(0, request)])
     assert len(stream.text) == STEPS and stream.finish_reason == "length"
     got = np.array(rows)  # (STEPS, V)
@@ -117,7 +120,7 @@ def test_batched_streams_log_probs_match_keras(cell, layers):
     art = artifact_for(cell, layers)
     engine = Engine(art, max_batch=8)
     plan = [
-        (0, GenerationRequest("a long prompt, with words.", max_chars=STEPS, seed=1, logprobs=len(VOCAB))),
+        (0, GenerationRequest("a long prompt, with words.", max_chars=STEPS, sampling=T1, seed=1, logprobs=len(VOCAB))),
         (3, GenerationRequest("", max_chars=STEPS, seed=2, sampling=SamplingSettings(1.3), logprobs=len(VOCAB))),
         (10, GenerationRequest("xyz ☃ éa", max_chars=400, seed=3, sampling=GREEDY, logprobs=len(VOCAB))),
         (250, GenerationRequest("b", max_chars=STEPS, seed=4, sampling=SamplingSettings(1.0, top_k=5), logprobs=len(VOCAB))),
@@ -221,13 +224,13 @@ def test_greedy_reproduces_the_learned_periodic_text(tiny_artifact):
 
 def test_streams_joining_and_leaving_give_the_same_text_as_each_run_alone():
     art = artifact_for("lstm", 2)
-    free = Engine(art).generate(GenerationRequest("fifth", max_chars=300, seed=5)).text
+    free = Engine(art).generate(GenerationRequest("fifth", max_chars=300, sampling=T1, seed=5)).text
     requests = [
         GenerationRequest("first", max_chars=150, seed=1, sampling=SamplingSettings(1.0)),
         GenerationRequest("second one", max_chars=90, seed=2, sampling=GREEDY),
         GenerationRequest("", max_chars=200, seed=3, sampling=SamplingSettings(0.8, top_k=3), logprobs=2),
         GenerationRequest("fourth", max_chars=120, seed=4, sampling=SamplingSettings(1.5, top_p=0.9)),
-        GenerationRequest("fifth", max_chars=300, seed=5, stop=(free[200:203], "zz")),
+        GenerationRequest("fifth", max_chars=300, sampling=T1, seed=5, stop=(free[200:203], "zz")),
         GenerationRequest("x", max_chars=400, seed=21, sampling=SamplingSettings(1.0)),
     ]
     alone = [Engine(art, max_batch=1).generate(r) for r in requests]
@@ -266,7 +269,7 @@ def test_streams_joining_and_leaving_give_the_same_text_as_each_run_alone():
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_a_large_batch_split_over_threads_matches_streams_run_alone(cell):
     art = artifact_for(cell, 2)
-    requests = [GenerationRequest(f"stream {i}", max_chars=60, seed=i, logprobs=len(VOCAB)) for i in range(40)]
+    requests = [GenerationRequest(f"stream {i}", max_chars=60, sampling=T1, seed=i, logprobs=len(VOCAB)) for i in range(40)]
     batch = run_collecting(Engine(art, max_batch=40, threads=2), [(0, r) for r in requests])
     for request, (stream, rows) in zip(requests, batch):
         ((alone, alone_rows),) = run_collecting(Engine(art, max_batch=1), [(0, request)])
@@ -294,14 +297,50 @@ def test_waiting_for_blocks_gives_up_when_one_is_not_done():
 def test_a_waiting_stream_keeps_its_state():
     """A stream left out of steps for a while continues exactly where it was."""
     art = artifact_for("gru", 2)
-    request = GenerationRequest("abc", max_chars=100, seed=9)
+    request = GenerationRequest("abc", max_chars=100, sampling=T1, seed=9)
     alone = Engine(art).generate(request).text
     engine = Engine(art, max_batch=8)
     target = engine.start(request)
-    others = [engine.start(GenerationRequest(p, max_chars=1000, seed=i)) for i, p in enumerate(["q", "rr", "sss"])]
+    others = [engine.start(GenerationRequest(p, max_chars=1000, sampling=T1, seed=i)) for i, p in enumerate(["q", "rr", "sss"])]
     for k in range(250):
         engine.step(others if 10 <= k < 60 else [*others, target])
     assert target.finish_reason == "length" and target.text == alone
+
+
+class InterfaceOnly:
+    """A network step that lets through nothing but NetworkStep's members."""
+
+    ALLOWED = {name for name in vars(NetworkStep) if not name.startswith("_")} | set(NetworkStep.__annotations__)
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        if name not in self.ALLOWED:
+            raise AttributeError(f"the engine used {name}, which is not part of NetworkStep")
+        return getattr(self._inner, name)
+
+
+def test_the_engine_uses_the_network_step_through_its_interface_only(monkeypatch):
+    art = artifact_for("gru", 2)
+    free = Engine(art).generate(GenerationRequest("w", max_chars=120, sampling=T1, seed=6)).text
+    requests = [GenerationRequest("w", max_chars=120, sampling=T1, seed=6, stop=(free[90:92],), logprobs=3),
+                *(GenerationRequest(p, max_chars=60 + 10 * i, sampling=SamplingSettings(0.9, top_k=6), seed=i)
+                  for i, p in enumerate(["", "ab", "cd", "e"] * 4))]
+    alone = [Engine(art, max_batch=1).generate(r) for r in requests]
+    load = network_step.load
+    monkeypatch.setattr(network_step, "load", lambda *args: InterfaceOnly(load(*args)))
+    engine = Engine(art, max_batch=20, threads=2)  # 17 streams: two blocks, one on a helper thread
+    assert isinstance(engine.network, InterfaceOnly)
+    plan = [(i % 3, r) for i, r in enumerate(requests)]  # streams join over 3 steps; finished ones leave
+    results = run_collecting(engine, plan, leave_at={5: 30})
+    for i, ((stream, _), want) in enumerate(zip(results, alone)):
+        if i == 5:
+            assert stream.finish_reason == "cancelled" and want.text.startswith(stream.text)
+        else:
+            assert (stream.text, stream.finish_reason) == (want.text, want.finish_reason), i
+    assert results[0][0].finish_reason == "stop" and len(results[0][1]) == len(results[0][0].text)
+    assert engine.active == 0
 
 
 # ---------------------------------------------------------------- requests, slots, errors
@@ -310,30 +349,30 @@ def test_a_waiting_stream_keeps_its_state():
 def test_empty_and_all_unknown_prompts_start_as_after_a_newline():
     art = artifact_for("rnn", 2)
     engine = Engine(art)
-    after_newline = engine.generate(GenerationRequest("\n", max_chars=50, seed=3)).text
-    empty = engine.generate(GenerationRequest("", max_chars=50, seed=3))
-    unknown = engine.generate(GenerationRequest("☃☃Z", max_chars=50, seed=3))
+    after_newline = engine.generate(GenerationRequest("\n", max_chars=50, sampling=T1, seed=3)).text
+    empty = engine.generate(GenerationRequest("", max_chars=50, sampling=T1, seed=3))
+    unknown = engine.generate(GenerationRequest("☃☃Z", max_chars=50, sampling=T1, seed=3))
     assert empty.text == after_newline == unknown.text
     assert (empty.prompt_chars, empty.dropped_chars) == (0, 0)
     assert (unknown.prompt_chars, unknown.dropped_chars) == (0, 3)
-    mixed = engine.start(GenerationRequest("ab☃é", max_chars=5))
+    mixed = engine.start(GenerationRequest("ab☃é", max_chars=5, sampling=T1))
     assert (mixed.prompt_chars, mixed.dropped_chars) == (3, 1)  # é -> e is kept, ☃ is dropped
     engine.cancel(mixed)
 
 
 def test_seed_none_draws_one_that_reproduces_the_text():
     engine = Engine(artifact_for("lstm", 1))
-    first = engine.generate(GenerationRequest("ab", max_chars=80))
-    again = engine.generate(GenerationRequest("ab", max_chars=80, seed=first.seed))
-    other = engine.generate(GenerationRequest("ab", max_chars=80, seed=first.seed + 1))
+    first = engine.generate(GenerationRequest("ab", max_chars=80, sampling=T1))
+    again = engine.generate(GenerationRequest("ab", max_chars=80, sampling=T1, seed=first.seed))
+    other = engine.generate(GenerationRequest("ab", max_chars=80, sampling=T1, seed=first.seed + 1))
     assert isinstance(first.seed, int) and again.text == first.text and other.text != first.text
 
 
 def test_max_chars_releases_held_back_text():
     engine = Engine(artifact_for("lstm", 1))
-    free = engine.generate(GenerationRequest("ab", max_chars=60, seed=2)).text
+    free = engine.generate(GenerationRequest("ab", max_chars=60, sampling=T1, seed=2)).text
     stop = free[58:] + "@"  # never completed, but its first two characters end the text
-    stream = engine.start(GenerationRequest("ab", max_chars=60, seed=2, stop=(stop,)))
+    stream = engine.start(GenerationRequest("ab", max_chars=60, sampling=T1, seed=2, stop=(stop,)))
     deltas = []
     while stream.finish_reason is None:
         deltas.extend(engine.step([stream]))
@@ -354,14 +393,14 @@ def test_stop_sequence_inside_a_held_back_prefix():
 
 def test_engine_full_and_slots_freed_by_finishing_and_cancelling():
     engine = Engine(artifact_for("gru", 1), max_batch=2)
-    a = engine.start(GenerationRequest("a", max_chars=3))
-    b = engine.start(GenerationRequest("b", max_chars=50))
+    a = engine.start(GenerationRequest("a", max_chars=3, sampling=T1))
+    b = engine.start(GenerationRequest("b", max_chars=50, sampling=T1))
     with pytest.raises(EngineFull):
-        engine.start(GenerationRequest("c"))
+        engine.start(GenerationRequest("c", max_chars=50, sampling=T1))
     for _ in range(3):
         engine.step([a, b])
     assert a.finish_reason == "length" and engine.active == 1
-    c = engine.start(GenerationRequest("c", max_chars=50))
+    c = engine.start(GenerationRequest("c", max_chars=50, sampling=T1))
     engine.cancel(b)
     assert b.finish_reason == "cancelled" and engine.active == 1
     assert engine.step([a, b]) == []  # finished streams are skipped
@@ -393,13 +432,13 @@ def test_engine_full_and_slots_freed_by_finishing_and_cancelling():
 )
 def test_bad_requests_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        GenerationRequest(**{"prompt": "x", **kwargs})
+        GenerationRequest(**{"prompt": "x", "max_chars": 5, "sampling": T1, **kwargs})
 
 
 def test_too_many_logprobs_is_a_value_error():
     engine = Engine(artifact_for("rnn", 1))
     with pytest.raises(ValueError, match="logprobs"):
-        engine.start(GenerationRequest("x", logprobs=len(VOCAB) + 1))
+        engine.start(GenerationRequest("x", max_chars=5, sampling=T1, logprobs=len(VOCAB) + 1))
     assert engine.active == 0
 
 
@@ -410,3 +449,66 @@ def test_unsupported_network_is_refused():
     model = keras.Model(inputs, keras.layers.Dense(len(VOCAB), name="logits")(x))
     with pytest.raises(ValueError, match="reset_after"):
         Engine(Artifact(Path("x"), model, VOCAB, {}))
+
+
+# ---------------------------------------------------------------- a stream's text, alone
+
+
+def emitting(text: str, max_chars: int = 100, stop=(), logprobs: bool = False) -> tuple[Stream, list]:
+    """A stream (no engine) fed `text` one character at a time, until it finishes; its deltas as
+    (text, finish_reason) or, with logprobs, (text, the chars of its logprobs, finish_reason)."""
+    stream = Stream(GenerationRequest("", max_chars=max_chars, sampling=T1, stop=stop), 0, 0, 0)
+    out = []
+    for char in text:
+        lp = CharLogprob(char, -1.0, []) if logprobs else None
+        d = stream.emit(char, lp)
+        assert d.stream is stream and d.finish_reason == stream.finish_reason
+        out.append((d.text, "".join(x.char for x in d.logprobs), d.finish_reason) if logprobs else (d.text, d.finish_reason))
+        if d.finish_reason:
+            break
+    return stream, out
+
+
+def test_emit_without_stops_passes_each_character_and_ends_at_max_chars():
+    stream, deltas = emitting("abcdef", max_chars=3)
+    assert deltas == [("a", None), ("b", None), ("c", "length")]
+    assert stream.text == "abc" and stream.generated == 3
+
+
+def test_emit_holds_back_a_possible_stop_and_releases_it_when_it_breaks():
+    stream, deltas = emitting("xabyabcz", stop=("abc",))
+    assert deltas == [("x", None), ("", None), ("", None), ("aby", None), ("", None), ("", None), ("", "stop")]
+    assert stream.text == "xaby" and stream.generated == 7
+
+
+def test_emit_stop_at_the_first_character_and_single_character_stops():
+    assert emitting("\nabc", stop=("\n",))[1] == [("", "stop")]
+    assert emitting("ab.c", stop=(".", "!"))[1] == [("a", None), ("b", None), ("", "stop")]
+
+
+def test_emit_ends_at_the_earliest_stop_when_one_completes_inside_another():
+    """'b' completes inside the held 'ab' of 'abc': the text ends before the 'b'."""
+    assert emitting("xabc", stop=("abc", "b"))[0].text == "xa"
+    assert emitting("xabc", stop=("abc", "bc"))[0].text == "x"  # both complete at 'c': the longer starts first
+    assert emitting("aab", stop=("ab",))[1] == [("", None), ("a", None), ("", "stop")]  # the held 'a' is dropped, the new one kept
+
+
+def test_emit_at_max_chars_releases_held_text():
+    stream, deltas = emitting("xab", max_chars=3, stop=("abc",))
+    assert deltas == [("x", None), ("", None), ("ab", "length")]
+    assert stream.text == "xab"
+
+
+def test_emit_keeps_each_logprob_with_its_held_character():
+    stream, deltas = emitting("xabyabcz", stop=("abc",), logprobs=True)
+    assert [(t, chars) for t, chars, _ in deltas] == [("x", "x"), ("", ""), ("", ""), ("aby", "aby"), ("", ""), ("", ""), ("", "")]
+    stream, deltas = emitting("abab", max_chars=4, stop=("abc",), logprobs=True)
+    assert deltas[-1] == ("ab", "ab", "length")  # the held 'ab' of the first try was released at the second 'a'
+    assert emitting("ab", logprobs=True)[1] == [("a", "a", None), ("b", "b", None)]
+
+
+def test_requests_have_no_defaults_for_what_a_user_sets():
+    with pytest.raises(TypeError):
+        GenerationRequest("x")  # max_chars and sampling come from the caller (the service's settings, the CLI's options)
+    with pytest.raises(TypeError):
+        GenerationRequest("x", max_chars=5)

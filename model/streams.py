@@ -1,0 +1,135 @@
+"""What a generation is asked for, and the text it produces: requests, streams, deltas.
+
+A Stream turns the characters the engine picks for it into emitted text, one `emit` per character:
+it counts them against max_chars, holds back any tail that could begin a stop sequence until that
+is decided, ends before the first stop sequence completed (the stop text is never emitted), and
+keeps each held character's logprob beside it. Nothing here knows about slots, batches or networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.sampling import SamplingSettings
+
+
+def whole_number(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass
+class GenerationRequest:
+    """One generation, already validated where it came from (the HTTP schemas, the command line):
+    the checks here are cheap assertions for code that builds requests, not user-facing
+    validation, and there are no defaults for what a user sets."""
+
+    prompt: str
+    max_chars: int
+    sampling: SamplingSettings
+    seed: int | None = None  # None: the engine draws one; the one used is Stream.seed
+    stop: tuple[str, ...] = ()  # ends *before* the first occurrence; the stop text is not emitted
+    logprobs: int = 0  # 0: none; k > 0: per emitted char its logprob and the top-k alternatives
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not whole_number(self.max_chars) or self.max_chars < 1:
+            raise ValueError(f"max_chars must be a whole number >= 1, got {self.max_chars!r}")
+        if not isinstance(self.sampling, SamplingSettings):
+            raise ValueError(f"sampling must be a SamplingSettings, got {type(self.sampling).__name__}")
+        if self.seed is not None and (not whole_number(self.seed) or self.seed < 0):
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            raise ValueError("stop must be a list of strings, not a single string")
+        self.stop = tuple(self.stop)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop sequences must be non-empty strings, got {s!r}")
+        if not whole_number(self.logprobs) or self.logprobs < 0:
+            raise ValueError(f"logprobs must be a whole number >= 0, got {self.logprobs!r}")
+
+
+@dataclass
+class CharLogprob:
+    char: str
+    logprob: float  # natural log of the probability the model gave it (raw model distribution)
+    top: list[tuple[str, float]]  # the k most likely characters and their logprobs (raw model distribution)
+
+
+class Stream:
+    """One generation in progress: its request, its seeded generator and the text it has emitted.
+
+    `_owner`, `_slot` and `_rng` belong to the engine that runs the stream: which engine, which
+    batch slot, and the generator its draws come from (seeded with `seed`).
+    """
+
+    def __init__(self, request: GenerationRequest, seed: int, prompt_chars: int, dropped_chars: int, owner=None):
+        self.request = request
+        self.seed = seed
+        self.prompt_chars = prompt_chars  # prompt characters actually fed
+        self.dropped_chars = dropped_chars  # prompt characters outside the vocabulary that were dropped
+        self.finish_reason: str | None = None  # "length" | "stop" | "cancelled" once finished
+        self.generated = 0  # characters sampled so far (emitted, held back, or part of a stop sequence)
+        self._owner = owner
+        self._slot = -1
+        self._rng = np.random.default_rng(seed)
+        self._emitted: list[str] = []
+        self._held = ""  # generated characters that may begin a stop sequence
+        self._held_logprobs: list[CharLogprob] = []
+        self._stop_prefixes = {s[:k] for s in request.stop for k in range(1, len(s))}
+        self._longest_prefix = max((len(s) for s in request.stop), default=1) - 1
+
+    @property
+    def text(self) -> str:
+        """Text emitted so far (never contains a stop sequence)."""
+        if len(self._emitted) > 1:
+            self._emitted = ["".join(self._emitted)]
+        return self._emitted[0] if self._emitted else ""
+
+    def emit(self, char: str, logprob: CharLogprob | None = None) -> Delta:
+        """Take the next generated character (with its logprob when the request asks for them) and
+        return what it releases; sets finish_reason when this character ends the stream."""
+        self.generated += 1
+        request = self.request
+        finish = "length" if self.generated >= request.max_chars else None
+        if not request.stop:  # the common case: the character is the text
+            self._emitted.append(char)
+            self.finish_reason = finish
+            return Delta(self, char, [] if logprob is None else [logprob], finish)
+        held = self._held + char
+        lps = [] if logprob is None else self._held_logprobs + [logprob]
+        # Any stop sequence completed now ends at this character and starts inside `held` (held is
+        # the longest suffix that could begin one); the one that starts earliest is the longest.
+        hit = max((len(stop) for stop in request.stop if held.endswith(stop)), default=0)
+        if hit:
+            finish, keep = "stop", 0
+            held = held[:-hit]
+        else:
+            keep = 0 if finish else self._held_length(held)  # at max_chars everything held is released
+        cut = len(held) - keep
+        text, self._held = held[:cut], held[cut:]
+        lps, self._held_logprobs = lps[:cut], lps[cut:]
+        if text:
+            self._emitted.append(text)
+        self.finish_reason = finish
+        return Delta(self, text, lps, finish)
+
+    def _held_length(self, text: str) -> int:
+        """Length of the longest suffix of `text` that begins a stop sequence."""
+        for k in range(min(len(text), self._longest_prefix), 0, -1):
+            if text[-k:] in self._stop_prefixes:
+                return k
+        return 0
+
+    def __repr__(self) -> str:
+        return f"<Stream seed={self.seed} generated={self.generated} finish_reason={self.finish_reason}>"
+
+
+@dataclass(slots=True)
+class Delta:
+    stream: Stream
+    text: str  # newly emitted characters ("" while a possible stop sequence is held back)
+    logprobs: list[CharLogprob] = field(default_factory=list)  # one per character of text
+    finish_reason: str | None = None  # set on the step that finishes the stream
