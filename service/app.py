@@ -4,8 +4,10 @@
     flask --app 'service.app:create_app()' run      (development: one process)
 
 Configuration comes from CHARGEN_* environment variables (service/config.py has the table), then
-from `config` (tests). The model loads in the scheduler's thread; until it has, generation routes
-and /health answer 503.
+from `config` (tests). Building the application starts no thread and loads no model: the
+scheduler's thread starts with `app.extensions["chargen"].start()` (gunicorn's post_worker_init)
+or on the first request that needs the model. The model loads in that thread; until it has,
+generation routes and /health answer 503.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from flask import Flask, g, request
 
 from service import errors, metrics
 from service.config import Settings, unknown_variables
-from service.schemas import Schemas
+from service.schemas import BOUNDS, Schemas
 from service.scheduler import Scheduler
 
 log = logging.getLogger("chargen")
@@ -34,8 +36,12 @@ class Chargen:
         self.scheduler = Scheduler(settings)
         self._openapi: dict | None = None
 
+    def start(self) -> None:
+        """Start loading the model and the engine loop (done on first use otherwise)."""
+        self.scheduler.start()
+
     def model_created(self) -> int:
-        created = (self.scheduler.artifact.meta.get("created") if self.scheduler.artifact else None) or ""
+        created = (self.scheduler.artifact.meta.created if self.scheduler.artifact else None) or ""
         try:
             return int(datetime.fromisoformat(created).timestamp())
         except ValueError:
@@ -44,15 +50,17 @@ class Chargen:
     def info(self) -> dict:
         artifact, engine, s = self.scheduler.artifact, self.scheduler.engine, self.settings
         meta, config = artifact.meta, artifact.config
+        sections = meta.to_dict()  # corpus, validation, training as meta.json has them
         return {
             "model": {"name": s.name, "path": str(artifact.path), "cell": config.cell, "layers": config.layers,
-                      "units": config.units, "embedding": config.embedding, "parameters": meta.get("parameters"),
-                      "vocab_size": len(artifact.vocab), "corpus": meta.get("corpus"), "validation": meta.get("validation"),
-                      "training": meta.get("training"), "created": meta.get("created")},
+                      "units": config.units, "embedding": config.embedding, "parameters": meta.parameters,
+                      "vocab_size": len(artifact.vocab), "corpus": sections["corpus"], "validation": sections["validation"],
+                      "training": sections["training"], "created": meta.created},
             "engine": {"max_batch": engine.max_batch, "active": engine.active, "queue_depth": self.scheduler.queue_depth(),
                        **{k: v for k, v in s.public().items() if k != "max_batch"}},
             "limits": {"max_prompt_chars": s.max_prompt_chars, "max_chars": s.max_chars, "max_n": s.max_n,
                        "max_queue": s.max_queue, "max_body_bytes": s.max_body_bytes, "request_timeout": s.request_timeout},
+            "bounds": BOUNDS,
             "defaults": {"max_chars": s.default_max_chars, "temperature": s.default_temperature,
                          "top_k": s.default_top_k, "top_p": s.default_top_p},
             "unknown_characters": "replaced by their unaccented base form when the vocabulary has it, otherwise dropped "
@@ -94,14 +102,14 @@ def create_app(config: dict | None = None) -> Flask:
     _register_request_hooks(app, settings)
 
     from service.api import bp as api
+    from service.openai_api import bp as openai_api
     from service.ops import bp as ops
     from service.page import bp as page
 
     app.register_blueprint(api)
+    app.register_blueprint(openai_api)
     app.register_blueprint(ops)
     app.register_blueprint(page)
-
-    chargen.scheduler.start()
     return app
 
 

@@ -95,7 +95,9 @@ def _json_framing_errors() -> None:
 
 
 def post_worker_init(worker):
-    scheduler = worker.wsgi.extensions["chargen"].scheduler
+    chargen = worker.wsgi.extensions["chargen"]
+    chargen.start()  # load the model now, not on the first request
+    scheduler = chargen.scheduler
 
     def failed(error: BaseException, loaded: bool) -> None:
         if loaded:

@@ -6,7 +6,7 @@ bounded queue and read what it produces from the job's own queue:
     HTTP thread                          engine loop thread (the only caller of the engine)
     submit(job) --- waiting (bounded) --> admit when slots are free: engine.start() per choice
                                           step all active streams together, one character each
-    job.events  <-- Deltas (streaming) -- and the end of the job (DONE)
+    events(job) <-- Chunks (streaming) -- one per choice that produced text, then the end (DONE)
     cancel(job) --- cancelled ----------> engine.cancel(): the slot is free before the next step
 
 Requests join and leave between steps. A full queue is refused at once (QueueFull -> 429), so
@@ -23,7 +23,9 @@ halved the characters a worker generated (bench/load.py). A reader sees 50 updat
 low load, fewer and larger ones with many streams.
 
 The model loads in this thread too (TensorFlow is imported here, after gunicorn forked the worker),
-so /health can answer 503 while it loads.
+so /health can answer 503 while it loads. The thread starts with start() (gunicorn's
+post_worker_init calls it) or on first use (ready, wait_ready, submit, on_failure), so building an
+application, for a test or a tool that only reads /openapi.json, starts nothing and loads nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import select
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from service import metrics
@@ -59,19 +62,29 @@ class ClientGone(Exception):
     pass
 
 
+@dataclass
+class Chunk:
+    """What one choice of a job generated since the last hand-over."""
+
+    index: int  # the choice, in the job's request order
+    text: str
+    logprobs: list  # [CharLogprob], one per character of text (empty unless asked for)
+
+
 class Job:
     """One HTTP request's generations (its n choices) on their way through the engine loop."""
 
-    def __init__(self, requests: list, *, deltas: bool, deadline: float, arrived: float, fd: int | None = None):
+    def __init__(self, requests: list, *, incremental: bool, deadline: float, arrived: float, fd: int | None = None):
         self.requests = requests  # [GenerationRequest], one per choice
         self.fd = fd  # the client's socket, watched for hang-ups while the job runs
-        self.deltas = deltas  # the consumer wants every Delta (streaming, or logprobs to collect)
+        self.incremental = incremental  # the consumer wants Chunks as they come (streaming, or logprobs to collect)
         self.deadline = deadline  # time.perf_counter() value
         self.arrived = arrived
-        self.events: queue.SimpleQueue = queue.SimpleQueue()  # lists of Deltas, then DONE
-        self.pending: list = []  # Deltas not handed over yet
-        self.handed_over = 0.0  # when Deltas were last put on `events`
+        self.events: queue.SimpleQueue = queue.SimpleQueue()  # lists of Chunks, then DONE
+        self.pending: dict[int, tuple[list, list]] = {}  # choice -> (texts, logprobs) not handed over yet
+        self.handed_over = 0.0  # when Chunks were last put on `events`
         self.streams: list = []  # [Stream] in choice order, once started
+        self.choice: dict = {}  # Stream -> its index in `streams`
         self.submitted = self.started = self.generating = self.first_char = self.finished = None
         self.prompt_seconds = 0.0
         self.error: str | None = None  # "deadline" or "server": why the loop ended it early
@@ -100,18 +113,27 @@ class Scheduler:
         self._hangups = select.poll() if HANGUP else None
         self._watched: dict[int, Job] = {}  # fd -> running job
         self._thread = threading.Thread(target=self._run, name="chargen-engine", daemon=True)
+        self._started = False
 
     # ------------------------------------------------------------ life
 
     def start(self) -> None:
-        self._thread.start()
+        """Start the engine thread (it loads the model, then runs the loop); later calls do nothing."""
+        if self._started:
+            return
+        with self._cond:
+            if not self._started and not self._closing.is_set():
+                self._thread.start()
+                self._started = True
 
     @property
     def ready(self) -> bool:
+        self.start()
         return self._ready.is_set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the model is loaded (True) or loading failed or timed out (False)."""
+        self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._ready.is_set() and self.failure is None and self._thread.is_alive():
             left = None if deadline is None else deadline - time.monotonic()
@@ -123,6 +145,7 @@ class Scheduler:
     def on_failure(self, callback: Callable[[BaseException, bool], None]) -> None:
         """Call `callback(error, loaded)` when loading fails (loaded False) or the loop dies (True);
         at once if that already happened."""
+        self.start()
         with self._cond:
             self._on_failure = callback
             failure = self.failure
@@ -139,7 +162,7 @@ class Scheduler:
     # ------------------------------------------------------------ HTTP threads
 
     def submit(self, job: Job) -> None:
-        if not self._ready.is_set() or self._closing.is_set():
+        if not self.ready or self._closing.is_set():
             raise NotReady()
         with self._cond:
             if len(self._waiting) >= self.settings.max_queue and not self._fits_now(job):
@@ -171,9 +194,9 @@ class Scheduler:
             metrics.queue_depth.dec()
             self._finish(job)
 
-    def events(self, job: Job, client_gone: Callable[[], bool] = lambda: False) -> Iterator[list]:
-        """Yield lists of Deltas as they are handed over until the job is done. If the consumer stops early
-        (the generator is closed, the client is gone), the job is cancelled."""
+    def events(self, job: Job, client_gone: Callable[[], bool] = lambda: False) -> Iterator[list[Chunk]]:
+        """Yield lists of Chunks (at most one per choice) as they are handed over until the job is done.
+        If the consumer stops early (the generator is closed, the client is gone), the job is cancelled."""
         done = False
         try:
             while not done:
@@ -199,7 +222,7 @@ class Scheduler:
                 elif client_gone():
                     raise ClientGone()
                 if items:
-                    yield [d for batch in items for d in batch]
+                    yield items[0] if len(items) == 1 else _joined(items)
         finally:
             if not done:
                 self.cancel(job)
@@ -291,11 +314,13 @@ class Scheduler:
                     chars += len(d.text)
                     if job.first_char is None:
                         job.first_char = now
-                if job.deltas and (d.text or d.finish_reason):
-                    job.pending.append(d)
-                    if now - job.handed_over >= interval:
-                        job.events.put(job.pending)
-                        job.pending, job.handed_over = [], now
+                    if job.incremental:
+                        texts, logprobs = job.pending.setdefault(job.choice[d.stream], ([], []))
+                        texts.append(d.text)
+                        logprobs.extend(d.logprobs)
+                        if now - job.handed_over >= interval:
+                            _hand_over(job)
+                            job.handed_over = now
                 if d.finish_reason:
                     del active[d.stream]
                     finished = True
@@ -325,6 +350,7 @@ class Scheduler:
             try:
                 for request in job.requests:
                     stream = engine.start(request)
+                    job.choice[stream] = len(job.streams)
                     job.streams.append(stream)
                     active[stream] = job
             except Exception:
@@ -398,11 +424,27 @@ class Scheduler:
             self._hangups.unregister(job.fd)
             del self._watched[job.fd]
         if job.pending:
-            job.events.put(job.pending)
-            job.pending = []
+            _hand_over(job)
         job.events.put(DONE)
 
     def _report_active(self, n: int) -> None:
         if n != self._reported_active:
             metrics.active_streams.inc(n - self._reported_active)
             self._reported_active = n
+
+
+def _hand_over(job: Job) -> None:
+    job.events.put([Chunk(i, "".join(texts), logprobs) for i, (texts, logprobs) in job.pending.items()])
+    job.pending = {}
+
+
+def _joined(batches: list[list[Chunk]]) -> list[Chunk]:
+    """Hand-overs the HTTP thread found waiting together -> one Chunk per choice (a slow reader gets
+    one event per choice, not one per hand-over it missed)."""
+    texts: dict[int, list[str]] = {}
+    logprobs: dict[int, list] = {}
+    for batch in batches:
+        for c in batch:
+            texts.setdefault(c.index, []).append(c.text)
+            logprobs.setdefault(c.index, []).extend(c.logprobs)
+    return [Chunk(i, "".join(parts), logprobs[i]) for i, parts in texts.items()]

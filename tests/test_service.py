@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 
 import pytest
 
 from conftest import PERIODIC
-from server import continuation
+from server import ROOT, continuation, server_env
 from service.app import create_app
 from service.config import SettingsError
 
@@ -247,6 +249,30 @@ def test_completions_stream(client):
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
+def test_the_loop_hands_over_one_chunk_per_choice(app):
+    """A reader that falls behind gets, per read, one chunk per choice with all that choice's text and
+    logprobs since its last read (not one chunk per hand-over it missed, nor characters of
+    several choices mixed)."""
+    from model.engine import GenerationRequest
+    from model.sampling import SamplingSettings
+    from service.scheduler import Job
+
+    scheduler = app.extensions["chargen"].scheduler
+    requests = [GenerationRequest("the", max_chars=2000, sampling=SamplingSettings(temperature=1.0), seed=seed, logprobs=1)
+                for seed in (1, 2)]
+    now = time.perf_counter()
+    job = Job(requests, incremental=True, deadline=now + 60, arrived=now)
+    scheduler.submit(job)
+    deadline = time.monotonic() + 30
+    while not job.done and time.monotonic() < deadline:  # every hand-over waits unread
+        time.sleep(0.01)
+    assert job.done and job.events.qsize() >= 3  # two hand-overs or more, and DONE
+    (chunks,) = list(scheduler.events(job))
+    assert [c.index for c in chunks] == [0, 1]
+    assert [c.text for c in chunks] == [s.text for s in job.streams]
+    assert all([lp.char for lp in c.logprobs] == list(c.text) for c in chunks)
+
+
 def test_models(client):
     body = client.get("/v1/models").get_json()
     assert body["object"] == "list"
@@ -300,7 +326,7 @@ def test_openapi_comes_from_the_request_schemas(client):
     assert set(schemas["ErrorResponse"]["properties"]) == {"error"}
     post = doc["paths"]["/v1/generate"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/GenerateRequest"}
-    assert {p["name"] for p in post["parameters"]} == set(generate["properties"]) - {"prompt"}
+    assert "parameters" not in post  # query-string settings go with text/plain bodies only: described, not listed
     assert {"/v1/completions", "/v1/models", "/health", "/info", "/metrics"} <= set(doc["paths"])
 
 
@@ -464,6 +490,46 @@ def test_unexpected_error_is_a_json_500_with_the_request_id(app, client, monkeyp
     assert any(request_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
 
 
+def _broken(*args, **kwargs):
+    raise RuntimeError("disk on fire")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/generate", {"prompt": "the", "max_chars": 20}),
+    ("/v1/generate", {"prompt": "the", "max_chars": 20, "stream": True}),
+    ("/v1/generate?max_chars=20&stream=1", b"the"),
+    ("/v1/completions", {"prompt": "the", "max_tokens": 20}),
+    ("/v1/completions", {"prompt": "the", "max_tokens": 20, "stream": True}),
+])
+@pytest.mark.parametrize("where", ["engine", "response"])
+def test_a_generation_that_fails_is_a_500_with_the_request_id(app, client, monkeypatch, caplog, path, body, where):
+    """Whether the engine fails to start a job or building the answer fails, every format says the
+    same: a 500 quoting the request id (an error event or a last JSON line once a stream has begun)."""
+    if where == "engine":
+        monkeypatch.setattr(app.extensions["chargen"].scheduler.engine, "start", _broken)
+    else:
+        monkeypatch.setattr("service.api._timings", _broken)
+    with caplog.at_level(logging.ERROR, logger="chargen"):
+        if isinstance(body, bytes):
+            r = client.post(path, data=body, content_type="text/plain")
+        else:
+            r = client.post(path, json=body)
+    request_id = r.headers["X-Request-Id"]
+    text = r.get_data(as_text=True)
+    assert "disk on fire" not in text
+    if r.status_code == 500:
+        assert not body.get("stream")
+        error = assert_error(r, 500, "internal_error")["message"]
+    else:
+        assert r.status_code == 200 and (isinstance(body, bytes) or body["stream"])
+        last = json.loads(text.rstrip("\n").rsplit("\n", 1)[-1]) if r.mimetype == "text/plain" else events(r)[-1]
+        assert last["error"]["code"] == "internal_error" and last["error"]["type"] == "server_error"
+        error = last["error"]["message"]
+    assert error == f"internal server error (request id {request_id}); the server log has details"
+    if where == "response":
+        assert any(request_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
 # ---------------------------------------------------------------- 401 and CORS
 
 
@@ -512,6 +578,41 @@ def test_cors(keyed_app):
 def test_no_cors_by_default(client):
     r = client.post("/v1/generate", json={"prompt": "the", "max_chars": 3}, headers={"Origin": "https://page.example"})
     assert "Access-Control-Allow-Origin" not in r.headers
+
+
+# ---------------------------------------------------------------- building the app: no thread, no model
+
+
+def test_building_the_app_starts_no_thread_and_loads_no_model(tiny_artifact):
+    # What a tool that only wants /openapi.json does, in a fresh process so that nothing else loaded TensorFlow.
+    code = (
+        "import sys, threading\n"
+        "from service.app import create_app\n"
+        f"app = create_app({{'ARTIFACT': {str(tiny_artifact)!r}}})\n"
+        "r = app.test_client().get('/openapi.json')\n"
+        "assert r.status_code == 200 and r.get_json()['openapi'].startswith('3.'), r.status_code\n"
+        "print([t.name for t in threading.enumerate() if t is not threading.main_thread()],\n"
+        "      [m for m in ('tensorflow', 'keras', 'model.engine', 'model.artifact') if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=server_env(tiny_artifact), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[] []"
+
+
+def test_the_engine_starts_on_first_use(tiny_artifact):
+    app = make_app(tiny_artifact)
+    scheduler = app.extensions["chargen"].scheduler
+    try:
+        assert scheduler.engine is None
+        assert app.test_client().get("/openapi.json").status_code == 200
+        assert scheduler.engine is None  # the document needs no model
+        r = app.test_client().post("/v1/generate", json={"prompt": "the quick", "max_chars": 5, "temperature": 0})
+        assert_error(r, 503, "model_loading")  # the first request that needs the model starts loading it
+        assert scheduler.wait_ready(120), scheduler.failure
+        r = app.test_client().post("/v1/generate", json={"prompt": "the quick", "max_chars": 5, "temperature": 0})
+        assert r.get_json()["choices"][0]["text"] == continuation("the quick", 5)
+    finally:
+        scheduler.close()
 
 
 # ---------------------------------------------------------------- 503 while loading

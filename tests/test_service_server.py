@@ -103,6 +103,20 @@ class TestServer:
         assert text == continuation("the quick", len(text))
         assert wait_for(lambda: server.metric("chargen_active_streams") == 0)
 
+    @pytest.mark.parametrize("path, ask", [("/v1/generate", {"prompt": "the", "max_chars": LONG}),
+                                           ("/v1/completions", {"prompt": "the", "max_tokens": LONG})])
+    def test_a_client_that_hangs_up_on_an_answer_that_is_not_streamed_is_499(self, server, path, ask):
+        labels = {"route": path, "status": "499"}
+        before = server.metric("chargen_requests_total", labels)
+        body = json.dumps(ask).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=REQUEST_TIMEOUT) as sock:
+            sock.sendall(head.encode() + body)
+            assert wait_for(lambda: server.metric("chargen_active_streams") == 1)
+        # closed: the loop sees the hang-up, cancels the job, and the request is logged as 499
+        assert wait_for(lambda: server.metric("chargen_active_streams") == 0), "the abandoned request kept its slot"
+        assert wait_for(lambda: server.metric("chargen_requests_total", labels) == before + 1)
+
     def test_openai_client(self, server):
         openai = pytest.importorskip("openai")
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", timeout=REQUEST_TIMEOUT, max_retries=0)
@@ -289,7 +303,6 @@ def test_a_bad_artifact_stops_the_server_at_once(tiny_artifact, tmp_path, kind, 
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert message in output and str(artifact) in output, output[-3000:]
-    assert "App failed to load" in output
     assert time.monotonic() - started < 120
 
 
