@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/load.py [--artifact artifacts/default] [--seconds 10] [--clients 1,8,32,64]
 
-`chargen serve` starts on a free 127.0.0.1 port (default configuration: one worker). Then for each
-mode (plain JSON, streamed server-sent events) and each number N of clients, right after each other:
+The server (gunicorn with the project's config, as `chargen serve` runs it) starts on a free
+127.0.0.1 port (default configuration: one worker). Then for each mode (plain JSON, streamed
+server-sent events) and each number N of clients, right after each other:
 1. the engine alone, in this process: N streams stepped together for a fixed time, each stream
    replaced by a new one (new prompt, new seed) when it finishes, as the service's streams are;
 2. the service: N clients that each send one request after another for the same time over a
@@ -88,15 +89,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: str, workers: int, batch: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`chargen serve` with the default configuration, except the artifact and a batch that holds
-    every client (CHARGEN_* variables set in this shell are passed on, e.g. CHARGEN_STREAM_INTERVAL)."""
-    port = free_port()
-    env = {**os.environ, "CHARGEN_ARTIFACT": str(artifact), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.setdefault("CHARGEN_MAX_BATCH", str(batch))
-    chargen = Path(sys.executable).with_name("chargen")
+def start_server(artifact: str, workers: int, batch: int | None, log_path: Path,
+                 port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """gunicorn with the project's config (what `chargen serve` runs) on 127.0.0.1 and a free port
+    unless `port`, in the default configuration except the artifact, the workers and, when given, a
+    batch that holds every client (CHARGEN_* variables set in this shell are passed on, e.g.
+    CHARGEN_STREAM_INTERVAL). Returns once every worker has loaded the model."""
+    port = port or free_port()
+    env = {**os.environ, "CHARGEN_ARTIFACT": str(Path(artifact).resolve()), "CHARGEN_BIND": f"127.0.0.1:{port}",
+           "CHARGEN_WORKERS": str(workers), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if batch:
+        env.setdefault("CHARGEN_MAX_BATCH", str(batch))
     log = open(log_path, "w")
-    process = subprocess.Popen([str(chargen), "serve", "--bind", f"127.0.0.1:{port}", "--workers", str(workers)],
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"],
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     url = f"http://127.0.0.1:{port}"
@@ -118,22 +123,36 @@ def start_server(artifact: str, workers: int, batch: int, log_path: Path) -> tup
     raise SystemExit(f"the server did not become ready:\n{log_path.read_text()[-3000:]}")
 
 
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGINT (gunicorn's quick shutdown), then SIGKILL of the whole group after 30 s."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 class Client:
-    """One kept-alive HTTP/1.1 connection sending POST /v1/generate, one request at a time."""
+    """One kept-alive HTTP/1.1 connection sending POST requests, one at a time."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self.reader = self.writer = None
 
-    async def request(self, body: dict) -> tuple[int, float | None, float, int]:
-        """(status, seconds to the first character or None, seconds to the end, characters)."""
+    async def post(self, path: str, data: bytes, content_type: str = "application/json",
+                   on_chunk=None) -> tuple[int, bool, bytes]:
+        """(status, chunked, body). `on_chunk(part)` sees each part of a chunked body as it arrives;
+        when it returns True the client hangs up there and the body so far is returned."""
+        if self.writer is not None and self.reader.at_eof():  # the server closed it while idle
+            self.close()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        data = json.dumps(body).encode()
-        started = time.perf_counter()
-        self.writer.write(b"POST /v1/generate HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
-        status = int((await self.reader.readline()).split()[1])
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: %s\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), content_type.encode(), len(data), data))
+        line = await self.reader.readline()
+        if not line:
+            raise ConnectionResetError("the server closed the connection without answering")
+        status = int(line.split()[1])
         length, chunked, close = None, False, False
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
@@ -144,7 +163,6 @@ class Client:
                 chunked = True
             elif name == "connection" and value == "close":
                 close = True
-        first = None
         if chunked:
             parts = []
             while True:
@@ -153,16 +171,31 @@ class Client:
                     await self.reader.readline()
                     break
                 part = (await self.reader.readexactly(size + 2))[:-2]
-                if first is None and b'"text"' in part:
-                    first = time.perf_counter() - started
                 parts.append(part)
+                if on_chunk is not None and on_chunk(part):
+                    close = True
+                    break
             payload = b"".join(parts)
         else:
             payload = await self.reader.readexactly(length or 0)
-        ended = time.perf_counter() - started
         if close:
-            self.writer.close()
-            self.reader = self.writer = None
+            self.close()
+        return status, chunked, payload
+
+    async def request(self, body: dict) -> tuple[int, float | None, float, int]:
+        """POST /v1/generate: (status, seconds to the first character or None, seconds to the end, characters)."""
+        data = json.dumps(body).encode()
+        started = time.perf_counter()
+        first = None
+
+        def seen(part: bytes) -> bool:
+            nonlocal first
+            if first is None and b'"text"' in part:
+                first = time.perf_counter() - started
+            return False
+
+        status, chunked, payload = await self.post("/v1/generate", data, on_chunk=seen)
+        ended = time.perf_counter() - started
         chars = 0
         if status == 200:
             if chunked:
@@ -178,6 +211,7 @@ class Client:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        self.reader = self.writer = None
 
 
 async def load(url: str, clients: int, seconds: float, stream: bool, max_chars: int) -> dict:
@@ -268,11 +302,7 @@ def main() -> None:
                 print(f"  {mode:6} {n:3} clients: {row['chars_per_second']:,.0f} chars/s, engine alone {engine:,.0f} "
                       f"({row['ratio']:.0%})", flush=True)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        stop_server(process)
         log_path.unlink(missing_ok=True)
 
     print()
