@@ -1,9 +1,11 @@
-"""The `chargen` command: train, sample, evaluate, prepare, serve.
+"""The `chargen` command: train, sample, evaluate, export, prepare, serve.
 
-It sits above both `model/` and `service/` (neither imports it). Heavy imports (Keras and its
-backend) happen inside the commands, after every check that needs no model: a bad flag, a missing
-or binary file, a directory that is not an artifact, a missing backend, a port in use are all
-reported in a fraction of a second, before TensorFlow loads.
+It sits above both `model/` and `service/` (neither imports it). Only train, evaluate and export
+run the Keras network, and need the training stack (the `train` extra, or `jax`); sample and
+serve run the artifact's ONNX graph and never import Keras. Heavy imports happen inside the
+commands, after every check that needs no model: a bad flag, a missing or binary file, a directory
+that is not an artifact, a missing training stack or backend, a port in use are all reported in a
+fraction of a second, before TensorFlow loads.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import click
 
 from model.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K  # imports nothing
 
-# backend -> the package it needs and how to install it
-BACKENDS = {"tensorflow": "pip install -e .", "jax": "pip install -e '.[jax]'"}
+# backend -> how to install it with Keras (a serving install, `pip install -e .`, has neither)
+BACKENDS = {"tensorflow": "pip install -e '.[train]'", "jax": "pip install -e '.[jax]'"}
 
 
 def _quiet_backend(backend: str | None) -> None:
@@ -29,20 +31,29 @@ def _quiet_backend(backend: str | None) -> None:
     os.environ.setdefault("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
 
 
-def _require_backend() -> None:
-    """The Keras backend this command will load is installed; else one line saying what to install
-    (instead of Keras' ModuleNotFoundError traceback). Called by the commands that load Keras."""
+def _require_keras(command: str) -> None:
+    """Keras and the backend this command will load are installed; else one line saying what to
+    install (instead of a ModuleNotFoundError traceback). Called by the commands that run the Keras
+    network: train, evaluate, export."""
     backend = os.environ.get("KERAS_BACKEND") or "tensorflow"
     if backend not in BACKENDS:
         raise click.ClickException(f"KERAS_BACKEND={backend}: chargen runs on {' or '.join(BACKENDS)}")
-    try:
-        found = importlib.util.find_spec(backend) is not None
-    except (ImportError, ValueError):  # a broken installation is as good as none
-        found = False
-    if not found:
+    if not _installed("keras"):
+        raise click.ClickException(
+            f"chargen {command} needs Keras and the {backend} backend, which a serving install leaves out; "
+            f"install them with: {BACKENDS[backend]}"
+        )
+    if not _installed(backend):
         raise click.ClickException(
             f"the {backend} backend is not installed; install it with: {BACKENDS[backend]}"
         )
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken installation is as good as none
+        return False
 
 
 def _me() -> str:
@@ -50,21 +61,23 @@ def _me() -> str:
     return shlex.quote(sys.argv[0]) if os.path.basename(sys.argv[0]) == "chargen" else "chargen"
 
 
-def _check_artifact(path: str):
-    """The artifact's own check (model/artifact.py), without Keras: its path, meta and vocabulary."""
+def _check_artifact(path: str, keras: bool = False):
+    """The artifact's own check (model/artifact.py), without Keras: its path, meta and vocabulary;
+    `keras=True` for the commands that will load its Keras network."""
     from model import artifact
 
     try:
-        return artifact.check(path)
+        return artifact.check(path, keras=keras)
     except artifact.ArtifactError as e:
         raise click.ClickException(str(e)) from None
 
 
-def _load_artifact(path: str):
+def _load_artifact(path: str, keras: bool = False):
+    """The serving load (no Keras), or with `keras=True` the Keras network too."""
     from model import artifact
 
     try:
-        return artifact.load(path)
+        return artifact.load(path, keras=keras)
     except artifact.ArtifactError as e:
         raise click.ClickException(str(e)) from None
 
@@ -103,7 +116,7 @@ def main(backend):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs):
     """Train a model on CORPUS; the best checkpoint is kept as OUT/best."""
-    _require_backend()
+    _require_keras("train")
     from model.network import ModelConfig
     from model.train import TrainingError, TrainSettings, train as run  # Keras comes after its checks
 
@@ -144,12 +157,12 @@ def evaluate(artifact_path, text_path, as_json):
 
     from model.data import CorpusError, read_text
 
-    _require_backend()
+    _require_keras("evaluate")
     try:  # everything that needs no model is checked before Keras loads
         text = read_text(text_path)
     except CorpusError as e:
         raise click.ClickException(str(e)) from None
-    _, _, vocab = _check_artifact(artifact_path)
+    _, _, vocab = _check_artifact(artifact_path, keras=True)  # scored with the Keras network
     encoded = vocab.encode(text)
     outside = sum(c not in vocab for c in text)
     if len(encoded.ids) < 2:
@@ -159,7 +172,7 @@ def evaluate(artifact_path, text_path, as_json):
 
     from model.evaluate import StreamScorer
 
-    loaded = _load_artifact(artifact_path)
+    loaded = _load_artifact(artifact_path, keras=True)
     loss = StreamScorer().loss(loaded.model, encoded.ids)
     result = {
         "artifact": str(loaded.path), "text": text_path, "chars": len(text),
@@ -176,6 +189,37 @@ def evaluate(artifact_path, text_path, as_json):
                f"({result['replaced']:,} replaced by their base form, {encoded.dropped:,} dropped)")
     click.echo(f"loss      {loss.nats:.4f} nats/char = {loss.bits:.4f} bits/char "
                f"({loss.chars:,} characters predicted, state carried through each stream)")
+
+
+# ---------------------------------------------------------------- export
+
+
+@main.command("export")
+@click.option("--artifact", "artifact_path", required=True, type=click.Path(),
+              help="Artifact directory (or a training run directory: its best/ is used).")
+def export_command(artifact_path):
+    """Add the ONNX graph (model.onnx) to an artifact made before training wrote one.
+
+    The graph is built from the artifact's model.keras and checked against its meta.json. Serving
+    runs it with ONNX Runtime, and so can anything else that runs ONNX (onnxruntime-web in a
+    browser, for one). A damaged model.onnx is replaced; one that is up to date is left alone.
+    """
+    from model import artifact
+
+    _require_keras("export")
+    try:  # the artifact is checked (without its graph, which may be damaged) before Keras loads
+        graph, written = artifact.add_graph(artifact_path)
+    except artifact.ArtifactError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # a read-only directory, a full disk
+        graph = artifact.resolve(artifact_path) / artifact.GRAPH
+        raise click.ClickException(f"{graph}: cannot be written: {e.strerror or e}") from None
+    size = graph.stat().st_size
+    shown = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
+    if written:
+        click.echo(f"wrote {graph} ({shown}): the ONNX graph of its model.keras, checked against meta.json")
+    else:
+        click.echo(f"{graph} is up to date ({shown}); nothing written")
 
 
 # ---------------------------------------------------------------- prepare
@@ -258,7 +302,6 @@ def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, st
     from model.sampling import SamplingSettings
 
     settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p)  # the options checked them
-    _require_backend()
     _check_artifact(artifact_path)
 
     from model.engine import Engine
@@ -309,10 +352,9 @@ def serve(bind, workers, artifact_path):
         settings = Settings.from_env()
     except SettingsError as e:
         raise click.ClickException(str(e)) from None
-    _require_backend()
-    # Before gunicorn starts: a wrong artifact would otherwise be found by each worker after
-    # TensorFlow has loaded, and a port in use would be retried and logged by gunicorn for seconds.
-    # The workers still load the network itself (a damaged archive inside a valid zip ends there).
+    # Before gunicorn starts: a wrong artifact (a missing or damaged model.onnx included) would
+    # otherwise be found by each worker, and a port in use would be retried and logged by gunicorn
+    # for seconds. The workers still load the network itself into ONNX Runtime.
     _check_artifact(settings.artifact)
     _check_bind(bind or settings.bind)
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]

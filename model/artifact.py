@@ -2,18 +2,24 @@
 
 An artifact is a directory:
     model.keras   the network (Keras 3 zip format, loaded with safe_mode=True; no pickle)
+    model.onnx    the same network as an ONNX graph (model/onnx_graph.py): what serving runs
     vocab.json    {"chars": [...]}: id -> character
     meta.json     an `ArtifactMeta`: format version, network config, corpus, split, validation loss,
                   training figures, versions and the command line that made it
 and, when `chargen train` made it, history.json, history.csv and loss.png: the run's history up to
-the epoch it was saved at, written once with the rest (a published artifact is never rewritten).
+the epoch it was saved at, written once with the rest (a published artifact is never rewritten,
+except by `add_graph`, which gives an artifact made before model.onnx existed its graph).
 
 Directories are written under a temporary name beside the target and renamed into place, so a crash
 never leaves half an artifact under the real name.
 
-`check()` reads everything but the network, so a wrong path or a damaged file is reported without
-Keras (the command line calls it before the heavy imports, `load()` calls it first); this module
-imports Keras only inside `load()` and `save()`.
+Two ways in: `load(path)` is the serving load (model.onnx, vocab.json and meta.json; it never
+imports Keras, so a serving install needs no training stack), and `load(path, keras=True)` also
+loads the Keras network, for evaluation, training and benchmarks (model.onnx is optional there, so
+an artifact made before it existed still evaluates; it is checked when present). `check()` does
+every check of the same load but loading Keras, so a wrong path or a damaged file is reported in a
+fraction of a second (the command line calls it before the heavy imports; `load()` runs it first).
+Keras is imported only inside `load(keras=True)`, `save()` and `add_graph()`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import tempfile
 import typing
@@ -37,7 +44,8 @@ if TYPE_CHECKING:
     import keras
 
 FORMAT_VERSION = 1
-FILES = ("model.keras", "vocab.json", "meta.json")
+GRAPH = "model.onnx"
+FILES = ("model.keras", GRAPH, "vocab.json", "meta.json")
 
 
 class ArtifactError(Exception):
@@ -54,6 +62,14 @@ class MissingFile(ArtifactError):
 
 class CorruptModel(ArtifactError):
     pass
+
+
+class MissingGraph(ArtifactError):
+    """No model.onnx: an artifact made before it existed. `add_graph` (chargen export) adds it."""
+
+
+class CorruptGraph(ArtifactError):
+    """A model.onnx that cannot be read, or is not the graph of the network meta.json describes."""
 
 
 class BadVocab(ArtifactError):
@@ -219,9 +235,10 @@ def _value(kind, value, where: str, name: str):
 @dataclass
 class Artifact:
     path: Path
-    model: keras.Model
+    model: keras.Model | None  # only from load(path, keras=True)
     vocab: Vocab
     meta: ArtifactMeta
+    onnx_path: Path | None = None  # the checked model.onnx; None only for a Keras load of an artifact without one
 
     @property
     def config(self) -> ModelConfig:
@@ -240,12 +257,31 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def check(path: str | Path) -> tuple[Path, ArtifactMeta, Vocab]:
-    """Everything about an artifact that can be checked without Keras: the directory, its files,
-    meta.json, vocab.json and that they agree, and that model.keras is a zip archive. Returns the
-    resolved directory, its metadata and vocabulary. `load()` runs it first."""
+def export_command(path: Path) -> str:
+    """The command that gives the artifact at `path` its model.onnx (in the messages that need one)."""
+    return f".venv/bin/chargen export --artifact {shlex.quote(str(path))}"
+
+
+def check(path: str | Path, *, keras: bool = False) -> tuple[Path, ArtifactMeta, Vocab]:
+    """Everything `load(path, keras=keras)` checks, without loading Keras: the directory, the files
+    it reads, meta.json, vocab.json and that they agree, and that model.onnx is the graph of the
+    network meta.json describes (for the Keras load, when it is there); with `keras=True`, that
+    model.keras is a zip archive. Returns the resolved directory, its metadata and vocabulary."""
+    path, meta, vocab = _check_files(path, keras)
+    if not keras or (path / GRAPH).is_file():
+        _check_graph(path / GRAPH, meta)
+    return path, meta, vocab
+
+
+def _check_files(path: str | Path, keras: bool) -> tuple[Path, ArtifactMeta, Vocab]:
+    """check() but the graph: serving reads model.onnx, vocab.json and meta.json; the Keras load
+    model.keras, vocab.json and meta.json."""
     path = resolve(path)
-    missing = [name for name in FILES if not (path / name).is_file()]
+    needed = ("model.keras", "vocab.json", "meta.json") if keras else (GRAPH, "vocab.json", "meta.json")
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing == [GRAPH]:
+        raise MissingGraph(f"{path}: missing {GRAPH}, the ONNX graph of the network that serving runs; "
+                           f"add it (built from model.keras) with: {export_command(path)}")
     if missing:
         raise MissingFile(f"{path}: missing {', '.join(missing)} (an artifact holds {', '.join(FILES)})")
     meta = _read_meta(path / "meta.json")
@@ -253,13 +289,40 @@ def check(path: str | Path) -> tuple[Path, ArtifactMeta, Vocab]:
     if meta.vocab_size != len(vocab):
         raise VocabMismatch(f"{path}: meta.json says vocab_size {meta.vocab_size} but vocab.json has {len(vocab)}")
     model_path = path / "model.keras"
-    if not zipfile.is_zipfile(model_path):
+    if keras and not zipfile.is_zipfile(model_path):
         raise CorruptModel(f"{model_path}: not a Keras archive (not a zip file; truncated or overwritten?)")
     return path, meta, vocab
 
 
-def load(path: str | Path) -> Artifact:
-    path, meta, vocab = check(path)
+def _check_graph(graph_path: Path, meta: ArtifactMeta, data: bytes | None = None) -> None:
+    from model.onnx_graph import check_graph  # onnx, not Keras; only when a graph is checked
+
+    config = meta.config
+    try:
+        check_graph(graph_path if data is None else data, cell=config.cell, layers=config.layers,
+                    units=config.units, vocab_size=meta.vocab_size, name=str(graph_path))
+    except ValueError as e:  # its message names the file and every mismatch
+        raise CorruptGraph(f"{e}; rebuild it with: {export_command(graph_path.parent)}") from None
+
+
+def load(path: str | Path, *, keras: bool = False) -> Artifact:
+    """The artifact at `path` (or a run directory's best), checked. By default the serving load:
+    model.onnx, vocab.json and meta.json, with model=None and onnx_path set; Keras is never
+    imported. With `keras=True` also the Keras network, for evaluation, training and benchmarks;
+    model.onnx may then be absent (onnx_path None), and is checked when it is there."""
+    if not keras:
+        path, meta, vocab = check(path)
+        return Artifact(path, None, vocab, meta, path / GRAPH)
+    path, meta, vocab = _check_files(path, keras=True)
+    model = _keras_model(path, meta, vocab)  # first: when meta.json is wrong, this says how
+    onnx_path = path / GRAPH if (path / GRAPH).is_file() else None
+    if onnx_path is not None:
+        _check_graph(onnx_path, meta)
+    return Artifact(path, model, vocab, meta, onnx_path)
+
+
+def _keras_model(path: Path, meta: ArtifactMeta, vocab: Vocab) -> keras.Model:
+    """model.keras, checked against meta.json and vocab.json."""
     import keras
 
     from model.network import config_of
@@ -283,7 +346,7 @@ def load(path: str | Path) -> Artifact:
             f"{path}: vocab.json has {len(vocab)} characters but the model was built for "
             f"{vocab_in} (input) and {vocab_out} (output)"
         )
-    return Artifact(path, model, vocab, meta)
+    return model
 
 
 def _read_meta(path: Path) -> ArtifactMeta:
@@ -307,10 +370,10 @@ def _read_vocab(path: Path) -> Vocab:
 def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
          extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a new artifact directory at `path` (which must not exist) atomically, with
-    `extra_files` (name -> contents) beside the three files of an artifact.
+    `extra_files` (name -> contents) beside the four files of an artifact.
 
     The network is saved without optimizer state or dropout settings that only matter in training:
-    a fresh inference model with the same weights.
+    a fresh inference model with the same weights, and its ONNX graph.
     """
     from model.network import build_model
 
@@ -329,6 +392,7 @@ def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
         inference = build_model(meta.config, len(vocab))
         inference.set_weights(model.get_weights())
         inference.save(tmp / "model.keras")
+        (tmp / GRAPH).write_bytes(_graph_bytes(inference, meta, path / GRAPH))
         (tmp / "vocab.json").write_text(vocab.to_json(), encoding="utf-8")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
@@ -339,6 +403,42 @@ def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def add_graph(path: str | Path) -> tuple[Path, bool]:
+    """Give an existing artifact (or a run's best) the model.onnx built from its model.keras, as
+    `chargen export` does for one made before training wrote it. Returns the graph's path and
+    whether it was written: a graph that is already the one built is left alone, so running it
+    again changes nothing, and a damaged one is replaced. The graph is written to a temporary file
+    beside it and renamed, so a reader sees the old graph or the new one, never part of one."""
+    path, meta, vocab = _check_files(path, keras=True)  # not the graph: a damaged one is replaced
+    target = path / GRAPH
+    data = _graph_bytes(_keras_model(path, meta, vocab), meta, target)
+    if target.is_file() and target.read_bytes() == data:
+        return target, False
+    tmp = target.with_name(f".{GRAPH}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target, True
+
+
+def _graph_bytes(model: keras.Model, meta: ArtifactMeta, where: Path) -> bytes:
+    """The serialized ONNX graph of a Keras network, after checking that the loader accepts it."""
+    from model.onnx_graph import build_graph
+
+    try:
+        data = build_graph(model).SerializeToString()
+    except ValueError as e:  # a layer setting the ONNX operators do not compute
+        raise CorruptModel(f"{where.with_name('model.keras')}: cannot be written as an ONNX graph: {e}") from None
+    _check_graph(where, meta, data)
+    return data
 
 
 def point(link: str | Path, target: str | Path) -> None:

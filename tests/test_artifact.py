@@ -1,5 +1,6 @@
-"""Artifacts: a round trip keeps the logits; every kind of damage has its own error naming the file;
-meta.json is one typed record; the module and its check need no Keras."""
+"""Artifacts: a round trip keeps the logits (Keras and the ONNX graph); every kind of damage has its
+own error naming the file; meta.json is one typed record; the module, its check and the serving
+load need no Keras."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from model import artifact
-from model.artifact import (ArtifactError, ArtifactMeta, ArtifactNotFound, BadMeta, BadVocab, CorpusInfo, CorruptModel,
-                            MissingFile, UnsupportedFormat, VocabMismatch)
+from model.artifact import (ArtifactError, ArtifactMeta, ArtifactNotFound, BadMeta, BadVocab, CorpusInfo, CorruptGraph,
+                            CorruptModel, MissingFile, MissingGraph, UnsupportedFormat, VocabMismatch)
 from model.network import ModelConfig, build_model
+from model.onnx_graph import build_graph
 from model.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +49,20 @@ def copy(saved, tmp_path) -> Path:
     return Path(shutil.copytree(saved[0], tmp_path / "a"))
 
 
-def raises(cls, path: Path, names: str) -> ArtifactError:
+def raises(cls, path: Path, names: str, keras: bool = True) -> ArtifactError:
+    """The error of load(path, keras=keras): the Keras load unless said otherwise."""
     with pytest.raises(ArtifactError) as e:
-        artifact.load(path)
+        artifact.load(path, keras=keras)
     assert type(e.value) is cls, f"expected {cls.__name__}, got {type(e.value).__name__}: {e.value}"
     assert names in str(e.value), f"message should name {names}: {e.value}"
     return e.value
+
+
+def graph_logits(onnx_path: Path, x: np.ndarray) -> np.ndarray:
+    """The graph's logits for x (B, T) from the zero state, run by ONNX Runtime."""
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    state = np.zeros((CONFIG.layers, x.shape[0], CONFIG.units), np.float32)
+    return sess.run(["logits"], {"ids": x.astype(np.int64), "h": state})[0]
 
 
 # ---------------------------------------------------------------- round trip
@@ -58,16 +70,27 @@ def raises(cls, path: Path, names: str) -> ArtifactError:
 
 def test_round_trip_gives_identical_logits(saved):
     path, model = saved
-    loaded = artifact.load(path)
-    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.keras", "vocab.json"]
+    loaded = artifact.load(path, keras=True)
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.keras", "model.onnx", "vocab.json"]
     assert loaded.vocab.chars == VOCAB.chars
     assert loaded.config == CONFIG
     assert loaded.meta == META
     assert loaded.meta.format_version == artifact.FORMAT_VERSION and loaded.meta.vocab_size == len(VOCAB)
+    assert loaded.onnx_path == path / "model.onnx"
     expected = keras.ops.convert_to_numpy(model(X))
     got = keras.ops.convert_to_numpy(loaded.model(X))
     assert got.shape == (2, 10, len(VOCAB))
     np.testing.assert_array_equal(got, expected)
+    # the graph saved beside it computes the same network
+    np.testing.assert_allclose(graph_logits(loaded.onnx_path, X), expected, atol=1e-5, rtol=0)
+
+
+def test_the_serving_load_has_the_graph_and_no_keras_network(saved):
+    path, _ = saved
+    served = artifact.load(path)
+    assert served.model is None and served.onnx_path == path / "model.onnx"
+    assert (served.path, served.vocab.chars, served.meta) == (path, VOCAB.chars, META)
+    assert artifact.Artifact(path, None, VOCAB, META).onnx_path is None  # the record, positionally
 
 
 def test_saved_network_is_for_inference_only(tmp_path):
@@ -78,7 +101,7 @@ def test_saved_network_is_for_inference_only(tmp_path):
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.train_on_batch(X[:, :-1], X[:, 1:])
     path = artifact.save(tmp_path / "a", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=len(VOCAB)))
-    loaded = artifact.load(path)
+    loaded = artifact.load(path, keras=True)
     assert getattr(loaded.model, "optimizer", None) is None
     with zipfile.ZipFile(path / "model.keras") as z:
         assert sorted(z.namelist()) == ["config.json", "metadata.json", "model.weights.h5"]
@@ -123,10 +146,60 @@ def test_no_such_directory(tmp_path):
     raises(ArtifactNotFound, tmp_path / "file", "is a file")
 
 
-@pytest.mark.parametrize("name", artifact.FILES)
+@pytest.mark.parametrize("name", ["model.keras", "vocab.json", "meta.json"])
 def test_missing_file(copy, name):
     (copy / name).unlink()
     raises(MissingFile, copy, name)
+    if name != "model.keras":  # which serving does not read
+        raises(MissingFile, copy, name, keras=False)
+
+
+def test_serving_does_not_read_model_keras(copy):
+    (copy / "model.keras").unlink()
+    assert artifact.load(copy).onnx_path == copy / "model.onnx"
+
+
+# ---------------------------------------------------------------- the graph: missing, damaged, another network
+
+
+def test_missing_graph_says_how_to_add_it(copy):
+    (copy / "model.onnx").unlink()
+    error = raises(MissingGraph, copy, "model.onnx", keras=False)
+    assert str(error) == (f"{copy}: missing model.onnx, the ONNX graph of the network that serving runs; "
+                          f"add it (built from model.keras) with: .venv/bin/chargen export --artifact {copy}")
+    # the Keras load (evaluation, training) still works without it
+    loaded = artifact.load(copy, keras=True)
+    assert loaded.onnx_path is None and loaded.model is not None
+    assert artifact.check(copy, keras=True)[0] == copy
+
+
+def damaged_graphs(saved) -> dict[str, bytes]:
+    data = (saved[0] / "model.onnx").read_bytes()
+    other = build_model(ModelConfig(cell="gru", layers=2, units=24, embedding=8), len(VOCAB))
+    model = onnx.load_model_from_string(data)
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT  # ids as float
+    return {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "not ONNX": b"definitely not a protobuf" * 10,
+        "another network": build_graph(other).SerializeToString(),
+        "another signature": model.SerializeToString(),
+    }
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("empty", "not an ONNX model"),
+    ("truncated", "not an ONNX model"),
+    ("not ONNX", "not an ONNX model"),
+    ("another network", "does not match meta.json (a 2-layer gru network of 16 units and 10 characters): metadata units is '24'"),
+    ("another signature", "input 'ids' is float, expected int64"),
+])
+def test_damaged_graph_names_the_file_and_how_to_rebuild_it(saved, copy, kind, problem):
+    (copy / "model.onnx").write_bytes(damaged_graphs(saved)[kind])
+    for keras_load in (False, True):  # a graph that is there is checked by both loads
+        error = raises(CorruptGraph, copy, str(copy / "model.onnx"), keras=keras_load)
+        assert problem in str(error)
+        assert str(error).endswith(f"; rebuild it with: .venv/bin/chargen export --artifact {copy}")
 
 
 def test_model_that_is_not_an_archive(copy):
@@ -236,6 +309,8 @@ def test_meta_that_describes_another_network(copy):
     meta["config"]["units"] = 32
     (copy / "meta.json").write_text(json.dumps(meta))
     raises(BadMeta, copy, "model.keras holds")
+    error = raises(CorruptGraph, copy, "model.onnx", keras=False)  # serving sees it in the graph
+    assert "metadata units is '16', meta.json says '32'" in str(error)
 
 
 @pytest.mark.parametrize("data", [b"{oops", b'{"letters": []}', b'{"chars": ["a", "a"]}', b"\xff\xfe"])
@@ -245,7 +320,8 @@ def test_bad_vocab(copy, data):
 
 
 def test_error_classes_are_distinct():
-    classes = [ArtifactNotFound, MissingFile, CorruptModel, BadVocab, BadMeta, UnsupportedFormat, VocabMismatch]
+    classes = [ArtifactNotFound, MissingFile, CorruptModel, BadVocab, BadMeta, UnsupportedFormat, VocabMismatch,
+               MissingGraph, CorruptGraph]
     assert len(set(classes)) == len(classes)
     assert all(issubclass(c, ArtifactError) and c is not ArtifactError for c in classes)
 
@@ -274,6 +350,8 @@ def test_trained_artifact_describes_itself(tiny_artifact):
     assert re.fullmatch(r"\d+\.\d+.*", meta["versions"]["backend_version"])
     assert meta["command"] == "test"  # what train_tiny passes
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["created"])
+    assert sorted(p.name for p in tiny_artifact.iterdir()) == [
+        "history.csv", "history.json", "loss.png", "meta.json", "model.keras", "model.onnx", "vocab.json"]
     loaded = artifact.load(tiny_artifact).meta
     assert loaded.to_dict() == meta and loaded.to_json() == (tiny_artifact / "meta.json").read_text()
     assert loaded.validation.nats_per_char == meta["validation"]["nats_per_char"] and loaded.corpus.name == corpus_file.name
@@ -290,12 +368,22 @@ def test_the_shipped_artifact_reads_unchanged():
     assert meta.to_json() == text
 
 
+def test_the_shipped_artifact_has_the_graph_of_its_weights():
+    """artifacts/default/model.onnx (added by `chargen export`) is what export builds from its
+    model.keras today, byte for byte, and serving loads it."""
+    path = ROOT / "artifacts" / "default"
+    loaded = artifact.load(path, keras=True)
+    assert loaded.onnx_path == path / "model.onnx"
+    assert build_graph(loaded.model).SerializeToString() == (path / "model.onnx").read_bytes()
+    assert artifact.load(path).onnx_path == path / "model.onnx"
+
+
 # ---------------------------------------------------------------- without Keras
 
 
 def test_check_and_the_module_need_no_keras(saved, tmp_path):
-    """The artifact module imports without Keras, and check() reports every damage it can see
-    without loading it (the next issue serves without TensorFlow)."""
+    """The artifact module imports without Keras, check() reports every damage it can see without
+    loading it, and the serving load never imports it (a serving install has no Keras)."""
     (tmp_path / "broken").mkdir()
     for name in ("vocab.json", "meta.json"):
         shutil.copyfile(saved[0] / name, tmp_path / "broken" / name)
@@ -306,9 +394,11 @@ def test_check_and_the_module_need_no_keras(saved, tmp_path):
         "path, meta, vocab = artifact.check(sys.argv[1])\n"
         "print(meta.config.cell, len(vocab))\n"
         "try:\n"
-        "    artifact.check(sys.argv[2])\n"
+        "    artifact.check(sys.argv[2], keras=True)\n"
         "except artifact.CorruptModel as e:\n"
         "    print(e)\n"
+        "served = artifact.load(sys.argv[1])\n"
+        "print(served.model, served.onnx_path.name)\n"
         "print(sorted(m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code, str(saved[0]), str(tmp_path / "broken")],
@@ -317,7 +407,8 @@ def test_check_and_the_module_need_no_keras(saved, tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == f"gru {len(VOCAB)}"
     assert "model.keras: not a Keras archive" in lines[1]
-    assert lines[2] == "[]"
+    assert lines[2] == "None model.onnx"
+    assert lines[3] == "[]"
 
 
 def test_no_pickle_anywhere():

@@ -32,7 +32,7 @@ from model import artifact
 from model.evaluate import StreamScorer
 results = {"backend": keras.backend.backend()}
 for name, path in json.loads(sys.argv[1]).items():
-    loaded = artifact.load(path)
+    loaded = artifact.load(path, keras=True)
     ids = loaded.vocab.encode(sys.argv[2]).ids
     results[name] = {
         "logits": keras.ops.convert_to_numpy(loaded.model.predict_on_batch(ids[None, :])).tolist(),
@@ -54,7 +54,7 @@ def test_model_code_uses_keras_only():
 
 
 def logits_and_loss(path: Path) -> tuple[np.ndarray, float]:
-    loaded = artifact.load(path)
+    loaded = artifact.load(path, keras=True)
     ids = loaded.vocab.encode(TEXT).ids
     return keras.ops.convert_to_numpy(loaded.model.predict_on_batch(ids[None, :])), StreamScorer().loss(loaded.model, ids).nats
 

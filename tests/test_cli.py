@@ -1,6 +1,6 @@
 """The `chargen` command line as a whole: where it sits (above model/ and service/), mistakes that
-need no model answered before Keras loads, a missing backend, and `chargen serve` refusing a bad
-artifact or a port in use before gunicorn starts."""
+need no model answered before Keras loads, a missing training stack or backend, and `chargen serve`
+refusing a bad artifact or a port in use before gunicorn starts."""
 
 from __future__ import annotations
 
@@ -106,11 +106,15 @@ CASES = [
     (["evaluate", "--artifact", "{broken}", "--text", "{text}"], "model.keras: not a Keras archive"),
     (["evaluate", "--artifact", str(SHIPPED), "--text", "{nul}"], "image.png: a binary file, not text"),
     (["evaluate", "--artifact", str(SHIPPED), "--text", "{latin1}"], "not UTF-8 text"),
-    (["sample", "--artifact", "{empty_dir}"], "missing model.keras, vocab.json, meta.json"),
-    (["sample", "--artifact", "{broken}"], "model.keras: not a Keras archive"),
+    (["export", "--artifact", "{tmp}/nowhere"], "nowhere: no such artifact directory"),
+    (["export", "--artifact", "{empty_dir}"], "missing model.keras, vocab.json, meta.json"),
+    (["export", "--artifact", "{broken}"], "model.keras: not a Keras archive"),
+    (["sample", "--artifact", "{empty_dir}"], "missing model.onnx, vocab.json, meta.json"),
+    (["sample", "--artifact", "{broken}"], "missing model.onnx, the ONNX graph of the network that serving runs"),
     (["sample", "--artifact", "{text}"], "text.txt: is a file; an artifact is a directory"),
     (["prepare", "{nul}"], "image.png: a binary file, not text"),
-    (["serve", "--artifact", "{empty_dir}"], "missing model.keras, vocab.json, meta.json"),
+    (["serve", "--artifact", "{empty_dir}"], "missing model.onnx, vocab.json, meta.json"),
+    (["serve", "--artifact", "{broken}"], "with: .venv/bin/chargen export --artifact "),
 ]
 
 
@@ -129,16 +133,50 @@ def test_mistakes_are_reported_before_keras_loads(files, args, message):
     assert not (files["text"].parent / "run").exists()
 
 
-# ---------------------------------------------------------------- a missing backend
+# ---------------------------------------------------------------- a missing training stack or backend
+
+
+def without(tmp_path, *packages: str) -> dict:
+    """An environment whose Python cannot import `packages`, as if they were not installed."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{p!r}] = None\n" for p in packages))
+    env = {"PYTHONPATH": str(shim)}
+    for package in packages:
+        check = subprocess.run([sys.executable, "-c", f"import {package}"], capture_output=True, text=True,
+                               env={**os.environ, **env})
+        assert "ModuleNotFoundError" in check.stderr  # the shim works
+    return env
+
+
+def test_a_serving_install_names_the_train_extra(tmp_path, files):
+    """Without Keras (the base install serves; training is the `train` extra), the commands that
+    run the Keras network say so in one line; those that serve do not need it."""
+    env = without(tmp_path, "keras", "tensorflow")
+    result, seconds, heavy = run_cli("train", "--corpus", str(files["text"]), "--out", str(tmp_path / "run"), env=env)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "Error: chargen train needs Keras and the tensorflow backend, which a serving install leaves out; "
+        "install them with: pip install -e '.[train]'"]
+    assert heavy == "" and not (tmp_path / "run").exists()
+    for args in (["evaluate", "--artifact", str(SHIPPED), "--text", str(files["text"])], ["export", "--artifact", str(SHIPPED)]):
+        result, _, _ = run_cli(*args, env=env)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines() == [
+            f"Error: chargen {args[0]} needs Keras and the tensorflow backend, which a serving install leaves out; "
+            "install them with: pip install -e '.[train]'"]
+    result, _, _ = run_cli("--backend", "jax", "evaluate", "--artifact", str(SHIPPED), "--text", str(files["text"]), env=env)
+    assert "install them with: pip install -e '.[jax]'" in result.stderr  # Keras on JAX is the jax extra
+    # serve checks the artifact and the address without Keras (a port in use stops it before gunicorn)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result, _, heavy = run_cli("serve", "--bind", f"127.0.0.1:{taken.getsockname()[1]}", env=env)
+    assert "is already in use" in result.stderr and "Keras" not in result.stderr and heavy == ""
 
 
 def test_a_missing_backend_is_one_line_naming_the_extra(tmp_path, files):
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['jax'] = None  # as if JAX were not installed\n")
-    env = {"PYTHONPATH": str(shim)}
-    check = subprocess.run([sys.executable, "-c", "import jax"], capture_output=True, text=True, env={**os.environ, **env})
-    assert "ModuleNotFoundError" in check.stderr  # the shim works
+    env = without(tmp_path, "jax")
 
     result, seconds, heavy = run_cli("--backend", "jax", "train", "--corpus", str(files["text"]), "--out",
                                      str(tmp_path / "run"), env=env)
@@ -146,7 +184,7 @@ def test_a_missing_backend_is_one_line_naming_the_extra(tmp_path, files):
     assert result.stderr.splitlines() == ["Error: the jax backend is not installed; install it with: pip install -e '.[jax]'"]
     assert heavy == "" and not (tmp_path / "run").exists()
     # the same when the backend comes from the environment, for every command that loads Keras
-    for args in (["sample", "--artifact", str(SHIPPED)], ["evaluate", "--artifact", str(SHIPPED), "--text", str(files["text"])]):
+    for args in (["export", "--artifact", str(SHIPPED)], ["evaluate", "--artifact", str(SHIPPED), "--text", str(files["text"])]):
         result, _, _ = run_cli(*args, env={**env, "KERAS_BACKEND": "jax"})
         assert result.returncode == 1 and "pip install -e '.[jax]'" in result.stderr and "Traceback" not in result.stderr
     result, _, _ = run_cli("prepare", str(files["text"]), env={**env, "KERAS_BACKEND": "jax"})

@@ -42,6 +42,19 @@ def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     return [(keyword.upper(), rest.strip()) for keyword, _, rest in (line.strip().partition(" ") for line in lines)]
 
 
+def stage(target: str, dockerfile: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    """The instructions an image built with `--target target` runs: those of the stages it is built
+    FROM (their FROM lines dropped but the first), then its own."""
+    stages, name = {}, None
+    for keyword, args in dockerfile or instructions():
+        if keyword == "FROM":
+            image, name = re.fullmatch(r"(\S+)(?:\s+as\s+(\S+))?", args, re.I).groups()
+            stages[name] = list(stages[image]) if image in stages else [("FROM", image)]
+        else:
+            stages[name].append((keyword, args))
+    return stages[target]
+
+
 def env_of(dockerfile: list[tuple[str, str]]) -> dict[str, str]:
     env = {}
     for keyword, args in dockerfile:
@@ -65,7 +78,7 @@ def healthcheck_command(dockerfile) -> list[str]:
 
 
 def test_the_image_is_slim_runs_as_a_user_and_checks_its_health():
-    dockerfile = instructions()
+    dockerfile = stage("api")
     assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", only(dockerfile, "FROM")), "a slim Python base image"
     keywords = [k for k, _ in dockerfile]
     user = only(dockerfile, "USER")
@@ -77,11 +90,26 @@ def test_the_image_is_slim_runs_as_a_user_and_checks_its_health():
     assert f":{port}\"" in COMPOSE.read_text()  # the container port compose publishes
 
 
+def test_two_targets_api_serves_without_the_training_stack_and_train_has_it():
+    """`api` (the default: the last stage) installs the project without extras, so without
+    TensorFlow; `train` installs '.[train]'; compose builds each service from its target."""
+    installs = {target: [args for k, args in stage(target) if k == "RUN" and "pip install" in args] for target in ("api", "train")}
+    assert installs["api"] == ["pip install -e ."]
+    assert installs["train"] == ["pip install -e '.[train]'"]
+    assert [args for k, args in instructions() if k == "FROM"][-1].endswith(" AS api")  # what `docker build .` builds
+    train_user = [args for k, args in stage("train") if k == "USER"]
+    assert train_user and train_user[-1] not in ("root", "0")
+    text = COMPOSE.read_text()
+    for service in ("api", "train"):
+        block = re.search(rf"^  {service}:\n((?:    .*\n|\s*\n)*)", text, re.M).group(1)
+        assert re.search(rf"^    build:\n      context: \.\n      target: {service}\b", block, re.M), block
+
+
 # ---------------------------------------------------------------- the container's command, outside Docker
 
 
 def test_the_containers_command_starts_the_service_outside_docker(tiny_artifact, tmp_path):
-    dockerfile = instructions()
+    dockerfile = stage("api")
     command = json.loads(only(dockerfile, "CMD"))
     image_env = env_of(dockerfile)
     assert set(image_env) >= {"CHARGEN_BIND", "CHARGEN_ARTIFACT"}

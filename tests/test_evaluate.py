@@ -93,7 +93,7 @@ def test_a_deadline_scores_a_prefix_of_whole_groups(tiny_artifact):
     from model import artifact
     from model.evaluate import StreamScorer
 
-    loaded = artifact.load(tiny_artifact)
+    loaded = artifact.load(tiny_artifact, keras=True)
     ids = loaded.vocab.encode(PERIODIC * 400).ids  # 18,000 characters
     scorer = StreamScorer(n_streams=16, batch=4)  # 16 streams of 1,125 characters, 4 per call
     assert scorer.groups(ids) == 4 and scorer.scored(ids) == 16 * 1124

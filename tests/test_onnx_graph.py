@@ -159,7 +159,7 @@ def test_batch_and_length_are_dynamic_and_rows_do_not_depend_on_their_batch():
 def test_a_trained_artifact_greedy_text_and_log_probs_match_keras(tiny_artifact):
     from model.artifact import load
 
-    art = load(tiny_artifact)
+    art = load(tiny_artifact, keras=True)
     sess = session(build_graph(art.model).SerializeToString())
     ids = art.vocab.encode("the quick").ids.astype(np.int64)[None]
     logits, state = run(sess, ids, zero_state("lstm", 1, 1, units=32))

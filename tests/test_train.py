@@ -37,6 +37,22 @@ def greedy(loaded: artifact.Artifact, prompt: str, max_chars: int) -> str:
     return loaded.vocab.decode(ids[0, start:])
 
 
+def greedy_onnx(loaded: artifact.Artifact, prompt: str, max_chars: int) -> str:
+    """The same from the model.onnx training wrote, run by ONNX Runtime one character at a time."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()][1:]  # h (and c): the states
+    state = {n: np.zeros((loaded.config.layers, 1, loaded.config.units), np.float32) for n in names}
+    ids, out = loaded.vocab.encode(prompt).ids[None].astype(np.int64), []
+    for _ in range(max_chars):
+        logits, *states = sess.run(None, {"ids": ids, **state})
+        state = dict(zip(names, states))
+        ids = logits[:, -1].argmax(axis=-1)[:, None]
+        out.append(int(ids[0, 0]))
+    return loaded.vocab.decode(out)
+
+
 @pytest.fixture(scope="module")
 def cells(tmp_path_factory, tiny_artifact) -> dict[str, Path]:
     """A one-layer network of each cell trained on PERIODIC (the LSTM is the session's tiny_artifact)."""
@@ -48,12 +64,13 @@ def cells(tmp_path_factory, tiny_artifact) -> dict[str, Path]:
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_each_cell_learns_a_periodic_text(cells, cell):
-    loaded = artifact.load(cells[cell])
+    loaded = artifact.load(cells[cell], keras=True)
     assert loaded.config.cell == cell and loaded.config.layers == 1
     assert loaded.meta.validation.nats_per_char < 0.05
     prompt = PERIODIC[:20]  # past "the quick", so the next "the" is known to be "the lazy"
     expected = (PERIODIC * 3)[20 : 20 + 2 * len(PERIODIC)]
     assert greedy(loaded, prompt, len(expected)) == expected
+    assert greedy_onnx(loaded, prompt, len(expected)) == expected  # training wrote the same network as model.onnx
 
 
 def test_run_directory_files(tiny_artifact):
