@@ -63,8 +63,9 @@ def deadline_exceeded(seconds: float) -> ApiError:
                     type="timeout_error", code="deadline_exceeded")
 
 
-# pydantic error type -> our code
-_CODES = {"extra_forbidden": "unknown_field", "missing": "missing_field"}
+# pydantic error type -> our code (the schemas raise out_of_range and unsupported themselves)
+_CODES = {"extra_forbidden": "unknown_field", "missing": "missing_field", "out_of_range": "out_of_range",
+          "unsupported": "unsupported"}
 
 
 def from_validation(error: ValidationError) -> ApiError:

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from pydantic.json_schema import models_json_schema
 
+from service.reading import MAX_JSON_DEPTH
 from service.schemas import ErrorResponse, Schemas
 
 ERRORS = {
-    "400": "The body cannot be parsed (broken JSON, not UTF-8, a JSON value that is not an object).",
+    "400": ("The body cannot be parsed (broken JSON, not UTF-8, a JSON value that is not an object, "
+            f"JSON nested more than {MAX_JSON_DEPTH} levels deep)."),
     "401": "CHARGEN_API_KEY is set and the request has no `Authorization: Bearer <key>` or a wrong one.",
     "413": "The body is larger than CHARGEN_MAX_BODY_BYTES.",
-    "422": "A field is wrong (type, range, unknown field); `param` names it.",
+    "422": "A field is wrong (type, range, unknown field, a rule across fields); `param` names it.",
     "429": "Every batch slot and queue place is taken; retry after `Retry-After` seconds.",
     "503": "The model is still loading; retry after `Retry-After` seconds.",
     "504": "The request passed its deadline (CHARGEN_REQUEST_TIMEOUT).",
 }
+
+
+def _events(data: str) -> dict:
+    # The schema of a text/event-stream describes one event (OpenAPI 3.1; 3.2 calls it itemSchema).
+    return {"schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string", "description": data}}}}
 
 
 def document(schemas: Schemas, version: str) -> dict:
@@ -22,9 +29,10 @@ def document(schemas: Schemas, version: str) -> dict:
                                  (ErrorResponse, "validation")], ref_template="#/components/schemas/{model}")
     components = top["$defs"]
     ref = {name: {"$ref": f"#/components/schemas/{name}"} for name in components}
-    generate_fields = components["GenerateRequest"]["properties"]
     errors = {code: {"description": text, "content": {"application/json": {"schema": ref["ErrorResponse"]}}}
               for code, text in ERRORS.items()}
+    not_json = {"415": {"description": "The body is not JSON (Content-Type: application/json).",
+                        "content": {"application/json": {"schema": ref["ErrorResponse"]}}}}
     secured = {"security": [{"bearer": []}]} if schemas.settings.api_key else {}
     json_ok = {"content": {"application/json": {"schema": {"type": "object"}}}}
 
@@ -34,34 +42,42 @@ def document(schemas: Schemas, version: str) -> dict:
             "description": (
                 "JSON in, JSON out; with `stream: true`, server-sent events: one `data: {\"index\", \"text\"}` event per "
                 "chunk and a last `data: {\"done\": true, ...}` event with finish reasons, usage and timings. "
-                "A body that is not JSON (or Content-Type text/plain) is the prompt itself; the other fields then come "
-                "from the query string and the answer is text/plain (streamed as it is generated with stream=1)."),
-            "parameters": [{"name": name, "in": "query", "required": False, "schema": schema,
-                            "description": schema.get("description", "")}
-                           for name, schema in generate_fields.items() if name != "prompt"],
+                "A body that is not JSON (or Content-Type text/plain) is the prompt itself; the answer is then text/plain "
+                "(streamed as it is generated with stream=1) and the settings come from the query string: GenerateRequest's "
+                "fields but prompt, with the same names, limits and defaults, n only 1 and logprobs only 0. With a JSON "
+                "body the query string must be empty. (OpenAPI cannot tie parameters to one body type, so they are "
+                "described here rather than listed as parameters.)"),
             "requestBody": {"required": False, "content": {
                 "application/json": {"schema": ref["GenerateRequest"]},
-                "text/plain": {"schema": {"type": "string", "description": "The prompt"}}}},
+                "text/plain": {"schema": {"type": "string", "maxLength": schemas.settings.max_prompt_chars,
+                                          "description": "The prompt"}}}},
             "responses": {"200": {"description": "The continuation(s)", "content": {
                 "application/json": {"schema": {"type": "object"}},
-                "text/event-stream": {"schema": {"type": "string"}},
+                "text/event-stream": _events('JSON: {"index", "text"} (and "logprobs") per chunk; last {"done": true, ...}; '
+                                            'or {"error": {...}} if generation fails after the first chunk'),
                 "text/plain": {"schema": {"type": "string"}}}}, **errors},
             **secured}},
         "/v1/completions": {"post": {
             "summary": "OpenAI-compatible completions (one token is one character)",
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref["CompletionRequest"]}}},
-            "responses": {"200": {"description": "A text_completion object, or server-sent events ending with `data: [DONE]`",
-                                  **json_ok}, **errors},
+            "responses": {"200": {"description": "A text_completion object, or with `stream: true` server-sent events "
+                                                 "ending with `data: [DONE]`",
+                                  "content": {"application/json": {"schema": {"type": "object"}},
+                                              "text/event-stream": _events("JSON: a text_completion chunk; last [DONE]")}},
+                          **errors, **not_json},
             **secured}},
         "/v1/models": {"get": {"summary": "The model this server serves (OpenAI format)",
                                "responses": {"200": json_ok, **errors}, **secured}},
         "/v1/models/{model}": {"get": {"summary": "One model (OpenAI format)",
-                                       "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                                       "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+                                                       "example": schemas.settings.name}],
                                        "responses": {"200": json_ok, "404": {"description": "No such model",
                                                                       "content": {"application/json": {"schema": ref["ErrorResponse"]}}}},
                                        **secured}},
-        "/health": {"get": {"summary": "200 once this worker's model is loaded, 503 before",
+        "/health": {"get": {"summary": "200 once this worker's model is loaded, 503 before and while it shuts down (readiness)",
                             "responses": {"200": json_ok, "503": errors["503"]}}},
+        "/health/live": {"get": {"summary": "200 whenever this worker answers HTTP, loading or shutting down too (liveness)",
+                                 "responses": {"200": json_ok}}},
         "/info": {"get": {"summary": "The model's metadata, the engine's settings, the limits and defaults",
                           "responses": {"200": json_ok, "503": errors["503"]}}},
         "/metrics": {"get": {"summary": "Prometheus metrics of all workers",

@@ -4,7 +4,8 @@ whose greedy text is known exactly (server.continuation).
 
 The markup and headers are checked first through Flask's test client; the browser tests skip, saying
 why, where /usr/bin/chromium or the playwright package is missing (scripts/test installs both).
-Screenshots go to docs/screenshot-*.png; the README shows one.
+The screenshots are taken into a temporary directory; scripts/screenshots refreshes the README's
+(docs/screenshot-*.png, tests/browser.py).
 """
 
 from __future__ import annotations
@@ -16,26 +17,16 @@ import threading
 import time
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
+from browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, TIMEOUT_MS, Tab, screenshots
 from server import ROOT, continuation, running_server
 from service.app import create_app
 from service.config import SettingsError
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Without the background-networking flags Chromium's own connections (updates, sync) are refused by
-# a closed network and it logs errors; the page itself needs nothing but the server.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-DESKTOP = {"width": 1280, "height": 860}
-PHONE = {"width": 375, "height": 760}
 LONG = 100_000  # max_chars of the "long generation" (the server's limit is raised to it)
-TIMEOUT_MS = 30_000
 STATIC = ROOT / "service" / "static"
-DOCS = ROOT / "docs"
-ENDED = "() => ['done', 'stopped', 'error'].includes(document.querySelector('.turn:last-child')?.dataset.state)"
 
 
 # ---------------------------------------------------------------- markup and headers (test client)
@@ -226,48 +217,6 @@ def server(tiny_artifact, browser, sites):
     with running_server(tiny_artifact, env=env) as s:
         allowed.embed_url = other.embed_url = s.url + "/embed"
         yield s
-
-
-class Tab:
-    """A browser tab on the page, with what it logged: console errors and dialogs opened."""
-
-    def __init__(self, browser, url: str, viewport=DESKTOP, color_scheme="light"):
-        self.context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
-        self.context.set_default_timeout(TIMEOUT_MS)
-        self.page = self.context.new_page()
-        self.console_errors: list[str] = []
-        self.dialogs: list[str] = []
-        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.console_errors.append(f"uncaught: {e}"))
-        self.page.on("dialog", self._dialog)
-        self.page.goto(url)
-        # the header describes the model (cell layers×units) once /info has answered
-        self.page.wait_for_function("() => document.getElementById('model').textContent.includes('×')")
-
-    def _dialog(self, dialog):
-        self.dialogs.append(dialog.message)
-        dialog.dismiss()
-
-    def send(self, prompt: str, *, temperature: float | None = None, max_chars: int | None = None):
-        if temperature is not None:
-            self.page.fill("#temperature", str(temperature))
-        if max_chars is not None:
-            self.page.fill("#max-chars", str(max_chars))
-        self.page.fill("#prompt", prompt)
-        self.page.press("#prompt", "Enter")
-
-    def turn(self, index: int = -1):
-        return self.page.locator(".turn").nth(index)
-
-    def wait_ended(self) -> str:
-        self.page.wait_for_function(ENDED)
-        return self.turn().get_attribute("data-state")
-
-    def generated(self, index: int = -1) -> str:
-        return self.turn(index).locator(".generated").text_content()
-
-    def close(self):
-        self.context.close()
 
 
 @pytest.fixture
@@ -533,6 +482,47 @@ def test_keyboard_alone_sends_regenerates_and_continues(tab):
     assert page.locator(".turn").count() == 1
 
 
+DEFAULTS = {"temperature": 0.3, "max_chars": 25, "top_k": 5, "top_p": 0.9}  # none of them the built-in one
+
+
+@pytest.fixture(scope="module")
+def defaults_server(tiny_artifact, browser):
+    env = {f"CHARGEN_DEFAULT_{name.upper()}": str(value) for name, value in DEFAULTS.items()}
+    with running_server(tiny_artifact, env=env) as s:
+        yield s
+
+
+def sent(tab: Tab, prompt: str = "the quick") -> dict:
+    """The body of the request the page sends for `prompt`, once its answer has ended."""
+    with tab.page.expect_request("**/v1/generate") as request:
+        tab.page.fill("#prompt", prompt)
+        tab.page.press("#prompt", "Enter")
+    assert tab.wait_ended() == "done"
+    return request.value.post_data_json
+
+
+@pytest.mark.parametrize("path, query, expected", [
+    ("/", "", DEFAULTS),
+    ("/embed", "", {"temperature": 0.3}),  # no other controls: the server's defaults apply
+    ("/", "?temperature=3&max_chars=7", {**DEFAULTS, "temperature": 3, "max_chars": 7}),  # presets win; 3 widens the slider
+    ("/embed", "?max_chars=7&top_k=2", {"temperature": 0.3, "max_chars": 7, "top_k": 2}),
+])
+def test_the_page_starts_from_the_servers_defaults_unless_the_query_string_presets_them(browser, defaults_server, path, query, expected):
+    t = Tab(browser, defaults_server.url + path + query)
+    try:
+        shown = {"temperature": float(t.page.input_value("#temperature"))}
+        if path == "/":
+            shown.update({name: float(t.page.input_value(f"#{name.replace('_', '-')}")) for name in ("max_chars", "top_k", "top_p")})
+        assert shown == {k: v for k, v in expected.items() if k in shown}
+        assert t.page.text_content("#temperature-value") == f"{expected['temperature']:.2f}"
+        body = sent(t)
+        assert {k: v for k, v in body.items() if k in DEFAULTS} == expected
+        assert len(t.generated()) == expected.get("max_chars", DEFAULTS["max_chars"])  # the server applied the rest
+        assert t.console_errors == []
+    finally:
+        t.close()
+
+
 def test_the_embed_works_in_an_iframe_of_an_allowed_site_and_is_refused_elsewhere(browser, server, sites):
     allowed, other = sites
     context = browser.new_context(viewport=DESKTOP)
@@ -558,42 +548,11 @@ def test_the_embed_works_in_an_iframe_of_an_allowed_site_and_is_refused_elsewher
         context.close()
 
 
-def test_screenshots_at_desktop_and_phone_width_in_light_and_dark(browser, tiny_artifact):
-    """Writes docs/screenshot-*.png (the README shows the desktop one) with the shipped model when
-    it is there, else the tiny test model; checks the layout fits a phone's width."""
-    shipped = ROOT / "artifacts" / "default"
-    artifact, prompt = (shipped, "ROMEO:\n") if (shipped / "meta.json").exists() else (tiny_artifact, "the quick")
-    DOCS.mkdir(exist_ok=True)
-    with running_server(artifact) as s:
-        for name, viewport, scheme in [("desktop", DESKTOP, "light"), ("mobile", PHONE, "light"), ("dark", DESKTOP, "dark")]:
-            t = Tab(browser, s.url + "/", viewport=viewport, color_scheme=scheme)
-            try:
-                page = t.page
-                page.check("#probabilities")
-                page.click("summary")
-                page.fill("#seed", "3")
-                page.click("summary")
-                t.send(prompt, temperature=0.8, max_chars=400 if viewport is DESKTOP else 160)
-                assert t.wait_ended() == "done"
-                chars = t.turn().locator(".generated .ch")
-                ps = chars.evaluate_all("spans => spans.map(s => Number(s.dataset.p))")
-                chars.nth(ps.index(min(ps))).hover()
-                width = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
-                assert width[0] <= width[1], f"the page is wider than the {name} screen: {width}"
-                background = page.evaluate("getComputedStyle(document.body).backgroundColor")
-                luminance = sum(float(x) for x in re.findall(r"[\d.]+", background)[:3]) / 3
-                assert (luminance < 60) if scheme == "dark" else (luminance > 200), background
-                path = DOCS / f"screenshot-{name}.png"
-                page.screenshot(path=str(path))
-                assert path.stat().st_size > 10_000
-                assert t.console_errors == []
-            finally:
-                t.close()
-        # the narrowest phones the page promises to fit
-        t = Tab(browser, s.url + "/", viewport={"width": 360, "height": 640})
-        try:
-            t.page.click("summary")
-            assert t.page.evaluate("document.documentElement.scrollWidth <= innerWidth")
-        finally:
-            t.close()
-
+def test_screenshots_at_desktop_and_phone_width_in_light_and_dark(browser, tiny_artifact, tmp_path):
+    """What scripts/screenshots does with the shipped model, with the tiny one into tmp_path (tests
+    never write into the tree); checks the layout fits a phone's width and the colour schemes."""
+    tracked = {p: p.read_bytes() for p in (ROOT / "docs").glob("*.png")}
+    with running_server(tiny_artifact) as s:
+        paths = screenshots(browser, s.url, tmp_path, "the quick")
+    assert [p.name for p in paths] == ["screenshot-desktop.png", "screenshot-mobile.png", "screenshot-dark.png"]
+    assert {p: p.read_bytes() for p in (ROOT / "docs").glob("*.png")} == tracked

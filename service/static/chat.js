@@ -19,11 +19,11 @@ const ui = {
   template: $("turn-template"),
 };
 
+// The sampling settings, by request field, and their controls (the embed has only the temperature's).
+// Each starts at the server's default (/info) unless the query string presets it.
+const SETTINGS = { temperature: ui.temperature, max_chars: ui.maxChars, top_k: ui.topK, top_p: ui.topP };
 // The request field each control sets: a 422 naming the field marks the control.
-const FIELDS = {
-  temperature: ui.temperature, max_chars: ui.maxChars, top_k: ui.topK, top_p: ui.topP, seed: ui.seed,
-  stop: ui.stopSequences, prompt: ui.prompt,
-};
+const FIELDS = { ...SETTINGS, seed: ui.seed, stop: ui.stopSequences, prompt: ui.prompt };
 
 let info = null; // GET /info, once it has answered
 let running = null; // {controller, turn} of the generation in progress
@@ -58,13 +58,14 @@ function unescape(line) {
 }
 
 function requestSettings() {
-  const body = { temperature: Number(ui.temperature.value) };
-  const fields = { max_chars: ui.maxChars, top_k: ui.topK, top_p: ui.topP };
-  for (const [name, control] of Object.entries(fields)) {
+  const body = { ...uncontrolled };
+  // the slider always holds some value: it is sent once it shows a chosen one (else the server's default applies)
+  if (ui.temperature.dataset.chosen) body.temperature = Number(ui.temperature.value);
+  for (const [name, control] of Object.entries(SETTINGS)) {
+    if (control === ui.temperature) continue;
     const value = number(control);
     if (value !== undefined) body[name] = value;
   }
-  if (!ui.maxChars && presets.has("max_chars")) body.max_chars = Number(presets.get("max_chars"));
   if (ui.seed && ui.seed.value.trim() !== "") {
     if (ui.seed.validity.badInput) throw new SettingsError(ui.seed, "Seed is not a number.");
     const seed = ui.seed.value.trim();
@@ -91,18 +92,46 @@ document.addEventListener("input", (e) => e.target.removeAttribute?.("aria-inval
 
 function showTemperature() {
   const t = Number(ui.temperature.value);
-  ui.temperatureValue.value = t === 0 ? "0 (greedy)" : t.toFixed(2);
+  if (!ui.temperature.dataset.chosen) ui.temperatureValue.value = "default";
+  else ui.temperatureValue.value = t === 0 ? "0 (greedy)" : t.toFixed(2);
 }
 
-// Query-string presets (?prompt=…&temperature=…&max_chars=…), so a site embedding the page can
-// start it with its own example. Values only ever fill form fields.
+// Query-string presets (?prompt=…&temperature=…&max_chars=…&top_k=…&top_p=…), so a site embedding the
+// page can start it with its own example. Values only ever fill form fields, or, for a setting this
+// page has no control for, go into the request as they are.
 const presets = new URLSearchParams(location.search);
+const uncontrolled = {};
+
+function setSetting(name, value) {
+  const control = SETTINGS[name];
+  if (!control) {
+    uncontrolled[name] = Number(value);
+  } else if (control === ui.temperature) {
+    const t = Number(value);
+    if (!Number.isFinite(t)) return; // a preset that is no number leaves the slider as it is
+    if (t > Number(control.max)) control.max = String(t); // a default (or preset) above the slider's range widens it
+    control.value = String(t);
+    if (Number(control.value) !== t) control.step = "any"; // and one between its steps (0.33) is kept as it is
+    control.value = String(t);
+    control.dataset.chosen = "true";
+    showTemperature();
+  } else {
+    control.value = value;
+  }
+}
 
 function applyPresets() {
-  const q = presets;
-  if (q.has("prompt")) ui.prompt.value = q.get("prompt");
-  if (q.has("temperature")) ui.temperature.value = q.get("temperature");
-  if (q.has("max_chars") && ui.maxChars) ui.maxChars.value = q.get("max_chars");
+  if (presets.has("prompt")) ui.prompt.value = presets.get("prompt");
+  for (const name of Object.keys(SETTINGS)) if (presets.has(name)) setSetting(name, presets.get(name));
+}
+
+// The server's defaults, into the controls that no preset and no person has set yet.
+function applyDefaults(defaults) {
+  for (const [name, control] of Object.entries(SETTINGS)) {
+    if (!control || presets.has(name) || defaults?.[name] === undefined) continue;
+    const untouched = control === ui.temperature ? !control.dataset.chosen : control.value === "";
+    if (untouched) setSetting(name, defaults[name]);
+  }
 }
 
 // ---------------------------------------------------------------- the model, from /info
@@ -128,7 +157,7 @@ async function loadInfo() {
     try {
       info = await getInfo();
       describeModel(info);
-      if (ui.maxChars && ui.maxChars.value === "" && info.defaults) ui.maxChars.value = info.defaults.max_chars;
+      applyDefaults(info.defaults);
       if (ui.apiKeyField && info.engine?.api_key_required) ui.apiKeyField.hidden = false;
       return;
     } catch (e) {
@@ -351,7 +380,10 @@ document.addEventListener("keydown", (e) => {
   if (e.key === "Escape" && running) running.controller.abort();
 });
 
-ui.temperature.addEventListener("input", showTemperature);
+ui.temperature.addEventListener("input", () => {
+  ui.temperature.dataset.chosen = "true";
+  showTemperature();
+});
 const tips = new ProbabilityTips(ui.transcript, ui.tip, () => ui.probabilities?.checked);
 ui.probabilities?.addEventListener("change", () => {
   document.body.classList.toggle("show-probabilities", ui.probabilities.checked);
