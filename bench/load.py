@@ -16,6 +16,14 @@ characters/s at the same N and the ratio, p50/p99 latency, p50/p99 time to first
 (streamed: the first event that carries text; plain: the whole answer), errors and 429s.
 Goals (issue 5): ratio >= 0.70 at 1 and 32 clients, time to first character at 1 client < 20 ms,
 no errors other than 429. Every request asks for --max-chars characters at temperature 0.8.
+
+    .venv/bin/python bench/load.py --nginx [--replicas 1,2] [--workers 1] [--clients 8,32]
+
+measures the load balancer instead (issue 12): R servers on loopback, nginx in front of them with
+deploy/nginx's configuration (tests/balancer.py renders it; Debian's nginx must be installed), and
+per mode and N the same N clients straight to the replicas (client c to replica c % R), then
+through nginx. Printed per row: characters/s both ways and their ratio (nginx's cost), first
+character and latency p50, errors; the rows with more replicas give the aggregate throughput.
 """
 
 from __future__ import annotations
@@ -214,13 +222,15 @@ class Client:
         self.reader = self.writer = None
 
 
-async def load(url: str, clients: int, seconds: float, stream: bool, max_chars: int) -> dict:
-    host, port = url.removeprefix("http://").split(":")
+async def load(url: str | list[str], clients: int, seconds: float, stream: bool, max_chars: int) -> dict:
+    """N clients for `seconds`; with several URLs, client c talks to url[c % len(url)]."""
+    addresses = [u.removeprefix("http://").split(":") for u in ([url] if isinstance(url, str) else url)]
     results = []  # (status, first, latency, chars)
     errors: list[str] = []
     end = time.perf_counter() + seconds
 
     async def run(c: int):
+        host, port = addresses[c % len(addresses)]
         client = Client(host, int(port))
         try:
             for i in range(MAX_REQUESTS_PER_CLIENT):
@@ -274,9 +284,14 @@ def main() -> None:
     parser.add_argument("--modes", default="plain,stream", help="plain, stream or both")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn workers")
     parser.add_argument("--json", dest="json_out", help="also write the rows to this JSON file")
+    parser.add_argument("--nginx", action="store_true", help="instead of the engine comparison: the same clients "
+                        "straight to the replicas, then through deploy/nginx's configuration in front of them")
+    parser.add_argument("--replicas", default="1,2", help="with --nginx: comma-separated numbers of servers behind nginx")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
+    if args.nginx:
+        return through_nginx(args, counts, modes, [int(r) for r in args.replicas.split(",")])
 
     from model.artifact import load as load_artifact
 
@@ -324,6 +339,56 @@ def main() -> None:
     bad = [r for r in rows if r["errors"]]
     print("goal no errors other than 429: " + ("ok" if not bad else "FAILED: " + "; ".join(
         f"{r['mode']} {r['clients']}: {r['errors']} {r['error_kinds']}" for r in bad)))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1))
+
+
+# ---------------------------------------------------------------- --nginx
+
+
+def through_nginx(args, counts: list[int], modes: list[str], replica_counts: list[int]) -> None:
+    """For each number of replicas R: R servers (each as above), nginx in front of them with
+    deploy/nginx's configuration rendered for loopback (tests/balancer.py, as tests/test_nginx.py
+    runs it); then for each mode and number of clients N, right after each other: N clients
+    straight to the replicas (client c to replica c % R), and the same N clients through nginx."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from balancer import running_nginx
+
+    print(f"model {args.artifact}; {args.seconds:g} s per row, {args.max_chars} characters per request, "
+          f"{args.workers} worker(s) per replica, "
+          f"{os.cpu_count()} CPUs shared by the replicas, nginx and the clients", flush=True)
+    rows = []
+    for replicas in replica_counts:
+        servers, logs = [], []
+        try:
+            for _ in range(replicas):
+                logs.append(Path(tempfile.mkstemp(prefix="chargen-bench-", suffix=".log")[1]))
+                servers.append(start_server(args.artifact, args.workers, max(64, max(counts)), logs[-1]))
+            urls = [url for _, url in servers]
+            with running_nginx([url.removeprefix("http://") for url in urls]) as nginx:
+                for mode in modes:
+                    for n in counts:
+                        direct = asyncio.run(load(urls, n, args.seconds, mode == "stream", args.max_chars))
+                        proxied = asyncio.run(load(nginx.url, n, args.seconds, mode == "stream", args.max_chars))
+                        rows.append({"replicas": replicas, "mode": mode, "clients": n, "direct": direct, "nginx": proxied})
+                        print(f"  {replicas} replica(s) {mode:6} {n:3} clients: direct {direct['chars_per_second']:,.0f} "
+                              f"chars/s, through nginx {proxied['chars_per_second']:,.0f}", flush=True)
+        finally:
+            for process, _ in servers:
+                stop_server(process)
+            for log in logs:
+                log.unlink(missing_ok=True)
+
+    print()
+    print("| replicas | mode | clients | direct chars/s | nginx chars/s | nginx/direct | first char p50 ms direct / nginx | "
+          "latency p50 ms direct / nginx | errors direct / nginx |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        d, x = r["direct"], r["nginx"]
+        ratio = x["chars_per_second"] / d["chars_per_second"] if d["chars_per_second"] else float("nan")
+        print(f"| {r['replicas']} | {r['mode']} | {r['clients']} | {d['chars_per_second']:,.0f} | {x['chars_per_second']:,.0f} | "
+              f"{ratio:.0%} | {d['first_char_p50_ms']} / {x['first_char_p50_ms']} | {d['latency_p50_ms']} / {x['latency_p50_ms']} | "
+              f"{d['errors']} / {x['errors']} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
 

@@ -3,7 +3,8 @@
 Read by the gunicorn config in the master (bind, workers, threads) and by `create_app()` in every
 worker (everything). Values arrive as strings and are converted and checked here, so a typo such as
 CHARGEN_MAX_QUEUE=lots stops start-up with a message naming the variable. This module imports no
-Flask and no TensorFlow: the gunicorn master reads it before forking.
+Flask and no TensorFlow (model/defaults.py imports nothing): the gunicorn master reads it before
+forking.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from model.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K
 
 PREFIX = "CHARGEN_"
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,15 +42,18 @@ class Settings(BaseModel):
     # engine and queue, per worker
     max_batch: int = Field(64, ge=1, le=4096, description="Streams one worker steps together (engine batch slots).")
     max_queue: int = Field(128, ge=0, description="Requests one worker holds waiting for slots; beyond that: 429.")
+    device: str = Field("cpu", pattern="^(cpu|cuda)$", description="Where the network runs: cpu, or cuda (ONNX Runtime's "
+                        "CUDA provider, from onnxruntime-gpu; without it the CPU, with a warning in the log).")
     stream_interval: float = Field(0.02, ge=0, le=1, description="Least seconds between the chunks of a stream (the first "
                                    "goes out at once); characters generated meanwhile are sent together.")
     stream_chunk_rate: float = Field(400.0, gt=0, description="Most chunks per second one worker sends over all its streams: "
                                      "with many streams, each stream's chunks come further apart and carry more characters.")
-    # defaults of the request fields
-    default_max_chars: int = Field(200, ge=1, description="max_chars (and max_tokens) when a request does not say.")
-    default_temperature: float = Field(0.8, ge=0, allow_inf_nan=False, description="temperature when a request does not say.")
-    default_top_k: int = Field(0, ge=0, description="top_k when a request does not say (0: off).")
-    default_top_p: float = Field(1.0, gt=0, le=1, description="top_p when a request does not say (1: off).")
+    # defaults of the request fields (the built-in values are model/defaults.py's, which `chargen sample` uses too)
+    default_max_chars: int = Field(DEFAULTS.max_chars, ge=1, description="max_chars (and max_tokens) when a request does not say.")
+    default_temperature: float = Field(DEFAULTS.temperature, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+                                       description="temperature when a request does not say.")
+    default_top_k: int = Field(DEFAULTS.top_k, ge=0, le=MAX_TOP_K, description="top_k when a request does not say (0: off).")
+    default_top_p: float = Field(DEFAULTS.top_p, gt=0, le=1, description="top_p when a request does not say (1: off).")
     # access
     api_key: str | None = Field(None, description="When set, /v1/* needs `Authorization: Bearer <key>`.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call /v1/* from a browser, comma separated, or *.")
@@ -56,6 +62,8 @@ class Settings(BaseModel):
     workers: int = Field(1, ge=1, le=256, description="Worker processes; each loads the model and runs its own engine.")
     threads: int = Field(0, ge=0, description="Threads per worker, one per open request (0: max_batch + max_queue + 16).")
     timeout: int = Field(60, ge=1, description="Seconds a worker's main loop may hang before it is replaced (not a request limit).")
+    graceful_timeout: int = Field(30, ge=1, description="Seconds open requests and streams get to finish after SIGTERM "
+                                  "(drain) or SIGHUP (reload) before their worker is stopped (gunicorn's graceful_timeout).")
     # test-only
     load_delay: float = Field(0.0, ge=0, description="Test-only: seconds to wait before loading the model (to observe 503s).")
 

@@ -14,13 +14,47 @@ Why these settings:
 - Start-up. A worker that cannot load the artifact logs the loader's message and exits with
   status 4; gunicorn then stops at once ("App failed to load") with status 4. The check is the
   loader's own (model/artifact.py), run in the worker, not a second, partial check in the master.
-- Replacement workers (spawned after start-up: a worker was killed, or more were added) wait until
-  their model is loaded before they accept connections, so the running workers keep answering
-  everything meanwhile. Workers of the first start accept at once and answer 503 while loading.
+- Replacement workers (spawned after start-up: a worker was killed, or more were added, or a
+  reload) wait until their model is loaded before they accept connections, so the running workers
+  keep answering everything meanwhile. Workers of the first start accept at once and answer 503
+  while loading.
 - Errors gunicorn answers itself (unparsable HTTP) get the service's JSON error shape (post_fork).
 - Metrics. Every worker writes its Prometheus samples to PROMETHEUS_MULTIPROC_DIR (a fresh
   temporary directory unless set; cleaned at start) so /metrics on any worker shows them all;
   the gauges of a dead worker are dropped in child_exit.
+
+Drain (SIGTERM, what Docker and Kubernetes send; service/lifecycle.py). gunicorn's master closes
+its listening socket, sends SIGTERM to every worker, waits graceful_timeout (CHARGEN_GRACEFUL_TIMEOUT,
+30 s) and then kills what is left; it exits 0 either way. A gthread worker stops its main loop
+and waits, up to graceful_timeout, for its open requests and streams to end; gunicorn 27 keeps its
+idle kept-alive connections for at most 2 s meanwhile (a request arriving on one is answered, with
+`Connection: close`), earlier versions close them at once.
+Added here: /health answers 503 `draining` on the connections still open, and the worker closes its
+copy of the listening socket at once (after taking what the kernel already queued): gunicorn >= 24
+keeps it open until the worker exits, so new connections would be accepted by the kernel, wait, and
+be reset at the end; closed, they are refused at once, which a load balancer retries on another
+replica. Streams longer than graceful_timeout are cut when the master kills the worker.
+
+Reload (SIGHUP; service/lifecycle.py). gunicorn re-reads this file (the module is cached: the
+settings stay those of the start), calls on_reload, forks a new set of workers and sends SIGTERM
+to the old ones at once; a worker that then exits with status 3 or 4 (cannot boot, cannot load)
+halts the whole server, and an exception in on_reload ends the master. So:
+- Workers never load CHARGEN_ARTIFACT itself but a private snapshot the master copied into a
+  temporary directory (symlinks followed, a run directory's best/): at start, and in on_reload,
+  where the copy is first loaded in a subprocess exactly as a worker loads it (artifact loader,
+  engine, one short generation; up to 180 s, the master waits meanwhile). If it loads, the new
+  workers load it; if not, the error is logged and the new workers load the previous snapshot:
+  the service keeps serving the model it had (its workers are replaced by ones of the same model).
+  A deploy therefore replaces the directory CHARGEN_ARTIFACT names, atomically (a symlink flip such
+  as `ln -sfn v2 next && mv -T next current`, or a rename), then sends SIGHUP. A worker that
+  crashes later is replaced by one loading the same snapshot, never by a half-copied deploy.
+  /info's model.path names the snapshot; the model's name stays that of CHARGEN_ARTIFACT.
+- An old worker told to stop by a reload keeps accepting until a worker of the new reload has
+  loaded its model (or graceful_timeout has passed), then drains as above: no moment without a
+  worker that accepts. For a while the old and the new workers (and, before, the check) run side by
+  side: a reload needs memory for about twice the workers.
+- The master handles no signal while it checks and while it waits (up to graceful_timeout) for
+  the old workers to exit, so a SIGTERM right after a SIGHUP starts the drain that much later.
 """
 
 from __future__ import annotations
@@ -31,6 +65,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from service import lifecycle
 from service.config import Settings, SettingsError
 
 try:
@@ -46,7 +81,7 @@ worker_class = "gthread"
 threads = settings.gunicorn_threads
 worker_connections = max(1000, 2 * threads)
 timeout = settings.timeout
-graceful_timeout = 30
+graceful_timeout = settings.graceful_timeout
 keepalive = 5
 preload_app = False
 proc_name = "chargen"
@@ -57,6 +92,8 @@ _own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chargen-metrics-")
 
+snapshots: lifecycle.Snapshots | None = None  # made in on_starting; workers inherit it at fork
+
 
 def on_starting(server):
     metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
@@ -65,10 +102,34 @@ def on_starting(server):
         stale.unlink()
     server.log.info("chargen: serving %s with %d worker(s) x %d threads, batch %d, queue %d per worker",
                     settings.artifact, server.cfg.workers, server.cfg.threads, settings.max_batch, settings.max_queue)
+    global snapshots
+    snapshots = lifecycle.Snapshots(settings.artifact)
+    try:
+        snapshots.take(check=False)  # the first workers' own load is the check at start
+    except lifecycle.SnapshotError as e:  # they will load it in place and report why it fails
+        server.log.warning("chargen: cannot copy the artifact: %s", e)
+
+
+def on_reload(server):
+    # Nothing may escape: an exception in this hook ends gunicorn's master, workers and all.
+    server.log.info("chargen: reload: loading %s in a subprocess before new workers use it", settings.artifact)
+    try:
+        path = snapshots.take(check=True)
+        server.log.info("chargen: reload: new workers load %s (copied to %s)", settings.artifact, path)
+    except Exception as e:  # noqa: BLE001 - SnapshotError, or the subprocess could not even start
+        server.log.error("chargen: reload: the new model cannot be loaded, so the new workers load the previous "
+                         "one again: %s", e)
+    try:
+        snapshots.begin_reload()
+    except OSError as e:  # the old workers then drain at once instead of waiting for the new ones
+        server.log.error("chargen: reload: cannot record the reload: %s", e)
 
 
 def post_fork(server, worker):
     _json_framing_errors()
+    if snapshots is not None and snapshots.current is not None:
+        os.environ["CHARGEN_ARTIFACT"] = str(snapshots.current)  # read by create_app() in this worker
+        os.environ["CHARGEN_MODEL_NAME"] = settings.name  # the name of CHARGEN_ARTIFACT, not of the copy
 
 
 def _json_framing_errors() -> None:
@@ -103,23 +164,30 @@ def post_worker_init(worker):
         if loaded:
             worker.log.error("chargen: the engine loop stopped: %s; exiting so that gunicorn replaces this worker", error)
         else:
-            worker.log.error("chargen: cannot load the model: %s", error)
+            worker.log.error("chargen: cannot load the model %s: %s", settings.artifact, error)
         for handler in worker.log.error_log.handlers:
             handler.flush()
         os._exit(1 if loaded else 4)  # 4: gunicorn's "App failed to load", which stops the server
 
     scheduler.on_failure(failed)
+    lifecycle.handle_sigterm(worker, scheduler, snapshots)
     if worker.age > worker.cfg.workers:  # a replacement: let the running workers answer meanwhile
         while worker.alive and not scheduler.wait_ready(1.0):
             worker.notify()
+        if scheduler.ready and snapshots is not None:
+            snapshots.mark_ready()  # the workers this one replaces after a reload may stop now
 
 
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    if snapshots is not None:
+        snapshots.forget(worker.pid)
 
 
 def on_exit(server):
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    if snapshots is not None:
+        snapshots.remove()

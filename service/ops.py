@@ -1,4 +1,10 @@
-"""Routes for operators and tools: /health, /info, /metrics, /openapi.json (no API key needed)."""
+"""Routes for operators and tools: /health, /health/live, /info, /metrics, /openapi.json (no API key needed).
+
+/health is readiness: 200 only while this worker's model is loaded and it is not shutting down (a
+load balancer or Kubernetes sends traffic on it). /health/live is liveness: 200 whenever the worker
+answers HTTP at all, loading or draining included, so a liveness probe restarts only a process whose
+request threads are stuck, never one that is busy loading or finishing its streams.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +28,17 @@ def health():
     if scheduler.failure is not None:
         raise ApiError(503, f"the model could not be loaded: {scheduler.failure}", type="unavailable_error",
                        code="model_failed")
+    if scheduler.draining:
+        raise ApiError(503, "this worker is shutting down and finishes only the requests it has; send new ones elsewhere",
+                       type="unavailable_error", code="draining", headers={"Retry-After": "1"})
     if not scheduler.ready:
         raise loading()
     return jsonify({"status": "ok", "pid": os.getpid()})
+
+
+@bp.get("/health/live")
+def live():
+    return jsonify({"status": "alive", "pid": os.getpid()})
 
 
 @bp.get("/info")

@@ -99,6 +99,9 @@ class Scheduler:
         self.engine = None
         self.artifact = None
         self.failure: BaseException | None = None
+        # Set when the worker stops accepting connections (SIGTERM): /health answers 503 so a load
+        # balancer that still holds a connection to it stops sending; jobs already here still run.
+        self.draining = False
         self._ready = threading.Event()
         self._closing = threading.Event()
         self._cond = threading.Condition()
@@ -151,6 +154,10 @@ class Scheduler:
             failure = self.failure
         if failure is not None:
             callback(failure, self.engine is not None)
+
+    def drain(self) -> None:
+        """The worker is shutting down: report it (/health); running and queued jobs still finish."""
+        self.draining = True
 
     def close(self, timeout: float = 5.0) -> None:
         self._closing.set()
@@ -257,7 +264,7 @@ class Scheduler:
         from model.sampling import SamplingSettings
 
         artifact = load(self.settings.artifact)
-        engine = Engine(artifact, max_batch=self.settings.max_batch)
+        engine = Engine(artifact, max_batch=self.settings.max_batch, device=self.settings.device)
         # One short generation so the first request does not pay for first-call costs.
         engine.generate(GenerationRequest("\n", max_chars=4, sampling=SamplingSettings(temperature=1.0), seed=0))
         self.artifact, self.engine = artifact, engine

@@ -25,6 +25,9 @@ from server import ROOT, START_TIMEOUT, Server, free_port, server_env, stop
 
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
+NGINX_UPSTREAM = ROOT / "deploy" / "nginx" / "upstream.conf"
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.33.0"  # the schemas the manifests are validated against (kubernetes-validate bundles them)
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -87,7 +90,7 @@ def test_the_image_is_slim_runs_as_a_user_and_checks_its_health():
     assert "/health" in " ".join(healthcheck_command(dockerfile))
     port = env_of(dockerfile)["CHARGEN_BIND"].rpartition(":")[2]
     assert only(dockerfile, "EXPOSE") == port
-    assert f":{port}\"" in COMPOSE.read_text()  # the container port compose publishes
+    assert f"server api:{port} " in NGINX_UPSTREAM.read_text()  # where compose's nginx sends requests
 
 
 def test_two_targets_api_serves_without_the_training_stack_and_train_has_it():
@@ -188,7 +191,7 @@ def test_compose_accepts_the_file(compose):
     profiles = compose("config", "--profiles")
     assert profiles.returncode == 0 and profiles.stdout.split() == ["train"], profiles.stdout + profiles.stderr
     services = compose("--profile", "train", "config", "--services")
-    assert sorted(services.stdout.split()) == ["api", "train"], services.stdout + services.stderr
+    assert sorted(services.stdout.split()) == ["api", "nginx", "train"], services.stdout + services.stderr
 
 
 def test_compose_variables_choose_port_address_and_model(compose):
@@ -215,3 +218,132 @@ def test_the_api_service_runs_the_images_command():
     assert re.search(r"^\s+restart: unless-stopped$", api.group(1), re.M)
     assert re.search(r"^\s+- \./artifacts:/app/artifacts:ro\b", api.group(1), re.M)
     assert re.search(r"^\s+- models:/models:ro\b", api.group(1), re.M)
+
+
+def service_block(name: str) -> str:
+    found = re.search(rf"^  {name}:\n((?:    .*\n|\s*\n)*)", COMPOSE.read_text(), re.M)
+    assert found, f"no {name} service in docker-compose.yml"
+    return found.group(1)
+
+
+def test_nginx_in_front_of_the_replicas_with_chargens_limits():
+    """Replicas publish no host port (several could not share one); nginx does, renders the
+    template with the same body limit and request timeout defaults as chargen's, and the api
+    containers get long enough to drain before Docker kills them."""
+    from service.config import Settings
+
+    defaults = Settings()
+    api, nginx = service_block("api"), service_block("nginx")
+    assert "ports:" not in api and re.search(r'^      - "8000"', api, re.M)
+    assert re.search(r'^      - "\$\{PUBLISH:-127\.0\.0\.1\}:\$\{PORT:-8000\}:80"$', nginx, re.M)
+    assert re.search(r"^    image: nginx:1\.(2[7-9]|[3-9]\d)\b", nginx, re.M), "nginx >= 1.27.3 resolves `api` again"
+    assert f"CHARGEN_MAX_BODY_BYTES: ${{CHARGEN_MAX_BODY_BYTES:-{defaults.max_body_bytes}}}" in nginx
+    assert f"CHARGEN_REQUEST_TIMEOUT: ${{CHARGEN_REQUEST_TIMEOUT:-{defaults.request_timeout:g}}}" in nginx
+    for name in ("CHARGEN_MAX_BODY_BYTES", "CHARGEN_REQUEST_TIMEOUT", "CHARGEN_GRACEFUL_TIMEOUT"):
+        assert re.search(rf"^      {name}:$", api, re.M), f"{name} is not passed to the api"
+    for source, target in [("chargen.conf.template", "/etc/nginx/templates/default.conf.template"),
+                           ("upstream.conf", "/etc/nginx/chargen/upstream.conf"),
+                           ("15-chargen-limits.envsh", "/docker-entrypoint.d/15-chargen-limits.envsh")]:
+        assert f"./deploy/nginx/{source}:{target}:ro" in nginx
+        assert (ROOT / "deploy" / "nginx" / source).exists()
+    assert os.access(ROOT / "deploy" / "nginx" / "15-chargen-limits.envsh", os.X_OK), "the entrypoint sources it only when executable"
+    grace = re.search(r"^    stop_grace_period: (\d+)s$", api, re.M)
+    assert grace and int(grace.group(1)) >= defaults.graceful_timeout + 5
+    assert re.search(r"^resolver 127\.0\.0\.11 ", NGINX_UPSTREAM.read_text(), re.M)  # Docker's embedded DNS
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def manifests() -> dict[str, list[dict]]:
+    """Every document of every manifest under deploy/kubernetes (the kustomization aside)."""
+    import yaml
+
+    found = {}
+    for path in sorted(KUBERNETES.rglob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            found[str(path.relative_to(KUBERNETES))] = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return found
+
+
+def one(kind: str, where: str | None = None) -> dict:
+    docs = [d for path, ds in manifests().items() for d in ds if d["kind"] == kind and (where is None or path == where)]
+    assert len(docs) == 1, f"expected one {kind}{' in ' + where if where else ''}, found {len(docs)}"
+    return docs[0]
+
+
+def test_every_kubernetes_manifest_is_valid():
+    import kubernetes_validate
+    import yaml
+
+    found = manifests()
+    assert {"deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "configmap.yaml", "queue-depth/hpa.yaml"} <= set(found)
+    for path, docs in found.items():
+        for doc in docs:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # raises, naming the field
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p for p in found if "/" not in p)
+    broken = one("Deployment")
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["prot"] = 8000
+    with pytest.raises(kubernetes_validate.ValidationError):  # the validator validates
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_agrees_with_the_server(tiny_artifact):
+    """Ports, probe paths, settings, user, grace period and signal are those the server has."""
+    from service.app import create_app
+    from service.config import Settings, unknown_variables
+
+    deployment, config = one("Deployment"), one("ConfigMap")["data"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+
+    # every setting is one chargen reads, with a value it accepts
+    assert not unknown_variables(config), unknown_variables(config)
+    settings = Settings.from_env(config)
+    assert {"http": settings.bind.rpartition(":")[2]} == {p["name"]: str(p["containerPort"]) for p in container["ports"]}
+    assert container["envFrom"] == [{"configMapRef": {"name": one("ConfigMap")["metadata"]["name"]}}]
+
+    # probes: readiness is /health (503 while loading and draining), liveness is 200 through both
+    ready, live = container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]
+    assert ready["port"] == live["port"] == "http" and ready["path"] == "/health" and live["path"] == "/health/live"
+    app = create_app({"ARTIFACT": str(tiny_artifact)})
+    client, scheduler = app.test_client(), app.extensions["chargen"].scheduler
+    assert client.get(live["path"]).status_code == 200  # before the model loads
+    assert client.get(ready["path"]).status_code == 503
+    assert scheduler.wait_ready(120) and client.get(ready["path"]).status_code == 200
+    scheduler.drain()
+    assert client.get(ready["path"]).json["error"]["code"] == "draining" and client.get(live["path"]).status_code == 200
+    scheduler.close()
+
+    # the drain fits in the grace period: preStop's sleep, then SIGTERM and graceful_timeout
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] >= int(sleep[1]) + settings.graceful_timeout + 1
+    assert all(k != "STOPSIGNAL" or args in ("SIGTERM", "15") for k, args in instructions())  # the drain's signal
+
+    # non-root as the image's user, read-only root with /tmp writable, models read-only
+    uid = re.search(r"--uid (\d+)", DOCKERFILE.read_text())
+    assert uid and pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == int(uid.group(1))
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert mounts["/models"]["readOnly"] and settings.artifact.startswith("/models/")
+    assert set(container["resources"]["requests"]) == set(container["resources"]["limits"]) == {"cpu", "memory"}
+
+    # the service, the budget and both autoscalers select and scale these pods
+    service = one("Service")
+    assert service["spec"]["selector"] == labels and service["spec"]["ports"][0]["targetPort"] == "http"
+    assert one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == labels
+    from service import metrics
+
+    for where in ("hpa.yaml", "queue-depth/hpa.yaml"):
+        hpa = one("HorizontalPodAutoscaler", where)
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+        assert hpa["metadata"]["name"] == "chargen"  # the same name: applying the variant replaces the CPU one
+    (metric,) = one("HorizontalPodAutoscaler", "queue-depth/hpa.yaml")["spec"]["metrics"]
+    exposed = metrics.exposition()[0].decode()  # a gauge /metrics exposes
+    assert f"# TYPE {metric['pods']['metric']['name']} gauge" in exposed
+

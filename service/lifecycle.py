@@ -1,0 +1,207 @@
+"""Changing a running server without dropping a request: snapshots of the artifact, the reload
+handover and the drain. service/gunicorn_conf.py calls these from gunicorn's hooks; the reasons are
+in its docstring.
+
+    master:  Snapshots(source).take(check)    copy the artifact (and, on SIGHUP, load the copy in a
+                                              subprocess exactly as a worker does) before workers use it
+    worker:  handle_sigterm(worker, scheduler, snapshots)
+             SIGTERM from a reload: keep serving until a worker of the new reload has loaded its
+             model, then drain; any other SIGTERM: drain at once (stop listening, /health 503,
+             let open requests finish)
+
+    python -m service.lifecycle take SOURCE TARGET [--check]     (what Snapshots.take runs)
+
+The snapshot directory (a fresh temporary directory per server) holds the copies (1/, 2/, ...), the
+number of the latest reload (`reloads`) and one empty file per worker that has loaded its model
+after a reload (`ready/RELOAD-PID`): that is how an old worker learns that its successor is ready.
+This module imports no Flask, TensorFlow or model code at the top: the master imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# How long the master waits for `take --check` (import, load, one short generation) before it gives
+# up and keeps the previous model. The master handles no signal meanwhile.
+CHECK_SECONDS = 180
+
+
+class SnapshotError(Exception):
+    """The artifact could not be copied or loaded; the message is the loader's."""
+
+
+class Snapshots:
+    def __init__(self, source: str):
+        self.source = source  # CHARGEN_ARTIFACT as given: a directory, a run directory or a symlink
+        self.root = Path(tempfile.mkdtemp(prefix="chargen-models-"))
+        (self.root / "ready").mkdir()
+        self.current: Path | None = None  # what workers forked now load (None: the source itself)
+        self.reloads = 0  # SIGHUPs handled; a worker keeps the value it was forked with
+        self._taken = 0
+        (self.root / "reloads").write_text("0")
+
+    # ------------------------------------------------------------ master
+
+    def take(self, check: bool) -> Path:
+        """Copy the source to a new snapshot and make it current; with `check`, first load the copy as
+        a worker would (in a subprocess: the master never imports TensorFlow). Raises SnapshotError
+        and keeps the current snapshot when either fails."""
+        self._taken += 1
+        target = self.root / str(self._taken)
+        command = [sys.executable, "-m", "service.lifecycle", "take", self.source, str(target)]
+        # The check writes no samples into the workers' metrics directory (it would count as a worker).
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        try:
+            done = subprocess.run(command + (["--check"] if check else []), env=env, capture_output=True,
+                                  text=True, timeout=CHECK_SECONDS)
+        except subprocess.TimeoutExpired:
+            shutil.rmtree(target, ignore_errors=True)
+            raise SnapshotError(f"{self.source}: loading it took more than {CHECK_SECONDS} s") from None
+        if done.returncode != 0:
+            shutil.rmtree(target, ignore_errors=True)
+            reason = done.stdout.strip() or done.stderr.strip()[-2000:] or f"exit status {done.returncode}"
+            raise SnapshotError(reason)
+        previous, self.current = self.current, target
+        for old in self.root.iterdir():  # keep the current and the previous copy
+            if old.name.isdigit() and old not in (target, previous):
+                shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def begin_reload(self) -> None:
+        """Workers forked from now on belong to a new reload; SIGTERM then tells older ones to hand over."""
+        self.reloads += 1
+        tmp = self.root / "reloads.tmp"
+        tmp.write_text(str(self.reloads))
+        os.replace(tmp, self.root / "reloads")
+
+    def forget(self, pid: int) -> None:
+        for marker in (self.root / "ready").glob(f"*-{pid}"):
+            marker.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # ------------------------------------------------------------ worker
+
+    def mark_ready(self) -> None:
+        (self.root / "ready" / f"{self.reloads}-{os.getpid()}").touch()
+
+    def retired_by_reload(self) -> bool:
+        """The master has begun a reload after this worker was forked."""
+        try:
+            return int((self.root / "reloads").read_text()) > self.reloads
+        except (OSError, ValueError):
+            return False
+
+    def successor_ready(self) -> bool:
+        try:
+            return any(int(m.name.partition("-")[0]) > self.reloads for m in (self.root / "ready").iterdir())
+        except (OSError, ValueError):
+            return False
+
+
+# ---------------------------------------------------------------- the worker's SIGTERM
+
+
+def handle_sigterm(worker, scheduler, snapshots: Snapshots | None) -> None:
+    """Replace the gthread worker's SIGTERM handler (call from post_worker_init, in the main thread)."""
+    exit_handler = signal.getsignal(signal.SIGTERM)  # the worker's own: stop the main loop, finish open requests
+    started = threading.Event()
+
+    def drain() -> None:
+        scheduler.drain()
+        # gunicorn >= 24 keeps its listening sockets open until the worker exits, so connections the
+        # kernel accepts meanwhile would wait and then be reset; closing them makes new connections
+        # fail at once with "connection refused", which a load balancer retries elsewhere. (Older
+        # gthread workers close them themselves when they stop.)
+        if hasattr(worker, "method_queue"):
+            worker.method_queue.defer(_stop_listening, worker)  # runs in the worker's main loop
+        exit_handler(signal.SIGTERM, None)
+
+    def handover() -> None:
+        deadline = time.monotonic() + worker.cfg.graceful_timeout
+        while worker.alive and time.monotonic() < deadline and not snapshots.successor_ready():
+            time.sleep(0.1)
+        drain()
+
+    def on_sigterm(sig, frame) -> None:
+        if started.is_set():  # the master repeats SIGTERM to a worker that outlives a reload's wait
+            return
+        started.set()
+        if snapshots is not None and snapshots.retired_by_reload():
+            threading.Thread(target=handover, name="chargen-handover", daemon=True).start()
+        else:
+            drain()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn sets it: requests' system calls are not interrupted
+
+
+def _stop_listening(worker) -> None:
+    worker.set_accept_enabled(False)
+    for listener in worker.sockets:
+        listener.setblocking(False)
+        # Take what the kernel has already queued (it would be reset by the close), then close.
+        for _ in range(worker.worker_connections):
+            before = worker.nr_conns
+            try:
+                worker.accept(listener)
+            except OSError:  # anything but "nothing queued" (which accept() ignores): stop taking
+                break
+            if worker.nr_conns == before:
+                break
+        listener.close()
+
+
+# ---------------------------------------------------------------- python -m service.lifecycle take
+
+
+def main(argv: list[str]) -> int:
+    """take SOURCE TARGET [--check]: copy the artifact at SOURCE (a run directory's best/, symlinks
+    followed) to TARGET; with --check, load TARGET with the worker's own code (the scheduler: artifact
+    loader, engine, one short generation). Prints the reason on stdout and exits 1 when either fails."""
+    if len(argv) not in (3, 4) or argv[0] != "take" or argv[3:] not in ([], ["--check"]):
+        print("usage: python -m service.lifecycle take SOURCE TARGET [--check]")
+        return 2
+    source, target, check = argv[1], Path(argv[2]), argv[3:] == ["--check"]
+    from model.artifact import ArtifactError, resolve
+
+    try:
+        found = resolve(source).resolve()
+        shutil.copytree(found, target)
+    except ArtifactError as e:
+        print(e)
+        return 1
+    except OSError as e:
+        print(f"{source}: cannot copy it to {target}: {e}")
+        return 1
+    if not check:
+        return 0
+
+    from service.config import Settings, SettingsError
+    from service.scheduler import Scheduler
+
+    try:
+        settings = Settings.from_env({**os.environ, "CHARGEN_ARTIFACT": str(target)})
+    except SettingsError as e:
+        print(e)
+        return 1
+    scheduler = Scheduler(settings)
+    if not scheduler.wait_ready(CHECK_SECONDS):
+        # the copy is byte for byte the original: name the original, which is what to fix
+        print(f"{source}: {scheduler.failure or 'not loaded in time'}".replace(str(target), str(found)))
+        return 1
+    scheduler.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,232 @@
+"""Deploys that drop no request, with a real gunicorn (service/gunicorn_conf.py, service/lifecycle.py).
+
+Drain: SIGTERM lets a long stream finish (finish_reason "length"), refuses new connections at
+once, answers /health 503 on a connection still open, and the server exits 0. Reload: under a
+steady stream of requests, SIGHUP after the served artifact (a symlink) is flipped to a model
+trained on another sentence fails no request and later answers come from the new model; SIGHUP
+after a flip to a broken artifact logs the loader's error and the service keeps serving the model
+it had. The test clients open a connection per request, as nginx does in front of chargen
+(deploy/nginx): a client that reuses a kept-alive connection to the worker itself can meet the
+ordinary keep-alive race when a stopping worker closes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import PERIODIC, train_tiny
+from server import REQUEST_TIMEOUT, ROOT, running_server, server_env
+
+OTHER = "pack my box with five dozen liquor jugs.\n"  # what the second model learns
+LONG = 150_000  # characters of the streams that must outlive a signal (a few seconds here)
+LOAD_DELAY = 2  # seconds added to every model load in the reload test
+
+
+def wait_for(condition, timeout: float = 60, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def flip(link: Path, target: Path) -> None:
+    """Point `link` at `target` atomically (a new symlink renamed over the old one), as a deploy does."""
+    tmp = link.with_name(link.name + ".new")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def stream_text(response: requests.Response) -> tuple[str, dict]:
+    """The text of a /v1/generate stream and its final event."""
+    text, done = [], None
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            event = json.loads(block.decode()[len("data: "):])
+            if event.get("done"):
+                done = event
+            elif "text" in event:
+                text.append(event["text"])
+    return "".join(text), done
+
+
+class _Rest:
+    """A response-like object over a first chunk and the rest of an iterator (for stream_text)."""
+
+    def __init__(self, first: bytes, rest):
+        self.first, self.rest = first, rest
+
+    def iter_content(self, chunk_size=None):
+        yield self.first
+        yield from self.rest
+
+
+def test_graceful_timeout_is_the_setting(tmp_path):
+    code = "import service.gunicorn_conf as c; print(c.graceful_timeout)"
+    env = server_env("unused", {"CHARGEN_GRACEFUL_TIMEOUT": "17", "PROMETHEUS_MULTIPROC_DIR": tmp_path})
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "17", out.stderr
+
+
+def test_sigterm_drains_a_long_stream_refuses_new_connections_and_exits_0(tiny_artifact):
+    env = {"CHARGEN_MAX_CHARS": LONG, "CHARGEN_GRACEFUL_TIMEOUT": 25}
+    with running_server(tiny_artifact, env=env) as server:
+        kept = requests.Session()  # a connection opened before the signal (a load balancer's)
+        assert kept.get(server.url + "/health", timeout=REQUEST_TIMEOUT).status_code == 200
+        stream = server.post("/v1/generate", json={"prompt": "the", "max_chars": LONG, "temperature": 0, "stream": True},
+                             stream=True)
+        assert stream.status_code == 200
+        chunks = stream.iter_content(chunk_size=None)
+        first = next(chunks)
+
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        health = kept.get(server.url + "/health", timeout=REQUEST_TIMEOUT)
+        assert health.status_code == 503, health.text
+        assert health.json()["error"]["code"] == "draining"
+        assert health.headers.get("Connection", "").lower() == "close"
+
+        tried = time.monotonic()
+        with pytest.raises(requests.ConnectionError):  # refused, not accepted and left waiting
+            requests.get(server.url + "/health", timeout=5)
+        assert time.monotonic() - tried < 2
+
+        text, done = stream_text(_Rest(first, chunks))
+        assert done is not None, "the stream ended without its final event"
+        assert done["choices"][0]["finish_reason"] == "length"
+        assert done["usage"]["completion_chars"] == LONG and len(text) == LONG
+        assert time.monotonic() - signalled > 0.5, "the stream should have outlived the signal"
+
+        assert server.process.wait(35) == 0
+        log = server.log()
+    assert "Shutting down: Master" in log and "Traceback" not in log and "WORKER TIMEOUT" not in log
+
+
+# ---------------------------------------------------------------- reload
+
+
+@pytest.fixture(scope="module")
+def other_artifact(tmp_path_factory) -> Path:
+    """A tiny model that has learned OTHER: greedy sampling after a newline gives OTHER."""
+    return train_tiny(tmp_path_factory.mktemp("other") / "run", OTHER * 60)
+
+
+def broken_copy(artifact: Path, where: Path) -> Path:
+    """A copy whose files are all present and whose archives are damaged inside: only a real load
+    finds out (the network files are a zip of nonsense and a truncated ONNX file)."""
+    import shutil
+
+    bad = where / "broken"
+    shutil.copytree(artifact, bad)
+    with zipfile.ZipFile(bad / "model.keras", "w") as z:
+        z.writestr("config.json", "{}")
+    onnx = bad / "model.onnx"
+    if onnx.exists():
+        onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+    return bad
+
+
+class Load:
+    """Clients sending short greedy requests one after another, each on a new connection, until stopped."""
+
+    def __init__(self, url: str, clients: int = 3):
+        self.url = url
+        self.results: list[tuple[float, float, object]] = []  # (sent, seconds, text or error)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+
+    def _client(self):
+        for _ in range(100_000):
+            if self._stop.is_set():
+                return
+            sent = time.monotonic()
+            try:
+                r = requests.post(self.url + "/v1/generate", json={"prompt": "\n", "max_chars": 30, "temperature": 0},
+                                  timeout=REQUEST_TIMEOUT)
+                outcome = r.json()["choices"][0]["text"] if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
+            except requests.RequestException as e:
+                outcome = f"{type(e).__name__}: {e}"
+            self.results.append((sent, time.monotonic() - sent, outcome))
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(REQUEST_TIMEOUT + 5)
+
+    def texts_since(self, t: float) -> list:
+        return [outcome for sent, _, outcome in list(self.results) if sent >= t]
+
+
+def test_sighup_swaps_the_model_without_a_failed_request_and_a_broken_one_changes_nothing(
+        tiny_artifact, other_artifact, tmp_path):
+    old_text, new_text = PERIODIC[:30], OTHER[:30]
+    current = tmp_path / "current"
+    flip(current, tiny_artifact)
+    # Every load (the check's and each worker's) takes LOAD_DELAY longer: a moment without an
+    # accepting worker would show as a request that waited that long.
+    env = {"CHARGEN_MAX_CHARS": LONG, "CHARGEN_LOAD_DELAY": LOAD_DELAY}
+    with running_server(current, env=env) as server:
+        first_worker = server.worker_pids()
+        with Load(server.url) as load:
+            assert wait_for(lambda: len(load.results) >= 10)
+            long_stream = server.post("/v1/generate", json={"prompt": "the", "max_chars": LONG, "temperature": 0,
+                                                            "stream": True}, stream=True)
+            assert long_stream.status_code == 200
+
+            flip(current, other_artifact)
+            hup = time.monotonic()
+            server.process.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: new_text in load.texts_since(hup), timeout=120), server.log()[-3000:]
+            switched = min(sent for sent, _, outcome in load.results if outcome == new_text)
+            time.sleep(1.5)
+            assert server.get("/info").json()["model"]["name"] == "current"  # the name of CHARGEN_ARTIFACT, not the copy's
+            swapped_worker = server.worker_pids()
+
+            flip(current, broken_copy(other_artifact, tmp_path))
+            bad_hup = time.monotonic()
+            server.process.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: "cannot be loaded, so the new workers load the previous one" in server.log(), timeout=120)
+            assert wait_for(lambda: server.worker_pids() and set(server.worker_pids()).isdisjoint(swapped_worker), timeout=60)
+            time.sleep(1.5)
+            text, done = stream_text(long_stream)  # began before the first reload, on the first model
+        assert server.get("/health").status_code == 200
+        log = server.log()
+
+    failures = [outcome for _, _, outcome in load.results if outcome not in (old_text, new_text)]
+    assert not failures, failures[:5]
+    assert len(load.results) > 50
+    before = [outcome for sent, _, outcome in load.results if sent < hup]
+    assert set(before) == {old_text}
+    later = [outcome for sent, _, outcome in load.results if sent > switched + 1.0]
+    assert later and set(later) == {new_text}, "answers after the reload must come from the new model"
+    assert set(load.texts_since(bad_hup)) == {new_text}, "a broken deploy changes nothing"
+    assert done["choices"][0]["finish_reason"] == "length" and len(text) == LONG
+
+    # the old worker kept accepting until its successor had loaded the new model
+    during = [seconds for sent, seconds, _ in load.results if sent >= hup]
+    assert max(during) < 0.75 * LOAD_DELAY, f"a request waited {max(during):.2f} s during a reload"
+    assert f"{current}: " in log.split("cannot be loaded, so the new workers load the previous one again:", 1)[1].splitlines()[0]
+    slowest = max(seconds for _, seconds, _ in load.results)
+    print(f"{len(load.results)} requests over two reloads, none failed; slowest {slowest * 1e3:.0f} ms")
