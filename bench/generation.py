@@ -1,19 +1,32 @@
-"""Generation speed, side by side in one run: naive windowed predict, TensorFlow's stateful OneStep,
-and the engine, single and batched. Prints one table; see bench/README.md.
+"""Generation speed, side by side in one run: the engine against the bare ONNX Runtime loop it is
+built on, naive windowed predict and TensorFlow's stateful OneStep; prompt consumption; memory.
+Prints one table and the goals; see bench/README.md.
 
-    .venv/bin/python bench/generation.py [--artifact artifacts/default]
+    .venv/bin/python bench/generation.py [--artifact artifacts/default] [--seconds 6] [--rounds 3]
+    .venv/bin/python bench/generation.py --sessions      # the bare loop under other session settings too
 
+  f  the bare ONNX Runtime loop: session.run() on the artifact's graph, one character per call
+     for every stream, the states fed back, and the plain numpy sampler (model.sampling.pick, one
+     generator's draws for all rows): 1, 8, 32 and 128 streams, on the sessions the engine uses
+     (ONNX Runtime's threads not spinning; one thread below model.onnx_step.MIN_ROWS_PER_THREAD
+     rows, one per core from there)
+  c  the engine, one stream; d  the engine, 8, 32 and 128 streams stepped together
   a  naive: model.predict on the last 40 characters, once per character (keras.io / textgenrnn)
   b  OneStep: a stateful one-step tf.function carrying the states (the TensorFlow text generation
-     tutorial), one stream
-  c  the engine, one stream
-  d  the engine, 8, 32 and 128 streams stepped together (total characters per second)
-  e  OneStep with a batch of 32 streams (total characters per second)
+     tutorial), one stream;  e  OneStep with a batch of 32 streams
+Rates are total characters per second over all streams. f and the engine take turns of 10 steps
+(so a burst of other work on a shared machine hits both alike), --seconds in all per stream
+count, in --rounds rounds; the table gives each one's median round and the median of the
+per-round ratios. Every method samples at
+temperature 0.8. Then: the time the engine takes to consume a 200- and a 4,000-character prompt
+(one runtime call) and to give the first character after it; the process's resident memory with
+the engine loaded, taken before Keras or TensorFlow is imported (a serving worker imports
+neither); last, with Keras loaded, a, b and e (fixed small numbers of characters, best of three).
+The share of the float32 rate counts the matrix-product FLOPs per character from the network's
+shapes and divides by the rate of a large float32 matrix product measured in the same run.
 
-(a), (b) and (e) run for a fixed small number of characters; every rate but (a)'s is the best of
-three runs, so the whole run takes about a minute. Every method samples at temperature 0.8. The share of the machine's float32 rate counts the
-matrix-product FLOPs per character from the network's shapes and divides by the rate of a large
-float32 matrix product measured in the same run.
+When the artifact has no model.onnx yet, its graph is built from model.keras in a subprocess (so
+this process still has no Keras when its memory is read) into a temporary file.
 """
 
 from __future__ import annotations
@@ -22,20 +35,27 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
 os.environ["KERAS_BACKEND"] = "tensorflow"  # OneStep is TensorFlow's; the engine does not care
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
 TEMPERATURE = 0.8
 PROMPT = "ROMEO:\n"
-REPEATS = 3  # every rate is the best of this many runs, for OneStep and the engine alike
+STREAMS = (1, 8, 32, 128)
+REPEATS = 3  # a, b and e: the best of this many runs
+STEPS_PER_TURN = 10  # f and the engine take turns of this many steps
+OLD_PROMPT_MS = 482.0  # a 4,000-character prompt on the compiled engine, one position after another (issue 11)
+CORPUS = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 
 
 def attainable_gflops(n: int = 2048, seconds: float = 3.0) -> float:
@@ -52,7 +72,132 @@ def attainable_gflops(n: int = 2048, seconds: float = 3.0) -> float:
     return best / 1e9
 
 
-# ---------------------------------------------------------------- (a) naive windowed predict
+def rss_mb() -> tuple[float, float]:
+    """(resident set, its peak) of this process in MB, from /proc."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+
+def graph_path(artifact: Path) -> tuple[Path, str]:
+    """The artifact's model.onnx, or one built from its model.keras in a subprocess (and a note)."""
+    if (artifact / "model.onnx").is_file():
+        return artifact / "model.onnx", ""
+    out = Path(tempfile.mkdtemp(prefix="chargen-bench-")) / "model.onnx"
+    code = ("import sys; from model import artifact; from model.onnx_graph import build_graph; "
+            "art = artifact.load(sys.argv[1], keras=True); open(sys.argv[2], 'wb').write(build_graph(art.model).SerializeToString())")
+    subprocess.run([sys.executable, "-c", code, str(artifact), str(out)], check=True, cwd=ROOT, timeout=600)
+    return out, f" (no model.onnx: graph built from model.keras into {out})"
+
+
+def text_of(vocab, n: int) -> str:
+    """n characters of English the vocabulary knows (the corpus if it is there)."""
+    source = CORPUS.read_text(encoding="utf-8") if CORPUS.exists() else Path(__file__).read_text()
+    known = vocab.decode(vocab.encode(source).ids)
+    return (known * (1 + n // max(1, len(known))))[:n]
+
+
+# ---------------------------------------------------------------- (f) the bare ONNX Runtime loop
+
+
+class BareLoop:
+    """`streams` streams on plain session.run() calls, primed with PROMPT."""
+
+    def __init__(self, sess, names: list[str], layers: int, units: int, prompt_ids: np.ndarray, streams: int):
+        from model.sampling import pick
+
+        self.sess, self.names, self.streams, self.pick = sess, names, streams, pick
+        self.outputs = ["logits"] + [f"{n}_out" for n in names]
+        zero = {n: np.zeros((layers, streams, units), np.float32) for n in names}
+        out = sess.run(self.outputs, {"ids": np.tile(prompt_ids.astype(np.int64), (streams, 1)), **zero})
+        self.logits, self.state = out[0][:, -1], dict(zip(names, out[1:]))
+        self.settings = (np.full(streams, TEMPERATURE), np.zeros(streams, np.int64), np.ones(streams))
+        self.rng = np.random.default_rng(0)
+
+    def run(self, steps: int) -> float:
+        """Seconds that `steps` steps of every stream take."""
+        sess, names, outputs, pick, settings, rng = self.sess, self.names, self.outputs, self.pick, self.settings, self.rng
+        logits, state = self.logits, self.state
+        t = time.perf_counter()
+        for _ in range(steps):
+            ids = pick(logits, *settings, rng.random(self.streams))
+            out = sess.run(outputs, {"ids": ids[:, None], **state})
+            logits, state = out[0][:, -1], dict(zip(names, out[1:]))
+        elapsed = time.perf_counter() - t
+        self.logits, self.state = logits, state
+        return elapsed
+
+
+# ---------------------------------------------------------------- (c), (d) the engine
+
+
+class EngineLoop:
+    def __init__(self, engine, streams: int):
+        from model.engine import GenerationRequest
+        from model.sampling import SamplingSettings
+
+        self.engine, self.streams = engine, streams
+        self.batch = [engine.start(GenerationRequest(PROMPT, max_chars=10**9, sampling=SamplingSettings(TEMPERATURE), seed=i))
+                      for i in range(streams)]
+
+    def run(self, steps: int) -> float:
+        """Seconds that `steps` steps of every stream take."""
+        step, batch = self.engine.step, self.batch
+        t = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        for s in self.batch:
+            self.engine.cancel(s)
+
+
+def prompt_ms(engine, prompt: str, repeats: int) -> tuple[float, float]:
+    """Median milliseconds to consume `prompt` (engine.start) and to its first character."""
+    from model.engine import GenerationRequest
+    from model.sampling import SamplingSettings
+
+    consumed, first = [], []
+    for seed in range(repeats + 1):
+        t = time.perf_counter()
+        s = engine.start(GenerationRequest(prompt, max_chars=10, sampling=SamplingSettings(TEMPERATURE), seed=seed))
+        started = time.perf_counter()
+        engine.step([s])
+        done = time.perf_counter()
+        engine.cancel(s)
+        if seed:  # the first is a warm-up
+            consumed.append((started - t) * 1e3)
+            first.append((done - t) * 1e3)
+    return statistics.median(consumed), statistics.median(first)
+
+
+def side_by_side(loops: dict, streams: int, seconds: float) -> dict:
+    """Characters per second of each loop, run in turns of STEPS_PER_TURN steps for `seconds` in
+    all: a burst of other work on a shared machine hits every loop alike."""
+    spent = dict.fromkeys(loops, 0.0)
+    turns = 0
+    while sum(spent.values()) < seconds:
+        for name, loop in loops.items():
+            spent[name] += loop.run(STEPS_PER_TURN)
+        turns += 1
+    return {name: turns * STEPS_PER_TURN * streams / spent[name] for name in loops}
+
+
+def memory_per_stream(engine, streams: int = 64) -> float:
+    """Bytes of Python objects and arrays allocated per started stream (slot buffers are allocated
+    by the engine up front and counted separately)."""
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    loop = EngineLoop(engine, streams)
+    for _ in range(20):
+        engine.step(loop.batch)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    loop.close()
+    return used / streams
+
+
+# ---------------------------------------------------------------- (a) naive, (b), (e) OneStep
 
 
 def naive(model, vocab, chars: int) -> float:
@@ -66,9 +211,6 @@ def naive(model, vocab, chars: int) -> float:
         logits = model.predict(np.array([ids[-40:]], dtype=np.int32), verbose=0)[:, -1, :]  # (1, V)
         ids.append(int(next_ids(logits, [settings], [rng])[0]))
     return chars / (time.perf_counter() - t)
-
-
-# ---------------------------------------------------------------- (b), (e) OneStep
 
 
 class OneStep:
@@ -122,134 +264,147 @@ class OneStep:
         return self.batch * chars / (time.perf_counter() - t), first
 
 
-# ---------------------------------------------------------------- (c), (d) the engine
-
-
-def engine_rate(engine, streams: int, steps: int, repeats: int = REPEATS) -> float:
-    """Characters per second over all streams: the best of `repeats` runs of `steps` steps."""
-    from model.engine import GenerationRequest
-    from model.sampling import SamplingSettings
-
-    batch = [
-        engine.start(GenerationRequest(PROMPT, max_chars=10**9, sampling=SamplingSettings(TEMPERATURE), seed=i))
-        for i in range(streams)
-    ]
-    engine.step(batch)
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(steps):
-            engine.step(batch)
-        best = max(best, streams * steps / (time.perf_counter() - t))
-    for s in batch:
-        engine.cancel(s)
-    return best
-
-
-def engine_first_char(engine, prompt: str, repeats: int = 15) -> float:
-    from model.engine import GenerationRequest
-    from model.sampling import SamplingSettings
-
-    times = []
-    for seed in range(repeats):
-        t = time.perf_counter()
-        s = engine.start(GenerationRequest(prompt, max_chars=10, sampling=SamplingSettings(TEMPERATURE), seed=seed))
-        engine.step([s])
-        times.append(time.perf_counter() - t)
-        engine.cancel(s)
-    return statistics.median(times)
-
-
-def memory_per_stream(engine, streams: int = 64) -> float:
-    """Bytes of Python objects and arrays allocated per started stream (slot buffers are allocated
-    by the engine up front and counted separately)."""
-    from model.engine import GenerationRequest
-    from model.sampling import SamplingSettings
-
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    batch = [engine.start(GenerationRequest(PROMPT, max_chars=10**9, sampling=SamplingSettings(TEMPERATURE), seed=i)) for i in range(streams)]
-    for _ in range(20):
-        engine.step(batch)
-    used = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    for s in batch:
-        engine.cancel(s)
-    return used / streams
-
-
 # ---------------------------------------------------------------- main
+
+
+def session_study(graph: Path, names, layers, units, prompt_ids, seconds: float, rounds: int) -> None:
+    """The bare loop under other session settings (threads, spinning), taking turns; at 48 and 64
+    streams too, either side of where the engine starts to use more than one thread."""
+    import onnxruntime as ort
+
+    def make(threads: int, spin: str):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+    settings = {f"{t} thread{'s' if t > 1 else ''}, {'spinning' if spin == '1' else 'no spinning'}": make(t, spin)
+                for t in (1, 2) for spin in ("0", "1")}
+    sizes = sorted({*STREAMS, 48, 64})
+    loops = {(name, b): BareLoop(sess, names, layers, units, prompt_ids, b) for name, sess in settings.items() for b in sizes}
+    rates: dict = {}
+    for _ in range(rounds):
+        for b in sizes:
+            pair = {name: loops[name, b] for name in settings}
+            for name, rate in side_by_side(pair, b, len(settings) * seconds / rounds).items():
+                rates.setdefault((name, b), []).append(rate)
+    print(f"\n  bare ONNX Runtime loop by session setting (chars/s, median of {rounds} rounds)")
+    print(f"  {'setting':30s}" + "".join(f"{b:>10}" for b in sizes))
+    for name in settings:
+        print(f"  {name:30s}" + "".join(f"{statistics.median(rates[name, b]):>10,.0f}" for b in sizes))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--artifact", default="artifacts/default", help="artifact directory (default: %(default)s)")
+    parser.add_argument("--artifact", default=str(ROOT / "artifacts" / "default"), help="artifact directory (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per stream count, for f and for the engine, over all rounds (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds of f and the engine (default: %(default)s)")
     parser.add_argument("--naive-chars", type=int, default=40, help="characters for (a) (default: %(default)s)")
     parser.add_argument("--onestep-chars", type=int, default=400, help="characters per stream for (b) and (e) (default: %(default)s)")
-    parser.add_argument("--engine-chars", type=int, default=3000, help="characters for (c); (d) steps scale down from it (default: %(default)s)")
+    parser.add_argument("--sessions", action="store_true", help="also run the bare loop under other session settings")
     args = parser.parse_args()
 
-    import keras
-    import tensorflow as tf
+    import onnxruntime as ort
 
     from model import artifact as artifacts
     from model.engine import Engine
+    from model.onnx_step import MIN_ROWS_PER_THREAD, make_session, providers
 
     try:
-        art = artifacts.load(args.artifact)
+        path, meta, vocab = artifacts.check(args.artifact, keras=True)  # model.onnx may be missing: built below
     except artifacts.ArtifactError as e:
         sys.exit(f"error: {e}")
-    config, vocab = art.config, art.vocab
-    engine = Engine(art, max_batch=128)
+    graph, note = graph_path(path)
+    art = artifacts.Artifact(path, None, vocab, meta, graph)
+    config = meta.config
+    engine = Engine(art, max_batch=max(STREAMS))
+    cores = len(os.sched_getaffinity(0))
+    print(f"artifact   {path}: {config.layers}x{config.units} {config.cell}, embedding {config.embedding}, vocabulary {len(vocab)}{note}")
+    print(f"machine    {platform.processor() or platform.machine()}, {cores} cores, load average {os.getloadavg()[0]:.2f}; "
+          f"numpy {np.__version__}; onnxruntime {ort.__version__}")
     flops = engine.network.flops_per_char()
-    blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
-    print(f"artifact   {art.path}: {config.layers}x{config.units} {config.cell}, embedding {config.embedding}, vocabulary {len(vocab)}")
-    print(f"machine    {platform.processor() or platform.machine()}, {os.cpu_count()} cores; numpy {np.__version__} with "
-          f"{blas['name']} {blas.get('version', '')}; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; "
-          f"TensorFlow {tf.__version__}, Keras {keras.__version__}")
-
     peak = attainable_gflops()
-    print(f"float32    large matrix product: {peak:.1f} GFLOP/s; the network needs {flops / 1e6:.3f} MFLOP per character "
-          "(its matrix products; the first layer's input projection is a table lookup)")
+    print(f"float32    large matrix product: {peak:.1f} GFLOP/s; the network needs {flops / 1e6:.3f} MFLOP per character")
 
+    # f and the engine, round-robin
+    names = ["h", "c"] if config.cell == "lstm" else ["h"]
     prompt_ids = vocab.encode(PROMPT).ids
-    a = naive(art.model, vocab, args.naive_chars)
-    one = OneStep(art.model, config, batch=1)
+    sessions = {t: make_session(str(graph), t, providers("cpu")) for t in {1, cores}}
+    loops = {}
+    for b in STREAMS:
+        sess = sessions[1 if b < MIN_ROWS_PER_THREAD else cores]
+        loops["f", b] = BareLoop(sess, names, config.layers, config.units, prompt_ids, b)
+    rates: dict = {}
+    for _ in range(args.rounds):
+        for b in STREAMS:
+            engine_loop = EngineLoop(engine, b)
+            pair = {"f": loops["f", b], "engine": engine_loop}
+            for loop in pair.values():
+                loop.run(3)  # warm up
+            for kind, rate in side_by_side(pair, b, args.seconds / args.rounds).items():
+                rates.setdefault((kind, b), []).append(rate)
+            engine_loop.close()
+    ratios = {b: [e / f for e, f in zip(rates["engine", b], rates["f", b])] for b in STREAMS}
+    median = {key: statistics.median(values) for key, values in rates.items()}
+
+    prompts = {n: prompt_ms(engine, text_of(vocab, n), 15 if n == 200 else 5) for n in (200, 4000)}
+    per_stream = memory_per_stream(engine)
+    slot = engine.network.bytes_per_slot()
+    rss, peak_rss = rss_mb()
+    heavy = [m for m in ("keras", "tensorflow") if m in sys.modules]
+    assert not heavy, f"imported before the memory was read: {heavy}"
+
+    # the Keras peers
+    import keras
+    import tensorflow as tf
+
+    model = artifacts.load(path, keras=True).model
+    a = naive(model, vocab, args.naive_chars)
+    one = OneStep(model, config, batch=1)
     one.run(prompt_ids, 5)  # trace
-    b = max(one.run(prompt_ids, args.onestep_chars)[0] for _ in range(REPEATS))
-    one32 = OneStep(art.model, config, batch=32)
+    b1 = max(one.run(prompt_ids, args.onestep_chars)[0] for _ in range(REPEATS))
+    one32 = OneStep(model, config, batch=32)
     one32.run(prompt_ids, 5)
     e = max(one32.run(prompt_ids, args.onestep_chars // 2)[0] for _ in range(REPEATS))
+    prompt200 = vocab.encode(text_of(vocab, 200)).ids
+    one.run(prompt200, 1)  # traces for this prompt length
+    b_first200 = statistics.median(one.run(prompt200, 1)[1] for _ in range(3)) * 1e3
 
-    c = engine_rate(engine, 1, args.engine_chars)
-    d = {n: engine_rate(engine, n, max(50, args.engine_chars // n * 4)) for n in (8, 32, 128)}
-    prompt200 = (vocab.decode(vocab.encode(Path(__file__).read_text()).ids) * 2)[:200]
-    first = engine_first_char(engine, prompt200)
-    one.run(vocab.encode(prompt200).ids, 1)  # traces for this prompt length
-    b_first200 = statistics.median(one.run(vocab.encode(prompt200).ids, 1)[1] for _ in range(3))
-    slot = engine.network.bytes_per_slot()
-    per_stream = memory_per_stream(engine)
+    def row(name, rate, share=True, extra=""):
+        shown = f"{rate * flops / (peak * 1e9):7.1%}" if share else " " * 7
+        print(f"  {name:44s} {rate:12,.0f}   {shown}   {extra}")
 
-    def row(name, rate, share=True):
-        extra = f"{rate * flops / (peak * 1e9):7.1%}" if share else ""
-        print(f"  {name:44s} {rate:12,.0f}   {extra}")
-
-    print()
-    print(f"  {'method (temperature 0.8)':44s} {'chars/s':>12s}   {'of float32 rate':>7s}")
+    print(f"\n  (TensorFlow {tf.__version__}, Keras {keras.__version__}; f and the engine: median of {args.rounds} interleaved rounds, "
+          f"{args.seconds / args.rounds:g} s each)")
+    print(f"  {'method (temperature 0.8)':44s} {'chars/s':>12s}   {'of float32 rate':>7s}   engine / f")
     row("a  naive: predict on last 40 chars", a, False)
-    row("b  OneStep tf.function, 1 stream", b, False)
-    row("c  engine, 1 stream", c)
-    for n, rate in d.items():
-        row(f"d  engine, {n} streams (total)", rate)
+    row("b  OneStep tf.function, 1 stream", b1, False)
     row("e  OneStep tf.function, 32 streams (total)", e, False)
+    for n in STREAMS:
+        row(f"f  bare ONNX Runtime loop, {n} stream{'s' if n > 1 else ''}", median["f", n])
+        row(f"{'c' if n == 1 else 'd'}  engine, {n} stream{'s' if n > 1 else ''}", median["engine", n],
+            extra=f"{statistics.median(ratios[n]):.0%} ({min(ratios[n]):.0%}-{max(ratios[n]):.0%})")
+    c = median["engine", 1]
+    goals = [(f"engine >= 95% of f at {n} stream{'s' if n > 1 else ''}: {statistics.median(ratios[n]):.1%}", statistics.median(ratios[n]) >= 0.95)
+             for n in STREAMS]
+    goals += [
+        (f"c / a = {c / a:.1f} (engine, 1 stream / naive predict; >= 3)", c / a >= 3),
+        (f"c / b = {c / b1:.1f} (engine, 1 stream / OneStep; >= 3)", c / b1 >= 3),
+        (f"d32 / e = {median['engine', 32] / e:.1f} (engine / OneStep, 32 streams; >= 2, issue 4's goal)", median["engine", 32] / e >= 2),
+        (f"4,000-character prompt consumed in {prompts[4000][0]:.1f} ms: {OLD_PROMPT_MS / prompts[4000][0]:.1f}x faster than "
+         f"{OLD_PROMPT_MS:.0f} ms (>= 3x)", OLD_PROMPT_MS / prompts[4000][0] >= 3),
+        (f"resident memory with the engine loaded, no Keras or TensorFlow imported: {rss:.0f} MB (peak {peak_rss:.0f} MB; <= 200 MB)", rss <= 200),
+    ]
     print()
-    print(f"  c/a   = {c / a:8.1f}   (goal >= 150)")
-    print(f"  c/b   = {c / b:8.1f}   (goal >= 3)")
-    print(f"  d32/e = {d[32] / e:8.1f}   (goal >= 2)")
-    print(f"  d128  = {d[128] * flops / (peak * 1e9):8.1%} of the float32 rate (goal >= 60%)")
-    print(f"  first character after a 200-character prompt: engine {first * 1e3:.1f} ms (OneStep {b_first200 * 1e3:.1f} ms)")
+    for text, met in goals:
+        print(f"  [{'met' if met else 'NOT MET'}] {text}")
+    print(f"  prompt: 200 characters consumed in {prompts[200][0]:.1f} ms, first character after it at {prompts[200][1]:.1f} ms "
+          f"(OneStep {b_first200:.1f} ms); 4,000 characters: {prompts[4000][0]:.1f} ms and {prompts[4000][1]:.1f} ms")
     print(f"  memory per added stream: {per_stream / 1024:.1f} KiB of Python objects and arrays, plus {slot / 1024:.1f} KiB "
-          f"of state and scratch per batch slot, allocated up front ({engine.max_batch} slots: {slot * engine.max_batch / 2**20:.1f} MiB)")
+          f"of state and staging per batch slot, allocated up front ({engine.max_batch} slots: {slot * engine.max_batch / 2**20:.1f} MiB)")
+
+    if args.sessions:
+        session_study(graph, names, config.layers, config.units, prompt_ids, args.seconds, args.rounds)
 
 
 if __name__ == "__main__":

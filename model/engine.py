@@ -2,12 +2,14 @@
 
 Each stream keeps its recurrent state in a batch slot of the network step (`model.network_step`),
 so every character costs one step of the recurrence, never a re-run over a window. Streams join
-(`start`) and leave (finish, `cancel`) between steps; every `step` advances the given streams
-together in one step of the network, which also picks their characters. This module does the
-slots: which stream holds which slot (the ones stepped are moved to the front), each slot's
-sampling settings, and the uniform draws taken ahead from each stream's generator (64 at a time:
-the same numbers, in the same order, as one generator.random() per pick), so a step makes no
-Python call per stream to sample. The text a stream emits is its own business (`model.streams`).
+(`start`, which runs the prompt through the network in one call) and leave (finish, `cancel`)
+between steps; every `step` picks the next character of each given stream from its slot's
+prediction (`model.sampling.pick`, all rows at once) and advances them together in one step of
+the network. This module does the slots: which stream holds which slot (the ones stepped are
+moved to the front), each slot's sampling settings, and the uniform draws taken ahead from each
+stream's generator (64 at a time: the same numbers, in the same order, as one generator.random()
+per pick), so a step makes no Python call per stream to sample. The text a stream emits is its
+own business (`model.streams`).
 
 A stream's log-probabilities can differ by ~1e-6 depending on its batch (float32 products of a
 batch and of a single row round differently); the sampler works in float64 so that this flips a
@@ -26,8 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model import network_step
-from model.network_step import Sampling
-from model.sampling import log_softmax
+from model.sampling import log_softmax, pick
 from model.streams import CharLogprob, Delta, GenerationRequest, Stream, whole_number
 from model.vocab import Vocab
 
@@ -46,15 +47,16 @@ class EngineFull(RuntimeError):
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, max_batch: int = 128, threads: int | None = None):
-        """`threads`: most threads one step uses (default: one per core)."""
+    def __init__(self, artifact: Artifact, max_batch: int = 128, threads: int | None = None, device: str = "cpu"):
+        """`threads`: most threads one step uses (default: one per core); `device`: "cpu" or "cuda"
+        (the CPU, with a warning, where ONNX Runtime has no CUDA)."""
         if not whole_number(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
         if threads is not None and (not whole_number(threads) or threads < 1):
             raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
         self.vocab: Vocab = artifact.vocab
         self.max_batch = int(max_batch)
-        self.network = network_step.load(artifact, self.max_batch, threads)
+        self.network = network_step.load(artifact, self.max_batch, threads, device)
         if self.network.vocab_size != len(self.vocab):
             raise ValueError(f"the network predicts {self.network.vocab_size} characters but the vocabulary has {len(self.vocab)}")
         self._slots: list[Stream] = []  # slot i holds _slots[i]; active streams always fill 0..active-1
@@ -63,9 +65,12 @@ class Engine:
         self._temperature = np.zeros(self.max_batch)
         self._top_k = np.zeros(self.max_batch, np.int64)
         self._top_p = np.ones(self.max_batch)
+        self._samples = np.zeros(self.max_batch, bool)  # not greedy: takes a draw per pick
         self._draws = np.zeros((self.max_batch, DRAWS_AHEAD))
-        self._next_draw = np.zeros(self.max_batch, np.int64)
+        self._next_draw = np.zeros(self.max_batch, np.int64)  # a greedy slot's stays 0
+        self._rows = np.arange(self.max_batch)
         self._logprobs = np.zeros(self.max_batch, np.int64)  # the logprobs each slot's request asks for
+        self._wanting = 0  # active slots whose requests ask for logprobs
         # An empty prompt starts from the zero state as if after a newline (after the first
         # vocabulary character when the vocabulary has no newline).
         self._empty_prompt = np.array([self.vocab.index.get("\n", 0)], dtype=np.int64)
@@ -90,8 +95,10 @@ class Engine:
         self._slots.append(stream)
         settings = request.sampling
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = settings.temperature, settings.top_k, settings.top_p
-        self._next_draw[slot] = DRAWS_AHEAD  # none drawn yet
+        self._samples[slot] = not settings.greedy
+        self._next_draw[slot] = DRAWS_AHEAD if self._samples[slot] else 0  # none drawn yet; a greedy slot draws none
         self._logprobs[slot] = request.logprobs
+        self._wanting += request.logprobs > 0
         try:
             self.network.consume(slot, ids)
         except BaseException:
@@ -101,40 +108,37 @@ class Engine:
 
     def step(self, streams: list[Stream]) -> list[Delta]:
         """Advance every given unfinished stream by one character in one batched step."""
-        for s in streams:
-            if s.__class__ is not Stream or s._owner is not self:
-                raise ValueError("step() was given a stream this engine did not start")
-        batch = [s for s in streams if s.finish_reason is None]
-        if len(set(map(id, batch))) != len(batch):
-            raise ValueError("step() was given the same stream twice")
-        if not batch:
-            return []
-        ordered = self._to_front(batch)  # ordered[i] holds slot i
+        if streams and streams == self._slots[: len(streams)]:  # slots 0..n-1 in order, all checked at once
+            batch = ordered = streams
+        else:
+            for s in streams:
+                if s.__class__ is not Stream or s._owner is not self:
+                    raise ValueError("step() was given a stream this engine did not start")
+            batch = [s for s in streams if s.finish_reason is None]
+            if len(set(map(id, batch))) != len(batch):
+                raise ValueError("step() was given the same stream twice")
+            if not batch:
+                return []
+            ordered = self._to_front(batch)  # ordered[i] holds slot i
         n = len(ordered)
-        ids = np.empty(n, np.int64)
-        sampling = Sampling(self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered))
-        wanted = np.flatnonzero(self._logprobs[:n])
-        saved = self.network.logits[wanted]  # a copy: logprobs read the logits, which the step overwrites
-        try:
-            self.network.advance(n, ids, sampling)
-            # the picks are final; the step may still be running while they become text
-            deltas = self._emit(ordered, ids.tolist(), wanted.tolist(), saved)
-        finally:
-            self.network.wait()
+        logits = self.network.logits[:n]
+        ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered))
+        picked = ids.tolist()
+        chars = self.vocab.chars
+        if self._wanting:  # from the logits the characters were picked from, before the step replaces them
+            lps = {b: self._logprob(logits[b], picked[b], self._logprobs[b]) for b in np.flatnonzero(self._logprobs[:n]).tolist()}
+        self.network.advance(n, ids)
+        if self._wanting:
+            deltas = [s.emit(chars[i], lps.get(b)) for b, (s, i) in enumerate(zip(ordered, picked))]
+        else:
+            deltas = [s.emit(chars[i]) for s, i in zip(ordered, picked)]
         for d in deltas:
             if d.finish_reason is not None:
                 self._release(d.stream)
-        if batch != ordered:
+        if batch is not ordered:
             by_stream = {id(d.stream): d for d in deltas}
             deltas = [by_stream[id(s)] for s in batch]
         return deltas
-
-    def _emit(self, ordered: list[Stream], picked: list[int], wanted: list[int], saved: np.ndarray) -> list[Delta]:
-        chars = self.vocab.chars
-        if not wanted:
-            return [s.emit(chars[i]) for s, i in zip(ordered, picked)]
-        lps = {b: self._logprob(row, picked[b], self._logprobs[b]) for b, row in zip(wanted, saved)}
-        return [s.emit(chars[i], lps.get(b)) for b, (s, i) in enumerate(zip(ordered, picked))]
 
     def _logprob(self, logits: np.ndarray, chosen: int, k: int) -> CharLogprob:
         logp = log_softmax(logits)
@@ -143,15 +147,15 @@ class Engine:
         return CharLogprob(chars[chosen], float(logp[chosen]), [(chars[i], float(logp[i])) for i in top])
 
     def _uniforms(self, ordered: list[Stream]) -> np.ndarray:
-        """The next draw of every sampling (non-greedy) stream in slots 0..n-1."""
+        """The next draw of every sampling stream in slots 0..n-1 (a greedy one's is stale: pick ignores it)."""
         n = len(ordered)
-        sampling = self._temperature[:n] > 0
         taken = self._next_draw[:n]
-        for b in np.flatnonzero(sampling & (taken == DRAWS_AHEAD)).tolist():
-            self._draws[b] = ordered[b]._rng.random(DRAWS_AHEAD)
-            taken[b] = 0
-        u = self._draws[np.arange(n), np.minimum(taken, DRAWS_AHEAD - 1)]
-        taken += sampling
+        if taken.max() == DRAWS_AHEAD:  # some stream has used its draws (greedy ones take none)
+            for b in np.flatnonzero(taken == DRAWS_AHEAD).tolist():
+                self._draws[b] = ordered[b]._rng.random(DRAWS_AHEAD)
+                taken[b] = 0
+        u = self._draws[self._rows[:n], taken]
+        taken += self._samples[:n]
         return u
 
     def cancel(self, stream: Stream) -> None:
@@ -193,7 +197,7 @@ class Engine:
         return ordered
 
     def _per_slot(self) -> list[np.ndarray]:
-        return [self._temperature, self._top_k, self._top_p, self._draws, self._next_draw, self._logprobs]
+        return [self._temperature, self._top_k, self._top_p, self._samples, self._draws, self._next_draw, self._logprobs]
 
     def _release(self, s: Stream) -> None:
         slot, last = s._slot, len(self._slots) - 1
@@ -205,4 +209,5 @@ class Engine:
             self._slots[slot] = moved
             moved._slot = slot
         self._slots.pop()
+        self._wanting -= s.request.logprobs > 0
         s._slot = -1

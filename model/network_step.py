@@ -3,27 +3,18 @@
 A network step holds the recurrent state of `max_batch` slots in buffers allocated up front, and
 each slot's prediction for its next character (`logits`). The engine keeps the streams it steps in
 slots 0..n-1 (it moves them there with `swap` and fills a freed slot with `copy`), so a step works
-on the first n rows. How the step is computed (compiled kernels and threads today) stays behind
-this interface: the engine does not know which implementation it runs.
+on the first n rows. How the step is computed (ONNX Runtime today, on the CPU or a GPU) stays
+behind this interface: the engine does not know which implementation it runs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from model.artifact import Artifact
-
-
-class Sampling(NamedTuple):
-    """Per-row settings of a step that picks its own input characters (as model.sampling.pick takes them)."""
-
-    temperature: np.ndarray  # (n,) float64; 0 means greedy
-    top_k: np.ndarray  # (n,) int64; 0 means no top-k filter
-    top_p: np.ndarray  # (n,) float64; 1 means no nucleus filter
-    u: np.ndarray  # (n,) float64: each row's uniform draw in [0, 1) (unused where greedy)
 
 
 class NetworkStep(Protocol):
@@ -38,14 +29,9 @@ class NetworkStep(Protocol):
         """Reset `slot` to the zero state and run it through the prompt `ids` (T,) int64, T >= 1,
         leaving the prediction for the character after the prompt in logits[slot]."""
 
-    def advance(self, n: int, ids: np.ndarray, sampling: Sampling | None = None) -> None:
+    def advance(self, n: int, ids: np.ndarray) -> None:
         """Feed character ids[b] (n,) int64 to slot b for b < n; logits[:n] become the next
-        predictions. With `sampling`, ids is an output: the characters are first picked from
-        logits[:n]. Returns once ids are final; the step may still be running until `wait`."""
-
-    def wait(self) -> None:
-        """Return once the last `advance` has written every state and logit (at once if none is
-        running); raise what failed there. The engine calls it after every advance."""
+        predictions."""
 
     def swap(self, i: int, j: int) -> None:
         """Exchange the states and logits of slots i and j."""
@@ -60,9 +46,12 @@ class NetworkStep(Protocol):
         """State and scratch buffers allocated up front for each batch slot."""
 
 
-def load(artifact: Artifact, max_batch: int, threads: int | None = None) -> NetworkStep:
-    """The artifact's network as a step over `max_batch` slots, using at most `threads` threads
-    (default: one per core)."""
-    from model.compiled_step import CompiledStep
+def load(artifact: Artifact, max_batch: int, threads: int | None = None, device: str = "cpu") -> NetworkStep:
+    """The artifact's network (its model.onnx) as a step over `max_batch` slots on ONNX Runtime,
+    using at most `threads` threads (default: one per core), on `device` ("cpu" or "cuda")."""
+    from model.artifact import export_command
+    from model.onnx_step import OrtStep
 
-    return CompiledStep(artifact.model, max_batch, threads)
+    if artifact.onnx_path is None:
+        raise ValueError(f"{artifact.path}: no model.onnx, the graph the engine runs; add it with: {export_command(artifact.path)}")
+    return OrtStep(artifact.onnx_path, max_batch, threads, device)

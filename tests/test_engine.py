@@ -1,26 +1,33 @@
-"""The generation engine against the Keras model it was copied from, and its stream bookkeeping.
+"""The generation engine (on the ONNX graph of a network) against the Keras model the graph was
+built from, and its stream bookkeeping.
 
 Exactness runs on tiny networks with random weights (no training): every cell and depth, weights
 scaled up so states and predictions are far from trivial, but recurrent weights left at their
 orthogonal initialization so the dynamics are not chaotic (a chaotic network amplifies float32
-rounding in any two implementations, Keras against Keras on another backend included).
+rounding in any two implementations, Keras against Keras on another backend included). Each
+network's graph is built with model.onnx_graph and written to a temporary directory, as
+`chargen export` writes an artifact's.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from model import kernels, network_step
+from model import network_step
 from model.artifact import Artifact
-from model.compiled_step import MIN_ROWS_PER_THREAD
 from model.engine import CharLogprob, Engine, EngineFull, GenerationRequest, Stream
 from model.network import ModelConfig, build_model
 from model.network_step import NetworkStep
+from model.onnx_graph import build_graph
+from model.onnx_step import MIN_ROWS_PER_THREAD
 from model.sampling import GREEDY, SamplingSettings, log_softmax, next_ids
 from model.vocab import Vocab
 
@@ -31,7 +38,14 @@ T1 = SamplingSettings(temperature=1.0)  # what a test's requests sample at unles
 CASES = [(cell, layers) for cell in ("lstm", "gru", "rnn") for layers in (1, 2, 3)]
 
 
-def random_artifact(cell: str, layers: int, units: int = 24, seed: int = 0) -> Artifact:
+def with_graph(model: keras.Model, path: Path, vocab: Vocab = VOCAB) -> Artifact:
+    """An artifact of `model` in directory `path`, holding its graph as model.onnx."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.onnx").write_bytes(build_graph(model).SerializeToString())
+    return Artifact(path, model, vocab, {}, path / "model.onnx")
+
+
+def random_artifact(cell: str, layers: int, path: Path, units: int = 24, seed: int = 0) -> Artifact:
     keras.utils.set_random_seed(seed + layers)
     model = build_model(ModelConfig(cell=cell, layers=layers, units=units, embedding=8), len(VOCAB))
     rng = np.random.default_rng(seed)
@@ -48,12 +62,18 @@ def random_artifact(cell: str, layers: int, units: int = 24, seed: int = 0) -> A
         else:
             w = w * 3.0  # input kernels: inputs drive the gates hard
         v.assign(w.astype("float32"))
-    return Artifact(Path(f"random-{cell}-{layers}"), model, VOCAB, {})
+    return with_graph(model, path)
 
 
-@functools.cache
-def artifact_for(cell: str, layers: int) -> Artifact:
-    return random_artifact(cell, layers)
+@pytest.fixture(scope="session")
+def artifact_for(tmp_path_factory):
+    """artifact_for(cell, layers): the random network of that shape, made once per test session."""
+
+    @functools.cache
+    def make(cell: str, layers: int) -> Artifact:
+        return random_artifact(cell, layers, tmp_path_factory.mktemp(f"{cell}-{layers}"))
+
+    return make
 
 
 def prompt_ids(prompt: str) -> list[int]:
@@ -96,7 +116,7 @@ def run_collecting(engine: Engine, plan: list[tuple[int, GenerationRequest]], le
 
 
 @pytest.mark.parametrize("cell,layers", CASES)
-def test_single_stream_log_probs_match_keras_for_1000_steps(cell, layers):
+def test_single_stream_log_probs_match_keras_for_1000_steps(artifact_for, cell, layers):
     art = artifact_for(cell, layers)
     engine = Engine(art, max_batch=4)
     request = GenerationRequest("the cat sat on the mat", max_chars=STEPS, sampling=T1, seed=7, logprobs=len(VOCAB))
@@ -107,14 +127,16 @@ def test_single_stream_log_probs_match_keras_for_1000_steps(cell, layers):
     want = keras_log_probs(art.model, ids[:-1])[len(prompt_ids(request.prompt)) - 1 :]
     assert np.abs(got - want).max() < TOLERANCE
     # the comparison means something: busy states, predictions far from uniform, varied text
-    assert np.abs(engine.network.S).max() > 0.5
+    last = art.model.get_layer(f"rnn_{layers}")
+    states = keras.Model(art.model.inputs, last.output).predict_on_batch(np.asarray(ids, np.int32)[None])
+    assert np.abs(keras.ops.convert_to_numpy(states)).max() > 0.5
     entropy = -(np.exp(want) * want).sum(axis=1).mean()
     assert entropy < 0.8 * np.log(len(VOCAB))
     assert len(set(stream.text)) > 5
 
 
 @pytest.mark.parametrize("cell,layers", CASES)
-def test_batched_streams_log_probs_match_keras(cell, layers):
+def test_batched_streams_log_probs_match_keras(artifact_for, cell, layers):
     """Streams with their own prompts (one empty, one with unknown characters) join at different
     steps and one leaves early; each matches Keras run on its own text alone."""
     art = artifact_for(cell, layers)
@@ -175,7 +197,7 @@ SETTINGS = [GREEDY, SamplingSettings(1.0), SamplingSettings(0.7, top_k=4), Sampl
 
 @pytest.mark.parametrize("cell,layers", [("lstm", 2), ("gru", 3), ("rnn", 1)])
 @pytest.mark.parametrize("settings", SETTINGS, ids=["greedy", "t1", "topk", "topp"])
-def test_engine_text_equals_reference_sampler(cell, layers, settings):
+def test_engine_text_equals_reference_sampler(artifact_for, cell, layers, settings):
     art = artifact_for(cell, layers)
     reference = KerasReference(art.model)
     request = GenerationRequest("to be or not", max_chars=300, sampling=settings, seed=11)
@@ -185,7 +207,7 @@ def test_engine_text_equals_reference_sampler(cell, layers, settings):
 
 
 @pytest.mark.parametrize("cell,layers", [("lstm", 1), ("gru", 2)])
-def test_stop_sequences_behave_as_in_reference_sampler(cell, layers):
+def test_stop_sequences_behave_as_in_reference_sampler(artifact_for, cell, layers):
     art = artifact_for(cell, layers)
     reference = KerasReference(art.model)
     base = GenerationRequest("once upon", max_chars=300, sampling=SamplingSettings(0.9), seed=5)
@@ -210,7 +232,7 @@ def test_greedy_reproduces_the_learned_periodic_text(tiny_artifact):
     from model.artifact import load
     from conftest import PERIODIC
 
-    art = load(tiny_artifact)
+    art = load(tiny_artifact, keras=True)  # the engine runs its model.onnx; Keras checks it below
     stream = Engine(art).generate(GenerationRequest("the quick ", max_chars=200, sampling=GREEDY))
     assert stream.text == (PERIODIC * 6)[10:210]
     # the Keras model agrees at every position (its vocabulary is not VOCAB, so no KerasReference)
@@ -222,7 +244,7 @@ def test_greedy_reproduces_the_learned_periodic_text(tiny_artifact):
 # ---------------------------------------------------------------- streams joining and leaving
 
 
-def test_streams_joining_and_leaving_give_the_same_text_as_each_run_alone():
+def test_streams_joining_and_leaving_give_the_same_text_as_each_run_alone(artifact_for):
     art = artifact_for("lstm", 2)
     free = Engine(art).generate(GenerationRequest("fifth", max_chars=300, sampling=T1, seed=5)).text
     requests = [
@@ -267,34 +289,18 @@ def test_streams_joining_and_leaving_give_the_same_text_as_each_run_alone():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_a_large_batch_split_over_threads_matches_streams_run_alone(cell):
+def test_a_large_batch_on_several_threads_matches_streams_run_alone(artifact_for, cell):
     art = artifact_for(cell, 2)
-    requests = [GenerationRequest(f"stream {i}", max_chars=60, sampling=T1, seed=i, logprobs=len(VOCAB)) for i in range(40)]
-    batch = run_collecting(Engine(art, max_batch=40, threads=2), [(0, r) for r in requests])
+    streams = MIN_ROWS_PER_THREAD + 8
+    requests = [GenerationRequest(f"stream {i}", max_chars=60, sampling=T1, seed=i, logprobs=len(VOCAB)) for i in range(streams)]
+    batch = run_collecting(Engine(art, max_batch=streams, threads=2), [(0, r) for r in requests])
     for request, (stream, rows) in zip(requests, batch):
         ((alone, alone_rows),) = run_collecting(Engine(art, max_batch=1), [(0, request)])
         assert stream.text == alone.text
         assert np.abs(np.array(rows) - np.array(alone_rows)).max() < 1e-5
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3, 4])
-def test_blocks_cover_the_batch_once_starting_at_multiples_of_8(threads):
-    network = Engine(artifact_for("rnn", 1), max_batch=128, threads=threads).network
-    network.threads = threads  # as on a machine with that many cores
-    for n in range(1, 129):
-        blocks = network.blocks(n)
-        assert blocks[0].start == 0 and blocks[-1].stop == n
-        assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
-        assert all(b.start % 8 == 0 and b.stop - b.start >= min(n, MIN_ROWS_PER_THREAD) for b in blocks)
-        assert len(blocks) == max(1, min(threads, n // MIN_ROWS_PER_THREAD))
-
-
-def test_waiting_for_blocks_gives_up_when_one_is_not_done():
-    assert kernels.wait_done(np.array([1, 1], np.int64), 5)
-    assert not kernels.wait_done(np.array([1, 0], np.int64), 5)  # the engine then waits on the thread
-
-
-def test_a_waiting_stream_keeps_its_state():
+def test_a_waiting_stream_keeps_its_state(artifact_for):
     """A stream left out of steps for a while continues exactly where it was."""
     art = artifact_for("gru", 2)
     request = GenerationRequest("abc", max_chars=100, sampling=T1, seed=9)
@@ -305,6 +311,56 @@ def test_a_waiting_stream_keeps_its_state():
     for k in range(250):
         engine.step(others if 10 <= k < 60 else [*others, target])
     assert target.finish_reason == "length" and target.text == alone
+
+
+def test_the_network_step_keeps_each_slots_state_through_what_the_engine_does_with_slots(artifact_for):
+    """Prompts, steps of any number of rows (across the one-thread and multi-thread sizes), swaps
+    and copies in a random order: each slot's prediction stays that of its own characters, as the
+    graph gives it for them in one call from the zero state."""
+    import onnxruntime
+
+    art = artifact_for("lstm", 2)
+    network = network_step.load(art, max_batch=MIN_ROWS_PER_THREAD + 8, threads=2)
+    whole = onnxruntime.InferenceSession(str(art.onnx_path), providers=["CPUExecutionProvider"])
+    zero = {n: np.zeros((2, 1, 24), np.float32) for n in ("h", "c")}
+    rng = np.random.default_rng(0)
+    history: list[list[int]] = []  # slot i's characters since its prompt; slots 0..len-1 are live
+    sizes = set()  # rows of the steps taken
+
+    def check():
+        for slot, ids in enumerate(history):
+            want = whole.run(["logits"], {"ids": np.array([ids], np.int64), **zero})[0][0, -1]
+            np.testing.assert_allclose(network.logits[slot], want, atol=1e-5, err_msg=f"slot {slot}")
+
+    for k in range(600):
+        op = rng.choice(["start", "restart", "step", "swap", "release"], p=[0.25, 0.05, 0.5, 0.1, 0.1])
+        if op == "start" and len(history) < network.max_batch or not history:
+            history.append(rng.integers(0, len(VOCAB), int(rng.integers(1, 30))).tolist())
+            network.consume(len(history) - 1, np.array(history[-1]))
+        elif op == "restart":
+            slot = int(rng.integers(len(history)))
+            history[slot] = rng.integers(0, len(VOCAB), int(rng.integers(1, 30))).tolist()
+            network.consume(slot, np.array(history[slot]))
+        elif op == "step":
+            n = int(rng.integers(1, len(history) + 1)) if rng.random() < 0.3 else len(history)
+            ids = rng.integers(0, len(VOCAB), n)
+            network.advance(n, ids)
+            sizes.add(n)
+            for slot in range(n):
+                history[slot].append(int(ids[slot]))
+        elif op == "swap":
+            i, j = rng.integers(len(history), size=2).tolist()
+            network.swap(i, j)
+            history[i], history[j] = history[j], history[i]
+        elif op == "release":
+            slot = int(rng.integers(len(history)))
+            network.copy(len(history) - 1, slot)
+            history[slot] = history[-1]
+            history.pop()
+        if k % 30 == 29:
+            check()
+    check()
+    assert max(map(len, history)) > 100 and min(sizes) < 4 and max(sizes) >= MIN_ROWS_PER_THREAD  # one thread and several
 
 
 class InterfaceOnly:
@@ -321,7 +377,7 @@ class InterfaceOnly:
         return getattr(self._inner, name)
 
 
-def test_the_engine_uses_the_network_step_through_its_interface_only(monkeypatch):
+def test_the_engine_uses_the_network_step_through_its_interface_only(artifact_for, monkeypatch):
     art = artifact_for("gru", 2)
     free = Engine(art).generate(GenerationRequest("w", max_chars=120, sampling=T1, seed=6)).text
     requests = [GenerationRequest("w", max_chars=120, sampling=T1, seed=6, stop=(free[90:92],), logprobs=3),
@@ -330,7 +386,7 @@ def test_the_engine_uses_the_network_step_through_its_interface_only(monkeypatch
     alone = [Engine(art, max_batch=1).generate(r) for r in requests]
     load = network_step.load
     monkeypatch.setattr(network_step, "load", lambda *args: InterfaceOnly(load(*args)))
-    engine = Engine(art, max_batch=20, threads=2)  # 17 streams: two blocks, one on a helper thread
+    engine = Engine(art, max_batch=20, threads=2)  # 17 streams
     assert isinstance(engine.network, InterfaceOnly)
     plan = [(i % 3, r) for i, r in enumerate(requests)]  # streams join over 3 steps; finished ones leave
     results = run_collecting(engine, plan, leave_at={5: 30})
@@ -346,7 +402,7 @@ def test_the_engine_uses_the_network_step_through_its_interface_only(monkeypatch
 # ---------------------------------------------------------------- requests, slots, errors
 
 
-def test_empty_and_all_unknown_prompts_start_as_after_a_newline():
+def test_empty_and_all_unknown_prompts_start_as_after_a_newline(artifact_for):
     art = artifact_for("rnn", 2)
     engine = Engine(art)
     after_newline = engine.generate(GenerationRequest("\n", max_chars=50, sampling=T1, seed=3)).text
@@ -360,7 +416,7 @@ def test_empty_and_all_unknown_prompts_start_as_after_a_newline():
     engine.cancel(mixed)
 
 
-def test_seed_none_draws_one_that_reproduces_the_text():
+def test_seed_none_draws_one_that_reproduces_the_text(artifact_for):
     engine = Engine(artifact_for("lstm", 1))
     first = engine.generate(GenerationRequest("ab", max_chars=80, sampling=T1))
     again = engine.generate(GenerationRequest("ab", max_chars=80, sampling=T1, seed=first.seed))
@@ -368,7 +424,7 @@ def test_seed_none_draws_one_that_reproduces_the_text():
     assert isinstance(first.seed, int) and again.text == first.text and other.text != first.text
 
 
-def test_max_chars_releases_held_back_text():
+def test_max_chars_releases_held_back_text(artifact_for):
     engine = Engine(artifact_for("lstm", 1))
     free = engine.generate(GenerationRequest("ab", max_chars=60, sampling=T1, seed=2)).text
     stop = free[58:] + "@"  # never completed, but its first two characters end the text
@@ -380,7 +436,7 @@ def test_max_chars_releases_held_back_text():
     assert stream.text == free and stream.finish_reason == "length"
 
 
-def test_stop_sequence_inside_a_held_back_prefix():
+def test_stop_sequence_inside_a_held_back_prefix(artifact_for):
     """Stops 'abc' and 'b': after 'ab' the second completes inside the first's held-back prefix."""
     engine = Engine(artifact_for("lstm", 1))
     free = engine.generate(GenerationRequest("q", max_chars=200, seed=8, sampling=SamplingSettings(1.5))).text
@@ -391,7 +447,7 @@ def test_stop_sequence_inside_a_held_back_prefix():
     assert stream.finish_reason == "stop" and stream.text == free[:first]
 
 
-def test_engine_full_and_slots_freed_by_finishing_and_cancelling():
+def test_engine_full_and_slots_freed_by_finishing_and_cancelling(artifact_for):
     engine = Engine(artifact_for("gru", 1), max_batch=2)
     a = engine.start(GenerationRequest("a", max_chars=3, sampling=T1))
     b = engine.start(GenerationRequest("b", max_chars=50, sampling=T1))
@@ -435,20 +491,61 @@ def test_bad_requests_name_the_field(kwargs, field):
         GenerationRequest(**{"prompt": "x", "max_chars": 5, "sampling": T1, **kwargs})
 
 
-def test_too_many_logprobs_is_a_value_error():
+def test_too_many_logprobs_is_a_value_error(artifact_for):
     engine = Engine(artifact_for("rnn", 1))
     with pytest.raises(ValueError, match="logprobs"):
         engine.start(GenerationRequest("x", max_chars=5, sampling=T1, logprobs=len(VOCAB) + 1))
     assert engine.active == 0
 
 
-def test_unsupported_network_is_refused():
-    inputs = keras.Input(shape=(None,), dtype="int32")
-    x = keras.layers.Embedding(len(VOCAB), 4, name="embedding")(inputs)
-    x = keras.layers.GRU(8, return_sequences=True, reset_after=False, name="rnn_1")(x)
-    model = keras.Model(inputs, keras.layers.Dense(len(VOCAB), name="logits")(x))
-    with pytest.raises(ValueError, match="reset_after"):
-        Engine(Artifact(Path("x"), model, VOCAB, {}))
+def test_an_artifact_without_its_graph_is_refused_with_the_command_that_adds_it(artifact_for):
+    art = artifact_for("gru", 1)
+    with pytest.raises(ValueError, match=r"no model.onnx.*chargen export --artifact"):
+        Engine(Artifact(art.path, art.model, VOCAB, {}, None))
+
+
+def test_a_graph_of_another_vocabulary_is_refused(artifact_for):
+    art = artifact_for("gru", 1)
+    with pytest.raises(ValueError, match=f"predicts {len(VOCAB)} characters but the vocabulary has {len(VOCAB) - 1}"):
+        Engine(Artifact(art.path, art.model, Vocab(VOCAB.chars[:-1]), {}, art.onnx_path))
+
+
+def test_the_engine_runs_without_keras_tensorflow_or_numba(artifact_for):
+    """What serving needs: the graph, the vocabulary, ONNX Runtime and numpy."""
+    art = artifact_for("lstm", 2)
+    request = GenerationRequest("ab", max_chars=40, sampling=T1, seed=1)
+    code = (
+        "import sys; from pathlib import Path; from model.artifact import Artifact; from model.vocab import Vocab\n"
+        "from model.engine import Engine, GenerationRequest; from model.sampling import SamplingSettings\n"
+        f"art = Artifact(Path({str(art.path)!r}), None, Vocab({''.join(VOCAB.chars)!r}), {{}}, Path({str(art.onnx_path)!r}))\n"
+        "stream = Engine(art).generate(GenerationRequest('ab', max_chars=40, sampling=SamplingSettings(1.0), seed=1))\n"
+        "loaded = [m for m in ('keras', 'tensorflow', 'jax', 'numba', 'llvmlite', 'scipy', 'threadpoolctl') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "sys.stdout.write(stream.text)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == Engine(art).generate(request).text
+
+
+def test_cuda_without_onnxruntime_gpu_runs_on_the_cpu_with_one_warning(artifact_for, caplog):
+    """This machine's ONNX Runtime has no CUDA provider (onnxruntime, not onnxruntime-gpu)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this ONNX Runtime has CUDA: the fallback is not reachable here")
+    art = artifact_for("lstm", 2)
+    request = GenerationRequest("ab", max_chars=80, sampling=T1, seed=3)
+    with caplog.at_level(logging.WARNING, logger="model.onnx_step"):
+        engine = Engine(art, device="cuda")
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "CUDAExecutionProvider" in warning.getMessage() and "pip install onnxruntime-gpu" in warning.getMessage()
+    assert engine.generate(request).text == Engine(art, device="cpu").generate(request).text
+
+
+def test_an_unknown_device_is_refused(artifact_for):
+    with pytest.raises(ValueError, match="device must be one of cpu, cuda, got 'tpu'"):
+        Engine(artifact_for("rnn", 1), device="tpu")
 
 
 # ---------------------------------------------------------------- a stream's text, alone
