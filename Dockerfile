@@ -14,9 +14,7 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/chargen/bin:$PATH \
-    NUMBA_CACHE_DIR=/tmp/numba
-# (NUMBA_CACHE_DIR: the compiled engine's kernel cache, until the ONNX Runtime engine lands)
+    PATH=/opt/chargen/bin:$PATH
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -93,8 +93,33 @@ def main(backend):
 # ---------------------------------------------------------------- train
 
 
+class _EvalChars(click.ParamType):
+    """--eval-chars: a whole number of characters (at least 2), or `all`."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+            return None
+        try:
+            number = int(str(value).replace("_", "").replace(",", ""))
+        except ValueError:
+            self.fail(f"{value!r} is neither a whole number nor 'all'", param, ctx)
+        if number < 2:
+            self.fail(f"{number} is too few characters to score (at least 2, or 'all')", param, ctx)
+        return number
+
+
 @main.command()
-@click.option("--corpus", required=True, type=click.Path(dir_okay=False), help="UTF-8 text file to learn from.")
+@click.option("--corpus", required=True, multiple=True, metavar="FILE|DIR|NAME",
+              help="Text to learn from: a UTF-8 file, a directory of them, or a corpus named in corpora/manifest.json. "
+                   "Repeat it for several; documents are joined with an empty line between them.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only the files of a --corpus directory matching this glob (repeatable), e.g. '*.txt'.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out the files of a --corpus directory matching this glob (repeatable).")
+@click.option("--validation-files", multiple=True, metavar="GLOB",
+              help="Hold out the corpus files matching this glob (repeatable) as the validation text, instead of --validation.")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="Directory for the corpus's token file (default OUT/data); runs given the same one share it.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, best artifact, history).")
 @click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default="lstm", show_default=True, help="Recurrent cell.")
 @click.option("--layers", type=click.IntRange(1, 16), default=2, show_default=True, help="Stacked recurrent layers.")
@@ -102,21 +127,43 @@ def main(backend):
 @click.option("--embedding", type=click.IntRange(1, 4096), default=64, show_default=True, help="Character embedding size.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Dropout between layers.")
 @click.option("--seq-len", type=click.IntRange(1), default=100, show_default=True, help="Characters per window (truncated BPTT length).")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Windows per batch.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Windows per batch, over all devices together.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True, help="Adam learning rate.")
 @click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True, help="Learning-rate factor per epoch.")
 @click.option("--clipnorm", type=click.FloatRange(0), default=5.0, show_default=True, help="Clip the global gradient norm (0: off).")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Most epochs (one epoch covers the training text once).")
-@click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, help="Time budget of the whole run: training, validating and saving.")
-@click.option("--patience", type=click.IntRange(0), default=5, show_default=True, help="Early stopping: epochs without improvement (0: off).")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Most optimizer steps (batches).")
+@click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None,
+              help="Time budget of the whole run: preparing, training, validating and saving.")
+@click.option("--eval-every", type=click.IntRange(1), default=None, metavar="STEPS",
+              help="Evaluate and checkpoint every STEPS steps (default: once an epoch).")
+@click.option("--eval-chars", type=_EvalChars(), default="1000000", show_default=True,
+              help="Validation characters an evaluation scores: a fixed sample when the validation text is longer "
+                   "(the best model is scored on all of it at the end), or 'all'.")
+@click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
+              help="Early stopping: evaluations without improvement (0: off).")
 @click.option("--validation", "validation_fraction", type=click.FloatRange(0, 0.5, min_open=True), default=0.1, show_default=True,
               help="Fraction at the end of the corpus kept for validation.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1234, show_default=True, help="Random seed (weights, batches, dropout).")
+@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]), default="float32", show_default=True,
+              help="Compute precision of training (mixed: for GPUs and TPUs); artifacts are float32 always.")
+@click.option("--devices", type=click.IntRange(1), default=None,
+              help="Devices to train on, data-parallel (default: every GPU or TPU, else one CPU; "
+                   "without accelerators N virtual CPU devices, for testing).")
+@click.option("--coordinator", envvar=["CHARGEN_COORDINATOR", "KERAS_DISTRIBUTION_JOB_ADDRESSES"], default=None, metavar="HOST:PORT",
+              help="Several processes (hosts): the address of process 0 [env CHARGEN_COORDINATOR].")
+@click.option("--num-processes", envvar=["CHARGEN_NUM_PROCESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES"], type=click.IntRange(1),
+              default=1, show_default=True, help="Several processes: how many take part [env CHARGEN_NUM_PROCESSES].")
+@click.option("--process-id", envvar=["CHARGEN_PROCESS_ID", "KERAS_DISTRIBUTION_PROCESS_ID", "JOB_COMPLETION_INDEX"],
+              type=click.IntRange(0), default=0, show_default=True,
+              help="Several processes: this one's number, 0 writes the run directory [env CHARGEN_PROCESS_ID, "
+                   "or a Kubernetes Indexed Job's JOB_COMPLETION_INDEX].")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to OUT/tensorboard.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
-def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs):
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last evaluation.")
+def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices, coordinator, num_processes, process_id, **kwargs):
     """Train a model on CORPUS; the best checkpoint is kept as OUT/best."""
     _require_keras("train")
+    from model.distribute import Cluster
     from model.network import ModelConfig
     from model.train import TrainingError, TrainSettings, train as run  # Keras comes after its checks
 
@@ -124,18 +171,20 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, **kwargs
         config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    settings = TrainSettings(corpus=corpus, out=out, config=config, **kwargs)
+    settings = TrainSettings(corpus=list(corpus), out=out, config=config, **kwargs)
+    cluster = Cluster(devices=devices, coordinator=coordinator, num_processes=num_processes, process_id=process_id)
     command = "chargen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         ctx = click.get_current_context()
         explicit = frozenset(
             name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
         )
-        run(settings, resume=resume, explicit=explicit, command=command)
+        run(settings, cluster=cluster, resume=resume, explicit=explicit, command=command)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; continue with: {_me()} train --corpus {shlex.quote(corpus)} --out {shlex.quote(out)} --resume", err=True)
+        given = " ".join(f"--corpus {shlex.quote(c)}" for c in corpus)
+        click.echo(f"\ninterrupted; continue with: {_me()} train {given} --out {shlex.quote(out)} --resume", err=True)
         sys.exit(130)
 
 
@@ -297,7 +346,9 @@ def _finite(ctx, param, value):
 @click.option("--stop", multiple=True, callback=_stop_sequences,
               help="End before this text (repeatable; not printed). In bash, a blank line is --stop $'\\n\\n'.")
 @click.option("--no-prompt", is_flag=True, help="Print only the continuation.")
-def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, stop, no_prompt):
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, envvar="CHARGEN_DEVICE",
+              help="Where the network runs: cuda needs onnxruntime-gpu (without it: the CPU, with a warning).")
+def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, stop, no_prompt, device):
     """Print the prompt and a sampled continuation, character by character as it is generated."""
     from model.sampling import SamplingSettings
 
@@ -308,7 +359,7 @@ def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, st
     from model.streams import GenerationRequest
 
     try:
-        engine = Engine(_load_artifact(artifact_path), max_batch=1)
+        engine = Engine(_load_artifact(artifact_path), max_batch=1, device=device)
     except ValueError as e:  # a network the engine cannot run
         raise click.ClickException(f"{artifact_path}: {e}") from None
     stream = engine.start(GenerationRequest(prompt, max_chars=max_chars, sampling=settings, seed=seed, stop=stop))
@@ -350,12 +401,14 @@ def serve(bind, workers, artifact_path):
         os.environ["CHARGEN_ARTIFACT"] = os.path.abspath(artifact_path)
     try:
         settings = Settings.from_env()
+        models = settings.models_to_serve()
     except SettingsError as e:
         raise click.ClickException(str(e)) from None
     # Before gunicorn starts: a wrong artifact (a missing or damaged model.onnx included) would
     # otherwise be found by each worker, and a port in use would be retried and logged by gunicorn
     # for seconds. The workers still load the network itself into ONNX Runtime.
-    _check_artifact(settings.artifact)
+    for source in models.sources:
+        _check_artifact(source.path)
     _check_bind(bind or settings.bind)
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
     if bind:
