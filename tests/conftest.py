@@ -14,6 +14,12 @@ SHAKESPEARE = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 
 # A deterministic periodic text: a model that learned it reproduces it exactly by greedy sampling.
 PERIODIC = "the quick brown fox jumps over the lazy dog.\n"
+OTHER = "pack my box with five dozen liquor jugs.\n"  # what a second model learns (other_artifact)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "images: builds and runs the container images with podman "
+                            "(tests/test_images.py: minutes; `-m 'not images'` leaves them out)")
 
 
 def train_tiny(out: Path, text: str, *, cell: str = "lstm", layers: int = 1, units: int = 32,
@@ -36,6 +42,23 @@ def tiny_artifact(tmp_path_factory) -> Path:
     """A 1x32 LSTM that has learned PERIODIC (greedy sampling reproduces it)."""
     out = tmp_path_factory.mktemp("tiny") / "run"
     return train_tiny(out, PERIODIC * 60)
+
+
+@pytest.fixture(scope="session")
+def other_artifact(tmp_path_factory) -> Path:
+    """A tiny model that has learned OTHER: greedy sampling after a newline gives OTHER."""
+    return train_tiny(tmp_path_factory.mktemp("other") / "run", OTHER * 60)
+
+
+@pytest.fixture
+def models_dir(tmp_path, tiny_artifact, other_artifact) -> Path:
+    """A CHARGEN_MODELS directory of two models: `fox` (tiny_artifact) and `jugs` (other_artifact),
+    as symlinks; a test may add more."""
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "fox").symlink_to(tiny_artifact)
+    (root / "jugs").symlink_to(other_artifact)
+    return root
 
 
 @pytest.fixture
