@@ -1,8 +1,18 @@
-"""Loss of a model on a text, in nats and bits per character, with the state carried through it.
+"""Loss of a model on a text, in nats and bits per character, measured two ways.
 
-The text is cut into B contiguous streams that run side by side; each carries its recurrent state
-from its first character to its last, so every character is predicted from everything before it in
-its stream (as when sampling), not from a fixed window.
+`StreamScorer` (the carried-state score, what training reports): the text is cut into B contiguous
+streams that run side by side; each carries its recurrent state from its first character to its
+last, so every character is predicted from everything before it in its stream (as when sampling),
+not from a fixed window.
+
+`window_loss` (nanoGPT's measure): the text is cut into consecutive windows, each run from a fresh
+(zero) state, so a character is predicted from the characters before it in its window only. This is
+nanoGPT's `estimate_loss`, whose `get_batch` takes a block x = data[i:i+256] and its targets
+y = data[i+1:i+257] and averages the loss over all 256 targets, so the first target of a block is
+predicted from one character, the last from 256. nanoGPT samples blocks at random offsets; this
+scores the text in consecutive blocks instead (block k is characters 256·k to 256·k+256, sharing
+its first character with the previous block's last), every target once. As in nanoGPT only whole
+blocks are scored: the last (len - 1) mod 256 characters of the text are not predicted.
 
 A deadline (training's --max-minutes) ends scoring between groups of streams: the loss is then that
 of a prefix of the text, and `Loss.chars` says how much was scored.
@@ -37,6 +47,12 @@ class Loss:
 
     def to_dict(self) -> dict:
         return {"nats_per_char": round(self.nats, 5), "bits_per_char": round(self.bits, 5), "chars_scored": self.chars}
+
+
+def nats_of(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The summed negative log-likelihood of `targets` (B, T) under `logits` (B, T, V)."""
+    logp = np.take_along_axis(log_softmax(logits), targets[..., None].astype(np.int64), axis=-1)
+    return -float(logp.sum())
 
 
 class StreamScorer:
@@ -74,8 +90,29 @@ class StreamScorer:
             group = rows[start : start + self.batch]
             x, y = group[:, :-1], group[:, 1:]
             logits = keras.ops.convert_to_numpy(model.predict_on_batch(x))  # (b, L-1, V)
-            logp = np.take_along_axis(log_softmax(logits), y[..., None].astype(np.int64), axis=-1)
-            total -= float(logp.sum())
+            total += nats_of(logits, y)
             count += y.size
             took = time.monotonic() - began
         return Loss(total / count, count)
+
+
+def window_loss(model: keras.Model, ids: np.ndarray, window: int, batch: int = 64) -> Loss:
+    """The loss on `ids` scored in consecutive blocks of `window` predictions, each from a fresh
+    state (nanoGPT's measure with window 256; see the module's docstring), `batch` blocks per
+    network call. A text shorter than one block is scored as one shorter block."""
+    import keras
+
+    if len(ids) < 2:
+        raise ValueError("need at least two characters to score")
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    ids = np.asarray(ids)
+    window = min(window, len(ids) - 1)
+    starts = np.arange((len(ids) - 1) // window) * window
+    blocks = ids[starts[:, None] + np.arange(window + 1)]  # (N, W+1): inputs [:, :-1], targets [:, 1:]
+    total = 0.0
+    for start in range(0, len(blocks), batch):
+        group = blocks[start : start + batch]
+        logits = keras.ops.convert_to_numpy(model.predict_on_batch(group[:, :-1]))  # (b, W, V)
+        total += nats_of(logits, group[:, 1:])
+    return Loss(total / (blocks.shape[0] * window), blocks.shape[0] * window)
