@@ -19,6 +19,7 @@ import sys
 import click
 
 from model.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K  # imports nothing
+from model.dynamic import DynamicSettings  # imports nothing heavy
 
 # backend -> how to install it with Keras (a serving install, `pip install -e .`, has neither)
 BACKENDS = {"tensorflow": "pip install -e '.[train]'", "jax": "pip install -e '.[jax]'"}
@@ -190,22 +191,51 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
 
 # ---------------------------------------------------------------- evaluate
 
+_DYNAMIC = DynamicSettings()  # dynamic evaluation's defaults; _finite is defined with sample's options
+
 
 @main.command()
 @click.option("--artifact", "artifact_path", required=True, type=click.Path(),
               help="Artifact directory (or a training run directory: its best/ is used).")
 @click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file to score.")
+@click.option("--window", type=click.IntRange(1, 1_000_000), default=256, show_default=True, metavar="CHARS",
+              help="Also score the text in consecutive windows of this many predictions, each from a fresh "
+                   "state (256: nanoGPT's measure).")
+@click.option("--dynamic", is_flag=True,
+              help="Also score it with dynamic evaluation: a copy of the weights adapts to the text as it is scored.")
+@click.option("--dynamic-segment", type=click.IntRange(1, 100_000), default=_DYNAMIC.segment, show_default=True,
+              metavar="CHARS", help="Dynamic evaluation: characters scored between two weight updates.")
+@click.option("--dynamic-lr", type=click.FloatRange(0), default=_DYNAMIC.lr, show_default=True,
+              callback=lambda *a: _finite(*a),
+              help="Dynamic evaluation: size of each gradient step (0: no adaptation).")
+@click.option("--dynamic-decay", type=click.FloatRange(0, 1), default=_DYNAMIC.decay, show_default=True,
+              callback=lambda *a: _finite(*a),
+              help="Dynamic evaluation: share of the way back to the trained weights taken at each update.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines for people.")
-def evaluate(artifact_path, text_path, as_json):
+@click.pass_context
+def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dynamic_lr, dynamic_decay, as_json):
     """Score a text: nats and bits per character.
 
-    Prints the model's loss on the text in nats and bits per character (lower is better). Characters outside the model's vocabulary follow the usual rule: replaced by their unaccented
+    Prints the model's loss on the text in nats and bits per character (lower is better), measured
+    two ways: `carried`, with the recurrent state carried through each of the long streams the
+    text is cut into (as training reports it, and as sampling runs), and `window`, in consecutive
+    windows of --window predictions, each from a fresh state (with 256, the measure nanoGPT
+    reports). With --dynamic also `static` and `dynamic`: the text as one stream, scored by the
+    trained weights and by a copy adapted after each segment (Krause et al. 2018); the artifact is
+    never changed.
+
+    Characters outside the model's vocabulary follow the usual rule: replaced by their unaccented
     form when the vocabulary has it, dropped otherwise; both are counted.
     """
     import json
 
     from model.data import CorpusError, read_text
 
+    given = [f"--{name.replace('_', '-')}" for name in ("dynamic_segment", "dynamic_lr", "dynamic_decay")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if given and not dynamic:
+        raise click.UsageError(f"{', '.join(given)}: an option of dynamic evaluation, which runs only with --dynamic")
+    settings = DynamicSettings(dynamic_segment, dynamic_lr, dynamic_decay)
     _require_keras("evaluate")
     try:  # everything that needs no model is checked before Keras loads
         text = read_text(text_path)
@@ -219,25 +249,49 @@ def evaluate(artifact_path, text_path, as_json):
             f"{text_path}: only {len(encoded.ids)} character(s) the model knows; at least 2 are needed to score"
         )
 
-    from model.evaluate import StreamScorer
+    from model.evaluate import StreamScorer, window_loss
 
     loaded = _load_artifact(artifact_path, keras=True)
-    loss = StreamScorer().loss(loaded.model, encoded.ids)
+    scorer = StreamScorer()
+    loss = scorer.loss(loaded.model, encoded.ids)
+    streams = scorer.rows(encoded.ids).shape[0]
+    window = min(window, len(encoded.ids) - 1)  # a text shorter than one block is one shorter block
+    windowed = window_loss(loaded.model, encoded.ids, window)
     result = {
         "artifact": str(loaded.path), "text": text_path, "chars": len(text),
         "outside_vocabulary": outside, "replaced": outside - encoded.dropped, "dropped": encoded.dropped,
-        **loss.to_dict(),
+        **loss.to_dict(), "streams": streams,  # the carried-state score
+        "window": {"window": window, **windowed.to_dict()},
     }
+    if dynamic:
+        from model.dynamic import dynamic_loss
+
+        if not as_json:
+            segments = -(-(len(encoded.ids) - 1) // settings.segment)
+            click.echo(f"dynamic evaluation: {segments:,} segments of {settings.segment} characters, one after another",
+                       err=True)
+        static = StreamScorer(n_streams=1, max_len=len(encoded.ids)).loss(loaded.model, encoded.ids)
+        adapted = dynamic_loss(loaded.model, encoded.ids, settings)
+        result["dynamic"] = {**settings.to_dict(), "static": static.to_dict(), "dynamic": adapted.to_dict()}
     if as_json:
         click.echo(json.dumps(result))
         return
     config, corpus = loaded.config, loaded.meta.corpus.name if loaded.meta.corpus else "?"
+
+    def line(label: str, measured, how: str) -> None:
+        click.echo(f"{label:<9} {measured.nats:.4f} nats/char = {measured.bits:.4f} bits/char "
+                   f"({measured.chars:,} characters predicted, {how})")
+
     click.echo(f"artifact  {loaded.path}: {config.cell} {config.layers}x{config.units}, "
                f"vocabulary {len(loaded.vocab)}, trained on {corpus}")
     click.echo(f"text      {text_path}: {len(text):,} characters, {outside:,} outside the vocabulary "
                f"({result['replaced']:,} replaced by their base form, {encoded.dropped:,} dropped)")
-    click.echo(f"loss      {loss.nats:.4f} nats/char = {loss.bits:.4f} bits/char "
-               f"({loss.chars:,} characters predicted, state carried through each stream)")
+    line("carried", loss, f"state carried through each of {streams} stream{'s' * (streams > 1)}")
+    line("window", windowed, f"windows of {window} from a fresh state{', as nanoGPT estimates' * (window == 256)}")
+    if dynamic:
+        line("static", static, "one stream, trained weights")
+        line("dynamic", adapted, f"one stream, weights adapted after each {settings.segment}-character segment "
+                                 f"(lr {settings.lr:g}, decay {settings.decay:g})")
 
 
 # ---------------------------------------------------------------- export

@@ -1,18 +1,48 @@
-"""Corpus text -> train/validation id arrays -> batches of windows for truncated BPTT.
+"""Corpus files -> one stream of character ids on disk -> training windows and validation text.
 
-Reading and checking a text needs no Keras, so the command line reports a bad file at once."""
+A corpus is one or more UTF-8 text files: files named on the command line, the files under a
+directory (chosen with --include/--exclude globs), or a corpus named in corpora/manifest.json.
+Each is checked and normalized as `chargen prepare` does (UTF-8, no NUL bytes, newlines become
+\\n, a byte-order mark is dropped). The files are joined into one stream of documents: every
+document but the last ends with a newline (one is added when it has none) and is followed by an
+empty line, so "\\n\\n" separates two documents. A corpus of one file is its text unchanged.
+
+The stream is encoded once into `tokens.bin` in a data directory (uint8 ids when the vocabulary
+has at most 256 characters, else uint16), in two passes over the files that hold a few MiB at a
+time whatever their size: the first checks and hashes them and finds the vocabulary (`scan`), the
+second writes the ids (`write_tokens`). `sources.json` beside it records every file's name, size,
+sha256 and length; a later run on the same files (a resumed run, or another one given the same
+--data) hashes them again and reuses the token file; a file that changed is noticed.
+
+Training reads its windows from the token file (`Windows`, `TokenCorpus.windows`) and its
+validation text through a memory map of it; the validation text is the last fraction of the
+stream, or the held-out files (--validation-files), which come last.
+
+Nothing here imports Keras, so the command line reports a bad file at once.
+"""
 
 from __future__ import annotations
 
+import codecs
+import fnmatch
 import hashlib
-from dataclasses import dataclass
+import json
+import math
+import mmap
+import os
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from model.vocab import normalize_newlines
+from model.vocab import Vocab, normalize_newlines
 
 MIN_CORPUS_CHARS = 200  # below this there is nothing to learn and nothing to validate on
+CHUNK_BYTES = 4 * 2**20  # read at a time: memory stays flat whatever the size of a file
+MAX_VOCAB = 2**16  # ids are stored as uint16 at most
+TOKENS, SOURCES = "tokens.bin", "sources.json"
+DATA_FORMAT = 1
 
 
 class CorpusError(ValueError):
@@ -21,6 +51,8 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class Corpus:
+    """One text read whole (`chargen prepare`, `chargen evaluate`); training streams instead."""
+
     name: str
     text: str  # newlines normalized
     sha256: str  # of the file's bytes as read
@@ -30,37 +62,92 @@ class Corpus:
         return {"name": self.name, "size_bytes": self.size_bytes, "chars": len(self.text), "sha256": self.sha256}
 
 
+# ---------------------------------------------------------------- decoding
+
+
 # Bytes that do not occur in text files (NUL and the C0 controls other than tab, newline, vertical tab,
 # form feed, carriage return, backspace and escape; and DEL): more than a few and it is data, not text.
 _CONTROL = bytes([*range(0x00, 0x08), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
 BINARY_CONTROL_FRACTION = 0.05  # random bytes have 10% of them; text in any 8-bit encoding ~0%
 
 
-def decode_text(data: bytes, name: str) -> str:
-    """UTF-8 text with newlines normalized and any byte-order mark removed. Every problem is a
-    CorpusError naming `name`: empty, binary (so nobody is told to convert a zip with iconv), text in
-    another encoding, not UTF-8."""
-    if not data:
-        raise CorpusError(f"{name}: the file is empty")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise CorpusError(
-            f"{name}: not UTF-8 text (byte 0x{data[0]:02x} at offset 0 is invalid): it starts with a UTF-16 "
-            "byte-order mark; convert it first, e.g. `iconv -f utf-16 -t utf-8`"
-        )
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise CorpusError(f"{name}: a binary file, not text (a NUL byte at offset {nul})")
-    control = len(data) - len(data.translate(None, _CONTROL))
-    if control > BINARY_CONTROL_FRACTION * len(data):
-        raise CorpusError(f"{name}: a binary file, not text ({control / len(data):.0%} of its bytes are control codes)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CorpusError(
-            f"{name}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid); "
+class TextDecoder:
+    """One file's bytes, fed in chunks of any size -> its text with newlines normalized and any
+    byte-order mark removed. Every problem is a CorpusError naming the file: empty, binary (so
+    nobody is told to convert a zip with iconv), text in another encoding, not UTF-8, with the
+    offset of the first offending byte. Fed in one piece, a file gets the checks in the order
+    listed; fed in chunks, what is found first (a NUL byte is looked for before decoding a chunk,
+    the share of control codes is judged at the end and at a decoding error)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.size = 0  # bytes fed so far
+        self.control = 0  # how many of them are control codes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._cr = False  # the text so far ended with \r, whose \n may start the next chunk
+        self._started = False  # the first character (a byte-order mark?) has been decoded
+
+    def feed(self, data: bytes) -> str:
+        if self.size == 0 and data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise CorpusError(
+                f"{self.name}: not UTF-8 text (byte 0x{data[0]:02x} at offset 0 is invalid): it starts with a "
+                "UTF-16 byte-order mark; convert it first, e.g. `iconv -f utf-16 -t utf-8`"
+            )
+        nul = data.find(b"\x00")
+        if nul >= 0:
+            raise CorpusError(f"{self.name}: a binary file, not text (a NUL byte at offset {self.size + nul})")
+        self.control += len(data) - len(data.translate(None, _CONTROL))
+        start = self.size - len(self._utf8.getstate()[0])  # offset of the first byte the decoder sees
+        self.size += len(data)
+        try:
+            text = self._utf8.decode(data)
+        except UnicodeDecodeError as e:  # e.object is the decoder's held bytes plus `data`
+            self._check_control()
+            raise self._not_utf8(e, start) from None
+        return self._normalize(text)
+
+    def finish(self) -> str:
+        if self.size == 0:
+            raise CorpusError(f"{self.name}: the file is empty")
+        self._check_control()
+        start = self.size - len(self._utf8.getstate()[0])
+        try:
+            text = self._normalize(self._utf8.decode(b"", final=True))
+        except UnicodeDecodeError as e:  # the file ends inside a character
+            raise self._not_utf8(e, start) from None
+        if self._cr:
+            self._cr = False
+            text += "\n"
+        return text
+
+    def _normalize(self, text: str) -> str:
+        if text and not self._started:
+            self._started = True
+            text = text.removeprefix("\ufeff")
+        if self._cr:
+            text = "\r" + text
+        self._cr = text.endswith("\r")
+        if self._cr:
+            text = text[:-1]
+        return normalize_newlines(text) if "\r" in text else text
+
+    def _check_control(self) -> None:
+        if self.control > BINARY_CONTROL_FRACTION * self.size:
+            raise CorpusError(
+                f"{self.name}: a binary file, not text ({self.control / self.size:.0%} of its bytes are control codes)"
+            )
+
+    def _not_utf8(self, e: UnicodeDecodeError, start: int) -> CorpusError:
+        return CorpusError(
+            f"{self.name}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {start + e.start} is invalid); "
             "convert it first, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
-    return normalize_newlines(text.removeprefix("\ufeff"))
+        )
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """A whole file's bytes as text, checked and normalized as TextDecoder does."""
+    decoder = TextDecoder(name)
+    return decoder.feed(data) + decoder.finish()
 
 
 def decode_corpus(data: bytes, name: str) -> Corpus:
@@ -88,10 +175,358 @@ def read_text(path: str | Path) -> str:
     return decode_text(read_bytes(path), str(path))
 
 
+# ---------------------------------------------------------------- finding the files
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path  # where it is read from
+    name: str  # how it is shown and recorded: as given, or the directory given joined with its path inside
+    held_out: bool = False  # matched --validation-files: validation text only
+    url: str | None = None  # a corpus of the manifest not downloaded yet: fetched to `path`
+    sha256: str | None = None  # what the manifest says its bytes hash to
+
+
+@dataclass(frozen=True)
+class Sources:
+    files: tuple[SourceFile, ...]  # in the order of the stream: training files, then held-out ones
+    label: str  # the corpus's name in an artifact's meta.json
+
+
+def _matches(name: str, globs) -> bool:
+    """fnmatch against a path (where * also matches /) or its last part."""
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], g) for g in globs)
+
+
+def _walk(root: Path, skip: set[str]):
+    """(path inside root, path) of the non-empty regular files under root, sorted, skipping hidden
+    files and directories (.git, .cache, ...) and the directories in `skip` (real paths)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in skip)
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_file() and path.stat().st_size > 0:
+                yield path.relative_to(root).as_posix(), path
+
+
+def find_sources(corpus: list[str] | tuple[str, ...], *, include=(), exclude=(), validation_files=(),
+                 downloads: Path, skip=(), manifest=None) -> Sources:
+    """The files a corpus is made of, checked to exist (nothing is read yet).
+
+    Each entry of `corpus` is a file, a directory (its files, recursively, sorted by path; those
+    matching an `include` glob if any are given, and none matching an `exclude` glob), or the name
+    of a corpus in the manifest (the manifest's file in the current directory, as `chargen prepare
+    NAME` leaves it, else downloaded into `downloads` when the corpus is read). Files matching a
+    `validation_files` glob are held out as the validation text and go last. Directories in `skip`
+    (the run directory, the token file's) are not looked into, nor is `downloads`."""
+    if not corpus:
+        raise CorpusError("no corpus given")
+    skip = {os.path.realpath(p) for p in (*skip, downloads)}
+    files: list[SourceFile] = []
+    labels = []
+    for arg in corpus:
+        path = Path(arg)
+        if path.is_dir():
+            found = [SourceFile(p, f"{arg.rstrip('/')}/{rel}") for rel, p in _walk(path, skip)
+                     if (not include or _matches(rel, include)) and not _matches(rel, exclude)]
+            if not found:
+                chosen = " matching --include/--exclude" if include or exclude else ""
+                raise CorpusError(f"{arg}: a directory with no non-empty files{chosen} (hidden files are skipped)")
+            files += found
+            labels.append(f"{path.name or arg}/ ({len(found)} files)")
+        elif path.exists():
+            files.append(SourceFile(path, arg))
+            labels.append(path.name)
+        else:
+            if manifest is None:
+                from model.prepare import PrepareError, load_manifest  # prepare imports this module
+
+                try:
+                    manifest = load_manifest()
+                except PrepareError as e:
+                    raise CorpusError(str(e)) from None
+            known = manifest.get(arg)
+            if known is None:
+                names = ", ".join(sorted(manifest)) or "none"
+                raise CorpusError(f"{arg}: no such file or directory (nor the name of a known corpus: {names})")
+            local = Path(known.file)
+            if local.is_file():
+                files.append(SourceFile(local, known.file, sha256=known.sha256))
+            else:
+                files.append(SourceFile(Path(downloads) / known.file, known.file, url=known.url, sha256=known.sha256))
+            labels.append(known.file)
+
+    seen = {}
+    for f in files:
+        key = os.path.realpath(f.path)
+        if key in seen:
+            raise CorpusError(f"{f.name}: given twice (also as {seen[key]}); each file is read once")
+        seen[key] = f.name
+
+    if validation_files:
+        files = [SourceFile(f.path, f.name, _matches(f.name, validation_files), f.url, f.sha256) for f in files]
+        held = sum(f.held_out for f in files)
+        if held == 0:
+            raise CorpusError(f"--validation-files {' '.join(validation_files)}: matches none of the {len(files)} corpus files")
+        if held == len(files):
+            raise CorpusError(f"--validation-files {' '.join(validation_files)}: matches all {len(files)} corpus files, "
+                              "leaving none to train on")
+        files = [f for f in files if not f.held_out] + [f for f in files if f.held_out]
+    label = labels[0] if len(labels) == 1 else " + ".join(labels)
+    return Sources(tuple(files), label if len(label) <= 200 else label[:199] + "…")
+
+
+# ---------------------------------------------------------------- the first pass: scan
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str
+    size_bytes: int
+    sha256: str
+    chars: int  # of its text, normalized, without the separator after it
+    held_out: bool = False
+    ends_with_newline: bool = True
+
+
+@dataclass(frozen=True)
+class CorpusScan:
+    """What the first pass learns about the files: enough to check the settings against before
+    anything is written, and what sources.json records."""
+
+    label: str
+    sources: tuple[SourceInfo, ...]
+    vocabulary: str  # the sorted characters
+    length: int  # ids in the stream, separators included
+    validation_start: int | None  # where the held-out files begin in the stream; None: no held-out files
+
+    @property
+    def sha256(self) -> str:
+        """Of a single file, its sha256; of several, that of their `sha256sum` listing (in order)."""
+        if len(self.sources) == 1:
+            return self.sources[0].sha256
+        return hashlib.sha256("".join(f"{s.sha256}  {s.name}\n" for s in self.sources).encode()).hexdigest()
+
+    def describe(self) -> dict:
+        """The corpus in an artifact's meta.json."""
+        return {"name": self.label, "size_bytes": sum(s.size_bytes for s in self.sources), "chars": self.length,
+                "sha256": self.sha256}
+
+    def to_dict(self) -> dict:
+        return {"format": DATA_FORMAT, "label": self.label, "vocabulary": self.vocabulary, "length": self.length,
+                "validation_start": self.validation_start, "sources": [asdict(s) for s in self.sources]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CorpusScan":
+        return cls(label=d["label"], sources=tuple(SourceInfo(**s) for s in d["sources"]), vocabulary=d["vocabulary"],
+                   length=d["length"], validation_start=d["validation_start"])
+
+
+def separator(ends_with_newline: bool) -> str:
+    """What follows a document that is not the last: a newline if it lacks one, then an empty line."""
+    return "\n" if ends_with_newline else "\n\n"
+
+
+class _FileText:
+    """Iterating gives a file's normalized text, a chunk at a time; after it, its size, sha256,
+    length and last character. A corpus from the manifest is downloaded first if need be."""
+
+    def __init__(self, file: SourceFile):
+        self.file = file
+        self.size = self.chars = 0
+        self.sha256 = ""
+        self.last = ""
+
+    def __iter__(self):
+        file = self.file
+        if file.url and not file.path.exists():
+            _download(file)
+        digest, decoder = hashlib.sha256(), TextDecoder(file.name)
+        try:
+            f = open(file.path, "rb")
+        except OSError as e:
+            raise CorpusError(f"{file.name}: cannot be read: {e.strerror or e}") from None
+        with f:
+            while chunk := f.read(CHUNK_BYTES):
+                digest.update(chunk)
+                yield self._took(decoder.feed(chunk))
+        yield self._took(decoder.finish())
+        self.size, self.sha256 = decoder.size, digest.hexdigest()
+        if file.sha256 and self.sha256 != file.sha256:
+            raise CorpusError(f"{file.name}: sha256 is {self.sha256}, not the {file.sha256} of the known corpus of "
+                              "that name; the file is damaged or a different text (rename it to use it as a corpus of its own)")
+
+    def _took(self, text: str) -> str:
+        if text:
+            self.chars += len(text)
+            self.last = text[-1]
+        return text
+
+
+def _download(file: SourceFile) -> None:
+    from model.prepare import PrepareError, fetch
+
+    print(f"fetching {file.url} ...", flush=True)
+    try:
+        data = fetch(file.url)
+    except PrepareError as e:
+        raise CorpusError(str(e)) from None
+    file.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.path.with_name(f".{file.path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)  # its sha256 is checked as it is read, like any copy of a known corpus
+    os.replace(tmp, file.path)
+
+
+class _Alphabet:
+    """The set of characters of a text seen a chunk at a time. ASCII chunks (the common case) cost
+    one pass that deletes the bytes already seen; others are counted with numpy."""
+
+    def __init__(self):
+        self.ascii = bytearray()
+        self.other: set[int] = set()
+
+    def add(self, text: str) -> None:
+        if text.isascii():
+            rest = text.encode("ascii").translate(None, self.ascii)
+            while rest:  # a byte not seen before
+                self.ascii.append(rest[0])
+                rest = rest.translate(None, rest[:1])
+        elif text:
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            self.other.update(np.flatnonzero(np.bincount(codes)).tolist())
+
+    def chars(self) -> str:
+        return "".join(sorted({chr(b) for b in self.ascii} | {chr(c) for c in self.other}))
+
+
+def scan(sources: Sources) -> CorpusScan:
+    """The first pass: check every file, hash it, find the vocabulary and the length of the stream."""
+    alphabet, infos = _Alphabet(), []
+    for file in sources.files:
+        reader = _FileText(file)
+        for text in reader:
+            alphabet.add(text)
+        infos.append(SourceInfo(file.name, reader.size, reader.sha256, reader.chars, file.held_out, reader.last == "\n"))
+    if len(infos) > 1:
+        alphabet.add("\n")  # the separator
+    return _scan_of(sources.label, infos, alphabet.chars())
+
+
+def _scan_of(label: str, infos: list[SourceInfo], vocabulary: str) -> CorpusScan:
+    length, validation_start = 0, None
+    for i, info in enumerate(infos):
+        if info.held_out and validation_start is None:
+            validation_start = length
+        length += info.chars + (len(separator(info.ends_with_newline)) if i < len(infos) - 1 else 0)
+    if length < MIN_CORPUS_CHARS:
+        raise CorpusError(f"{label}: only {length} characters; at least {MIN_CORPUS_CHARS} are needed to train")
+    if len(vocabulary) > MAX_VOCAB:
+        raise CorpusError(f"{label}: {len(vocabulary):,} different characters; at most {MAX_VOCAB:,} can be trained on")
+    return CorpusScan(label, tuple(infos), vocabulary, length, validation_start)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16)
+
+
+def prepared(directory: Path, sources: Sources) -> tuple[CorpusScan | None, str]:
+    """The scan recorded in `directory` when its token file was made from exactly these files (same
+    bytes, hashed again, in the same order, the same ones held out), else None and why not."""
+    try:
+        recorded = CorpusScan.from_dict(json.loads((Path(directory) / SOURCES).read_text()))
+    except FileNotFoundError:
+        return None, "no token file yet"
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"{SOURCES} is unreadable ({type(e).__name__})"
+    if len(recorded.sources) != len(sources.files) or not (Path(directory) / TOKENS).is_file():
+        return None, "other files"
+    for info, file in zip(recorded.sources, sources.files):
+        if info.held_out != file.held_out:
+            return None, f"{file.name} is held out differently"
+        try:
+            if file.path.stat().st_size != info.size_bytes:
+                return None, f"{file.name} has changed (its size differs)"
+        except FileNotFoundError:
+            if file.url:
+                return None, f"{file.name} is to be downloaded"
+            raise CorpusError(f"{file.name}: no such file") from None
+        if _sha256(file.path) != info.sha256:
+            return None, f"{file.name} has changed (its sha256 differs)"
+    return CorpusScan(sources.label, recorded.sources, recorded.vocabulary, recorded.length,
+                      recorded.validation_start), "the same files"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the second pass: write the ids
+
+
+class _Encoder:
+    """Text -> ids through a table indexed by code point (a byte translation for ASCII text when
+    ids fit in a byte)."""
+
+    def __init__(self, vocabulary: str, dtype: np.dtype):
+        codes = [ord(c) for c in vocabulary]
+        self.table = np.zeros(max(max(codes) + 1, 128), dtype=dtype)
+        self.table[codes] = np.arange(len(codes))
+        self.bytes_table = bytes(self.table[:128].tolist()) + bytes(128) if dtype == np.uint8 else None
+
+    def encode(self, text: str) -> np.ndarray:
+        if text.isascii():
+            raw = text.encode("ascii")
+            if self.bytes_table is not None:
+                return np.frombuffer(raw.translate(self.bytes_table), dtype=np.uint8)
+            return np.take(self.table, np.frombuffer(raw, dtype=np.uint8))
+        return np.take(self.table, np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32))
+
+
+def write_tokens(sources: Sources, corpus: CorpusScan, directory: Path) -> None:
+    """The second pass: the ids of the stream into directory/tokens.bin, then sources.json (which
+    says the token file is complete; it is removed first, so a crash leaves no stale record)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SOURCES).unlink(missing_ok=True)
+    dtype = token_dtype(len(corpus.vocabulary))
+    encoder = _Encoder(corpus.vocabulary, dtype)
+    tmp = directory / f".{TOKENS}.tmp"
+    try:
+        with open(tmp, "wb") as out:
+            for i, (file, info) in enumerate(zip(sources.files, corpus.sources)):
+                reader = _FileText(file)
+                for text in reader:
+                    out.write(encoder.encode(text).data)
+                if reader.sha256 != info.sha256:
+                    raise CorpusError(f"{file.name}: changed while the corpus was being prepared; start again")
+                if i < len(corpus.sources) - 1:
+                    out.write(encoder.encode(separator(info.ends_with_newline)).data)
+            out.flush()
+            os.fsync(out.fileno())
+        if tmp.stat().st_size != corpus.length * dtype.itemsize:
+            raise CorpusError(f"{corpus.label}: the token file has {tmp.stat().st_size // dtype.itemsize:,} ids, "
+                              f"expected {corpus.length:,}; a file changed while the corpus was being prepared")
+        os.replace(tmp, directory / TOKENS)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    record = directory / f".{SOURCES}.tmp"
+    record.write_text(json.dumps(corpus.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(record, directory / SOURCES)
+
+
+# ---------------------------------------------------------------- reading the ids
+
+
 @dataclass(frozen=True)
 class Split:
-    train: np.ndarray  # (N_train,) int32
-    validation: np.ndarray  # (N_val,) int32
+    train: np.ndarray  # (N_train,) ids
+    validation: np.ndarray  # (N_val,) ids
     validation_fraction: float
 
 
@@ -103,20 +538,141 @@ def split_ids(ids: np.ndarray, validation_fraction: float) -> Split:
     return Split(ids[:n_train], ids[n_train:], validation_fraction)
 
 
-def random_windows(ids: np.ndarray, seq_len: int, count: int, rng: np.random.Generator):
-    """`count` windows at random offsets: inputs (count, seq_len) and next-char targets (count, seq_len)."""
-    starts = rng.integers(0, len(ids) - seq_len, size=count)
-    index = starts[:, None] + np.arange(seq_len + 1)[None, :]  # (count, seq_len + 1)
-    windows = ids[index]
-    return windows[:, :-1], windows[:, 1:]
+def split_lengths(corpus: CorpusScan, validation_fraction: float) -> tuple[int, int]:
+    """(training, validation) characters of the split `TokenCorpus.split` makes."""
+    if corpus.validation_start is not None:
+        return corpus.validation_start, corpus.length - corpus.validation_start
+    n_train = int(corpus.length * (1.0 - validation_fraction))
+    return n_train, corpus.length - n_train
 
 
-def epoch_windows(ids: np.ndarray, seq_len: int, batch_size: int, seed: int, epoch: int):
-    """One epoch: as many windows as cover the training text once, drawn with a per-epoch seed so a
-    resumed run sees exactly the batches the uninterrupted one would have."""
-    count = max(batch_size, (len(ids) // seq_len) // batch_size * batch_size)
-    rng = np.random.default_rng([seed, epoch])
-    return random_windows(ids, seq_len, count, rng)
+class TokenCorpus:
+    """The token file, memory-mapped read-only (`ids`), and open for reading training windows
+    (`windows`). Pages of the map the process has touched count in its resident memory until
+    `release()` gives them back (they stay in the page cache, so reading them again is cheap):
+    evaluations call it after each segment of text they score."""
+
+    def __init__(self, directory: Path, corpus: CorpusScan):
+        self.corpus = corpus
+        path = Path(directory) / TOKENS
+        dtype = token_dtype(len(corpus.vocabulary))
+        self._file = open(path, "rb")
+        if os.fstat(self._file.fileno()).st_size != corpus.length * dtype.itemsize:
+            self._file.close()
+            raise CorpusError(f"{path}: not the token file {SOURCES} describes (its size differs); delete "
+                              f"{Path(directory) / SOURCES} to prepare the corpus again")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.ids = np.frombuffer(self._map, dtype=dtype)  # (N,) read-only
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """The runs of `length` ids that begin at `starts`: (len(starts), length). Read from the file
+        rather than through the map: a page fault in a map can bring in a whole large folio of the
+        page cache, so windows at random offsets would soon make all of the corpus resident; a
+        read per window costs about as much as the fault would (bench/README.md, "Big corpora")."""
+        if not hasattr(os, "pread"):  # Windows: through the map
+            return self.ids[starts[:, None] + np.arange(length)]
+        size, fd = self.ids.itemsize, self._file.fileno()
+        out = np.empty((len(starts), length), dtype=self.ids.dtype)
+        for row, start in zip(out, starts.tolist()):
+            row[:] = np.frombuffer(os.pread(fd, length * size, start * size), dtype=self.ids.dtype)
+        return out
+
+    @property
+    def vocab(self) -> Vocab:
+        return Vocab(list(self.corpus.vocabulary))
+
+    def split(self, validation_fraction: float) -> Split:
+        n_train, n_val = split_lengths(self.corpus, validation_fraction)
+        fraction = validation_fraction if self.corpus.validation_start is None else n_val / self.corpus.length
+        return Split(self.ids[:n_train], self.ids[n_train:], fraction)
+
+    def release(self) -> None:
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+
+# ---------------------------------------------------------------- training windows
+
+
+class Windows:
+    """The training batches, numbered by optimizer step: step s is batch s % steps_per_epoch of
+    epoch s // steps_per_epoch. An epoch has as many windows as cover the training text once, at
+    offsets drawn from a generator seeded with (seed, epoch), so any step's batch can be made again
+    and a resumed run sees exactly the batches the uninterrupted one would have. The offsets are
+    drawn a block at a time, the generator's state kept at each block's start (drawing in blocks
+    gives the same numbers as drawing an epoch's at once), so memory does not grow with the corpus."""
+
+    BLOCK = 1 << 16  # windows' offsets drawn at a time, rounded to whole batches
+
+    def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int, read=None):
+        """`read(starts, length)` reads the windows (TokenCorpus.windows, the training text being the
+        start of the token file); by default they are sliced from `ids`."""
+        if len(ids) <= seq_len:
+            raise ValueError(f"a training text of {len(ids)} characters has no window of {seq_len + 1}")
+        self.ids, self.seq_len, self.batch_size, self.seed = ids, seq_len, batch_size, seed
+        self._read = read
+        self.steps_per_epoch = max(1, (len(ids) // seq_len) // batch_size)
+        self._block = batch_size * max(1, self.BLOCK // batch_size)
+        self._states: dict[int, dict] = {}  # block -> generator state at its start, for self._epoch
+        self._epoch = -1
+        self._cached: tuple[int, int, np.ndarray] | None = None  # (epoch, block, offsets)
+        self._lock = threading.Lock()  # a data loader may ask from several threads
+        self._span = np.arange(seq_len + 1)
+
+    def starts(self, step: int) -> np.ndarray:
+        """Offsets of the windows of the batch of optimizer step `step`: (batch_size,) int64."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        first = batch * self.batch_size
+        block, at = divmod(first, self._block)
+        return self._offsets(epoch, block)[at : at + self.batch_size]
+
+    def batch(self, step: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and next-character targets of step `step`'s windows (those in `rows`): (b, T) int32 each."""
+        starts = self.starts(step)[rows]
+        windows = (self._read(starts, self.seq_len + 1) if self._read else self.ids[starts[:, None] + self._span])
+        windows = windows.astype(np.int32)  # (b, T + 1)
+        return windows[:, :-1], windows[:, 1:]
+
+    def _offsets(self, epoch: int, block: int) -> np.ndarray:
+        with self._lock:
+            if self._cached and self._cached[:2] == (epoch, block):
+                return self._cached[2]
+            if epoch != self._epoch:
+                self._epoch, self._states = epoch, {}
+            count = self.steps_per_epoch * self.batch_size  # windows in an epoch
+            high = len(self.ids) - self.seq_len
+            known = max((b for b in self._states if b <= block), default=None)
+            if known is None:
+                rng, b = np.random.default_rng([self.seed, epoch]), 0
+            else:
+                rng, b = np.random.Generator(np.random.PCG64()), known
+                rng.bit_generator.state = self._states[known]
+            while True:
+                self._states[b] = rng.bit_generator.state
+                offsets = rng.integers(0, high, size=min(self._block, count - b * self._block))
+                if b == block:
+                    break
+                b += 1
+            self._cached = (epoch, block, offsets)
+            return offsets
+
+
+# ---------------------------------------------------------------- validation text
+
+
+def sample_pieces(n_chars: int, n_streams: int, max_len: int = 4096, min_len: int = 512) -> tuple[int, int]:
+    """(pieces, length) of a validation sample of about `n_chars` characters: as many pieces as
+    `n_streams` while each keeps at least `min_len` characters, more when a piece would be longer than
+    `max_len`, so that each piece is scored as one stream of the evaluation."""
+    pieces = max(1, min(n_streams, n_chars // min_len), math.ceil(n_chars / max_len))
+    return pieces, n_chars // pieces
+
+
+def sample_text(ids: np.ndarray, pieces: int, length: int) -> np.ndarray:
+    """`pieces` runs of `length` characters at evenly spaced offsets from the start of `ids` to its
+    end, joined: a fixed part of a validation text (the same every time), of bounded size. (P * L,) int32"""
+    starts = np.linspace(0, len(ids) - length, pieces).astype(np.int64) if pieces > 1 else np.zeros(1, np.int64)
+    return np.concatenate([np.asarray(ids[s : s + length], dtype=np.int32) for s in starts])
 
 
 def streams(ids: np.ndarray, n_streams: int, min_len: int = 512) -> np.ndarray:
@@ -126,4 +682,3 @@ def streams(ids: np.ndarray, n_streams: int, min_len: int = 512) -> np.ndarray:
     n_streams = max(1, min(n_streams, len(ids) // min_len))
     length = len(ids) // n_streams
     return ids[: n_streams * length].reshape(n_streams, length)
-

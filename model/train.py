@@ -1,23 +1,36 @@
 """The training run: batches, optimizer, validation, checkpoints, resume, history.
 
+A run counts optimizer steps. An epoch is as many steps as cover the training text once (each step
+a batch of windows at random offsets, model/data.py's Windows); the run evaluates every
+--eval-every steps (by default once an epoch) and at its end, and stops after --epochs epochs,
+--max-steps steps, --max-minutes minutes or --patience evaluations without a better validation loss.
+Each evaluation scores a fixed sample of the validation text (--eval-chars; all of it when the
+text is that short), so its cost does not grow with the corpus; when the sample was not all of it,
+the best model is scored on the whole validation text once at the end.
+
 A run directory holds:
     run.json           the settings and command line the run was started with
-    checkpoint.keras   the model with its optimizer state after the last completed epoch
-    state.json         epoch counter, best validation loss, history (written after checkpoint.keras)
-    best -> artifacts/epoch-NNN   the artifact with the lowest validation loss so far
-    history.json, history.csv, loss.png   every epoch so far (an artifact holds them as of its epoch)
+    data/              the corpus as a token file (model/data.py; --data puts it elsewhere)
+    checkpoint.keras   the model with its optimizer state at the last evaluation
+    state.json         step, best validation loss, history (written after checkpoint.keras)
+    best -> artifacts/epoch-NNN (or step-NNNNNNNN)   the artifact with the lowest validation loss so far
+    history.json, history.csv, loss.png   every evaluation so far (an artifact holds them as of its own)
     tensorboard/       with --tensorboard
 
 Every file is written under a temporary name and renamed, so killing the run at any moment (Ctrl-C,
-SIGKILL, power loss) leaves the previous epoch's files intact, and `--resume` continues from there.
+SIGKILL, power loss) leaves the previous evaluation's files intact, and `--resume` continues from
+there, mid-epoch if need be, with the batches the uninterrupted run would have had.
 A published artifact is never written to again.
 
+Several devices and processes: model/distribute.py. Only process 0 writes the run directory.
+
 Importing this module does not import Keras: `prepare()` checks settings and corpus first, so the
-command line reports a mistake in a fraction of a second; `train()` imports Keras after that.
+command line reports a mistake before the backend loads; `train()` imports Keras after that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -36,15 +49,18 @@ import numpy as np
 
 from model import artifact
 from model.artifact import ArtifactMeta, CorpusInfo, SplitInfo, TrainingInfo, ValidationInfo, Versions
-from model.data import Corpus, epoch_windows, read_corpus, split_ids
-from model.evaluate import LN2, StreamScorer
+from model.data import (CorpusError, CorpusScan, Sources, TokenCorpus, Windows, find_sources, prepared,
+                        sample_pieces, sample_text, scan, split_lengths, write_tokens)
+from model.distribute import Cluster, Placement, PlacementError, before_keras, place
+from model.evaluate import LN2, Loss, StreamScorer
 from model.network import ModelConfig, build_model, count_parameters
-from model.vocab import Vocab
 
 if TYPE_CHECKING:
     import keras
 
 RUN_FILE, STATE_FILE, CHECKPOINT = "run.json", "state.json", "checkpoint.keras"
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+DEFAULT_EVAL_CHARS = 1_000_000
 
 
 class TrainingError(ValueError):
@@ -53,30 +69,50 @@ class TrainingError(ValueError):
 
 @dataclass
 class TrainSettings:
-    corpus: str
+    corpus: list[str]  # files, directories, names of known corpora (model/data.py's find_sources)
     out: str
     config: ModelConfig = field(default_factory=ModelConfig)
     seq_len: int = 100
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch, split over the devices
     lr: float = 2e-3
     lr_decay: float = 0.95  # multiplied in once per epoch, smoothly (exponential decay by step)
     clipnorm: float = 5.0  # global gradient norm; 0 turns clipping off
     epochs: int = 30
+    max_steps: int | None = None
     max_minutes: float | None = None
-    patience: int = 5  # epochs without a better validation loss before stopping; 0 = never stop early
+    patience: int = 5  # evaluations without a better validation loss before stopping; 0 = never stop early
     validation_fraction: float = 0.1
+    validation_files: list[str] = field(default_factory=list)  # globs: whole files held out instead
+    include: list[str] = field(default_factory=list)  # globs choosing the files of a directory
+    exclude: list[str] = field(default_factory=list)
+    data: str | None = None  # the token file's directory; None: OUT/data
+    eval_every: int | None = None  # steps between evaluations; None: once an epoch
+    eval_chars: int | None = DEFAULT_EVAL_CHARS  # validation characters an evaluation scores; None: all
+    precision: str = "float32"
     seed: int = 1234
     tensorboard: bool = False
     eval_streams: int = 64
 
+    def __post_init__(self):
+        if isinstance(self.corpus, (str, os.PathLike)):
+            self.corpus = [self.corpus]
+        self.corpus = [str(c) for c in self.corpus]
+        for name in ("validation_files", "include", "exclude"):
+            setattr(self, name, list(getattr(self, name)))
+
     def check(self) -> None:
-        def positive_int(name, value, minimum=1):
+        def positive_int(name, value, minimum=1, optional=False):
+            if optional and value is None:
+                return
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise TrainingError(f"--{name.replace('_', '-')} must be a whole number >= {minimum}, got {value!r}")
 
         positive_int("seq_len", self.seq_len)
         positive_int("batch_size", self.batch_size)
         positive_int("epochs", self.epochs)
+        positive_int("max_steps", self.max_steps, optional=True)
+        positive_int("eval_every", self.eval_every, optional=True)
+        positive_int("eval_chars", self.eval_chars, minimum=2, optional=True)
         positive_int("patience", self.patience, minimum=0)
         positive_int("eval_streams", self.eval_streams)
         positive_int("seed", self.seed, minimum=0)
@@ -92,6 +128,8 @@ class TrainSettings:
             raise TrainingError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not 0 < self.validation_fraction <= 0.5:
             raise TrainingError(f"--validation must be in (0, 0.5], got {self.validation_fraction}")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,7 +145,11 @@ class TrainSettings:
 
 
 # Settings a resumed run may change; the rest must match the interrupted run.
-RESUMABLE = ("epochs", "max_minutes", "patience", "tensorboard", "out")
+RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "eval_every", "tensorboard", "data", "out")
+
+
+def _flag(name: str) -> str:
+    return "--validation" if name == "validation_fraction" else "--" + name.replace("_", "-")
 
 
 def _write_atomic(path: Path, data: str | bytes) -> None:
@@ -141,19 +183,21 @@ def versions() -> Versions:
 
 class _Budget:
     """--max-minutes covers everything the run does, from train() being called to its return:
-    training, validating and saving. (Without it, every deadline is infinitely far away.)
+    preparing the corpus, training, validating and saving. (Without it, every deadline is
+    infinitely far away.)
 
-    After an epoch's training come its validation and its saving, so training stops early enough
-    for both to fit: the epoch is cut short, rather than the validation, because validation losses
-    are compared across epochs (the best artifact, early stopping) and stay comparable only on the
-    same characters. Validation is estimated before the first epoch by timing one group of streams
-    on the untrained network, then measured; saving is guessed, then measured. When even validating
-    would take more than a quarter of the budget (a huge --validation part), training keeps three
-    quarters and validation scores what fits of the rest: the loss of a prefix of the validation
-    text, recorded as such (chars_scored)."""
+    After each stretch of training come an evaluation and its saving, so training stops early
+    enough for both to fit: the stretch is cut short, rather than the evaluation, because
+    validation losses are compared with each other (the best artifact, early stopping) and stay
+    comparable only on the same characters. Validation is estimated before the first stretch by
+    timing one group of streams on the untrained network, then measured; saving is guessed, then
+    measured. When even validating would take more than a quarter of the budget (a huge
+    --eval-chars), training keeps three quarters and validation scores what fits of the rest: the
+    loss of a prefix of the sample, recorded as such (chars_scored). An evaluation is bounded by
+    --eval-chars, so a run ends within its budget plus at most one evaluation's misestimate."""
 
     VALIDATION_SHARE = 0.25
-    SAVING_GUESS = 2.0  # seconds, until an epoch's saving has been measured
+    SAVING_GUESS = 2.0  # seconds, until an evaluation's saving has been measured
 
     def __init__(self, started: float, minutes: float | None):
         self.total = 60.0 * minutes if minutes else math.inf
@@ -183,28 +227,86 @@ class _Budget:
         self.saving = seconds if self.saving is None else max(self.saving, seconds)
 
 
-def _callbacks(budget: _Budget, epochs: int, verbose: int, tensorboard: Path | None) -> list:
+class _Validation:
+    """The text each evaluation scores and how. Short validation texts (at most --eval-chars) are
+    scored whole, as `chargen evaluate` scores a text; longer ones through a fixed sample: pieces
+    at evenly spaced offsets, each one stream (model/data.py's sample_text), the same characters
+    at every evaluation. A long text is scored in segments, giving the memory map's pages back
+    between them, so scoring all of it does not make the process grow with it; and a network call
+    takes as many streams as keep its activations within CALL_BYTES (64 streams of 4,096
+    characters through a 256-unit LSTM would need a gigabyte)."""
+
+    SEGMENT = 2**20  # characters
+    CALL_BYTES = 2**28  # streams x length x 4 x units float32 gate activations in one network call
+
+    def __init__(self, ids: np.ndarray, eval_chars: int | None, n_streams: int, units: int, release=lambda: None):
+        self.whole = eval_chars is None or eval_chars >= len(ids)
+        if self.whole:
+            self.text, self.scorer = ids, StreamScorer(n_streams=n_streams)
+        else:
+            pieces, length = sample_pieces(eval_chars, n_streams)
+            self.text, self.scorer = sample_text(ids, pieces, length), StreamScorer(n_streams=pieces, max_len=length)
+        count = max(1, round(len(self.text) / self.SEGMENT))
+        bounds = np.linspace(0, len(self.text), count + 1).astype(int)
+        self.segments = list(zip(bounds[:-1], bounds[1:]))
+        length = self.scorer.rows(self.text[: bounds[1]]).shape[1]
+        self.scorer.batch = max(1, min(self.scorer.batch, self.CALL_BYTES // (length * 16 * units)))
+        self.chars = sum(self.scorer.scored(self.text[a:b]) for a, b in self.segments)  # predictions when whole
+        self.groups = sum(self.scorer.groups(self.text[a:b]) for a, b in self.segments)
+        self.release = release
+        release()  # the pages a sample was copied from
+
+    def loss(self, model: keras.Model, deadline: float | None = None) -> Loss:
+        """The loss on the text, or on a prefix of it when `deadline` comes first (always at least one group)."""
+        total, count = 0.0, 0
+        for a, b in self.segments:
+            if deadline is not None and count and time.monotonic() >= deadline:
+                break
+            part = self.scorer.loss(model, self.text[a:b], deadline=deadline)
+            self.release()
+            total += part.nats * part.chars
+            count += part.chars
+            if part.chars < self.scorer.scored(self.text[a:b]):  # the deadline cut it short
+                break
+        return Loss(total / count, count)
+
+
+def _callbacks(budget: _Budget, placement: Placement, verbose: int, tensorboard: Path | None) -> list:
     """The fit() callbacks; defined here, with Keras imported, so that importing this module does not
-    import Keras. The first stops an epoch's training at the budget's training deadline."""
+    import Keras. The first stops training at the budget's training deadline (every process at the
+    same step: process 0's clock decides), the second, when shown, is Keras' progress bar."""
     import keras
 
     class Deadline(keras.callbacks.Callback):
+        AGREE_EVERY = 16  # steps between the processes' agreements, each a small collective
+
         def __init__(self):
             super().__init__()
             self.hit = False
 
         def on_train_batch_end(self, batch, logs=None):
-            if time.monotonic() > budget.train_until():
+            if not budget:
+                return
+            over = time.monotonic() > budget.train_until()
+            if placement.num_processes > 1:
+                if batch % self.AGREE_EVERY:
+                    return
+                over = placement.agreed(over)
+            if over:
                 self.hit = True
                 self.model.stop_training = True
 
     class ProgressBar(keras.callbacks.ProgbarLogger):
-        """Keras' live bar with the run's epoch count in its header: each fit() call covers one
-        epoch, so Keras alone would print "Epoch 3/3" for the third of 30."""
+        """Keras' live bar, under a header of the run's own (each fit() call covers the steps up to
+        the next evaluation, so Keras alone would print "Epoch 1/1" every time)."""
 
-        def set_params(self, params):
-            super().set_params(params)
-            self.epochs = epochs
+        header = ""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._reset_progbar()
+            self._maybe_init_progbar()
+            if self.verbose:
+                keras.utils.io_utils.print_msg(self.header)
 
     callbacks = [Deadline()] + ([ProgressBar()] if verbose else [])
     if tensorboard is not None:
@@ -212,12 +314,27 @@ def _callbacks(budget: _Budget, epochs: int, verbose: int, tensorboard: Path | N
     return callbacks
 
 
+def _batches(windows: Windows, first: int, count: int, rows: slice):
+    """The batches of steps first .. first + count - 1 (this process's rows of them), as Keras
+    reads data: a PyDataset, each batch made when it is asked for."""
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return count
+
+        def __getitem__(self, i):
+            return windows.batch(first + i, rows)
+
+    return Batches(workers=1, use_multiprocessing=False)
+
+
 def _history_files(history: list[dict], title: str) -> dict[str, bytes]:
-    """history.json, history.csv and loss.png of the epochs so far: for the run directory, and for
-    an artifact saved at this epoch."""
+    """history.json, history.csv and loss.png of the evaluations so far: for the run directory,
+    and for an artifact saved at this evaluation."""
     buf = io.StringIO()
-    if history:
-        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    if history:  # rows of a run resumed from an older chargen may lack the newer columns
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
         writer.writeheader()
         writer.writerows(history)
     return {"history.json": json.dumps(history, indent=1).encode(), "history.csv": buf.getvalue().encode(),
@@ -255,7 +372,7 @@ def _tidy(out: Path, best: dict | None) -> None:
         else:
             tmp.unlink(missing_ok=True)
     keep = best["artifact"] if best else None
-    for old in (out / "artifacts").glob("epoch-*"):
+    for old in [*(out / "artifacts").glob("epoch-*"), *(out / "artifacts").glob("step-*")]:
         if old.relative_to(out).as_posix() != keep:
             shutil.rmtree(old, ignore_errors=True)
     link = out / "best"
@@ -272,6 +389,31 @@ def _steps(model: keras.Model) -> int:
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
+def _epochs(step: int, steps_per_epoch: int) -> int | float:
+    """Epochs trained after `step` steps: a whole number at an epoch's end."""
+    whole, part = divmod(step, steps_per_epoch)
+    return whole if part == 0 else round(step / steps_per_epoch, 4)
+
+
+def _position(step: int, steps_per_epoch: int) -> str:
+    epochs = _epochs(step, steps_per_epoch)
+    return f"epoch {epochs}" if isinstance(epochs, int) else f"step {step:,} (epoch {epochs:.2f})"
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    """Layers built inside take `name` as their dtype policy (--precision); nothing else does, so
+    the networks an artifact and the evaluations build are float32 whatever the training used."""
+    import keras
+
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -279,11 +421,30 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------- the run
 
 
-def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] = frozenset()) -> tuple[TrainSettings, Corpus, dict]:
-    """Everything that can fail on bad input, checked before any training starts.
+@dataclass
+class Prepared:
+    """What prepare() found: the settings to run with (a resumed run's own), the corpus files and
+    what the first pass learned of them, where its token file goes and whether it is already there."""
+
+    settings: TrainSettings
+    sources: Sources
+    corpus: CorpusScan
+    data: Path
+    reused: str | None  # why the token file in `data` can be reused; None: it must be written
+    state: dict
+    seconds: float  # reading the files (hashing them, or the first pass)
+
+
+def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | None = None, *,
+            writer: bool = True) -> Prepared:
+    """Everything that can fail on bad input, checked before any training starts: the settings, the
+    run directory, and every corpus file (read once: model/data.py's first pass; nothing written).
 
     `explicit` names the settings the user gave on the command line: on --resume, one that differs
-    from the interrupted run's (other than those in RESUMABLE) is an error rather than ignored."""
+    from the interrupted run's (other than those in RESUMABLE) is an error rather than ignored, and
+    the RESUMABLE ones not named keep the run's values. None (a call from Python) takes the
+    RESUMABLE ones from `settings` and the rest from the run. Only the process that writes the run
+    directory (`writer`) refuses one that already holds a run: the others may start after it."""
     settings.check()
     out = Path(settings.out)
     state = {}
@@ -291,7 +452,7 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] = fr
         if not (out / RUN_FILE).exists():
             raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE}); start one without --resume")
         saved = TrainSettings.from_dict(json.loads((out / RUN_FILE).read_text()))
-        for name in sorted(explicit - set(RESUMABLE) - {"corpus"}):
+        for name in sorted((explicit or set()) - set(RESUMABLE) - {"corpus"}):
             if hasattr(settings.config, name):
                 ours, theirs = getattr(settings.config, name), getattr(saved.config, name)
             elif hasattr(settings, name):
@@ -299,20 +460,22 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] = fr
             else:
                 continue
             if ours != theirs:
-                flag = "--validation" if name == "validation_fraction" else "--" + name.replace("_", "-")
                 raise TrainingError(
-                    f"--resume: {flag} {ours} differs from the run's {theirs}; a resumed run keeps its "
-                    f"settings (only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE if n != 'out')} may change)"
+                    f"--resume: {_flag(name)} {ours} differs from the run's {theirs}; a resumed run keeps its "
+                    f"settings (only {', '.join(_flag(n) for n in RESUMABLE if n != 'out')} may change)"
                 )
         for name in RESUMABLE:
-            setattr(saved, name, getattr(settings, name))
+            if name == "out" or (name in explicit if explicit is not None else name != "data" or settings.data is not None):
+                setattr(saved, name, getattr(settings, name))
         settings = saved
         if (out / STATE_FILE).exists():
             state = json.loads((out / STATE_FILE).read_text())
-    elif (out / RUN_FILE).exists():
+    elif (out / RUN_FILE).exists() and writer:
         raise TrainingError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     elif out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a directory")
+    if settings.validation_files and "validation_fraction" in (explicit or ()):
+        raise TrainingError("--validation and --validation-files: choose one (held-out files are the validation text)")
 
     if settings.tensorboard:
         import importlib.util
@@ -320,16 +483,19 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] = fr
         if importlib.util.find_spec("tensorboard") is None:
             raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
-    from model.data import CorpusError
-
+    data = Path(settings.data) if settings.data else out / "data"
+    began = time.monotonic()
     try:
-        corpus = read_corpus(settings.corpus)
+        sources = find_sources(settings.corpus, include=settings.include, exclude=settings.exclude,
+                               validation_files=settings.validation_files, downloads=data, skip=[out])
+        corpus, reused = prepared(data, sources)
+        if corpus is None:
+            corpus, reused = scan(sources), None
     except CorpusError as e:
         raise TrainingError(str(e)) from None
     if resume and state and state.get("corpus_sha256") not in (None, corpus.sha256):
-        raise TrainingError(f"--resume: {settings.corpus} has changed since the run started (sha256 differs)")
-    n_val = int(len(corpus.text) * settings.validation_fraction)
-    n_train = len(corpus.text) - n_val
+        raise TrainingError(f"--resume: {' '.join(settings.corpus)} has changed since the run started (sha256 differs)")
+    n_train, n_val = split_lengths(corpus, settings.validation_fraction)
     if settings.seq_len >= n_train:
         raise TrainingError(
             f"--seq-len {settings.seq_len} is longer than the training part of the corpus ({n_train} characters); "
@@ -337,181 +503,317 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] = fr
         )
     if n_val < 2:
         raise TrainingError(f"the validation part of the corpus has only {n_val} characters; raise --validation")
-    return settings, corpus, state
+    return Prepared(settings, sources, corpus, data, reused, state, time.monotonic() - began)
 
 
-def train(settings: TrainSettings, *, resume: bool = False, explicit: frozenset[str] = frozenset(),
-          command: str | None = None, verbose: int | str = "auto") -> Path:
+def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool = False,
+          explicit: frozenset[str] | None = None, command: str | None = None, verbose: int | str = "auto") -> Path:
     """Train (or resume) a run; returns the path of the best artifact. Bad settings and corpora are
     reported (TrainingError) before any work starts, and before Keras is imported; `explicit` is as
-    in prepare(). --max-minutes counts from this call (see _Budget).
+    in prepare(). --max-minutes counts from this call (see _Budget). `cluster` says which devices
+    and processes take part (model/distribute.py).
 
     verbose="auto" shows Keras' live progress bar with the running loss on a terminal; elsewhere (a
-    log file, CI) only the one line per epoch that this function prints, because the bar writes
-    backspaces and colour codes many times a second even when stdout is not a terminal."""
+    log file, CI) only the one line per evaluation that this function prints, because the bar
+    writes backspaces and colour codes many times a second even when stdout is not a terminal."""
     called = time.monotonic()
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 0
-    settings, corpus, state = prepare(settings, resume, explicit)
+    run = prepare(settings, resume, explicit, writer=cluster.process_id == 0)
+    settings, state, corpus = run.settings, run.state, run.corpus
+    try:
+        cluster.check()
+    except PlacementError as e:
+        raise TrainingError(str(e)) from None
     budget = _Budget(called, settings.max_minutes)
 
+    before_keras(cluster)
     import keras
 
+    try:
+        placement = place(cluster, settings.batch_size)
+    except PlacementError as e:
+        raise TrainingError(str(e)) from None
+    writer = placement.writer
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = command or " ".join(sys.argv)
-    if not (out / RUN_FILE).exists():
-        _write_atomic(out / RUN_FILE, json.dumps({**settings.to_dict(), "command": command}, indent=2))
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / RUN_FILE).exists():
+            _write_atomic(out / RUN_FILE, json.dumps({**settings.to_dict(), "command": command}, indent=2))
+        size = sum(s.size_bytes for s in corpus.sources)
+        if run.reused is None:
+            began = time.monotonic()
+            try:
+                write_tokens(run.sources, corpus, run.data)
+            except CorpusError as e:
+                raise TrainingError(str(e)) from None
+            took = run.seconds + time.monotonic() - began
+            _log(f"prepared {corpus.label}: {size / 1e6:,.1f} MB, {corpus.length:,} characters into "
+                 f"{run.data / 'tokens.bin'} in {took:.1f} s ({size / 1e6 / max(took, 1e-9):.0f} MB/s)")
+        else:
+            _log(f"reusing the token file in {run.data} ({run.reused}; checked in {run.seconds:.1f} s)")
+    else:
+        _log(f"process {placement.process_id} of {placement.num_processes}: process 0 writes {out}")
+    placement.agree([0.0])  # the others wait for process 0's token file
+    if not writer and prepared(run.data, run.sources)[0] is None:
+        raise TrainingError(f"process {placement.process_id}: cannot read the token file process 0 wrote in {run.data}; "
+                            "every process must see the run directory (shared storage)")
+    tokens = TokenCorpus(run.data, corpus)
+    vocab = tokens.vocab
+    split = tokens.split(settings.validation_fraction)
+    windows = Windows(split.train, settings.seq_len, settings.batch_size, settings.seed, read=tokens.windows)
+    per_epoch = windows.steps_per_epoch
+    last_step = per_epoch * settings.epochs if settings.max_steps is None else min(per_epoch * settings.epochs, settings.max_steps)
+    eval_every = settings.eval_every or per_epoch
 
     keras.utils.set_random_seed(settings.seed)
-    vocab = Vocab.from_text(corpus.text)
-    split = split_ids(vocab.encode_exact(corpus.text), settings.validation_fraction)
-    steps_per_epoch = max(1, (len(split.train) // settings.seq_len) // settings.batch_size)
-
     checkpoint = out / CHECKPOINT
     if state and checkpoint.exists():
-        model = keras.saving.load_model(checkpoint, compile=True, safe_mode=True)
-        _log(f"resuming {out} after epoch {state['epoch']} (optimizer step {_steps(model)})")
+        # under the run's policy: Keras wraps the optimizer of a mixed_float16 model for loss scaling
+        # only when the model is made with that global policy, and skips the saved optimizer otherwise
+        with placement.scope(), _dtype_policy(settings.precision):
+            model = keras.saving.load_model(checkpoint, compile=True, safe_mode=True)
+        step = _steps(model)
+        if state.get("step") == step and "seed_states" in state:
+            _set_seed_states(model, state["seed_states"])
+        _log(f"resuming {out} after {_position(step, per_epoch)} (optimizer step {step})")
     else:
-        state = {}
-        model = build_model(settings.config, len(vocab))
-        schedule = keras.optimizers.schedules.ExponentialDecay(
-            settings.lr, decay_steps=steps_per_epoch, decay_rate=settings.lr_decay
-        )
-        optimizer = keras.optimizers.Adam(
-            learning_rate=schedule, global_clipnorm=settings.clipnorm or None
-        )
-        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        state, step = {}, 0
+        model = _new_model(settings, len(vocab), per_epoch, placement)
 
     history: list[dict] = state.get("history", [])
-    epoch = state.get("epoch", 0)
-    best = state.get("best")  # {"epoch", "val_nats", "artifact"}
-    stale = state.get("epochs_without_improvement", 0)
+    best = state.get("best")  # {"step", "epoch", "val_nats", "artifact"}
+    stale = state.get("evaluations_without_improvement", state.get("epochs_without_improvement", 0))
     training_seconds = state.get("training_seconds", 0.0)
     chars_trained = state.get("chars_trained", 0)
     params = count_parameters(model)
+    config = settings.config
 
     _log(
-        f"corpus {corpus.name}: {len(corpus.text):,} chars, vocabulary {len(vocab)}, "
+        f"corpus {corpus.label}: {corpus.length:,} chars, vocabulary {len(vocab)}, "
         f"train {len(split.train):,} / validation {len(split.validation):,}"
     )
     _log(
-        f"network {settings.config.cell} {settings.config.layers}x{settings.config.units}, "
-        f"embedding {settings.config.embedding}, {params:,} parameters; backend {keras.backend.backend()}"
+        f"network {config.cell} {config.layers}x{config.units}, embedding {config.embedding}, {params:,} parameters; "
+        f"backend {keras.backend.backend()}, {placement.describe()}"
+        + (f", {settings.precision}" if settings.precision != "float32" else "")
     )
     _log(f"untrained loss would be ln {len(vocab)} = {math.log(len(vocab)):.3f} nats/char ({math.log2(len(vocab)):.3f} bits)")
+    _log(f"{per_epoch:,} steps of {settings.batch_size} windows of {settings.seq_len} per epoch; "
+         f"evaluating every {eval_every:,} steps until step {last_step:,}")
 
-    scorer = StreamScorer(n_streams=settings.eval_streams)
-    whole, groups = scorer.scored(split.validation), scorer.groups(split.validation)
-    if budget:  # time one network call of the validation (deadline 0: exactly one group)
+    validation = _Validation(split.validation, settings.eval_chars, settings.eval_streams, config.units, tokens.release)
+    scoring = _Scoring(model, settings.config, len(vocab), placement, settings.precision)
+    if budget and writer:  # time one network call of the validation (deadline 0: exactly one group)
         probe = time.monotonic()
-        scorer.loss(model, split.validation, deadline=0.0)
-        budget.validated((time.monotonic() - probe) * groups, whole, whole, groups)
-    callbacks = _callbacks(budget, settings.epochs, verbose, out / "tensorboard" if settings.tensorboard else None)
+        validation.loss(scoring.model(), deadline=0.0)
+        budget.validated((time.monotonic() - probe) * validation.groups, validation.chars, validation.chars, validation.groups)
+    tensorboard = out / "tensorboard" if settings.tensorboard and writer else None
+    callbacks = _callbacks(budget, placement, verbose, tensorboard)
     deadline_cb = callbacks[0]
-    title = f"{corpus.name}: {settings.config.cell} {settings.config.layers}x{settings.config.units}"
+    title = f"{corpus.label}: {config.cell} {config.layers}x{config.units}"
+    unit = "epochs" if settings.eval_every is None else "evaluations"
 
-    _tidy(out, best)
-    first_epoch = epoch
-    stop_reason = "epochs"
-    while epoch < settings.epochs:
-        if settings.patience and stale >= settings.patience:  # a resumed run that had already stopped early
-            stop_reason = f"no improvement for {stale} epochs (patience {settings.patience})"
+    if writer:
+        _tidy(out, best)
+    first_step = step
+    while True:
+        if step >= last_step:
+            stop_reason = "max-steps" if settings.max_steps is not None and step >= settings.max_steps else "epochs"
+            break
+        if settings.patience and stale >= settings.patience:
+            stop_reason = f"no improvement for {stale} {unit} (patience {settings.patience})"
             break
         # no time left to train before validating and saving (each invocation trains at least one
         # batch, so a tiny --max-minutes still leaves an artifact)
-        if time.monotonic() >= budget.train_until() and epoch > first_epoch:
+        if budget and step > first_step and placement.agreed(time.monotonic() >= budget.train_until()):
             stop_reason = "max-minutes"
             break
-        x, y = epoch_windows(split.train, settings.seq_len, settings.batch_size, settings.seed, epoch)
-        started, steps_before = time.monotonic(), _steps(model)
+        end = min(last_step, (step // eval_every + 1) * eval_every)
+        if callbacks[1:] and verbose:
+            callbacks[1].header = (f"Epoch {step // per_epoch + 1}/{settings.epochs}" if settings.eval_every is None
+                                   else f"Steps {step + 1:,}-{end:,} of {last_step:,}")
+        started = time.monotonic()
         deadline_cb.hit = False
-        fit = model.fit(
-            x, y, batch_size=settings.batch_size, epochs=epoch + 1, initial_epoch=epoch,
-            shuffle=False, verbose=verbose, callbacks=callbacks,
-        )
+        interval = step // eval_every
+        with placement.scope():
+            fit = model.fit(
+                _batches(windows, step, end - step, placement.rows(settings.batch_size)),
+                epochs=interval + 1, initial_epoch=interval, shuffle=False, verbose=verbose, callbacks=callbacks,
+            )
         seconds = time.monotonic() - started
         train_nats = float(fit.history["loss"][-1])
         partial = deadline_cb.hit
-        trained = (_steps(model) - steps_before) * settings.batch_size * settings.seq_len
+        done = _steps(model) - step
+        step += done
+        trained = done * settings.batch_size * settings.seq_len
 
         validating = time.monotonic()
-        val = scorer.loss(model, split.validation, deadline=budget.validate_until())
-        budget.validated(time.monotonic() - validating, val.chars, whole, groups)
+        if writer:
+            val = validation.loss(scoring.model(), deadline=budget.validate_until() if budget else None)
+            budget.validated(time.monotonic() - validating, val.chars, validation.chars, validation.groups)
+        else:
+            val = None
+        nats, chars = placement.agree([val.nats, val.chars] if writer else [0.0, 0.0])
+        val = val or Loss(nats, int(chars))
         saving = time.monotonic()
-        epoch += 1
         training_seconds += seconds
         chars_trained += trained
-        lr_now = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        epochs = _epochs(step, per_epoch)
         row = {
-            "epoch": epoch,
+            "epoch": epochs,
+            "step": step,
             "train_nats_per_char": round(train_nats, 5),
             "train_bits_per_char": round(train_nats / LN2, 5),
             "val_nats_per_char": round(val.nats, 5),
             "val_bits_per_char": round(val.bits, 5),
             "val_chars_scored": val.chars,
-            "learning_rate": lr_now,
+            "learning_rate": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
             "seconds": round(seconds, 2),
             "chars_per_second": round(trained / seconds),
             "partial": partial,
         }
         history.append(row)
-        improved = best is None or val.nats < best["val_nats"]
+        improved = best is None or nats < best["val_nats"]
         mark = "  (best so far)" if improved else ""
-        cut = f" (the first {val.chars:,} of {whole:,} characters: --max-minutes)" if val.chars < whole else ""
+        cut = f" (the first {val.chars:,} of {validation.chars:,} characters: --max-minutes)" if val.chars < validation.chars else ""
+        sample = "" if validation.whole else " on the sample"
         _log(
-            f"epoch {epoch}: train {train_nats:.4f} nats/char ({train_nats / LN2:.4f} bits), "
-            f"validation {val.nats:.4f} nats/char ({val.bits:.4f} bits){cut}{mark}; {seconds:.0f} s"
+            f"{_position(step, per_epoch)}: train {train_nats:.4f} nats/char ({train_nats / LN2:.4f} bits), "
+            f"validation{sample} {val.nats:.4f} nats/char ({val.bits:.4f} bits){cut}{mark}; {seconds:.0f} s"
         )
 
-        files = _history_files(history, title)
         if improved:
-            name = f"artifacts/epoch-{epoch:03d}"
-            meta = ArtifactMeta(
-                config=settings.config,
-                parameters=params,
-                corpus=CorpusInfo(**corpus.describe()),
-                split=SplitInfo(validation_fraction=settings.validation_fraction,
-                                train_chars=int(len(split.train)), validation_chars=int(len(split.validation))),
-                validation=ValidationInfo(epoch=epoch, **val.to_dict()),
-                training=TrainingInfo(
-                    epochs=epoch, seconds=round(training_seconds, 1),
-                    chars_per_second=round(chars_trained / training_seconds) if training_seconds else None,
-                    seq_len=settings.seq_len, batch_size=settings.batch_size, lr=settings.lr,
-                    lr_decay=settings.lr_decay, clipnorm=settings.clipnorm, seed=settings.seed,
-                ),
-                versions=versions(),
-                command=command,
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                vocab_size=len(vocab),
-            )
-            artifact.save(out / name, model, vocab, meta, extra_files=files)  # the history as of this epoch
-            artifact.point(out / "best", out / name)
-            best = {"epoch": epoch, "val_nats": val.nats, "artifact": name}
+            whole_epochs = math.ceil(step / per_epoch)
+            name = (f"artifacts/epoch-{whole_epochs:03d}" if settings.eval_every is None and step % per_epoch == 0
+                    else f"artifacts/step-{step:08d}")
+            best = {"step": step, "epoch": epochs, "val_nats": nats, "artifact": name}
             stale = 0
         else:
             stale += 1
-
-        _save_model_atomic(model, checkpoint)
-        state = {"epoch": epoch, "best": best, "epochs_without_improvement": stale, "history": history,
-                 "training_seconds": training_seconds, "chars_trained": chars_trained, "corpus_sha256": corpus.sha256}
-        _write_atomic(out / STATE_FILE, json.dumps(state, indent=1))
-        _tidy(out, best)  # the previous best goes only now that state.json no longer names it
-        for file_name, data in files.items():
-            _write_atomic(out / file_name, data)
-        budget.saved(time.monotonic() - saving)
+        if writer:
+            files = _history_files(history, title)
+            if improved:
+                meta = ArtifactMeta(
+                    config=config,
+                    parameters=params,
+                    corpus=CorpusInfo(**corpus.describe()),
+                    split=SplitInfo(validation_fraction=round(split.validation_fraction, 6),
+                                    train_chars=int(len(split.train)), validation_chars=int(len(split.validation))),
+                    validation=ValidationInfo(epoch=whole_epochs, **val.to_dict()),
+                    training=TrainingInfo(
+                        epochs=whole_epochs, seconds=round(training_seconds, 1),
+                        chars_per_second=round(chars_trained / training_seconds) if training_seconds else None,
+                        seq_len=settings.seq_len, batch_size=settings.batch_size, lr=settings.lr,
+                        lr_decay=settings.lr_decay, clipnorm=settings.clipnorm, seed=settings.seed,
+                    ),
+                    versions=versions(),
+                    command=command,
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    vocab_size=len(vocab),
+                )
+                artifact.save(out / name, model, vocab, meta, extra_files=files)  # the history as of this evaluation
+                artifact.point(out / "best", out / name)
+            _save_model_atomic(model, checkpoint)
+            state = {"step": step, "epoch": epochs, "best": best, "evaluations_without_improvement": stale,
+                     "history": history, "training_seconds": training_seconds, "chars_trained": chars_trained,
+                     "corpus_sha256": corpus.sha256, "seed_states": _seed_states(model)}
+            _write_atomic(out / STATE_FILE, json.dumps(state, indent=1))
+            _tidy(out, best)  # the previous best goes only now that state.json no longer names it
+            for file_name, data in files.items():
+                _write_atomic(out / file_name, data)
+            budget.saved(time.monotonic() - saving)
 
         if partial:
             stop_reason = "max-minutes"
             break
-        if settings.patience and stale >= settings.patience:
-            stop_reason = f"no improvement for {stale} epochs (patience {settings.patience})"
-            break
 
     if best is None:
-        raise TrainingError("no epoch completed; nothing to save")
+        raise TrainingError("no evaluation completed; nothing to save")
+    if writer and not validation.whole and "whole_validation" not in best:
+        _score_whole(out, best, split.validation, settings, scoring, budget, state, tokens)
+    placement.agree([0.0])  # the others wait for process 0's last files
     _log(
-        f"stopped ({stop_reason}) after epoch {epoch}: best validation {best['val_nats']:.4f} nats/char "
-        f"({best['val_nats'] / LN2:.4f} bits) at epoch {best['epoch']}; artifact {out / 'best'}"
+        f"stopped ({stop_reason}) after {_position(step, per_epoch)}: best validation {best['val_nats']:.4f} nats/char "
+        f"({best['val_nats'] / LN2:.4f} bits) at {_position(best.get('step', best['epoch'] * per_epoch), per_epoch)}; "
+        f"artifact {out / 'best'}"
     )
     return out / "best"
+
+
+def _new_model(settings: TrainSettings, vocab_size: int, steps_per_epoch: int, placement: Placement) -> keras.Model:
+    """The network with its optimizer, its layers in the --precision policy (the logits float32, as
+    Keras advises for mixed precision), its variables distributed as `placement` says."""
+    import keras
+
+    with _dtype_policy(settings.precision):
+        model = build_model(settings.config, vocab_size)
+        if placement.parallel:  # the initial weights and dropout seeds of the one-device run
+            initial, seeds = model.get_weights(), _seed_states(model)
+            with placement.scope():
+                model = build_model(settings.config, vocab_size)
+                model.set_weights(initial)
+                _set_seed_states(model, seeds)
+        if settings.precision != "float32":
+            model.get_layer("logits").dtype_policy = "float32"
+    with placement.scope():
+        schedule = keras.optimizers.schedules.ExponentialDecay(
+            settings.lr, decay_steps=steps_per_epoch, decay_rate=settings.lr_decay
+        )
+        optimizer = keras.optimizers.Adam(learning_rate=schedule, global_clipnorm=settings.clipnorm or None)
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _seed_states(model: keras.Model) -> list[list[int]]:
+    """The states of the model's random generators (dropout's), which model.save leaves out: a
+    resumed run restores them, so that its dropout masks are the uninterrupted run's."""
+    import keras
+
+    return [keras.ops.convert_to_numpy(v).tolist() for v in model.non_trainable_variables
+            if v.path.endswith("seed_generator_state")]
+
+
+def _set_seed_states(model: keras.Model, states: list[list[int]]) -> None:
+    variables = [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+    for variable, value in zip(variables, states, strict=True):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
+
+
+class _Scoring:
+    """The network evaluations run: the training model itself on one device in float32; otherwise
+    a float32 copy on this process's first device, given the training weights before each use (the
+    distributed model would split the streams over the devices and processes, and its layers may
+    compute in another precision). `model(weights)` is the copy with other weights (the best's)."""
+
+    def __init__(self, model: keras.Model, config: ModelConfig, vocab_size: int, placement: Placement, precision: str):
+        self.training, self.config, self.vocab_size = model, config, vocab_size
+        self.copy = build_model(config, vocab_size) if placement.parallel or precision != "float32" else None
+
+    def model(self, weights: list | None = None) -> keras.Model:
+        if self.copy is None:
+            if weights is None:
+                return self.training
+            self.copy = build_model(self.config, self.vocab_size)
+        self.copy.set_weights(self.training.get_weights() if weights is None else weights)
+        return self.copy
+
+
+def _score_whole(out: Path, best: dict, ids: np.ndarray, settings: TrainSettings, scoring: _Scoring,
+                 budget: _Budget, state: dict, tokens: TokenCorpus) -> None:
+    """Evaluations scored a sample of the validation text: score the best model on all of it, once,
+    within what is left of the budget, and record it in state.json (the artifact is not rewritten)."""
+    weights = None
+    if best.get("step") != state.get("step"):
+        weights = artifact.load(out / best["artifact"], keras=True).model.get_weights()
+    whole = _Validation(ids, None, settings.eval_streams, settings.config.units, tokens.release)
+    began = time.monotonic()
+    loss = whole.loss(scoring.model(weights), deadline=budget.end if budget else None)
+    cut = f"the first {loss.chars:,} of {whole.chars:,} characters (--max-minutes)" if loss.chars < whole.chars \
+        else f"{loss.chars:,} characters"
+    _log(f"whole validation text, {cut}: {loss.nats:.4f} nats/char ({loss.bits:.4f} bits) for the best model "
+         f"({best['artifact']}); {time.monotonic() - began:.0f} s")
+    best["whole_validation"] = loss.to_dict()
+    state["best"] = best
+    _write_atomic(out / STATE_FILE, json.dumps(state, indent=1))

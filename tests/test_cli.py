@@ -99,7 +99,7 @@ CASES = [
     (["train", "--corpus", "{nul}", "--out", "{tmp}/run"], "image.png: a binary file, not text"),
     (["train", "--corpus", "{noise}", "--out", "{tmp}/run"], "noise.bin: a binary file, not text"),
     (["train", "--corpus", "{latin1}", "--out", "{tmp}/run"], "latin1.txt: not UTF-8 text (byte 0xf6 at offset 3"),
-    (["train", "--corpus", "{empty_dir}", "--out", "{tmp}/run"], "is a directory"),
+    (["train", "--corpus", "{empty_dir}", "--out", "{tmp}/run"], "not-an-artifact: a directory with no non-empty files"),
     (["train", "--corpus", "{text}", "--out", "{tmp}/run", "--seq-len", "5000"], "--seq-len 5000 is longer"),
     (["evaluate", "--artifact", "{tmp}/nowhere", "--text", "{text}"], "nowhere: no such artifact directory"),
     (["evaluate", "--artifact", "{empty_dir}", "--text", "{text}"], "missing model.keras, vocab.json, meta.json"),

@@ -3,6 +3,7 @@ run killed with SIGKILL continues with --resume as if it had never stopped."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -69,10 +70,18 @@ def invoke(*args: str):
     (["--validation", "0"], "Invalid value for '--validation'"),
     (["--validation", "0.6"], "Invalid value for '--validation'"),
     (["--validation", "nan"], "--validation must be in (0, 0.5], got nan"),
-    (["--validation", "0.001"], "the validation part of the corpus has only 0 characters; raise --validation"),
+    (["--validation", "0.001"], "the validation part of the corpus has only 1 characters; raise --validation"),
     (["--seed", "-1"], "Invalid value for '--seed'"),
     (["--seed", str(2**32)], "Invalid value for '--seed'"),
     (["--optimizer", "sgd"], "No such option '--optimizer'"),
+    (["--eval-every", "0"], "Invalid value for '--eval-every'"),
+    (["--eval-chars", "lots"], "'lots' is neither a whole number nor 'all'"),
+    (["--eval-chars", "1"], "1 is too few characters to score"),
+    (["--max-steps", "0"], "Invalid value for '--max-steps'"),
+    (["--precision", "float8"], "Invalid value for '--precision'"),
+    (["--validation", "0.2", "--validation-files", "*.txt"], "--validation and --validation-files: choose one"),
+    (["--validation-files", "*.md"], "--validation-files *.md: matches none of the 1 corpus files"),
+    (["--corpus", "no-such-corpus"], "no-such-corpus: no such file or directory (nor the name of a known corpus: tinyshakespeare)"),
     (["--resume"], "holds no run to resume (no run.json); start one without --resume"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, corpus, args, problem):
@@ -102,9 +111,28 @@ def test_bad_corpora_are_refused_before_any_work(tmp_path, data, problem):
     assert list(out.iterdir()) == []
 
 
-def test_corpus_that_is_a_directory_and_out_that_is_a_file(tmp_path, corpus):
-    result = invoke("train", "--corpus", str(tmp_path), "--out", str(tmp_path / "run"))
-    assert result.exit_code == 2 and "is a directory" in result.output
+def test_a_directory_of_files_with_held_out_ones(tmp_path):
+    """--corpus DIR with --include/--exclude and --validation-files: the run records the files it
+    read (name, size, sha256) beside their token file, and validates on the held-out one only."""
+    books = tmp_path / "books"
+    books.mkdir()
+    for name, seed in (("a.txt", 1), ("b.txt", 2), ("notes.md", 3), ("held.txt", 4)):
+        (books / name).write_text(words(3000, seed=seed))
+    run = tmp_path / "run"
+    result = invoke("train", "--corpus", str(books), "--include", "*.txt", "--exclude", "b.*",
+                    "--validation-files", "held.txt", "--out", str(run), "--layers", "1", "--units", "16",
+                    "--seq-len", "50", "--batch-size", "8", "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    sources = json.loads((run / "data" / "sources.json").read_text())
+    assert [(s["name"], s["held_out"]) for s in sources["sources"]] == [(f"{books}/a.txt", False), (f"{books}/held.txt", True)]
+    assert sources["sources"][1]["sha256"] == hashlib.sha256((books / "held.txt").read_bytes()).hexdigest()
+    meta = artifact.load(run).meta
+    assert meta.corpus.name == "books/ (2 files)" and meta.split.validation_chars == 3000
+    ends_with_newline = (books / "a.txt").read_text().endswith("\n")
+    assert meta.split.train_chars == 3000 + (1 if ends_with_newline else 2)  # a.txt, then "\n\n" between documents
+
+
+def test_out_that_is_a_file(tmp_path, corpus):
     (tmp_path / "file").write_text("keep me")
     result = invoke("train", "--corpus", str(corpus), "--out", str(tmp_path / "file"))
     assert result.exit_code == 2 and "is a file" in result.output
@@ -241,7 +269,7 @@ def test_resume_refuses_a_changed_network_or_data_setting(tmp_path, corpus):
 
     # the same values, or the settings a resumed run may change, are accepted
     given = TrainSettings(corpus=str(corpus), out=str(run), config=ModelConfig(units=32), seq_len=20, epochs=99)
-    settings, _, _ = prepare(given, True, frozenset({"units", "seq_len", "epochs"}))
+    settings = prepare(given, True, frozenset({"units", "seq_len", "epochs"})).settings
     assert settings.config.units == 32 and settings.epochs == 99
     with pytest.raises(TrainingError, match="--validation 0.2 differs"):
         prepare(TrainSettings(corpus=str(corpus), out=str(run), validation_fraction=0.2), True, frozenset({"validation_fraction"}))

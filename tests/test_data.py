@@ -1,14 +1,22 @@
-"""Corpus reading, the train/validation split, training windows and validation streams."""
+"""Corpus reading (whole and in chunks), finding the files of a corpus, the token file and its reuse,
+the train/validation split, training windows by step and validation samples."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tracemalloc
 
 import numpy as np
 import pytest
 
-from model.data import (MIN_CORPUS_CHARS, CorpusError, decode_corpus, epoch_windows, random_windows,
-                        read_corpus, split_ids, streams)
+from model import data
+from model.data import (MIN_CORPUS_CHARS, SOURCES, TOKENS, CorpusError, TextDecoder, TokenCorpus, Windows,
+                        decode_corpus, decode_text, find_sources, prepared, read_corpus, sample_pieces, sample_text,
+                        scan, split_ids, streams, write_tokens)
+from model.prepare import KnownCorpus
+from model.vocab import Vocab
 
 
 def test_read_corpus_normalizes_newlines_and_hashes_the_bytes(tmp_path):
@@ -62,6 +70,178 @@ def test_decode_corpus_counts_characters_not_bytes():
     assert len(corpus.text) == MIN_CORPUS_CHARS and corpus.size_bytes == 2 * MIN_CORPUS_CHARS
 
 
+# ---------------------------------------------------------------- decoding in chunks
+
+
+def feed_in(data: bytes, size: int, name: str = "f.txt") -> str:
+    decoder = TextDecoder(name)
+    return "".join(decoder.feed(data[i : i + size]) for i in range(0, len(data), size)) + decoder.finish()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 64, 10_000])
+def test_text_fed_in_chunks_of_any_size_is_the_whole_text(size):
+    """Chunk boundaries fall inside multi-byte characters, between \\r and \\n, inside the byte-order
+    mark: the text is the same as decoding the file at once."""
+    data = "\ufeffé\r\nça va\r\rß – 日本語 😀\r".encode() + "x\r\ny€\n".encode() * 50 + b"end\r"
+    whole = decode_text(data, "f.txt")
+    assert "\r" not in whole and not whole.startswith("\ufeff") and whole.endswith("end\n")
+    assert whole.startswith("é\nça va\n\nß – 日本語 😀\nx\ny€\n")
+    assert feed_in(data, size) == whole
+
+
+@pytest.mark.parametrize("data, size, problem", [
+    (b"a" * 100 + b"\xff" + b"b" * 100, 7, "not UTF-8 text (byte 0xff at offset 100 is invalid)"),
+    (b"a" * 99 + "é".encode() + b"\x80" + b"c" * 300, 10, "not UTF-8 text (byte 0x80 at offset 101 is invalid)"),
+    (b"a" * 300 + "é".encode()[:1], 16, "not UTF-8 text (byte 0xc3 at offset 300 is invalid)"),  # ends inside a character
+    (b"a" * 300 + b"\x00", 64, "a NUL byte at offset 300"),
+])
+def test_errors_in_later_chunks_name_their_offset_in_the_file(data, size, problem):
+    with pytest.raises(CorpusError, match="f.txt") as e:
+        feed_in(data, size)
+    assert problem in str(e.value)
+
+
+# ---------------------------------------------------------------- finding the files
+
+
+def write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_directory_gives_its_files_sorted_with_include_and_exclude(tmp_path):
+    root = tmp_path / "src"
+    for name in ["b.py", "a.py", "pkg/c.py", "pkg/d.txt", "tests/t.py", ".hidden.py", ".git/x.py", "empty.py"]:
+        write(root / name, "" if name == "empty.py" else f"# {name}\n")
+    found = find_sources([str(root)], downloads=tmp_path / "dl")
+    assert [f.name for f in found.files] == [f"{root}/{n}" for n in ["a.py", "b.py", "pkg/c.py", "pkg/d.txt", "tests/t.py"]]
+    assert found.label == "src/ (5 files)"
+    found = find_sources([str(root)], include=["*.py"], exclude=["tests/*"], downloads=tmp_path / "dl")
+    assert [f.path.name for f in found.files] == ["a.py", "b.py", "c.py"]
+    with pytest.raises(CorpusError, match="no non-empty files matching --include/--exclude"):
+        find_sources([str(root)], include=["*.rs"], downloads=tmp_path / "dl")
+
+
+def test_several_files_and_held_out_files_go_last(tmp_path):
+    files = [str(write(tmp_path / f"part-{i}.txt", f"text {i}\n")) for i in range(4)]
+    found = find_sources(files, validation_files=["part-1.txt"], downloads=tmp_path)
+    assert [f.path.name for f in found.files] == ["part-0.txt", "part-2.txt", "part-3.txt", "part-1.txt"]
+    assert [f.held_out for f in found.files] == [False, False, False, True]
+    assert found.label == "part-0.txt + part-1.txt + part-2.txt + part-3.txt"
+    with pytest.raises(CorpusError, match="matches none of the 4 corpus files"):
+        find_sources(files, validation_files=["*.md"], downloads=tmp_path)
+    with pytest.raises(CorpusError, match="matches all 4 corpus files, leaving none to train on"):
+        find_sources(files, validation_files=["part-*"], downloads=tmp_path)
+
+
+def test_missing_unknown_and_twice_given_sources(tmp_path, monkeypatch):
+    manifest = {"speech": KnownCorpus("speech", "hamlet.txt", "http://127.0.0.1:9/h.txt", "ab" * 32, 10)}
+    with pytest.raises(CorpusError, match=r"absent.txt: no such file or directory \(nor the name of a known corpus: speech\)"):
+        find_sources([str(tmp_path / "absent.txt")], downloads=tmp_path, manifest=manifest)
+    one = write(tmp_path / "one.txt", "x" * 300)
+    with pytest.raises(CorpusError, match="given twice"):
+        find_sources([str(one), str(tmp_path / "." / "one.txt")], downloads=tmp_path, manifest=manifest)
+    # a known corpus: the copy `chargen prepare speech` leaves in the current directory, else downloaded later
+    found = find_sources(["speech"], downloads=tmp_path / "dl", manifest=manifest)
+    assert found.files[0].url and found.files[0].path == tmp_path / "dl" / "hamlet.txt"
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "hamlet.txt", "To be, or not to be\n" * 20)
+    found = find_sources(["speech"], downloads=tmp_path / "dl", manifest=manifest)
+    assert found.files[0].url is None and found.files[0].sha256 == "ab" * 32
+    with pytest.raises(CorpusError, match="sha256 is .*, not the abab.* of the known corpus"):
+        scan(found)
+
+
+# ---------------------------------------------------------------- the token file
+
+
+def prepare_dir(tmp_path, files, **kw):
+    sources = find_sources([str(f) for f in files], downloads=tmp_path, **kw)
+    corpus = scan(sources)
+    write_tokens(sources, corpus, tmp_path / "data")
+    return sources, corpus, TokenCorpus(tmp_path / "data", corpus)
+
+
+def test_documents_are_joined_by_an_empty_line_and_encoded_once(tmp_path):
+    texts = ["first document\n" * 10, "second, without a final newline", "third\r\nwith CRLF\r\n"]
+    files = [write(tmp_path / f"{i}.txt", t) for i, t in enumerate(texts)]
+    files[2].write_bytes(texts[2].encode())  # keep the \r\n
+    sources, corpus, tokens = prepare_dir(tmp_path, files)
+    stream = "first document\n" * 10 + "\nsecond, without a final newline\n\nthird\nwith CRLF\n"
+    vocab = Vocab.from_text(stream)
+    assert corpus.vocabulary == "".join(vocab.chars) and corpus.length == len(stream)
+    assert tokens.ids.dtype == np.uint8 and vocab.decode(tokens.ids) == stream
+    record = json.loads((tmp_path / "data" / SOURCES).read_text())
+    assert [(s["name"], s["size_bytes"], s["chars"]) for s in record["sources"]] == [
+        (str(files[0]), 150, 150), (str(files[1]), 31, 31), (str(files[2]), 18, 16)]
+    assert record["sources"][2]["sha256"] == hashlib.sha256(texts[2].encode()).hexdigest()
+    listing = "".join(f"{s['sha256']}  {s['name']}\n" for s in record["sources"])
+    assert corpus.describe() == {"name": "0.txt + 1.txt + 2.txt", "size_bytes": 199, "chars": len(stream),
+                                 "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    assert not list((tmp_path / "data").glob(".*"))  # no temporary files left
+
+
+def test_one_file_is_its_text_unchanged_with_the_old_split(tmp_path):
+    text = "".join(chr(32 + i % 90) for i in range(5000))
+    path = write(tmp_path / "one.txt", text)
+    _, corpus, tokens = prepare_dir(tmp_path, [path])
+    assert corpus.describe() == read_corpus(path).describe()  # the name, size, length and sha256 of before
+    ids = Vocab.from_text(text).encode_exact(text)
+    assert (tokens.ids == ids).all()
+    split, old = tokens.split(0.1), split_ids(ids, 0.1)
+    assert (split.train == old.train).all() and (split.validation == old.validation).all()
+
+
+def test_a_large_vocabulary_is_stored_as_uint16(tmp_path):
+    text = "".join(chr(0x4E00 + i) for i in range(300)) * 3 + "abc\n"
+    _, corpus, tokens = prepare_dir(tmp_path, [write(tmp_path / "cjk.txt", text)])
+    assert len(corpus.vocabulary) == 304 and tokens.ids.dtype == np.uint16
+    assert Vocab(list(corpus.vocabulary)).decode(tokens.ids) == text
+    assert (tmp_path / "data" / TOKENS).stat().st_size == 2 * len(text)
+
+
+def test_held_out_files_are_the_validation_text(tmp_path):
+    files = [write(tmp_path / f"{name}.txt", name * 100 + "\n") for name in ("a", "b", "c")]
+    _, corpus, tokens = prepare_dir(tmp_path, files, validation_files=["b.txt"])
+    vocab = tokens.vocab
+    split = tokens.split(0.1)  # the fraction is not used
+    assert vocab.decode(split.train) == "a" * 100 + "\n\n" + "c" * 100 + "\n\n"
+    assert vocab.decode(split.validation) == "b" * 100 + "\n"
+    assert split.validation_fraction == pytest.approx(101 / corpus.length)
+
+
+def test_the_token_file_is_reused_until_a_source_changes(tmp_path):
+    files = [write(tmp_path / "a.txt", "alpha " * 100), write(tmp_path / "b.txt", "beta " * 100)]
+    sources, corpus, _ = prepare_dir(tmp_path, files)
+    again, why = prepared(tmp_path / "data", find_sources([str(f) for f in files], downloads=tmp_path))
+    assert again == corpus and why == "the same files"
+    assert prepared(tmp_path / "other", sources) == (None, "no token file yet")
+    reordered = find_sources([str(f) for f in reversed(files)], downloads=tmp_path)
+    assert prepared(tmp_path / "data", reordered)[0] is None
+    files[1].write_text("BETA " * 100)  # same size, other bytes
+    assert prepared(tmp_path / "data", sources) == (None, f"{files[1]} has changed (its sha256 differs)")
+    files[1].write_text("beta")
+    assert prepared(tmp_path / "data", sources) == (None, f"{files[1]} has changed (its size differs)")
+
+
+def test_preparing_holds_a_few_chunks_whatever_the_corpus_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 1 << 16)
+    path = tmp_path / "big.txt"
+    path.write_bytes(("the quick brown fox jumps over the lazy dog; " * 24 + "\r\n").encode() * 8000)  # 8.7 MB
+    tracemalloc.start()
+    try:
+        prepare_dir(tmp_path, [path])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**21, f"{peak:,} bytes at the peak for a {path.stat().st_size:,}-byte corpus"
+    assert (tmp_path / "data" / TOKENS).stat().st_size == path.stat().st_size - 8000  # each \r\n became \n
+
+
+# ---------------------------------------------------------------- splitting, windows, samples
+
+
 @pytest.mark.parametrize("n, fraction", [(1000, 0.1), (1001, 0.1), (997, 0.25), (200, 0.5)])
 def test_split_keeps_the_last_part_for_validation(n, fraction):
     ids = np.arange(n, dtype=np.int32)
@@ -80,32 +260,48 @@ def test_split_refuses_impossible_fractions(fraction):
 
 
 def test_windows_are_true_next_character_targets():
-    ids = np.arange(500, dtype=np.int32)  # position == value, so offsets are visible
-    x, y = random_windows(ids, seq_len=20, count=64, rng=np.random.default_rng(0))
-    assert x.shape == y.shape == (64, 20)
+    ids = np.arange(500, dtype=np.uint16)  # position == value, so offsets are visible
+    windows = Windows(ids, seq_len=20, batch_size=8, seed=0)
+    x, y = windows.batch(3)
+    assert x.shape == y.shape == (8, 20) and x.dtype == np.int32
     assert (np.diff(x, axis=1) == 1).all()  # each window is a contiguous run of the text
     assert (y == x + 1).all()  # the target at every position is the character that follows it
     assert x.min() >= 0 and y.max() <= 499
+    assert (windows.batch(3, slice(2, 4))[0] == x[2:4]).all()  # one process's rows of the batch
 
 
-def test_epoch_windows_cover_the_text_once_in_whole_batches():
+def test_an_epoch_is_the_draw_of_before_batch_by_batch(monkeypatch):
+    """Step s is batch s % steps_per_epoch of epoch s // steps_per_epoch, with the offsets that one
+    draw of the whole epoch from (seed, epoch) gives, so epoch-based runs see the batches they saw
+    before offsets were drawn in blocks; any step can be made again, in any order."""
+    monkeypatch.setattr(Windows, "BLOCK", 40)  # blocks of 5 batches, so an epoch spans several
     ids = np.arange(10_000, dtype=np.int32) % 50
-    x, y = epoch_windows(ids, seq_len=100, batch_size=16, seed=1, epoch=0)
-    assert x.shape == (96, 100)  # 10,000 // 100 = 100 windows, rounded down to whole batches of 16
-    # tiny texts still give one batch
-    x, _ = epoch_windows(ids[:300], seq_len=100, batch_size=16, seed=1, epoch=0)
-    assert x.shape == (16, 100)
+    windows = Windows(ids, seq_len=100, batch_size=8, seed=7)
+    assert windows.steps_per_epoch == 12  # 10,000 // 100 = 100 windows, 12 whole batches of 8
+    for epoch in (0, 3):
+        draw = np.random.default_rng([7, epoch]).integers(0, 10_000 - 100, size=12 * 8)
+        got = np.concatenate([windows.starts(epoch * 12 + b) for b in range(12)])
+        assert (got == draw).all()
+    backwards = [windows.starts(s).copy() for s in reversed(range(36))][::-1]
+    fresh = Windows(ids, seq_len=100, batch_size=8, seed=7)
+    assert all((fresh.starts(s) == b).all() for s, b in enumerate(backwards))
+    assert not (Windows(ids, 100, 8, seed=8).starts(0) == windows.starts(0)).all()
+    assert Windows(ids[:300], seq_len=100, batch_size=16, seed=1).steps_per_epoch == 1  # tiny texts: one batch
 
 
-def test_epoch_windows_are_reproducible_from_seed_and_epoch():
-    ids = np.arange(5_000, dtype=np.int32)
-    a = epoch_windows(ids, 50, 8, seed=7, epoch=3)
-    b = epoch_windows(ids, 50, 8, seed=7, epoch=3)
-    assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
-    other_epoch = epoch_windows(ids, 50, 8, seed=7, epoch=4)[0]
-    other_seed = epoch_windows(ids, 50, 8, seed=8, epoch=3)[0]
-    assert not (a[0] == other_epoch).all()
-    assert not (a[0] == other_seed).all()
+def test_validation_samples_are_fixed_evenly_spread_pieces():
+    ids = np.arange(1_000_000, dtype=np.uint32)
+    assert sample_pieces(100_000, 64) == (64, 1562)
+    assert sample_pieces(10_000, 64) == (19, 526)  # pieces of at least 512 characters
+    assert sample_pieces(300, 64) == (1, 300)
+    assert sample_pieces(2_000_000, 64) == (489, 4089)  # at most 4096 each
+    sample = sample_text(ids, 64, 1562)
+    assert sample.shape == (64 * 1562,) and sample.dtype == np.int32
+    pieces = sample.reshape(64, 1562)
+    assert (np.diff(pieces, axis=1) == 1).all()  # each piece is a run of the text
+    assert pieces[0, 0] == 0 and pieces[-1, -1] == 999_999  # from its start to its end
+    assert (np.diff(pieces[:, 0]) >= 1562).all()  # without overlaps
+    assert (sample_text(ids, 64, 1562) == sample).all()
 
 
 def test_streams_are_contiguous_rows():
@@ -116,3 +312,56 @@ def test_streams_are_contiguous_rows():
     # short texts use fewer, longer streams (at least min_len characters of context each)
     assert streams(ids[:1000], n_streams=8, min_len=512).shape == (1, 1000)
     assert streams(ids[:10], n_streams=8).shape == (1, 10)
+
+
+def test_windows_read_from_the_token_file_are_those_of_the_map(tmp_path):
+    text = "".join(chr(0x4E00 + i % 300) for i in range(20_000))  # uint16 ids
+    _, _, tokens = prepare_dir(tmp_path, [write(tmp_path / "t.txt", text)])
+    train = tokens.split(0.1).train
+    read, sliced = Windows(train, 50, 8, seed=2, read=tokens.windows), Windows(train, 50, 8, seed=2)
+    for step in (0, 5, 44, 45, 1000):
+        for a, b in zip(read.batch(step), sliced.batch(step)):
+            assert a.dtype == np.int32 and (a == b).all()
+
+
+def test_release_keeps_the_memory_map_readable(tmp_path):
+    _, _, tokens = prepare_dir(tmp_path, [write(tmp_path / "t.txt", "abcdefgh" * 1000)])
+    before = tokens.ids[:16].copy()
+    tokens.release()
+    assert (tokens.ids[:16] == before).all() and not tokens.ids.flags.writeable
+    assert os.path.getsize(tmp_path / "data" / TOKENS) == 8000
+
+
+def test_a_known_corpus_is_downloaded_once_into_the_data_directory(tmp_path, monkeypatch):
+    import http.server
+    import threading
+
+    text = ("To be, or not to be, that is the question:\n" * 20).encode()
+    served = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            served.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/hamlet.txt"
+        manifest = {"speech": KnownCorpus("speech", "hamlet.txt", url, hashlib.sha256(text).hexdigest(), len(text))}
+        monkeypatch.chdir(tmp_path)  # no copy in the current directory
+        sources = find_sources(["speech"], downloads=tmp_path / "data", manifest=manifest)
+        corpus = scan(sources)
+        assert served == ["/hamlet.txt"] and (tmp_path / "data" / "hamlet.txt").read_bytes() == text
+        assert corpus.describe()["name"] == "hamlet.txt" and corpus.length == len(text)
+        scan(find_sources(["speech"], downloads=tmp_path / "data", manifest=manifest))
+        assert served == ["/hamlet.txt"]  # read from the data directory the second time
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -115,7 +116,8 @@ def test_max_minutes_stops_mid_epoch_with_a_valid_artifact(tmp_path, capsys):
     assert 1 <= int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) < 7
     loaded = artifact.load(best)
     assert loaded.meta.training.epochs == 1
-    assert "stopped (max-minutes) after epoch 1" in capsys.readouterr().out
+    # it stopped mid-epoch; a resumed run would continue from that step with the batches of epoch 1
+    assert re.search(r"stopped \(max-minutes\) after step \d \(epoch 0\.\d+\)", capsys.readouterr().out)
 
 
 class TimedLines(io.StringIO):
@@ -148,7 +150,7 @@ def test_max_minutes_covers_validation_and_saving(tmp_path, monkeypatch):
     elapsed = time.monotonic() - started
     monkeypatch.undo()
 
-    epoch_lines = [(t - started, line) for t, line in out.lines if line.startswith("epoch ")]
+    epoch_lines = [(t - started, line) for t, line in out.lines if line.startswith(("epoch ", "step "))]
     assert epoch_lines, out.getvalue()
     validated_at = epoch_lines[-1][0]  # the epoch's line is written once its validation is done
     assert validated_at < budget, out.getvalue()
@@ -241,3 +243,144 @@ def test_early_stopping_then_resume_does_not_train_more(tmp_path, capsys):
     steps = (int(len(PERIODIC * 60 + noise) * 0.9) // 40) // 8
     checkpoint = keras.saving.load_model(run / "checkpoint.keras", compile=True, safe_mode=True)
     assert int(keras.ops.convert_to_numpy(checkpoint.optimizer.iterations)) == len(after) * steps
+
+
+# ---------------------------------------------------------------- steps, samples, resuming mid-epoch
+
+
+def step_settings(tmp_path: Path, **kw) -> TrainSettings:
+    corpus = tmp_path / "words.txt"
+    if not corpus.exists():
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        corpus.write_text(words(6_000, seed=3))  # 5,400 training characters: 13 steps of 8 windows of 50 per epoch
+    defaults = dict(config=ModelConfig(cell="lstm", layers=2, units=24, embedding=8, dropout=0.3), seq_len=50,
+                    batch_size=8, lr=5e-3, lr_decay=0.9, epochs=3, patience=0, eval_every=4, eval_chars=300)
+    return TrainSettings(corpus=str(corpus), out=str(tmp_path / "run"), **{**defaults, **kw})
+
+
+class Killed(Exception):
+    """What a kill -9 after optimizer step `at` would leave, raised from inside fit()."""
+
+
+def killing_at(at: int, monkeypatch):
+    import model.train as training
+
+    made = training._callbacks
+
+    def callbacks(*args, **kw):
+        class Kill(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == at:
+                    raise Killed(at)
+
+        return made(*args, **kw) + [Kill()]
+
+    monkeypatch.setattr(training, "_callbacks", callbacks)
+
+
+def test_a_run_killed_mid_epoch_resumes_with_the_batches_it_would_have_had(tmp_path, monkeypatch):
+    """Evaluations (and checkpoints) every 4 steps of 13-step epochs: killed at step 10, the run goes
+    back to its checkpoint at step 8, in the middle of epoch 1, and finishes with the same weights
+    and losses as a run that was never interrupted (dropout included)."""
+    whole = train(step_settings(tmp_path / "a"), verbose=0)
+    history = json.loads((whole.parent / "history.json").read_text())
+    assert [row["step"] for row in history] == [4, 8, 12, 16, 20, 24, 28, 32, 36, 39]
+    assert history[3]["epoch"] == round(16 / 13, 4) and history[-1]["epoch"] == 3
+    assert all(row["val_chars_scored"] == history[0]["val_chars_scored"] for row in history)  # the same sample
+
+    killing_at(10, monkeypatch)
+    with pytest.raises(Killed):
+        train(step_settings(tmp_path / "b"), verbose=0)
+    run = tmp_path / "b" / "run"
+    assert json.loads((run / "state.json").read_text())["step"] == 8
+    monkeypatch.undo()
+    train(step_settings(tmp_path / "b"), resume=True, verbose=0)
+
+    resumed = json.loads((run / "history.json").read_text())
+    assert [row["step"] for row in resumed] == [row["step"] for row in history]
+    for a, b in zip(history, resumed):
+        for key in ("train_nats_per_char", "val_nats_per_char", "learning_rate"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    one = keras.saving.load_model(whole.parent / "checkpoint.keras", compile=True, safe_mode=True)
+    other = keras.saving.load_model(run / "checkpoint.keras", compile=True, safe_mode=True)
+    for w, v in zip(one.get_weights(), other.get_weights()):
+        np.testing.assert_allclose(v, w, rtol=1e-5, atol=1e-6)
+    assert os.readlink(run / "best") == os.readlink(whole.parent / "best")
+
+
+def test_max_steps_and_a_resumed_run_that_raises_it(tmp_path):
+    given = step_settings(tmp_path, max_steps=6, eval_every=None)  # evaluations at epoch ends, and at the stop
+    train(given, verbose=0)
+    run = tmp_path / "run"
+    history = json.loads((run / "history.json").read_text())
+    assert [(row["step"], row["partial"]) for row in history] == [(6, False)]
+    assert os.readlink(run / "best") == "artifacts/step-00000006"  # mid-epoch
+    train(step_settings(tmp_path, max_steps=20, eval_every=None), resume=True, verbose=0)
+    history = json.loads((run / "history.json").read_text())
+    assert [row["step"] for row in history] == [6, 13, 20]
+    assert [row["epoch"] for row in history] == [round(6 / 13, 4), 1, round(20 / 13, 4)]
+    assert sorted(p.name for p in (run / "artifacts").iterdir()) in (["epoch-001"], ["step-00000006"], ["step-00000020"])
+    loaded = artifact.load(run)  # the step is in its history; its meta.json counts epochs begun
+    step = json.loads((loaded.path / "history.json").read_text())[-1]["step"]
+    assert loaded.meta.training.epochs == loaded.meta.validation.epoch == math.ceil(step / 13)
+
+
+def test_a_long_validation_text_is_sampled_then_scored_whole_at_the_end(tmp_path, capsys):
+    given = step_settings(tmp_path, validation_fraction=0.5, eval_chars=1_000, max_steps=4, epochs=1)
+    train(given, verbose=0)
+    out = capsys.readouterr().out
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history[0]["val_chars_scored"] == 999  # one piece of 1,000 characters (two would be under 512 each)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    whole = state["best"]["whole_validation"]
+    assert whole["chars_scored"] == 5 * 599  # five streams of 600 (each of at least 512 characters)
+    assert "validation on the sample" in out and "whole validation text, 2,995 characters" in out
+    # with --eval-chars all there is nothing left to score at the end
+    train(step_settings(tmp_path / "all", validation_fraction=0.5, eval_chars=None, max_steps=4, epochs=1), verbose=0)
+    state = json.loads((tmp_path / "all" / "run" / "state.json").read_text())
+    assert "whole_validation" not in state["best"]
+    assert json.loads((tmp_path / "all" / "run" / "history.json").read_text())[0]["val_chars_scored"] == 2995
+
+
+def test_the_budget_covers_the_last_whole_validation(tmp_path, monkeypatch):
+    """Evaluations score 2,000 characters of a 1,000,000-character validation text; at the end the
+    best model is scored on all of it inside what is left of --max-minutes (a prefix, recorded as
+    such), so the run still ends within its budget."""
+    budget = 0.25 * 60
+    (tmp_path / "words.txt").write_text(words(2_000_000))
+    given = step_settings(tmp_path, config=ModelConfig(cell="lstm", layers=1, units=64, embedding=16),
+                          validation_fraction=0.5, eval_chars=2_000, eval_every=50, epochs=30, max_minutes=budget / 60)
+    started = time.monotonic()
+    train(given, verbose=0)
+    elapsed = time.monotonic() - started
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert elapsed < budget + 3, f"{elapsed:.1f} s for a budget of {budget:.0f} s"
+    assert 0 < state["best"]["whole_validation"]["chars_scored"] < 1_000_000 - 64
+
+
+def test_mixed_precision_trains_and_publishes_float32(tmp_path):
+    best = train(step_settings(tmp_path, precision="mixed_bfloat16", max_steps=4, epochs=1), verbose=0)
+    checkpoint = keras.saving.load_model(tmp_path / "run" / "checkpoint.keras", compile=True, safe_mode=True)
+    assert checkpoint.get_layer("rnn_1").compute_dtype == "bfloat16"
+    assert checkpoint.get_layer("logits").compute_dtype == "float32"  # Keras' advice for the last layer
+    loaded = artifact.load(best, keras=True)
+    assert {layer.dtype_policy.name for layer in loaded.model.layers} == {"float32"}
+    assert {w.dtype for w in loaded.model.get_weights()} == {np.dtype("float32")}
+    assert loaded.onnx_path is not None and loaded.meta.validation.nats_per_char > 0
+
+
+def test_a_second_run_reuses_the_token_file_and_a_changed_corpus_is_noticed(tmp_path, capsys):
+    data = tmp_path / "shared-data"
+    train(step_settings(tmp_path, max_steps=2, epochs=1, data=str(data)), verbose=0)
+    assert "prepared words.txt" in capsys.readouterr().out
+    tokens = (data / "tokens.bin").stat()
+    other = step_settings(tmp_path, max_steps=2, epochs=1, data=str(data))
+    other.out = str(tmp_path / "other")
+    train(other, verbose=0)
+    assert f"reusing the token file in {data} (the same files" in capsys.readouterr().out
+    assert (data / "tokens.bin").stat().st_mtime_ns == tokens.st_mtime_ns
+    (tmp_path / "words.txt").write_text(words(6_000, seed=4))
+    from model.train import TrainingError
+
+    with pytest.raises(TrainingError, match="has changed since the run started"):
+        train(step_settings(tmp_path, max_steps=4, epochs=1, data=str(data)), resume=True, verbose=0)
