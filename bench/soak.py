@@ -130,7 +130,7 @@ def build(kind: Kind, rng: random.Random) -> tuple[str, bytes, str]:
     if kind.logprobs:
         body["logprobs"] = kind.logprobs
     if kind.api == "openai":
-        body.update(model="soak", max_tokens=max_chars)
+        body["max_tokens"] = max_chars  # no `model`: the server's default
         if kind.stream:
             body["stream_options"] = {"include_usage": True}
         return "/v1/completions", json.dumps(body).encode(), "application/json"
@@ -287,14 +287,16 @@ def client_ports(pid: int) -> set[int]:
 
 
 def read_metrics(url: str) -> dict[str, float]:
-    """The unlabelled samples of /metrics (the gauges this bench reads)."""
+    """The samples of /metrics, each name's summed over its labels (the gauges this bench reads: over
+    every model)."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     values = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name and not name.startswith("#") and "{" not in name:
-            values[name] = float(value)
+        name, _, value = line.rpartition(" ")
+        if name and not name.startswith("#"):
+            name = name.partition("{")[0]
+            values[name] = values.get(name, 0.0) + float(value)
     return values
 
 

@@ -3,15 +3,17 @@
     gunicorn -c python:service.gunicorn_conf [--bind ADDR] [--workers N]
 
 Why these settings:
-- No preload. Each worker imports TensorFlow and loads the artifact itself, after the fork:
-  TensorFlow is not fork-safe, so the master never imports it (it reads only service/config.py).
+- No preload. Each worker loads its models itself, after the fork (one engine and engine loop per
+  model): the master never imports the engine (it reads only service/config.py and
+  service/lifecycle.py), so nothing that is not fork-safe is ever forked.
 - gthread workers. A request holds a thread while it is generated (a stream for its whole length),
-  so threads = max_batch + max_queue + 16: every batch slot and queue place has its thread, and a
-  few more answer 429s, /health and /metrics at once. A slow client stalls only its own thread; the
-  engine loop never waits for a socket.
+  so threads = models x (max_batch + max_queue) + 16: every batch slot and queue place of every
+  model has its thread, and a few more answer 429s, /health and /metrics at once. The count of
+  models is that of the start: models a reload adds share these threads (set CHARGEN_THREADS to
+  leave room). A slow client stalls only its own thread; an engine loop never waits for a socket.
 - timeout only replaces a worker whose main loop hangs: a gthread worker's heartbeat comes from its
   main loop, not from request threads, so long streams are never killed by it.
-- Start-up. A worker that cannot load the artifact logs the loader's message and exits with
+- Start-up. A worker that cannot load one of its models logs the loader's message and exits with
   status 4; gunicorn then stops at once ("App failed to load") with status 4. The check is the
   loader's own (model/artifact.py), run in the worker, not a second, partial check in the master.
 - Replacement workers (spawned after start-up: a worker was killed, or more were added, or a
@@ -39,16 +41,21 @@ Reload (SIGHUP; service/lifecycle.py). gunicorn re-reads this file (the module i
 settings stay those of the start), calls on_reload, forks a new set of workers and sends SIGTERM
 to the old ones at once; a worker that then exits with status 3 or 4 (cannot boot, cannot load)
 halts the whole server, and an exception in on_reload ends the master. So:
-- Workers never load CHARGEN_ARTIFACT itself but a private snapshot the master copied into a
-  temporary directory (symlinks followed, a run directory's best/): at start, and in on_reload,
-  where the copy is first loaded in a subprocess exactly as a worker loads it (artifact loader,
-  engine, one short generation; up to 180 s, the master waits meanwhile). If it loads, the new
-  workers load it; if not, the error is logged and the new workers load the previous snapshot:
-  the service keeps serving the model it had (its workers are replaced by ones of the same model).
-  A deploy therefore replaces the directory CHARGEN_ARTIFACT names, atomically (a symlink flip such
-  as `ln -sfn v2 next && mv -T next current`, or a rename), then sends SIGHUP. A worker that
-  crashes later is replaced by one loading the same snapshot, never by a half-copied deploy.
-  /info's model.path names the snapshot; the model's name stays that of CHARGEN_ARTIFACT.
+- Workers never load the configured artifacts themselves but a private snapshot of every model that
+  the master copied into a temporary directory (symlinks followed, a run directory's best/): at
+  start, and in on_reload, which first lists the models again (a CHARGEN_MODELS directory may have
+  gained or lost some) and loads each copy in a subprocess exactly as a worker loads it (artifact
+  loader, engine, one short generation; all models at once, up to 180 s, the master waits
+  meanwhile). A model whose copy loads is served from it by the new workers; one that does not is
+  logged and keeps its previous copy (a model new to this reload is then not served), so the
+  service keeps serving what it had. If the models cannot be listed (CHARGEN_MODELS names a
+  directory gone missing, a name now clashes) or the default model has no copy that loads, the
+  whole reload keeps the previous snapshot. A deploy therefore replaces or adds an artifact
+  directory atomically (a symlink flip such as `ln -sfn v2 next && mv -T next current`, or a
+  rename), then sends SIGHUP. A worker that crashes later is replaced by one loading the same
+  snapshot, never by a half-copied deploy. The workers get the snapshot as CHARGEN_MODELS
+  NAME=PATH pairs and CHARGEN_DEFAULT_MODEL (post_fork); /info's model.path names the copy, the
+  model's name stays the configured one.
 - An old worker told to stop by a reload keeps accepting until a worker of the new reload has
   loaded its model (or graceful_timeout has passed), then drains as above: no moment without a
   worker that accepts. For a while the old and the new workers (and, before, the check) run side by
@@ -70,6 +77,7 @@ from service.config import Settings, SettingsError
 
 try:
     settings = Settings.from_env()
+    models = settings.models_to_serve()  # read again on every reload (Snapshots.take)
 except SettingsError as e:
     sys.stderr.write(f"Error: {e}\n")
     sys.exit(1)
@@ -78,7 +86,7 @@ wsgi_app = "service.app:create_app()"
 bind = [settings.bind]
 workers = settings.workers
 worker_class = "gthread"
-threads = settings.gunicorn_threads
+threads = settings.gunicorn_threads(len(models.sources))
 worker_connections = max(1000, 2 * threads)
 timeout = settings.timeout
 graceful_timeout = settings.graceful_timeout
@@ -100,25 +108,36 @@ def on_starting(server):
     metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in metrics_dir.glob("*.db"):  # samples of an earlier run would be added to ours
         stale.unlink()
-    server.log.info("chargen: serving %s with %d worker(s) x %d threads, batch %d, queue %d per worker",
-                    settings.artifact, server.cfg.workers, server.cfg.threads, settings.max_batch, settings.max_queue)
+    server.log.info("chargen: serving %s (default %s) with %d worker(s) x %d threads, batch %d, queue %d per model "
+                    "and worker", _described(models), models.default, server.cfg.workers, server.cfg.threads,
+                    settings.max_batch, settings.max_queue)
     global snapshots
-    snapshots = lifecycle.Snapshots(settings.artifact)
+    snapshots = lifecycle.Snapshots(settings)
     try:
         snapshots.take(check=False)  # the first workers' own load is the check at start
-    except lifecycle.SnapshotError as e:  # they will load it in place and report why it fails
-        server.log.warning("chargen: cannot copy the artifact: %s", e)
+    except lifecycle.SnapshotError as e:  # they will load the sources in place and report why it fails
+        server.log.warning("chargen: cannot copy the models: %s", e)
+
+
+def _described(models) -> str:
+    return ", ".join(f"{m.name}={m.path}" for m in models.sources)
 
 
 def on_reload(server):
     # Nothing may escape: an exception in this hook ends gunicorn's master, workers and all.
-    server.log.info("chargen: reload: loading %s in a subprocess before new workers use it", settings.artifact)
+    server.log.info("chargen: reload: listing the models again and loading each in a subprocess before new workers use it")
     try:
-        path = snapshots.take(check=True)
-        server.log.info("chargen: reload: new workers load %s (copied to %s)", settings.artifact, path)
-    except Exception as e:  # noqa: BLE001 - SnapshotError, or the subprocess could not even start
-        server.log.error("chargen: reload: the new model cannot be loaded, so the new workers load the previous "
-                         "one again: %s", e)
+        current, failures = snapshots.take(check=True)
+        for name, reason, kept in failures:
+            if kept:
+                server.log.error("chargen: reload: the model %r cannot be loaded, so the new workers load the previous "
+                                 "one again: %s", name, reason)
+            else:
+                server.log.error("chargen: reload: the new model %r cannot be loaded and is not served: %s", name, reason)
+        server.log.info("chargen: reload: new workers serve %s (default %s)", _described(current), current.default)
+    except Exception as e:  # noqa: BLE001 - SnapshotError, or a subprocess could not even start
+        server.log.error("chargen: reload: the new models cannot be loaded, so the new workers load the previous "
+                         "ones again: %s", e)
     try:
         snapshots.begin_reload()
     except OSError as e:  # the old workers then drain at once instead of waiting for the new ones
@@ -128,8 +147,11 @@ def on_reload(server):
 def post_fork(server, worker):
     _json_framing_errors()
     if snapshots is not None and snapshots.current is not None:
-        os.environ["CHARGEN_ARTIFACT"] = str(snapshots.current)  # read by create_app() in this worker
-        os.environ["CHARGEN_MODEL_NAME"] = settings.name  # the name of CHARGEN_ARTIFACT, not of the copy
+        # read by create_app() in this worker: the copies under their configured names
+        os.environ["CHARGEN_MODELS"] = snapshots.current.pairs()
+        os.environ["CHARGEN_DEFAULT_MODEL"] = snapshots.current.default
+        os.environ.pop("CHARGEN_ARTIFACT", None)
+        os.environ.pop("CHARGEN_MODEL_NAME", None)
 
 
 def _json_framing_errors() -> None:
@@ -157,24 +179,25 @@ def _json_framing_errors() -> None:
 
 def post_worker_init(worker):
     chargen = worker.wsgi.extensions["chargen"]
-    chargen.start()  # load the model now, not on the first request
-    scheduler = chargen.scheduler
+    chargen.start()  # load the models now, not on the first request
 
-    def failed(error: BaseException, loaded: bool) -> None:
+    def failed(served, error: BaseException, loaded: bool) -> None:
         if loaded:
-            worker.log.error("chargen: the engine loop stopped: %s; exiting so that gunicorn replaces this worker", error)
+            worker.log.error("chargen: the engine loop of the model %r stopped: %s; exiting so that gunicorn replaces "
+                             "this worker", served.name, error)
         else:
-            worker.log.error("chargen: cannot load the model %s: %s", settings.artifact, error)
+            configured = next((m for m in models.sources if m.name == served.name), served.scheduler.source)
+            worker.log.error("chargen: cannot load the model %r (%s): %s", served.name, configured.origin, error)
         for handler in worker.log.error_log.handlers:
             handler.flush()
         os._exit(1 if loaded else 4)  # 4: gunicorn's "App failed to load", which stops the server
 
-    scheduler.on_failure(failed)
-    lifecycle.handle_sigterm(worker, scheduler, snapshots)
+    chargen.on_failure(failed)
+    lifecycle.handle_sigterm(worker, chargen, snapshots)
     if worker.age > worker.cfg.workers:  # a replacement: let the running workers answer meanwhile
-        while worker.alive and not scheduler.wait_ready(1.0):
+        while worker.alive and not chargen.wait_ready(1.0):
             worker.notify()
-        if scheduler.ready and snapshots is not None:
+        if chargen.ready and snapshots is not None:
             snapshots.mark_ready()  # the workers this one replaces after a reload may stop now
 
 

@@ -1,20 +1,21 @@
-"""Changing a running server without dropping a request: snapshots of the artifact, the reload
+"""Changing a running server without dropping a request: snapshots of the models, the reload
 handover and the drain. service/gunicorn_conf.py calls these from gunicorn's hooks; the reasons are
 in its docstring.
 
-    master:  Snapshots(source).take(check)    copy the artifact (and, on SIGHUP, load the copy in a
-                                              subprocess exactly as a worker does) before workers use it
-    worker:  handle_sigterm(worker, scheduler, snapshots)
+    master:  Snapshots(settings).take(check)  list the models (a CHARGEN_MODELS directory is read
+                                              again), copy each (and, on SIGHUP, load each copy in a
+                                              subprocess exactly as a worker does) before workers use them
+    worker:  handle_sigterm(worker, chargen, snapshots)
              SIGTERM from a reload: keep serving until a worker of the new reload has loaded its
-             model, then drain; any other SIGTERM: drain at once (stop listening, /health 503,
+             models, then drain; any other SIGTERM: drain at once (stop listening, /health 503,
              let open requests finish)
 
-    python -m service.lifecycle take SOURCE TARGET [--check]     (what Snapshots.take runs)
+    python -m service.lifecycle take SOURCE TARGET [--check]     (what Snapshots.take runs, per model)
 
-The snapshot directory (a fresh temporary directory per server) holds the copies (1/, 2/, ...), the
-number of the latest reload (`reloads`) and one empty file per worker that has loaded its model
-after a reload (`ready/RELOAD-PID`): that is how an old worker learns that its successor is ready.
-This module imports no Flask, TensorFlow or model code at the top: the master imports it.
+The snapshot directory (a fresh temporary directory per server) holds the copies (1/NAME, 2/NAME,
+...), the number of the latest reload (`reloads`) and one empty file per worker that has loaded its
+models after a reload (`ready/RELOAD-PID`): that is how an old worker learns that its successor is
+ready. This module imports no Flask, TensorFlow or model code at the top: the master imports it.
 """
 
 from __future__ import annotations
@@ -29,51 +30,76 @@ import threading
 import time
 from pathlib import Path
 
+from service.config import Models, ModelSource, Settings, SettingsError
+
 # How long the master waits for `take --check` (import, load, one short generation) before it gives
-# up and keeps the previous model. The master handles no signal meanwhile.
+# up and keeps the previous model. The checks of several models run at once; the master handles no
+# signal meanwhile.
 CHECK_SECONDS = 180
 
 
 class SnapshotError(Exception):
-    """The artifact could not be copied or loaded; the message is the loader's."""
+    """The models could not be listed, or the default model has no copy that loads; the message
+    says why (the loader's own words for a model)."""
 
 
 class Snapshots:
-    def __init__(self, source: str):
-        self.source = source  # CHARGEN_ARTIFACT as given: a directory, a run directory or a symlink
+    def __init__(self, settings: Settings):
+        self.settings = settings  # the start's: CHARGEN_ARTIFACT and CHARGEN_MODELS as given (paths, symlinks)
         self.root = Path(tempfile.mkdtemp(prefix="chargen-models-"))
         (self.root / "ready").mkdir()
-        self.current: Path | None = None  # what workers forked now load (None: the source itself)
+        self.current: Models | None = None  # the copies workers forked now load (None: the sources themselves)
+        self._current_dir: Path | None = None
         self.reloads = 0  # SIGHUPs handled; a worker keeps the value it was forked with
         self._taken = 0
         (self.root / "reloads").write_text("0")
 
     # ------------------------------------------------------------ master
 
-    def take(self, check: bool) -> Path:
-        """Copy the source to a new snapshot and make it current; with `check`, first load the copy as
-        a worker would (in a subprocess: the master never imports TensorFlow). Raises SnapshotError
-        and keeps the current snapshot when either fails."""
+    def take(self, check: bool) -> tuple[Models, list[tuple[str, str, bool]]]:
+        """List the models again, copy each to a new snapshot (root/N/NAME) and make it current; with
+        `check`, first load each copy as a worker would (in subprocesses, all at once: the master
+        never imports the engine). A model whose copy or check fails keeps its previous copy, or is
+        left out when it had none. Returns the new current list and, per model that failed,
+        (name, reason, whether its previous copy is kept). Raises SnapshotError and keeps the current
+        snapshot when the models cannot be listed, when the default model has no copy that loads,
+        or, at start (no check), when any copy fails (the workers then load the sources themselves
+        and report why)."""
+        try:
+            models = self.settings.models_to_serve()
+        except SettingsError as e:
+            raise SnapshotError(str(e)) from None
         self._taken += 1
         target = self.root / str(self._taken)
-        command = [sys.executable, "-m", "service.lifecycle", "take", self.source, str(target)]
-        # The check writes no samples into the workers' metrics directory (it would count as a worker).
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        try:
-            done = subprocess.run(command + (["--check"] if check else []), env=env, capture_output=True,
-                                  text=True, timeout=CHECK_SECONDS)
-        except subprocess.TimeoutExpired:
+        target.mkdir()
+        reasons = _take_all(models, target, check)
+        previous = {m.name: Path(m.path) for m in self.current.sources} if self.current else {}
+        kept, failures = [], []
+        for m in models.sources:
+            copy = target / m.name
+            reason = reasons.get(m.name)
+            if reason is not None:
+                shutil.rmtree(copy, ignore_errors=True)
+                if m.name not in previous:
+                    failures.append((m.name, reason, False))
+                    continue
+                try:
+                    shutil.copytree(previous[m.name], copy)  # each snapshot holds all of its models
+                except OSError as e:
+                    failures.append((m.name, f"{reason} (and its previous copy cannot be copied: {e})", False))
+                    continue
+                failures.append((m.name, reason, True))
+            kept.append(ModelSource(m.name, str(copy), m.origin))
+        if (not check and failures) or models.default not in {m.name for m in kept}:
             shutil.rmtree(target, ignore_errors=True)
-            raise SnapshotError(f"{self.source}: loading it took more than {CHECK_SECONDS} s") from None
-        if done.returncode != 0:
-            shutil.rmtree(target, ignore_errors=True)
-            reason = done.stdout.strip() or done.stderr.strip()[-2000:] or f"exit status {done.returncode}"
-            raise SnapshotError(reason)
-        previous, self.current = self.current, target
-        for old in self.root.iterdir():  # keep the current and the previous copy
-            if old.name.isdigit() and old not in (target, previous):
+            raise SnapshotError("; ".join(f"model {name!r}: {reason}" for name, reason, _ in failures)
+                                or f"the default model {models.default!r} has no copy")
+        self.current = Models(tuple(kept), models.default)
+        previous_dir, self._current_dir = self._current_dir, target
+        for old in self.root.iterdir():  # keep the current and the previous copies
+            if old.name.isdigit() and old not in (target, previous_dir):
                 shutil.rmtree(old, ignore_errors=True)
-        return target
+        return self.current, failures
 
     def begin_reload(self) -> None:
         """Workers forked from now on belong to a new reload; SIGTERM then tells older ones to hand over."""
@@ -111,13 +137,39 @@ class Snapshots:
 # ---------------------------------------------------------------- the worker's SIGTERM
 
 
-def handle_sigterm(worker, scheduler, snapshots: Snapshots | None) -> None:
-    """Replace the gthread worker's SIGTERM handler (call from post_worker_init, in the main thread)."""
+def _take_all(models: Models, target: Path, check: bool) -> dict[str, str]:
+    """Run `take` for every model at once; returns the reason per model that failed."""
+    # The check writes no samples into the workers' metrics directory (it would count as a worker).
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    runs = {}
+    for m in models.sources:
+        command = [sys.executable, "-m", "service.lifecycle", "take", m.path, str(target / m.name)]
+        runs[m.name] = subprocess.Popen(command + (["--check"] if check else []), env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + CHECK_SECONDS
+    reasons = {}
+    for m in models.sources:
+        run = runs[m.name]
+        try:
+            out, err = run.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.communicate()
+            reasons[m.name] = f"{m.path}: loading it took more than {CHECK_SECONDS} s"
+            continue
+        if run.returncode != 0:
+            reasons[m.name] = out.strip() or err.strip()[-2000:] or f"exit status {run.returncode}"
+    return reasons
+
+
+def handle_sigterm(worker, chargen, snapshots: Snapshots | None) -> None:
+    """Replace the gthread worker's SIGTERM handler (call from post_worker_init, in the main thread);
+    `chargen` is the application's (service/app.py), whose drain() covers every model."""
     exit_handler = signal.getsignal(signal.SIGTERM)  # the worker's own: stop the main loop, finish open requests
     started = threading.Event()
 
     def drain() -> None:
-        scheduler.drain()
+        chargen.drain()
         # gunicorn >= 24 keeps its listening sockets open until the worker exits, so connections the
         # kernel accepts meanwhile would wait and then be reset; closing them makes new connections
         # fail at once with "connection refused", which a load balancer retries elsewhere. (Older

@@ -1,6 +1,6 @@
 """Routes for operators and tools: /health, /health/live, /info, /metrics, /openapi.json (no API key needed).
 
-/health is readiness: 200 only while this worker's model is loaded and it is not shutting down (a
+/health is readiness: 200 only while this worker's models are all loaded and it is not shutting down (a
 load balancer or Kubernetes sends traffic on it). /health/live is liveness: 200 whenever the worker
 answers HTTP at all, loading or draining included, so a liveness probe restarts only a process whose
 request threads are stuck, never one that is busy loading or finishing its streams.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from service import metrics
 from service.errors import ApiError, loading
@@ -24,14 +24,15 @@ def state():
 
 @bp.get("/health")
 def health():
-    scheduler = state().scheduler
-    if scheduler.failure is not None:
-        raise ApiError(503, f"the model could not be loaded: {scheduler.failure}", type="unavailable_error",
-                       code="model_failed")
-    if scheduler.draining:
+    chargen = state()
+    failed = chargen.failed()
+    if failed is not None:
+        raise ApiError(503, f"the model {failed.name!r} could not be loaded: {failed.scheduler.failure}",
+                       type="unavailable_error", code="model_failed")
+    if chargen.draining:
         raise ApiError(503, "this worker is shutting down and finishes only the requests it has; send new ones elsewhere",
                        type="unavailable_error", code="draining", headers={"Retry-After": "1"})
-    if not scheduler.ready:
+    if not chargen.ready:
         raise loading()
     return jsonify({"status": "ok", "pid": os.getpid()})
 
@@ -43,9 +44,12 @@ def live():
 
 @bp.get("/info")
 def info():
-    if not state().scheduler.ready:
+    """One model's /info (?model=NAME; default: the default model), every model in `models`."""
+    name = request.args.get("model")
+    state().served(name)  # an unknown name is a 404 even while loading
+    if not state().ready:
         raise loading()
-    return jsonify(state().info())
+    return jsonify(state().info(name))
 
 
 @bp.get("/metrics")

@@ -5,7 +5,9 @@ once, answers /health 503 on a connection still open, and the server exits 0. Re
 steady stream of requests, SIGHUP after the served artifact (a symlink) is flipped to a model
 trained on another sentence fails no request and later answers come from the new model; SIGHUP
 after a flip to a broken artifact logs the loader's error and the service keeps serving the model
-it had. The test clients open a connection per request, as nginx does in front of chargen
+it had. With CHARGEN_MODELS, SIGHUP reads its directory again: a model added there is served by the
+new workers (from their private copy), a broken one added with it is logged and left out, and the
+others stay. The test clients open a connection per request, as nginx does in front of chargen
 (deploy/nginx): a client that reuses a kept-alive connection to the worker itself can meet the
 ordinary keep-alive race when a stopping worker closes it.
 """
@@ -25,10 +27,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import PERIODIC, train_tiny
+from conftest import OTHER, PERIODIC
 from server import REQUEST_TIMEOUT, ROOT, running_server, server_env
 
-OTHER = "pack my box with five dozen liquor jugs.\n"  # what the second model learns
 LONG = 150_000  # characters of the streams that must outlive a signal (a few seconds here)
 LOAD_DELAY = 2  # seconds added to every model load in the reload test
 
@@ -120,12 +121,6 @@ def test_sigterm_drains_a_long_stream_refuses_new_connections_and_exits_0(tiny_a
 
 
 # ---------------------------------------------------------------- reload
-
-
-@pytest.fixture(scope="module")
-def other_artifact(tmp_path_factory) -> Path:
-    """A tiny model that has learned OTHER: greedy sampling after a newline gives OTHER."""
-    return train_tiny(tmp_path_factory.mktemp("other") / "run", OTHER * 60)
 
 
 def broken_copy(artifact: Path, where: Path) -> Path:
@@ -230,3 +225,39 @@ def test_sighup_swaps_the_model_without_a_failed_request_and_a_broken_one_change
     assert f"{current}: " in log.split("cannot be loaded, so the new workers load the previous one again:", 1)[1].splitlines()[0]
     slowest = max(seconds for _, seconds, _ in load.results)
     print(f"{len(load.results)} requests over two reloads, none failed; slowest {slowest * 1e3:.0f} ms")
+
+
+def test_sighup_serves_a_model_added_to_the_models_directory(tiny_artifact, other_artifact, tmp_path):
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "jugs").symlink_to(other_artifact)
+
+    def answer(server, model):
+        r = server.post("/v1/generate", json={"prompt": "\n", "max_chars": 30, "temperature": 0, "model": model})
+        return r.json()["choices"][0]["text"] if r.status_code == 200 else r.json()["error"]["code"]
+
+    def served(server):
+        return [m["id"] for m in server.get("/v1/models").json()["data"]]
+
+    # CHARGEN_ARTIFACT (`run`, the default) and the directory's `jugs`, each from a private copy
+    with running_server(tiny_artifact, env={"CHARGEN_MODELS": root}) as server:
+        assert served(server) == ["run", "jugs"]
+        copy = Path(server.get("/info?model=jugs").json()["model"]["path"])
+        assert copy.name == "jugs" and copy.parent.parent.name.startswith("chargen-models-")
+        assert answer(server, "fox") == "model_not_found"
+        before = server.worker_pids()
+
+        (root / "fox").symlink_to(tiny_artifact)  # a deploy adds a model ...
+        (root / "bad").symlink_to(broken_copy(other_artifact, tmp_path))  # ... and a broken one
+        server.process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "fox" in served(server), timeout=120), server.log()[-3000:]
+        assert wait_for(lambda: server.worker_pids() and set(server.worker_pids()).isdisjoint(before), timeout=60)
+        assert served(server) == ["run", "fox", "jugs"]
+        assert (answer(server, "fox"), answer(server, "jugs"), answer(server, "run")) == (PERIODIC[:30], OTHER[:30], PERIODIC[:30])
+        assert answer(server, "bad") == "model_not_found"
+        new_copy = Path(server.get("/info?model=fox").json()["model"]["path"])
+        assert new_copy.parent.parent == copy.parent.parent and new_copy.parent != copy.parent  # the reload's snapshot
+        assert server.get("/health").status_code == 200
+        log = server.log()
+    assert "the new model 'bad' cannot be loaded and is not served: " in log
+    assert f"{root / 'bad'}: " in log.split("the new model 'bad' cannot be loaded and is not served: ", 1)[1].splitlines()[0]
