@@ -11,6 +11,18 @@ stream's generator (64 at a time: the same numbers, in the same order, as one ge
 per pick), so a step makes no Python call per stream to sample. The text a stream emits is its
 own business (`model.streams`).
 
+Streams whose settings adjust the logits (penalties, biases; model.sampling) have per-slot arrays
+beside the others: the biases, how often each character was generated, and a ring buffer of each
+slot's last repetition_window characters (its prompt's included) with their counts; a step updates
+them for all rows with a few indexed operations. Requests that ask for none of this cost nothing
+for it.
+
+A prompt is read from the prompt cache (`model.prompt_cache`, when the engine has one): the state
+after its longest cached prefix, then the rest fed in one call; the state at the prompt's end (and
+at the positions the request names, such as a chat's turn ends) is kept for the next. A prompt to
+be scored (`prompt_logprobs`) is fed from the start in calls of PROMPT_CHUNK characters, each giving
+the prediction at every position; `max_chars` 0 reads (and scores) the prompt and generates nothing.
+
 A stream's log-probabilities can differ by ~1e-6 depending on its batch (float32 products of a
 batch and of a single row round differently); the sampler works in float64 so that this flips a
 pick only when a draw lands within ~1e-6 of a boundary. Same seed and same batch composition:
@@ -28,14 +40,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model import network_step
-from model.sampling import log_softmax, pick
-from model.streams import CharLogprob, Delta, GenerationRequest, Stream, whole_number
+from model.network_step import PROMPT_CHUNK, State
+from model.prompt_cache import PromptCache
+from model.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, pick
+from model.streams import CharLogprob, Delta, GenerationRequest, PromptScore, Stream, whole_number
 from model.vocab import Vocab
 
 if TYPE_CHECKING:
     from model.artifact import Artifact
 
-__all__ = ["CharLogprob", "Delta", "Engine", "EngineFull", "GenerationRequest", "Stream"]
+__all__ = ["CharLogprob", "Delta", "Engine", "EngineFull", "GenerationRequest", "PromptScore", "Stream"]
 
 DRAWS_AHEAD = 64  # uniform draws taken from a stream's generator at a time
 
@@ -46,12 +60,72 @@ class EngineFull(RuntimeError):
     """Every batch slot is taken; try again when a stream finishes."""
 
 
+class SlotAdjustments:
+    """The per-slot inputs of model.sampling's adjustments for max_batch slots, and their update
+    after each step (one indexed add per count, no Python per stream)."""
+
+    def __init__(self, max_batch: int, vocab_size: int):
+        B, V = max_batch, vocab_size
+        self.bias = np.zeros((B, V))
+        self.repetition = np.ones(B)
+        self.presence = np.zeros(B)
+        self.frequency = np.zeros(B)
+        self.generated = np.zeros((B, V), np.int32)
+        self.recent = np.zeros((B, V), np.int32)
+        self.window = np.zeros(B, np.int64)  # 0 where the repetition penalty is off: no ring kept
+        self.ring = np.zeros((B, MAX_REPETITION_WINDOW), np.int32)  # slot b's character t at ring[b, t % MAX_REPETITION_WINDOW]
+        self.seen = np.zeros(B, np.int64)  # characters put in the slot's ring so far
+        self._rows = np.arange(B)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.bias, self.repetition, self.presence, self.frequency, self.generated, self.recent,
+                self.window, self.ring, self.seen]
+
+    def set(self, slot: int, settings: SamplingSettings, prompt_ids: np.ndarray) -> None:
+        """A new stream's settings, its counts from zero, its window filled from the prompt's end."""
+        self.bias[slot] = 0.0
+        for i, value in settings.logit_bias:
+            if i < self.bias.shape[1]:  # an id beyond the vocabulary names no character
+                self.bias[slot, i] = value
+        self.presence[slot], self.frequency[slot] = settings.presence_penalty, settings.frequency_penalty
+        self.generated[slot] = 0
+        self.recent[slot] = 0
+        w = settings.repetition_window if settings.repeats else 0
+        self.repetition[slot], self.window[slot] = (settings.repetition_penalty if w else 1.0), w
+        last = prompt_ids[max(0, len(prompt_ids) - w):] if w else prompt_ids[:0]
+        self.ring[slot, : len(last)] = last
+        self.seen[slot] = len(last)
+        np.add.at(self.recent[slot], last, 1)
+
+    def view(self, n: int) -> Adjustments:
+        return Adjustments(self.bias[:n], self.repetition[:n], self.recent[:n], self.presence[:n], self.frequency[:n],
+                           self.generated[:n])
+
+    def record(self, n: int, ids: np.ndarray) -> None:
+        """Slots 0..n-1 produced ids (n,)."""
+        rows = self._rows[:n]
+        self.generated[rows, ids] += 1
+        windowed = np.flatnonzero(self.window[:n])
+        if len(windowed):
+            new, w, t = ids[windowed], self.window[windowed], self.seen[windowed]
+            full = t >= w  # the window's oldest character leaves it
+            leaving = self.ring[windowed, (t - w) % MAX_REPETITION_WINDOW]
+            self.recent[windowed[full], leaving[full]] -= 1
+            self.ring[windowed, t % MAX_REPETITION_WINDOW] = new
+            self.recent[windowed, new] += 1
+            self.seen[windowed] += 1
+
+
 class Engine:
-    def __init__(self, artifact: Artifact, max_batch: int = 128, threads: int | None = None, device: str = "cpu"):
+    def __init__(self, artifact: Artifact, max_batch: int = 128, threads: int | None = None, device: str = "cpu",
+                 prompt_cache_bytes: int = 0):
         """`threads`: most threads one step uses (default: one per core); `device`: "cpu" or "cuda"
-        (the CPU, with a warning, where ONNX Runtime has no CUDA)."""
+        (the CPU, with a warning, where ONNX Runtime has no CUDA); `prompt_cache_bytes`: the size
+        of the prompt cache (0: none)."""
         if not whole_number(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
+        if not whole_number(prompt_cache_bytes) or prompt_cache_bytes < 0:
+            raise ValueError(f"prompt_cache_bytes must be a whole number >= 0, got {prompt_cache_bytes!r}")
         if threads is not None and (not whole_number(threads) or threads < 1):
             raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
         self.vocab: Vocab = artifact.vocab
@@ -71,40 +145,118 @@ class Engine:
         self._rows = np.arange(self.max_batch)
         self._logprobs = np.zeros(self.max_batch, np.int64)  # the logprobs each slot's request asks for
         self._wanting = 0  # active slots whose requests ask for logprobs
+        self._min_p = np.zeros(self.max_batch)
+        self._adjustments: SlotAdjustments | None = None  # made when the first request that adjusts logits starts
+        self._adjusting = 0  # active slots whose settings adjust logits
+        self._ranked = np.zeros(self.max_batch, bool)  # the slot's request keeps the sum of its logprobs (rank)
+        self._logprob_sum = np.zeros(self.max_batch)
+        self._ranking = 0
+        self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
         # An empty prompt starts from the zero state as if after a newline (after the first
         # vocabulary character when the vocabulary has no newline).
         self._empty_prompt = np.array([self.vocab.index.get("\n", 0)], dtype=np.int64)
+        self._after_empty: State | None = None
 
     @property
     def active(self) -> int:
         return len(self._slots)
 
     def start(self, request: GenerationRequest) -> Stream:
-        """Consume the prompt in one pass and take a batch slot."""
+        """Read the prompt (from the prompt cache where it can) and take a batch slot; with
+        max_chars 0 the stream is finished when this returns."""
         if not isinstance(request, GenerationRequest):
             raise ValueError(f"expected a GenerationRequest, got {type(request).__name__}")
-        if request.logprobs > len(self.vocab):
+        if max(request.logprobs, request.prompt_logprobs or 0) > len(self.vocab):
             raise ValueError(f"logprobs must be at most {len(self.vocab)} (the vocabulary size), got {request.logprobs}")
         if self.active >= self.max_batch:
             raise EngineFull(f"all {self.max_batch} generation slots are busy")
-        encoded = self.vocab.encode(request.prompt)
-        ids = encoded.ids if len(encoded.ids) else self._empty_prompt
+        ids, dropped, boundaries = self._encode(request)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
-        stream = Stream(request, int(seed), len(encoded.ids), encoded.dropped, owner=self)
+        stream = Stream(request, int(seed), len(ids), dropped, owner=self)
         stream._slot = slot = len(self._slots)
         self._slots.append(stream)
         settings = request.sampling
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = settings.temperature, settings.top_k, settings.top_p
+        self._min_p[slot] = settings.min_p
         self._samples[slot] = not settings.greedy
         self._next_draw[slot] = DRAWS_AHEAD if self._samples[slot] else 0  # none drawn yet; a greedy slot draws none
         self._logprobs[slot] = request.logprobs
         self._wanting += request.logprobs > 0
+        self._ranked[slot], self._logprob_sum[slot] = request.rank, 0.0
+        self._ranking += request.rank
+        if settings.adjusts and self._adjustments is None:
+            self._adjustments = SlotAdjustments(self.max_batch, len(self.vocab))
+        if self._adjustments is not None:  # a slot's arrays are always its own stream's (neutral when it adjusts nothing)
+            self._adjustments.set(slot, settings, ids)
+        self._adjusting += settings.adjusts
         try:
-            self.network.consume(slot, ids)
+            self.network.restore(slot, self._read(request, stream, ids, boundaries))
         except BaseException:
             self._release(stream)
             raise
+        if request.max_chars == 0:
+            stream.finish_reason = "length"
+            self._release(stream)
         return stream
+
+    def _encode(self, request: GenerationRequest) -> tuple[np.ndarray, int, list[int]]:
+        """The prompt's ids, how many of its characters were dropped, and where (in ids) the
+        request's cache_at positions fall. A prompt with cache_at is encoded piece by piece, with
+        or without a cache, so its ids never depend on whether the engine has one."""
+        if not request.cache_at:
+            encoded = self.vocab.encode(request.prompt)
+            return encoded.ids, encoded.dropped, []
+        cuts = [0, *request.cache_at, len(request.prompt)]
+        pieces = [self.vocab.encode(request.prompt[a:b]) for a, b in zip(cuts, cuts[1:])]
+        ends = np.cumsum([len(p.ids) for p in pieces]).tolist()
+        return np.concatenate([p.ids for p in pieces]), sum(p.dropped for p in pieces), ends[:-1]
+
+    def _read(self, request: GenerationRequest, stream: Stream, ids: np.ndarray, boundaries: list[int]) -> State:
+        """The state after the prompt: fed whole when it is scored, else resumed from its longest
+        cached prefix; the cache keeps the states at its end and at the boundaries."""
+        network, cache = self.network, self.cache
+        if not len(ids):
+            if self._after_empty is None:
+                self._after_empty = network.prompt(self._empty_prompt)
+            if request.prompt_logprobs is not None:
+                stream.prompt_score = PromptScore([], np.zeros(0), np.zeros((0, 0), np.int64), np.zeros((0, 0)), self.vocab.chars)
+            return self._after_empty
+        if request.prompt_logprobs is not None:
+            state, stream.prompt_score = self._score(ids, request.prompt_logprobs)
+            if cache is not None:
+                cache.put(ids, state)
+            return state
+        if cache is None:
+            return network.prompt(ids)
+        hashes = cache.hashes(ids)
+        start, state = cache.longest(ids, hashes)
+        stream.cached_chars = start
+        for end in [b for b in boundaries if b > start] + [len(ids)]:
+            if end > start:
+                state = network.prompt(ids[start:end], state)
+                cache.put(ids[:end], state, hashes)
+                start = end
+        return state
+
+    def _score(self, ids: np.ndarray, k: int) -> tuple[State, PromptScore]:
+        """Feed ids from the zero state in calls of PROMPT_CHUNK, taking each character's logprob
+        from the prediction before it (and the k most likely alternatives)."""
+        T = len(ids)
+        logprobs, top_ids, top_logprobs = np.full(T, np.nan), np.zeros((T, k), np.int64), np.zeros((T, k))
+        state = None
+        for start in range(0, T, PROMPT_CHUNK):
+            chunk = ids[start : start + PROMPT_CHUNK]
+            logits, state = self.network.predict(chunk, state)  # row t predicts ids[start + t + 1]
+            following = ids[start + 1 : start + 1 + len(chunk)]
+            m = len(following)
+            logp = log_softmax(logits[:m])  # (m, V) float64
+            logprobs[start + 1 : start + 1 + m] = logp[np.arange(m), following]
+            if k:
+                order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+                top_ids[start + 1 : start + 1 + m] = order
+                top_logprobs[start + 1 : start + 1 + m] = np.take_along_axis(logp, order, axis=1)
+        chars = self.vocab.chars
+        return state, PromptScore([chars[i] for i in ids.tolist()], logprobs, top_ids, top_logprobs, chars)
 
     def step(self, streams: list[Stream]) -> list[Delta]:
         """Advance every given unfinished stream by one character in one batched step."""
@@ -122,10 +274,17 @@ class Engine:
             ordered = self._to_front(batch)  # ordered[i] holds slot i
         n = len(ordered)
         logits = self.network.logits[:n]
-        ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered))
+        adjustments = self._adjustments.view(n) if self._adjusting else None
+        ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
+        if self._adjusting:
+            self._adjustments.record(n, ids)
         picked = ids.tolist()
         chars = self.vocab.chars
-        if self._wanting:  # from the logits the characters were picked from, before the step replaces them
+        # from the logits the characters were picked from, before the step replaces them
+        if self._ranking:
+            rows = np.flatnonzero(self._ranked[:n])
+            self._logprob_sum[rows] += log_softmax(logits[rows])[np.arange(len(rows)), ids[rows]]
+        if self._wanting:
             lps = {b: self._logprob(logits[b], picked[b], self._logprobs[b]) for b in np.flatnonzero(self._logprobs[:n]).tolist()}
         self.network.advance(n, ids)
         if self._wanting:
@@ -197,10 +356,14 @@ class Engine:
         return ordered
 
     def _per_slot(self) -> list[np.ndarray]:
-        return [self._temperature, self._top_k, self._top_p, self._samples, self._draws, self._next_draw, self._logprobs]
+        arrays = [self._temperature, self._top_k, self._top_p, self._min_p, self._samples, self._draws, self._next_draw,
+                  self._logprobs, self._ranked, self._logprob_sum]
+        return arrays if self._adjustments is None else arrays + self._adjustments.arrays()
 
     def _release(self, s: Stream) -> None:
         slot, last = s._slot, len(self._slots) - 1
+        if s.request.rank:
+            s.logprob_sum = float(self._logprob_sum[slot])
         if slot != last:
             moved = self._slots[last]
             self.network.copy(last, slot)
@@ -210,4 +373,6 @@ class Engine:
             moved._slot = slot
         self._slots.pop()
         self._wanting -= s.request.logprobs > 0
+        self._adjusting -= s.request.sampling.adjusts
+        self._ranking -= s.request.rank
         s._slot = -1

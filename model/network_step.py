@@ -3,18 +3,36 @@
 A network step holds the recurrent state of `max_batch` slots in buffers allocated up front, and
 each slot's prediction for its next character (`logits`). The engine keeps the streams it steps in
 slots 0..n-1 (it moves them there with `swap` and fills a freed slot with `copy`), so a step works
-on the first n rows. How the step is computed (ONNX Runtime today, on the CPU or a GPU) stays
+on the first n rows. A prompt's state can also live outside any slot (`State`: what `prompt` returns
+and `restore` puts into a slot), so the engine can keep it (the prompt cache) or score a text
+without taking a slot (`predict`). How the step is computed (ONNX Runtime today, on the CPU or a GPU) stays
 behind this interface: the engine does not know which implementation it runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from model.artifact import Artifact
+
+PROMPT_CHUNK = 16_384  # positions per runtime call: longer prompts are fed in calls of this many
+
+
+@dataclass(frozen=True, eq=False)
+class State:
+    """A recurrent state outside the slots, and its prediction for the next character. Opaque to
+    the engine but for its size; made by `prompt`/`predict` of the same network step."""
+
+    arrays: tuple[np.ndarray, ...]  # the network step's own layout, one array per recurrent state
+    logits: np.ndarray  # (V,) float32: the prediction for the character after the state
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays) + self.logits.nbytes
 
 
 class NetworkStep(Protocol):
@@ -28,6 +46,17 @@ class NetworkStep(Protocol):
     def consume(self, slot: int, ids: np.ndarray) -> None:
         """Reset `slot` to the zero state and run it through the prompt `ids` (T,) int64, T >= 1,
         leaving the prediction for the character after the prompt in logits[slot]."""
+
+    def prompt(self, ids: np.ndarray, state: State | None = None) -> State:
+        """The state after feeding `ids` (T,) int64, T >= 1, from `state` (None: the zero state),
+        any length; no slot is touched."""
+
+    def predict(self, ids: np.ndarray, state: State | None = None) -> tuple[np.ndarray, State]:
+        """Like `prompt`, for at most PROMPT_CHUNK ids, with the prediction after every one:
+        logits (T, V) float32 (row t predicts the character after ids[t]) and the state after."""
+
+    def restore(self, slot: int, state: State) -> None:
+        """Give `slot` this state and its prediction."""
 
     def advance(self, n: int, ids: np.ndarray) -> None:
         """Feed character ids[b] (n,) int64 to slot b for b < n; logits[:n] become the next

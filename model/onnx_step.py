@@ -13,7 +13,10 @@ How a step is arranged:
   - The inputs and outputs of a step of n rows are bound once (IOBinding, kept per n): a step
     allocates nothing and converts nothing (run() with numpy arrays measured 5-9% slower at 1 to 8
     streams).
-  - A prompt is one call over its whole length: the recurrent operators loop in C++.
+  - A prompt is one call over its whole length (up to PROMPT_CHUNK positions a call): the
+    recurrent operators loop in C++. It runs outside the slots, from a given State or the zero
+    state, and its State goes into a slot with `restore` (or into the engine's prompt cache); the
+    graph predicts at every position, which `predict` returns for scoring.
   - ORT's threads do not spin-wait for work: spinning threads collapse when other work shares the
     cores (the HTTP threads, other workers, a training run). Steps of fewer than
     MIN_ROWS_PER_THREAD rows, and prompts, run on one thread (more gained nothing there, or lost);
@@ -29,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from model.network_step import PROMPT_CHUNK, State
+
 log = logging.getLogger(__name__)
 
 F32 = np.float32
@@ -37,7 +42,6 @@ F32 = np.float32
 # up to 48 rows, 1.45x less on 2 from 56), and idle threads woken for nothing cost time when other
 # work shares the cores.
 MIN_ROWS_PER_THREAD = 56
-PROMPT_CHUNK = 16_384  # positions per call: longer prompts are consumed in calls of this many
 DEVICES = ("cpu", "cuda")
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
@@ -111,15 +115,33 @@ class OrtStep:
         return self._logits[:, 0]
 
     def consume(self, slot: int, ids: np.ndarray) -> None:
+        self.restore(slot, self.prompt(ids))
+
+    def prompt(self, ids: np.ndarray, state: State | None = None) -> State:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        for start in range(0, len(ids), PROMPT_CHUNK):  # one call for any prompt up to PROMPT_CHUNK
+            _, state = self._run(ids[start : start + PROMPT_CHUNK], state, every=False)
+        return state
+
+    def predict(self, ids: np.ndarray, state: State | None = None) -> tuple[np.ndarray, State]:
+        if len(ids) > PROMPT_CHUNK:
+            raise ValueError(f"predict() takes at most {PROMPT_CHUNK} ids at a time, got {len(ids)}")
+        return self._run(np.ascontiguousarray(ids, dtype=np.int64), state, every=True)
+
+    def _run(self, ids: np.ndarray, state: State | None, every: bool) -> tuple[np.ndarray | None, State]:
+        """One runtime call over ids (T,) from `state` (the graph predicts at every position)."""
+        if state is None:
+            arrays = [np.zeros((self.depth, 1, self.units), F32) for _ in self.names]
+        else:
+            arrays = state.arrays
+        logits, *after = self._small.run(self._outputs, {"ids": ids[None], **dict(zip(self.names, arrays))})
+        return (logits[0] if every else None), State(tuple(after), logits[0, -1].copy())
+
+    def restore(self, slot: int, state: State) -> None:
         self._store()
-        ids = np.ascontiguousarray(ids, dtype=np.int64)[None]  # (1, T)
-        state = {n: np.zeros((self.depth, 1, self.units), F32) for n in self.names}
-        for start in range(0, ids.shape[1], PROMPT_CHUNK):  # one call for any prompt up to PROMPT_CHUNK
-            logits, *after = self._small.run(self._outputs, {"ids": ids[:, start : start + PROMPT_CHUNK], **state})
-            state = dict(zip(self.names, after))
-        for buffer, name in zip(self._states, self.names):
-            buffer[:, slot] = state[name][:, 0]
-        self._logits[slot] = logits[0, -1]
+        for buffer, array in zip(self._states, state.arrays):
+            buffer[:, slot] = array[:, 0]
+        self._logits[slot, 0] = state.logits
 
     def advance(self, n: int, ids: np.ndarray) -> None:
         if self._resident != n:

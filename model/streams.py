@@ -4,6 +4,11 @@ A Stream turns the characters the engine picks for it into emitted text, one `em
 it counts them against max_chars, holds back any tail that could begin a stop sequence until that
 is decided, ends before the first stop sequence completed (the stop text is never emitted), and
 keeps each held character's logprob beside it. Nothing here knows about slots, batches or networks.
+
+A request may also ask for its prompt to be scored (`prompt_logprobs`: each prompt character's
+logprob given the characters before it, in a PromptScore), for nothing to be generated
+(max_chars 0: the prompt is read, and scored if asked, and the stream ends at once), and for the
+sum of its generated characters' logprobs (`rank`: best_of picks the choices with the highest mean).
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ class GenerationRequest:
     seed: int | None = None  # None: the engine draws one; the one used is Stream.seed
     stop: tuple[str, ...] = ()  # ends *before* the first occurrence; the stop text is not emitted
     logprobs: int = 0  # 0: none; k > 0: per emitted char its logprob and the top-k alternatives
+    prompt_logprobs: int | None = None  # None: the prompt is not scored; k >= 0: scored, with k alternatives per char
+    cache_at: tuple[int, ...] = ()  # prompt positions (in characters) whose states the prompt cache should keep too
+    rank: bool = False  # keep Stream.logprob_sum, the sum of the generated characters' logprobs
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
-        if not whole_number(self.max_chars) or self.max_chars < 1:
-            raise ValueError(f"max_chars must be a whole number >= 1, got {self.max_chars!r}")
+        if not whole_number(self.max_chars) or self.max_chars < 0:
+            raise ValueError(f"max_chars must be a whole number >= 0, got {self.max_chars!r}")
         if not isinstance(self.sampling, SamplingSettings):
             raise ValueError(f"sampling must be a SamplingSettings, got {type(self.sampling).__name__}")
         if self.seed is not None and (not whole_number(self.seed) or self.seed < 0):
@@ -49,6 +57,11 @@ class GenerationRequest:
                 raise ValueError(f"stop sequences must be non-empty strings, got {s!r}")
         if not whole_number(self.logprobs) or self.logprobs < 0:
             raise ValueError(f"logprobs must be a whole number >= 0, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not whole_number(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            raise ValueError(f"prompt_logprobs must be None or a whole number >= 0, got {self.prompt_logprobs!r}")
+        self.cache_at = tuple(self.cache_at)
+        if any(not whole_number(b) or not 0 < b < len(self.prompt) for b in self.cache_at) or list(self.cache_at) != sorted(set(self.cache_at)):
+            raise ValueError(f"cache_at must be increasing positions inside the prompt, got {self.cache_at!r}")
 
 
 @dataclass
@@ -56,6 +69,33 @@ class CharLogprob:
     char: str
     logprob: float  # natural log of the probability the model gave it (raw model distribution)
     top: list[tuple[str, float]]  # the k most likely characters and their logprobs (raw model distribution)
+
+
+@dataclass
+class PromptScore:
+    """A prompt's characters as the model read them (after the unknown-character rule) and the
+    log-probability of each given the ones before it (the raw model distribution). The first
+    character is not predicted: the text starts with it (as `chargen evaluate` scores a text), so
+    logprobs[0] is NaN."""
+
+    chars: list[str]
+    logprobs: np.ndarray  # (T,) float64
+    top_ids: np.ndarray  # (T, k) int64: the k most likely characters at each position (row 0 unused)
+    top_logprobs: np.ndarray  # (T, k) float64
+    alphabet: list[str]  # the vocabulary's characters, by id (top_ids index it)
+
+    def alternatives(self, t: int) -> list[tuple[str, float]]:
+        """The most likely characters at position t >= 1, with their logprobs."""
+        return [(self.alphabet[i], v) for i, v in zip(self.top_ids[t].tolist(), self.top_logprobs[t].tolist())]
+
+    @property
+    def scored(self) -> int:
+        return max(len(self.chars) - 1, 0)
+
+    @property
+    def nats(self) -> float:
+        """The sum of -logprob over the scored characters."""
+        return float(-self.logprobs[1:].sum())
 
 
 class Stream:
@@ -72,6 +112,9 @@ class Stream:
         self.dropped_chars = dropped_chars  # prompt characters outside the vocabulary that were dropped
         self.finish_reason: str | None = None  # "length" | "stop" | "cancelled" once finished
         self.generated = 0  # characters sampled so far (emitted, held back, or part of a stop sequence)
+        self.logprob_sum = 0.0  # of the characters sampled so far, when the request asks (rank); set when it finishes
+        self.prompt_score: PromptScore | None = None  # when the request asks (prompt_logprobs)
+        self.cached_chars = 0  # prompt characters resumed from the prompt cache instead of fed
         self._owner = owner
         self._slot = -1
         self._rng = np.random.default_rng(seed)

@@ -1,12 +1,13 @@
 """The generation API: one request pipeline, and its native formats on /v1/generate (JSON, plain
-text, streamed or not).
+text, streamed or not), /v1/score, /v1/tokenize and /v1/detokenize.
 
 Every generation endpoint takes the same path (as llama.cpp's server does): the handler reads and
 validates its request (service/reading.py), turns it into a Generation (one Job: the request's
 choices, submitted to the engine loop), and formats what the one pipeline, Generation.run(), yields:
 a Chunk per choice as text arrives, then the Result. The formatters below write native JSON, plain
 text and server-sent events; service/openai_api.py writes OpenAI's shapes. A new endpoint is a new
-formatter over run().
+formatter over run(). Scoring is the same pipeline: a choice that reads its prompt with
+prompt_logprobs and generates nothing (max_chars 0).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from service import metrics
 from service.errors import ApiError, deadline_exceeded, loading, queue_full
-from service.reading import read_generate
+from service.reading import read_generate, read_json
 from service.scheduler import Chunk, ClientGone, Job, NotReady, QueueFull
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -58,7 +59,8 @@ def _client_gone(_):
 
 
 def require_ready() -> None:
-    if not state().scheduler.ready:
+    """503 until every model is loaded (for answers about all of them; one model: Served.require_ready)."""
+    if not state().ready:
         raise loading()
 
 
@@ -101,6 +103,7 @@ class Choice:
     text: str
     finish_reason: str
     logprobs: list  # [CharLogprob] of every character when asked for; empty for streamed answers (the chunks had them)
+    prompt_score: object = None  # model.streams.PromptScore of the choice's prompt, when asked for (prompt_logprobs)
 
 
 @dataclass
@@ -112,35 +115,45 @@ class Result:
 
 
 class Generation:
-    """One request's generations, submitted to the engine loop.
+    """One request's generations, submitted to the engine loop of the model `served`
+    (state().served(name) picks it from the request's `model`).
 
     Built in the request context, which run() does not need: a streamed body is read after the view
-    has returned. Choice k = i * n + j (prompt i, its j-th choice) uses seed + k.
+    has returned. Choice k = i * n + j (prompt i, its j-th choice) uses seed + k. With best_of,
+    best_of choices per prompt are sampled (candidate k = i * best_of + j uses seed + k) and the n
+    with the highest mean log-probability per character are the answer, best first. The first
+    choice of each prompt scores it when `prompt_logprobs` is given (k alternatives per character);
+    `cache_at` gives each prompt's positions for the prompt cache (a chat's turn ends).
     """
 
-    def __init__(self, prompts: list[str], n: int, *, max_chars: int, temperature: float, top_k: int, top_p: float,
-                 seed: int | None, stop: str | list[str] | None, logprobs: int, stream: bool):
+    def __init__(self, prompts: list[str], n: int, *, served, max_chars: int, sampling, seed: int | None,
+                 stop: str | list[str] | tuple[str, ...] | None, logprobs: int, stream: bool, prompt_logprobs: int | None = None,
+                 best_of: int | None = None, cache_at: list[tuple[int, ...]] | None = None):
         from model.engine import GenerationRequest
-        from model.sampling import SamplingSettings
 
-        require_ready()
+        served.require_ready()
         st = state()
+        self.vocab = served.engine.vocab  # for formatters, which may run after the request context (streams)
+        vocab_size = len(self.vocab)
         self.seed = secrets.randbits(32) if seed is None else seed
-        self.logprobs = min(logprobs, len(st.scheduler.engine.vocab))
+        self.logprobs = min(logprobs, vocab_size)
         self.stream, self.n = stream, n
-        self.request_id, self.model = g.request_id, st.settings.name
+        self.candidates = max(n, best_of or 1)  # sampled per prompt
+        self.request_id, self.model = g.request_id, served.name
         stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
-        sampling = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p)
-        requests = [GenerationRequest(prompt, max_chars=max_chars, sampling=sampling, seed=self.seed + i * n + j,
-                                      stop=stop, logprobs=self.logprobs)
-                    for i, prompt in enumerate(prompts) for j in range(n)]
+        scored = None if prompt_logprobs is None else min(prompt_logprobs, vocab_size)
+        per_prompt = self.candidates
+        requests = [GenerationRequest(prompt, max_chars=max_chars, sampling=sampling, seed=self.seed + i * per_prompt + j,
+                                      stop=stop, logprobs=self.logprobs, prompt_logprobs=scored if j == 0 else None,
+                                      cache_at=cache_at[i] if cache_at else (), rank=per_prompt > n)
+                    for i, prompt in enumerate(prompts) for j in range(per_prompt)]
         sock = request.environ.get("gunicorn.socket")
         self.job = Job(requests, incremental=stream or self.logprobs > 0, deadline=g.arrived + st.settings.request_timeout,
                        arrived=g.arrived, fd=sock.fileno() if sock is not None else None)
-        self._scheduler, self._timeout = st.scheduler, st.settings.request_timeout
+        self._scheduler, self._timeout = served.scheduler, st.settings.request_timeout
         self._gone = client_gone_check(request.environ)
         try:
-            st.scheduler.submit(self.job)
+            served.scheduler.submit(self.job)
         except NotReady:
             raise loading() from None
         except QueueFull:
@@ -162,10 +175,20 @@ class Generation:
                 raise deadline_exceeded(self._timeout)
             if job.error:
                 raise internal_error(self.request_id)
-            yield Result(self.seed, [Choice(s.text, s.finish_reason, lps) for s, lps in zip(job.streams, kept)],
-                         _usage(job, self.n), _timings(job))
+            yield Result(self.seed, self._choices(kept), _usage(job, self.candidates), _timings(job))
         finally:
-            _observe(job)
+            _observe(job, self._scheduler.metrics)
+
+    def _choices(self, kept: list[list]) -> list[Choice]:
+        streams, per_prompt = self.job.streams, self.candidates
+        choices = []
+        for i in range(0, len(streams), per_prompt):
+            scored = streams[i].prompt_score
+            candidates = list(range(i, i + per_prompt))
+            if per_prompt > self.n:  # best_of: the highest mean logprob per character first (OpenAI's "best")
+                candidates.sort(key=lambda k: -streams[k].logprob_sum / max(streams[k].generated, 1))
+            choices += [Choice(streams[k].text, streams[k].finish_reason, kept[k], scored) for k in candidates[: self.n]]
+        return choices
 
     def result(self) -> Result:
         """Wait for the whole answer (not streamed)."""
@@ -189,6 +212,70 @@ class Generation:
         return Response(guarded(), mimetype=mimetype, headers={**headers, **SSE_HEADERS})
 
 
+def sampling_of(req, served):
+    """The SamplingSettings of a request with the generation fields (the schemas' Adjusting and
+    temperature, top_k, top_p); logit_bias is read against the model's vocabulary."""
+    from model.sampling import SamplingSettings
+
+    served.require_ready()
+    return SamplingSettings(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+                            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                            repetition_penalty=req.repetition_penalty, repetition_window=req.repetition_window,
+                            logit_bias=logit_bias(req.logit_bias, served.engine.vocab))
+
+
+def logit_bias(biases: dict[str, float], vocab) -> tuple[tuple[int, float], ...]:
+    """{key: bias} -> ((id, bias), ...) as schemas.LOGIT_BIAS_DOC says: digits are an id, other keys
+    text whose characters follow the prompt's rule; ids beyond the vocabulary name nothing; the
+    biases of one character add up, within the bound."""
+    from model.sampling import MAX_BIAS
+
+    total: dict[int, float] = {}
+    for key, bias in biases.items():
+        ids = [int(key)] if key.isascii() and key.isdigit() else vocab.encode(key).ids.tolist()
+        for i in ids:
+            if i < len(vocab):
+                total[i] = total.get(i, 0.0) + bias
+    return tuple((i, max(-MAX_BIAS, min(MAX_BIAS, b))) for i, b in sorted(total.items()))
+
+
+@dataclass
+class Reading:
+    """A text as the model reads it, character by character, with where each character came from."""
+
+    ids: list[int]
+    offsets: list[int]  # of each read character in the text
+    replaced: list[tuple[int, str, str]]  # (offset, character, the vocabulary's character read instead)
+    dropped: list[tuple[int, str]]  # (offset, character)
+
+
+def reading(text: str, vocab) -> Reading:
+    """Vocab.encode's rule (model/vocab.py) applied one character at a time, keeping offsets:
+    newlines normalized first (\r\n and \r are one \n, neither replaced nor dropped), then any
+    character outside the vocabulary replaced by what Vocab.encode reads for it, or dropped."""
+    index = vocab.index
+    ids, offsets, replaced, dropped = [], [], [], []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        width = 2 if text.startswith("\r\n", i) else 1
+        if c == "\r":
+            c = "\n"
+        known = index.get(c)
+        if known is None:
+            read = vocab.encode(c).ids
+            if len(read):
+                known = int(read[0])
+                replaced.append((i, c, vocab.chars[known]))
+            else:
+                dropped.append((i, c))
+        if known is not None:
+            ids.append(known)
+            offsets.append(i)
+        i += width
+    return Reading(ids, offsets, replaced, dropped)
+
+
 def _usage(job: Job, per_prompt: int) -> dict:
     firsts = job.streams[::per_prompt]
     return {"prompt_chars": sum(s.prompt_chars for s in firsts),
@@ -207,11 +294,11 @@ def _timings(job: Job) -> dict:
             "chars_per_second": round(chars / generation, 1) if generation > 0 else None}
 
 
-def _observe(job: Job) -> None:
+def _observe(job: Job, model_metrics: metrics.ModelMetrics) -> None:
     if job.first_char is not None:
-        metrics.first_char_seconds.observe(job.first_char - job.arrived)
+        model_metrics.first_char_seconds.observe(job.first_char - job.arrived)
     if job.started is not None:
-        metrics.queue_seconds.observe(job.started - job.submitted)
+        model_metrics.queue_seconds.observe(job.started - job.submitted)
 
 
 # ---------------------------------------------------------------- /v1/generate
@@ -220,8 +307,9 @@ def _observe(job: Job) -> None:
 @bp.post("/generate")
 def generate():
     req, plain = read_generate()
-    gen = Generation([req.prompt], req.n, max_chars=req.max_chars, temperature=req.temperature, top_k=req.top_k,
-                     top_p=req.top_p, seed=req.seed, stop=req.stop, logprobs=req.logprobs, stream=req.stream)
+    served = state().served(req.model)
+    gen = Generation([req.prompt], req.n, served=served, max_chars=req.max_chars, sampling=sampling_of(req, served),
+                     seed=req.seed, stop=req.stop, logprobs=req.logprobs, stream=req.stream)
     gen_id = "gen-" + secrets.token_hex(12)
     headers = {"X-Seed": str(gen.seed)}
     if req.stream:
@@ -267,3 +355,61 @@ def _text_error(body: dict) -> bytes:
 
 def _logprobs(lps: list) -> list:
     return [{"char": lp.char, "logprob": lp.logprob, "top": [{"char": c, "logprob": v} for c, v in lp.top]} for lp in lps]
+
+
+# ---------------------------------------------------------------- /v1/score, /v1/tokenize, /v1/detokenize
+
+
+@bp.post("/score")
+def score():
+    """How well the model predicts a text: the same figures as `chargen evaluate` on it (which
+    predicts every character but the first, from the zero state), per character on request."""
+    from model.evaluate import LN2
+    from model.sampling import GREEDY
+    from model.vocab import normalize_newlines
+
+    st = state()
+    req = read_json(st.schemas.score)
+    served = st.served(req.model)
+    gen = Generation([req.text], 1, served=served, max_chars=0, sampling=GREEDY, seed=0, stop=None, logprobs=0,
+                     stream=False, prompt_logprobs=req.top_logprobs if req.logprobs else 0)
+    result = gen.result()
+    scored, vocab = result.choices[0].prompt_score, served.engine.vocab
+    nats = scored.nats / scored.scored if scored.scored else None
+    text = normalize_newlines(req.text)  # counted as `chargen evaluate` counts a file's characters
+    outside = sum(c not in vocab for c in text)
+    body = {"id": "score-" + secrets.token_hex(12), "object": "score", "model": gen.model,
+            "nats_per_char": nats, "bits_per_char": None if nats is None else nats / LN2, "chars_scored": scored.scored,
+            "chars": len(text), "outside_vocabulary": outside, "replaced": outside - result.usage["dropped_chars"],
+            "dropped": result.usage["dropped_chars"]}
+    if req.logprobs:
+        offsets = reading(req.text, vocab).offsets
+        body["logprobs"] = [{"char": c, "offset": offsets[t], "logprob": None if t == 0 else float(scored.logprobs[t]),
+                             "top": [] if t == 0 else [{"char": a, "logprob": v} for a, v in scored.alternatives(t)]}
+                            for t, c in enumerate(scored.chars)]
+    body["timings"] = result.timings
+    return jsonify(body)
+
+
+@bp.post("/tokenize")
+def tokenize():
+    st = state()
+    req = read_json(st.schemas.tokenize)
+    served = st.served(req.model)
+    served.require_ready()
+    vocab = served.engine.vocab
+    read = reading(req.text, vocab)
+    return jsonify({"model": served.name, "ids": read.ids, "tokens": [vocab.chars[i] for i in read.ids], "count": len(read.ids),
+                    "replaced": [{"offset": o, "char": c, "as": a} for o, c, a in read.replaced],
+                    "dropped": [{"offset": o, "char": c} for o, c in read.dropped]})
+
+
+@bp.post("/detokenize")
+def detokenize():
+    st = state()
+    req = read_json(st.schemas.detokenize)
+    served = st.served(req.model)
+    served.require_ready()
+    chars = served.engine.vocab.chars
+    return jsonify({"model": served.name, "text": "".join(chars[i] for i in req.ids if i < len(chars)),
+                    "dropped": [{"index": k, "id": i} for k, i in enumerate(req.ids) if i >= len(chars)]})

@@ -4,10 +4,10 @@
     flask --app 'service.app:create_app()' run      (development: one process)
 
 Configuration comes from CHARGEN_* environment variables (service/config.py has the table), then
-from `config` (tests). Building the application starts no thread and loads no model: the
-scheduler's thread starts with `app.extensions["chargen"].start()` (gunicorn's post_worker_init)
-or on the first request that needs the model. The model loads in that thread; until it has,
-generation routes and /health answer 503.
+from `config` (tests). Building the application starts no thread and loads no model: each model's
+scheduler thread starts with `app.extensions["chargen"].start()` (gunicorn's post_worker_init)
+or on the first request that needs that model. A model loads in its thread; until it has, requests
+for it answer 503, and /health answers 503 until every model has loaded.
 """
 
 from __future__ import annotations
@@ -20,51 +20,158 @@ from datetime import datetime
 from flask import Flask, g, request
 
 from service import errors, metrics
-from service.config import Settings, unknown_variables
-from service.schemas import BOUNDS, Schemas
-from service.scheduler import Scheduler
+from service.config import Models, Settings, unknown_variables
+from service.errors import ApiError, loading
+from service.schemas import ADJUSTMENTS, BOUNDS, Schemas
+from service.scheduler import Scheduler, WorkerReadiness
 
 log = logging.getLogger("chargen")
 
 
-class Chargen:
-    """What one application holds: its settings, request schemas and engine loop."""
+class Served:
+    """One model as requests use it: its name, its engine loop and, once loaded, its engine and
+    artifact. Chargen.served(name) picks one; every endpoint that takes `model` goes through it."""
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.schemas = Schemas(settings)
-        self.scheduler = Scheduler(settings)
-        self._openapi: dict | None = None
+    def __init__(self, name: str, scheduler: Scheduler, default: bool):
+        self.name, self.scheduler, self.default = name, scheduler, default
 
-    def start(self) -> None:
-        """Start loading the model and the engine loop (done on first use otherwise)."""
-        self.scheduler.start()
+    @property
+    def engine(self):
+        return self.scheduler.engine
 
-    def model_created(self) -> int:
-        created = (self.scheduler.artifact.meta.created if self.scheduler.artifact else None) or ""
+    @property
+    def artifact(self):
+        return self.scheduler.artifact
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler.ready
+
+    def require_ready(self) -> None:
+        """503 (model_loading) until this model is loaded."""
+        if not self.scheduler.ready:
+            raise loading()
+
+    def created(self) -> int:
+        created = (self.artifact.meta.created if self.artifact else None) or ""
         try:
             return int(datetime.fromisoformat(created).timestamp())
         except ValueError:
             return 0
 
-    def info(self) -> dict:
-        artifact, engine, s = self.scheduler.artifact, self.scheduler.engine, self.settings
+    def card(self) -> dict:
+        """The model in /v1/models: OpenAI's fields, then chargen's (what it learned from, its size,
+        how well it predicts text it never saw); the model must be loaded."""
+        meta, config = self.artifact.meta, self.artifact.config
+        return {"id": self.name, "object": "model", "created": self.created(), "owned_by": "chargen",
+                "default": self.default, "corpus": meta.corpus.name if meta.corpus else None,
+                "corpus_chars": meta.corpus.chars if meta.corpus else None, "parameters": meta.parameters,
+                "bits_per_char": meta.validation.bits_per_char if meta.validation else None,
+                "cell": config.cell, "layers": config.layers, "units": config.units, "vocab_size": len(self.artifact.vocab)}
+
+    def section(self) -> dict:
+        """The model in /info (the model must be loaded)."""
+        artifact = self.artifact
         meta, config = artifact.meta, artifact.config
         sections = meta.to_dict()  # corpus, validation, training as meta.json has them
+        return {"name": self.name, "default": self.default, "path": str(artifact.path), "cell": config.cell,
+                "layers": config.layers, "units": config.units, "embedding": config.embedding,
+                "parameters": meta.parameters, "vocab_size": len(artifact.vocab), "corpus": sections["corpus"],
+                "validation": sections["validation"], "training": sections["training"], "created": meta.created}
+
+
+def model_not_found(name: str, available: list[str]) -> ApiError:
+    shown = name if len(name) <= 80 else name[:77] + "..."
+    return ApiError(404, f"no model {shown!r}; this server serves {', '.join(repr(n) for n in available)} "
+                         "(GET /v1/models lists them)", param="model", code="model_not_found")
+
+
+class Chargen:
+    """What one application holds: its settings, request schemas and one engine loop per model."""
+
+    def __init__(self, settings: Settings, models: Models):
+        self.settings = settings
+        readiness = WorkerReadiness(len(models.sources))  # the worker is ready when every model is
+        self.models: dict[str, Served] = {
+            m.name: Served(m.name, Scheduler(settings, m, readiness), m.name == models.default) for m in models.sources}
+        self.default = self.models[models.default]
+        self.schemas = Schemas(settings, models)
+        self._openapi: dict | None = None
+
+    def served(self, name: str | None) -> Served:
+        """The model a request names (None: the default); 404 model_not_found listing the names otherwise."""
+        if name is None:
+            return self.default
+        served = self.models.get(name)
+        if served is None:
+            raise model_not_found(name, list(self.models))
+        return served
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The default model's engine loop (what a server of one model has)."""
+        return self.default.scheduler
+
+    # ------------------------------------------------------------ every model
+
+    def start(self) -> None:
+        """Start loading every model and its engine loop (done on first use otherwise)."""
+        for m in self.models.values():
+            m.scheduler.start()
+
+    @property
+    def ready(self) -> bool:
+        return all(m.ready for m in self.models.values())
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until every model is loaded (True), or one failed, or the time is up (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for m in self.models.values():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not m.scheduler.wait_ready(left):
+                return False
+        return True
+
+    def failed(self) -> Served | None:
+        """The first model whose loading failed or whose loop stopped, if any."""
+        return next((m for m in self.models.values() if m.scheduler.failure is not None), None)
+
+    def on_failure(self, callback) -> None:
+        """Call `callback(served, error, loaded)` when a model fails to load or its loop dies."""
+        for m in self.models.values():
+            m.scheduler.on_failure(lambda error, loaded, m=m: callback(m, error, loaded))
+
+    @property
+    def draining(self) -> bool:
+        return any(m.scheduler.draining for m in self.models.values())
+
+    def drain(self) -> None:
+        for m in self.models.values():
+            m.scheduler.drain()
+
+    def close(self, timeout: float = 5.0) -> None:
+        for m in self.models.values():
+            m.scheduler.close(timeout)
+
+    # ------------------------------------------------------------ documents
+
+    def info(self, name: str | None = None) -> dict:
+        """/info for one model (default: the default model), with every model in `models`; every
+        model must be loaded."""
+        served, s = self.served(name), self.settings
+        engine = served.engine
         return {
-            "model": {"name": s.name, "path": str(artifact.path), "cell": config.cell, "layers": config.layers,
-                      "units": config.units, "embedding": config.embedding, "parameters": meta.parameters,
-                      "vocab_size": len(artifact.vocab), "corpus": sections["corpus"], "validation": sections["validation"],
-                      "training": sections["training"], "created": meta.created},
-            "engine": {"max_batch": engine.max_batch, "active": engine.active, "queue_depth": self.scheduler.queue_depth(),
+            "model": served.section(),
+            "engine": {"max_batch": engine.max_batch, "active": engine.active, "queue_depth": served.scheduler.queue_depth(),
                        **{k: v for k, v in s.public().items() if k != "max_batch"}},
             "limits": {"max_prompt_chars": s.max_prompt_chars, "max_chars": s.max_chars, "max_n": s.max_n,
                        "max_queue": s.max_queue, "max_body_bytes": s.max_body_bytes, "request_timeout": s.request_timeout},
             "bounds": BOUNDS,
             "defaults": {"max_chars": s.default_max_chars, "temperature": s.default_temperature,
-                         "top_k": s.default_top_k, "top_p": s.default_top_p},
+                         "top_k": s.default_top_k, "top_p": s.default_top_p, **ADJUSTMENTS},
             "unknown_characters": "replaced by their unaccented base form when the vocabulary has it, otherwise dropped "
                                   "(usage.dropped_chars); \\r\\n and \\r become \\n",
+            "models": [m.section() for m in self.models.values()],
         }
 
     def openapi(self) -> dict:
@@ -95,7 +202,7 @@ def create_app(config: dict | None = None) -> Flask:
     for name in unknown_variables():
         log.warning("ignoring unknown setting %s (see the configuration table in README.md)", name)
 
-    chargen = Chargen(settings)
+    chargen = Chargen(settings, settings.models_to_serve())
     app.extensions["chargen"] = chargen
 
     errors.register(app)

@@ -10,6 +10,8 @@ forking.
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -24,15 +26,59 @@ DEFAULT_ARTIFACT = ROOT / "artifacts" / "default"
 OTHER_VARIABLES = {"FRAME_ANCESTORS"}
 
 
+# How /v1/chat/completions writes a conversation down: a play's layout (the shipped model learned
+# Shakespeare's "NAME:\nspeech\n\n"), the speakers named by role.
+CHAT_TEMPLATE = "{name}:\n{content}\n\n"
+CHAT_NAMES = "system=SYSTEM,developer=SYSTEM,user=USER,assistant=ASSISTANT"
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+# A model's name: in URLs (/v1/models/NAME), query strings, metric labels and CHARGEN_MODELS itself.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
 class SettingsError(ValueError):
     """A CHARGEN_* variable has a value that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model to serve: its name and where its artifact is (as configured, not yet checked)."""
+
+    name: str
+    path: str  # an artifact directory, or a training run directory (its best/)
+    origin: str  # the setting it came from, for messages: "CHARGEN_MODELS entry NAME=PATH", ...
+
+
+@dataclass(frozen=True)
+class Models:
+    """Every model one server serves, in the order /v1/models lists them, and the default's name."""
+
+    sources: tuple[ModelSource, ...]
+    default: str
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.sources]
+
+    def pairs(self) -> str:
+        """The list as CHARGEN_MODELS NAME=PATH pairs (how the master hands its snapshots to workers)."""
+        return ",".join(f"{m.name}={m.path}" for m in self.sources)
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    artifact: str = Field(str(DEFAULT_ARTIFACT), description="Artifact directory (or training run directory) to serve.")
-    model_name: str = Field("", description="Name in responses and /v1/models (default: the artifact directory's name; RUN for RUN/best).")
+    artifact: str = Field(str(DEFAULT_ARTIFACT), description="Artifact directory (or training run directory) to serve; "
+                          "with CHARGEN_MODELS, only when set: then one more model, the default one.")
+    model_name: str = Field("", description="Name of CHARGEN_ARTIFACT's model in responses and /v1/models (default: the "
+                            "artifact directory's name; RUN for RUN/best).")
+    models: str = Field("", description="Several models: comma-separated entries, each NAME=PATH (an artifact or training "
+                        "run directory) or DIR (every subdirectory of DIR holding meta.json or best/meta.json is a model "
+                        "named after the subdirectory).")
+    default_model: str = Field("", description="The model used when a request names none (default: CHARGEN_ARTIFACT's "
+                               "when it is set, else the first of CHARGEN_MODELS).")
     # limits
     max_prompt_chars: int = Field(4096, ge=1, le=1_000_000, description="Longest prompt, in characters.")
     max_chars: int = Field(4096, ge=1, le=1_000_000, description="Most characters one choice may ask for (max_chars, max_tokens).")
@@ -54,6 +100,16 @@ class Settings(BaseModel):
                                        description="temperature when a request does not say.")
     default_top_k: int = Field(DEFAULTS.top_k, ge=0, le=MAX_TOP_K, description="top_k when a request does not say (0: off).")
     default_top_p: float = Field(DEFAULTS.top_p, gt=0, le=1, description="top_p when a request does not say (1: off).")
+    # the prompt cache and chat completions
+    prompt_cache_mb: float = Field(64.0, ge=0, le=1_000_000, description="Size of each model's prompt-state cache in MiB, "
+                                   "per worker (the state after recent prompts: a prompt that starts with one resumes there); 0: off.")
+    chat_template: str = Field(CHAT_TEMPLATE, description="How /v1/chat/completions writes one message into the transcript: "
+                               "{name} is the speaker's name (CHARGEN_CHAT_NAMES), {content} the message; \\n and \\t "
+                               "written out stand for a newline and a tab.")
+    chat_names: str = Field(CHAT_NAMES, description="The speakers' names per role in the transcript, comma separated ROLE=NAME "
+                            "(roles: system, developer, user, assistant).")
+    max_transcript_chars: int = Field(65536, ge=1, le=10_000_000, description="Longest chat transcript fed to the model; a longer "
+                                      "one keeps its last this many characters (the oldest turns are cut).")
     # access
     api_key: str | None = Field(None, description="When set, /v1/* needs `Authorization: Bearer <key>`.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call /v1/* from a browser, comma separated, or *.")
@@ -87,6 +143,33 @@ class Settings(BaseModel):
                 raise ValueError(f"{origin!r} is not an origin like https://example.org or *")
         return value
 
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _escapes(cls, value):
+        # an environment variable rarely holds a newline: \n and \t written out stand for them
+        return value.replace("\\n", "\n").replace("\\t", "\t") if isinstance(value, str) else value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat_template(cls, value):
+        if value.count("{content}") != 1:
+            raise ValueError("must hold {content} exactly once (where a message's text goes)")
+        if "{name}" in value.split("{content}")[1] and "{name}" not in value.split("{content}")[0]:
+            raise ValueError("{name} must come before {content} (the reply is what follows the assistant's name)")
+        return value
+
+    @field_validator("chat_names")
+    @classmethod
+    def _check_chat_names(cls, value):
+        chat_names(value)
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value):
+        _entries(value)  # the syntax; the directories are read by models_to_serve()
+        return value
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.default_max_chars > self.max_chars:
@@ -98,16 +181,48 @@ class Settings(BaseModel):
     # ------------------------------------------------------------ derived
 
     @property
+    def chat_speakers(self) -> dict[str, str]:
+        """Each role's name in chat transcripts."""
+        return chat_names(self.chat_names)
+
+    @property
     def name(self) -> str:
         path = Path(self.artifact).absolute()
         # a training run's best artifact (RUN/best) is named after the run
         return self.model_name or (path.parent.name if path.name == "best" else path.name)
 
-    @property
-    def gunicorn_threads(self) -> int:
+    def gunicorn_threads(self, models: int = 1) -> int:
         # Every open request holds a thread (streams for their whole length), so there must be one
-        # for each slot and each queue place, plus some to answer 429s, /health and /metrics at once.
-        return self.threads or self.max_batch + self.max_queue + 16
+        # for each slot and each queue place of every model, plus some to answer 429s, /health and
+        # /metrics at once.
+        return self.threads or models * (self.max_batch + self.max_queue) + 16
+
+    def models_to_serve(self) -> Models:
+        """The models to serve, read now (a CHARGEN_MODELS directory is listed on every call: a reload
+        finds the models added since). CHARGEN_ARTIFACT alone: one model. CHARGEN_MODELS: its entries
+        in order, a directory's models by name; CHARGEN_ARTIFACT, when set as well, comes first.
+        Raises SettingsError naming the variable for a bad name, a name given twice, a directory that
+        is missing or holds no model, or a default that is not among them."""
+        sources = []
+        if not self.models or "artifact" in self.model_fields_set:
+            sources.append(ModelSource(self.name, self.artifact, "CHARGEN_ARTIFACT" + (
+                " (named by CHARGEN_MODEL_NAME)" if self.model_name else "")))
+        for name, path in _entries(self.models):
+            sources += [ModelSource(name, path, f"CHARGEN_MODELS entry {name}={path}")] if name else _listed(path)
+        seen: dict[str, ModelSource] = {}
+        for m in sources:
+            if not MODEL_NAME.fullmatch(m.name):
+                hint = "; name it with CHARGEN_MODEL_NAME" if m.origin == "CHARGEN_ARTIFACT" else ""
+                raise SettingsError(f"invalid configuration: {m.origin}: {m.name!r} is not a model name ({NAME_RULE}){hint}")
+            if m.name in seen:
+                raise SettingsError(f"invalid configuration: {m.origin}: the model name {m.name!r} is taken twice "
+                                    f"(also by {seen[m.name].origin}); names must differ")
+            seen[m.name] = m
+        default = self.default_model or sources[0].name
+        if default not in seen:
+            raise SettingsError(f"invalid configuration: CHARGEN_DEFAULT_MODEL: {default!r} is not one of the models "
+                                f"served ({', '.join(seen)})")
+        return Models(tuple(sources), default)
 
     # ------------------------------------------------------------ reading
 
@@ -130,7 +245,63 @@ class Settings(BaseModel):
         """Settings safe to show (/info): no key, no gunicorn internals."""
         return {"max_batch": self.max_batch, "max_queue": self.max_queue, "request_timeout": self.request_timeout,
                 "stream_interval": self.stream_interval, "stream_chunk_rate": self.stream_chunk_rate,
-                "api_key_required": self.api_key is not None}
+                "api_key_required": self.api_key is not None, "prompt_cache_mb": self.prompt_cache_mb,
+                "chat_template": self.chat_template, "chat_names": self.chat_speakers,
+                "max_transcript_chars": self.max_transcript_chars}
+
+
+def _entries(value: str) -> list[tuple[str, str]]:
+    """CHARGEN_MODELS -> [(name, path)] for NAME=PATH entries, [("", dir)] for directories."""
+    entries = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue  # a trailing or doubled comma
+        name, eq, path = (p.strip() for p in entry.partition("="))
+        if not eq:
+            entries.append(("", entry))
+        elif not MODEL_NAME.fullmatch(name):
+            raise ValueError(f"in {entry!r}, {name!r} is not a model name ({NAME_RULE})")
+        elif not path:
+            raise ValueError(f"{entry!r} names no path (NAME=PATH)")
+        else:
+            entries.append((name, path))
+    return entries
+
+
+def _listed(directory: str) -> list[ModelSource]:
+    """The models of a CHARGEN_MODELS directory: its subdirectories that hold meta.json (an artifact)
+    or best/meta.json (a training run), by name. Hidden entries and other subdirectories (lost+found)
+    are left out."""
+    where = f"CHARGEN_MODELS entry {directory}"
+    root = Path(directory)
+    if not root.is_dir():
+        raise SettingsError(f"invalid configuration: {where}: no such directory (an entry without '=' is a directory "
+                            "whose subdirectories are artifacts; name a single artifact as NAME=PATH)")
+    if (root / "meta.json").is_file() or (root / "best" / "meta.json").is_file():
+        raise SettingsError(f"invalid configuration: {where}: is an artifact itself, not a directory of artifacts; "
+                            f"name it: NAME={directory}")
+    try:
+        found = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()
+                       and ((p / "meta.json").is_file() or (p / "best" / "meta.json").is_file()))
+    except OSError as e:
+        raise SettingsError(f"invalid configuration: {where}: cannot list it: {e.strerror or e}") from None
+    if not found:
+        raise SettingsError(f"invalid configuration: {where}: holds no model (no subdirectory with meta.json or "
+                            "best/meta.json)")
+    return [ModelSource(p.name, str(p), f"CHARGEN_MODELS directory {directory} (its subdirectory {p.name})") for p in found]
+
+
+def chat_names(value: str) -> dict[str, str]:
+    """CHARGEN_CHAT_NAMES -> {role: name}; the roles not named keep their default names."""
+    names = dict(entry.split("=", 1) for entry in CHAT_NAMES.split(","))
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        role, eq, name = entry.partition("=")
+        if not eq or role.strip() not in CHAT_ROLES:
+            raise ValueError(f"{entry!r} is not ROLE=NAME with a role among {', '.join(CHAT_ROLES)}")
+        names[role.strip()] = name.strip()
+    return names
 
 
 def prefixed(environ: Mapping[str, str]) -> dict[str, str]:
@@ -148,5 +319,5 @@ def describe(error: ValidationError) -> str:
     for e in error.errors():
         where = PREFIX + str(e["loc"][0]).upper() if e["loc"] else "settings"
         got = f" (got {e['input']!r})" if e["loc"] and not isinstance(e["input"], dict) else ""
-        lines.append(f"{where}: {e['msg']}{got}")
+        lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}{got}")
     return "invalid configuration: " + "; ".join(lines)

@@ -86,8 +86,8 @@ def from_validation(error: ValidationError) -> ApiError:
         code = "out_of_range"
     else:
         code = "invalid_value"
-    if kind == "extra_forbidden":
-        message = f"unknown field {param!r}"
+    if kind == "extra_forbidden":  # the whole path: a field inside a list of objects is named as messages.0.tool_calls
+        message = f"unknown field {'.'.join(str(p) for p in first['loc'] if not _is_union_tag(p))!r}"
     else:
         where = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or "body"
         message = f"{where}: {first['msg']}"

@@ -22,15 +22,38 @@ requests_total = Counter("chargen_requests", "HTTP requests answered, by route, 
                          ["route", "method", "status"])
 request_seconds = Histogram("chargen_request_duration_seconds", "Time from a request's arrival to the end of its response "
                             "(the whole stream for streamed responses)", ["route"], buckets=LATENCY_BUCKETS)
+workers_ready = Gauge("chargen_workers_ready", "Workers whose models are all loaded", multiprocess_mode="livesum")
+# The generation metrics, by model (the name /v1/models lists).
 first_char_seconds = Histogram("chargen_time_to_first_char_seconds", "Time from a generation request's arrival to "
-                               "its first generated character", buckets=FIRST_CHAR_BUCKETS)
+                               "its first generated character", ["model"], buckets=FIRST_CHAR_BUCKETS)
 queue_seconds = Histogram("chargen_queue_wait_seconds", "Time generation requests waited for batch slots",
-                          buckets=FIRST_CHAR_BUCKETS)
-chars_generated = Counter("chargen_chars_generated", "Characters generated (emitted to clients)")
-batch_size = Histogram("chargen_batch_size", "Streams advanced together by one engine step", buckets=BATCH_BUCKETS)
-queue_depth = Gauge("chargen_queue_depth", "Requests waiting for batch slots", multiprocess_mode="livesum")
-active_streams = Gauge("chargen_active_streams", "Streams holding a batch slot", multiprocess_mode="livesum")
-workers_ready = Gauge("chargen_workers_ready", "Workers whose model is loaded", multiprocess_mode="livesum")
+                          ["model"], buckets=FIRST_CHAR_BUCKETS)
+chars_generated = Counter("chargen_chars_generated", "Characters generated (emitted to clients)", ["model"])
+batch_size = Histogram("chargen_batch_size", "Streams advanced together by one engine step", ["model"], buckets=BATCH_BUCKETS)
+queue_depth = Gauge("chargen_queue_depth", "Requests waiting for batch slots", ["model"], multiprocess_mode="livesum")
+active_streams = Gauge("chargen_active_streams", "Streams holding a batch slot", ["model"], multiprocess_mode="livesum")
+# The prompt-state cache, by model (each worker has its own cache per model).
+prompt_cache_hits = Counter("chargen_prompt_cache_hits", "Prompts that resumed from a cached prefix's state", ["model"])
+prompt_cache_misses = Counter("chargen_prompt_cache_misses", "Prompts read from the start (no cached prefix)", ["model"])
+prompt_cache_chars_saved = Counter("chargen_prompt_cache_chars_saved", "Prompt characters not fed thanks to the cache", ["model"])
+prompt_cache_bytes = Gauge("chargen_prompt_cache_bytes", "Bytes the prompt caches hold (states and keys)", ["model"],
+                           multiprocess_mode="livesum")
+
+
+class ModelMetrics:
+    """One model's generation metrics, its label bound once (every series exists from the start, at 0)."""
+
+    def __init__(self, model: str):
+        self.first_char_seconds = first_char_seconds.labels(model)
+        self.queue_seconds = queue_seconds.labels(model)
+        self.chars_generated = chars_generated.labels(model)
+        self.batch_size = batch_size.labels(model)
+        self.queue_depth = queue_depth.labels(model)
+        self.active_streams = active_streams.labels(model)
+        self.prompt_cache_hits = prompt_cache_hits.labels(model)
+        self.prompt_cache_misses = prompt_cache_misses.labels(model)
+        self.prompt_cache_chars_saved = prompt_cache_chars_saved.labels(model)
+        self.prompt_cache_bytes = prompt_cache_bytes.labels(model)
 
 
 def exposition() -> tuple[bytes, str]:

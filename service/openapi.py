@@ -11,7 +11,9 @@ ERRORS = {
     "400": ("The body cannot be parsed (broken JSON, not UTF-8, a JSON value that is not an object, "
             f"JSON nested more than {MAX_JSON_DEPTH} levels deep)."),
     "401": "CHARGEN_API_KEY is set and the request has no `Authorization: Bearer <key>` or a wrong one.",
+    "404": "`model` names no model of this server (code model_not_found; the message lists them).",
     "413": "The body is larger than CHARGEN_MAX_BODY_BYTES.",
+    "414": "The request line (the URL with its query string) is longer than the server reads (4094 bytes).",
     "422": "A field is wrong (type, range, unknown field, a rule across fields); `param` names it.",
     "429": "Every batch slot and queue place is taken; retry after `Retry-After` seconds.",
     "503": "The model is still loading; retry after `Retry-After` seconds.",
@@ -26,7 +28,9 @@ def _events(data: str) -> dict:
 
 def document(schemas: Schemas, version: str) -> dict:
     _, top = models_json_schema([(schemas.generate, "validation"), (schemas.completion, "validation"),
-                                 (ErrorResponse, "validation")], ref_template="#/components/schemas/{model}")
+                                 (schemas.chat, "validation"), (schemas.score, "validation"), (schemas.tokenize, "validation"),
+                                 (schemas.detokenize, "validation"), (ErrorResponse, "validation")],
+                                ref_template="#/components/schemas/{model}")
     components = top["$defs"]
     ref = {name: {"$ref": f"#/components/schemas/{name}"} for name in components}
     errors = {code: {"description": text, "content": {"application/json": {"schema": ref["ErrorResponse"]}}}
@@ -66,11 +70,36 @@ def document(schemas: Schemas, version: str) -> dict:
                                               "text/event-stream": _events("JSON: a text_completion chunk; last [DONE]")}},
                           **errors, **not_json},
             **secured}},
-        "/v1/models": {"get": {"summary": "The model this server serves (OpenAI format)",
+        "/v1/chat/completions": {"post": {
+            "summary": "OpenAI-compatible chat completions (one token is one character)",
+            "description": ("The messages are written into a transcript (CHARGEN_CHAT_TEMPLATE, by default `NAME:\\ncontent\\n\\n` "
+                            "with each role's speaker name from CHARGEN_CHAT_NAMES) ending with the assistant's name; the reply "
+                            "is the model's continuation, up to where the next message would begin. Tools, functions, audio, "
+                            "content parts other than text and response formats other than text are refused (422)."),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref["ChatRequest"]}}},
+            "responses": {"200": {"description": "A chat.completion object, or with `stream: true` server-sent events of "
+                                                 "chat.completion.chunk objects ending with `data: [DONE]`",
+                                  "content": {"application/json": {"schema": {"type": "object"}},
+                                              "text/event-stream": _events("JSON: a chat.completion.chunk; last [DONE]")}},
+                          **errors, **not_json},
+            **secured}},
+        "/v1/score": {"post": {
+            "summary": "Score a text: nats and bits per character (as `chargen evaluate`), per character on request",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref["ScoreRequest"]}}},
+            "responses": {"200": json_ok, **errors, **not_json}, **secured}},
+        "/v1/tokenize": {"post": {
+            "summary": "A text as the model's character ids, with the characters outside its vocabulary (replaced or dropped)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref["TokenizeRequest"]}}},
+            "responses": {"200": json_ok, **errors, **not_json}, **secured}},
+        "/v1/detokenize": {"post": {
+            "summary": "Character ids back to text (ids outside the vocabulary are dropped and listed)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref["DetokenizeRequest"]}}},
+            "responses": {"200": json_ok, **errors, **not_json}, **secured}},
+        "/v1/models": {"get": {"summary": "The models this server serves (OpenAI format, with chargen's fields)",
                                "responses": {"200": json_ok, **errors}, **secured}},
         "/v1/models/{model}": {"get": {"summary": "One model (OpenAI format)",
                                        "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
-                                                       "example": schemas.settings.name}],
+                                                       "example": schemas.models.default}],
                                        "responses": {"200": json_ok, "404": {"description": "No such model",
                                                                       "content": {"application/json": {"schema": ref["ErrorResponse"]}}}},
                                        **secured}},
@@ -78,8 +107,11 @@ def document(schemas: Schemas, version: str) -> dict:
                             "responses": {"200": json_ok, "503": errors["503"]}}},
         "/health/live": {"get": {"summary": "200 whenever this worker answers HTTP, loading or shutting down too (liveness)",
                                  "responses": {"200": json_ok}}},
-        "/info": {"get": {"summary": "The model's metadata, the engine's settings, the limits and defaults",
-                          "responses": {"200": json_ok, "503": errors["503"]}}},
+        "/info": {"get": {"summary": "A model's metadata (every model's in `models`), the engine's settings, the limits and defaults",
+                          "parameters": [{"name": "model", "in": "query", "required": False,
+                                          "schema": {"type": "string", "enum": schemas.models.names},
+                                          "description": "The model to describe (default: the default model)"}],
+                          "responses": {"200": json_ok, "404": errors["404"], "414": errors["414"], "503": errors["503"]}}},
         "/metrics": {"get": {"summary": "Prometheus metrics of all workers",
                              "responses": {"200": {"description": "Prometheus text format",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

@@ -1,4 +1,6 @@
-"""One engine loop per worker: continuous batching of all the worker's requests.
+"""One engine loop per model in each worker: continuous batching of all the worker's requests for
+that model (a worker serving several models runs one Scheduler, with its own engine, slots and
+queue, per model; requests for different models are never batched together).
 
 HTTP threads never touch the engine (it is not thread-safe). They hand a Job to the loop through a
 bounded queue and read what it produces from the job's own queue:
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from service import metrics
-from service.config import Settings
+from service.config import ModelSource, Settings
 
 log = logging.getLogger("chargen")
 
@@ -93,9 +95,36 @@ class Job:
         self._unfinished = len(requests)
 
 
+class WorkerReadiness:
+    """chargen_workers_ready counts a worker once every one of its models is loaded."""
+
+    def __init__(self, models: int):
+        self._models, self._loaded, self._counted = models, 0, False
+        self._lock = threading.Lock()
+
+    def loaded(self) -> None:
+        with self._lock:
+            self._loaded += 1
+            if self._loaded == self._models and not self._counted:
+                self._counted = True
+                metrics.workers_ready.inc()
+
+    def stopped(self) -> None:
+        with self._lock:
+            self._loaded -= 1
+            if self._counted:
+                self._counted = False
+                metrics.workers_ready.dec()
+
+
 class Scheduler:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, source: ModelSource | None = None, readiness: WorkerReadiness | None = None):
         self.settings = settings
+        # Which model: CHARGEN_ARTIFACT's unless told (service/app.py makes one Scheduler per model).
+        self.source = source or ModelSource(settings.name, settings.artifact, "CHARGEN_ARTIFACT")
+        self.name = self.source.name
+        self.metrics = metrics.ModelMetrics(self.name)
+        self._readiness = readiness or WorkerReadiness(1)
         self.engine = None
         self.artifact = None
         self.failure: BaseException | None = None
@@ -110,6 +139,7 @@ class Scheduler:
         self._next_deadline = float("inf")
         self._on_failure: Callable[[BaseException, bool], None] | None = None
         self._reported_active = 0
+        self._cache_seen = (0, 0, 0)  # the prompt cache's hits, misses and characters saved, as reported
         # The loop polls the sockets of running jobs (one poll(0) call per step) for the client's
         # hang-up, so a dropped client's slot is free before the next step. Linux only (POLLRDHUP);
         # elsewhere the job's HTTP thread notices when it next wakes or writes.
@@ -178,7 +208,7 @@ class Scheduler:
             self._waiting.append(job)
             self._next_deadline = min(self._next_deadline, job.deadline)
             self._cond.notify()
-        metrics.queue_depth.inc()
+        self.metrics.queue_depth.inc()
 
     def _fits_now(self, job: Job) -> bool:
         # With max_queue 0 a request is still taken when a slot is free for it right now.
@@ -198,7 +228,7 @@ class Scheduler:
                 self._cancelled.append(job)
             self._cond.notify()
         if removed:
-            metrics.queue_depth.dec()
+            self.metrics.queue_depth.dec()
             self._finish(job)
 
     def events(self, job: Job, client_gone: Callable[[], bool] = lambda: False) -> Iterator[list[Chunk]]:
@@ -252,8 +282,8 @@ class Scheduler:
             self._fail(e, loaded=True)
         finally:
             self._ready.clear()
-            metrics.workers_ready.dec()
-            metrics.active_streams.dec(self._reported_active)
+            self._readiness.stopped()
+            self.metrics.active_streams.dec(self._reported_active)
 
     def _load(self) -> None:
         if self.settings.load_delay and self._closing.wait(self.settings.load_delay):
@@ -263,14 +293,15 @@ class Scheduler:
         from model.engine import Engine, GenerationRequest
         from model.sampling import SamplingSettings
 
-        artifact = load(self.settings.artifact)
-        engine = Engine(artifact, max_batch=self.settings.max_batch, device=self.settings.device)
+        artifact = load(self.source.path)
+        engine = Engine(artifact, max_batch=self.settings.max_batch, device=self.settings.device,
+                        prompt_cache_bytes=int(self.settings.prompt_cache_mb * 2**20))
         # One short generation so the first request does not pay for first-call costs.
         engine.generate(GenerationRequest("\n", max_chars=4, sampling=SamplingSettings(temperature=1.0), seed=0))
         self.artifact, self.engine = artifact, engine
         self._ready.set()
-        metrics.workers_ready.inc()
-        log.info("worker %d: loaded %s (%s %dx%d, %d characters) in %.1f s", os.getpid(), artifact.path,
+        self._readiness.loaded()
+        log.info("worker %d: loaded %s from %s (%s %dx%d, %d characters) in %.1f s", os.getpid(), self.name, artifact.path,
                  artifact.config.cell, artifact.config.layers, artifact.config.units, len(artifact.vocab),
                  time.perf_counter() - started)
 
@@ -281,7 +312,7 @@ class Scheduler:
             waiting = list(self._waiting)
             self._waiting.clear()
         for job in waiting:
-            metrics.queue_depth.dec()
+            self.metrics.queue_depth.dec()
             job.error = "server"
             self._finish(job)
         if callback is not None:
@@ -334,9 +365,9 @@ class Scheduler:
                     job._unfinished -= 1
                     if not job._unfinished:
                         self._finish(job, now)
-            metrics.batch_size.observe(len(streams))
+            self.metrics.batch_size.observe(len(streams))
             if chars:
-                metrics.chars_generated.inc(chars)
+                self.metrics.chars_generated.inc(chars)
             if finished:
                 streams = list(active)
                 self._report_active(engine.active)
@@ -352,14 +383,17 @@ class Scheduler:
                 if not self._waiting or len(self._waiting[0].requests) > engine.max_batch - engine.active:
                     return admitted
                 job = self._waiting.popleft()
-            metrics.queue_depth.dec()
+            self.metrics.queue_depth.dec()
             job.started = time.perf_counter()
             try:
                 for request in job.requests:
                     stream = engine.start(request)
                     job.choice[stream] = len(job.streams)
                     job.streams.append(stream)
-                    active[stream] = job
+                    if stream.finish_reason is None:
+                        active[stream] = job
+                    else:  # max_chars 0: the prompt was read (and scored), nothing to generate
+                        job._unfinished -= 1
             except Exception:
                 log.exception("could not start a generation")
                 self._stop(job, active)
@@ -368,6 +402,11 @@ class Scheduler:
                 continue
             job.generating = time.perf_counter()
             job.prompt_seconds = job.generating - job.started
+            self._report_cache()
+            if not job._unfinished:
+                self._finish(job, job.generating)
+                admitted = True
+                continue
             if self._hangups is not None and job.fd is not None:
                 self._hangups.register(job.fd, HANGUP)
                 self._watched[job.fd] = job
@@ -409,7 +448,7 @@ class Scheduler:
             for job in late:
                 self._waiting.remove(job)
         for job in late:
-            metrics.queue_depth.dec()
+            self.metrics.queue_depth.dec()
             job.error = "deadline"
             self._finish(job)
         for job in {job for job in active.values() if job.deadline <= now}:
@@ -434,9 +473,22 @@ class Scheduler:
             _hand_over(job)
         job.events.put(DONE)
 
+    def _report_cache(self) -> None:
+        """Add the prompt cache's counts since the last report to the metrics."""
+        cache = self.engine.cache
+        if cache is None:
+            return
+        stats, seen = cache.stats, self._cache_seen
+        m = self.metrics
+        m.prompt_cache_hits.inc(stats.hits - seen[0])
+        m.prompt_cache_misses.inc(stats.misses - seen[1])
+        m.prompt_cache_chars_saved.inc(stats.chars_saved - seen[2])
+        m.prompt_cache_bytes.set(cache.bytes)
+        self._cache_seen = (stats.hits, stats.misses, stats.chars_saved)
+
     def _report_active(self, n: int) -> None:
         if n != self._reported_active:
-            metrics.active_streams.inc(n - self._reported_active)
+            self.metrics.active_streams.inc(n - self._reported_active)
             self._reported_active = n
 
 

@@ -11,26 +11,45 @@ so that a request valid by /openapi.json is accepted (tests/test_fuzz.py holds t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from model.defaults import MAX_TEMPERATURE, MAX_TOP_K
+from model.sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_REPETITION_WINDOW, REPETITION_WINDOW
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from service.config import Models, Settings
 
 MAX_STOP = 4  # stop sequences per request
 MAX_STOP_CHARS = 64
 MAX_LOGPROBS = 10  # alternatives per character (also capped at the vocabulary size)
 MAX_SEED = 2**63 - 1
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
+MAX_BIAS_KEY = 64  # characters of one logit_bias key
+MAX_MESSAGES = 1024  # messages of one chat request
+MAX_ID = 2**31 - 1  # a character id (/v1/detokenize); ids at or beyond the vocabulary size are reported, not errors
 # The fixed bounds of the request fields (/info shows them; the configurable ones are its limits).
 BOUNDS = {"max_temperature": MAX_TEMPERATURE, "max_top_k": MAX_TOP_K, "max_logprobs": MAX_LOGPROBS,
-          "max_stop": MAX_STOP, "max_stop_chars": MAX_STOP_CHARS, "max_seed": MAX_SEED}
-DEFAULTED = {"max_tokens", "temperature", "top_p", "top_k", "n"}  # CompletionRequest fields null leaves at their defaults
+          "max_stop": MAX_STOP, "max_stop_chars": MAX_STOP_CHARS, "max_seed": MAX_SEED, "max_penalty": MAX_PENALTY,
+          "max_repetition_penalty": MAX_REPETITION_PENALTY, "max_repetition_window": MAX_REPETITION_WINDOW,
+          "max_logit_bias": MAX_BIAS, "max_logit_bias_entries": MAX_LOGIT_BIAS, "max_messages": MAX_MESSAGES}
+# The fields of the sampling adjustments, with the values that turn them off (the defaults).
+ADJUSTMENTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+               "repetition_window": REPETITION_WINDOW, "min_p": 0.0, "logit_bias": {}}
+# OpenAI request fields that null leaves at their defaults (OpenAI's API reads null as "not given").
+DEFAULTED = {"max_tokens", "temperature", "top_p", "top_k", "n", *ADJUSTMENTS}
+CHAT_DEFAULTED = DEFAULTED | {"max_completion_tokens", "logprobs", "top_logprobs"}
 # OpenAI fields this server cannot honour, with the one value (besides null) it accepts for each.
-NEUTRAL = {"suffix": "", "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+NEUTRAL = {"suffix": ""}
+# OpenAI chat fields for what a character model does not do (tools, audio, structured output):
+# accepted only as null, so a request that needs them is refused by name instead of being
+# answered as if they had been honoured.
+CHAT_UNSUPPORTED = {"tools": "this server calls no tools", "tool_choice": "this server calls no tools",
+                    "parallel_tool_calls": "this server calls no tools", "functions": "this server calls no functions",
+                    "function_call": "this server calls no functions", "audio": "a character model writes no audio",
+                    "prediction": "predicted outputs are not used", "web_search_options": "this server searches nothing"}
 
 
 def _whole_float(value):
@@ -51,25 +70,86 @@ PROMPT_DOC = ("Text to continue. Characters outside the model's vocabulary are r
               "them); \\r\\n and \\r become \\n. An empty prompt starts as if after a newline.")
 TEMPERATURE_DOC = f"Sampling temperature, 0 to {MAX_TEMPERATURE:g}; 0 is greedy (always the most likely character)."
 TOP_K_DOC = "Sample from the k most likely characters only (0: off; k at or above the vocabulary size: off)."
+LOGIT_BIAS_DOC = (f"Added to the logits of characters before sampling, -{MAX_BIAS:g} (never) to {MAX_BIAS:g} (always). "
+                  "A key of decimal digits is a character id as POST /v1/tokenize gives it; any other key is text, each of "
+                  "whose characters gets the bias (outside the vocabulary: the prompt's rule, replaced by the base form or "
+                  "dropped). Ids at or beyond the vocabulary size and dropped characters change nothing (as llama.cpp); "
+                  f"biases of one character add up, within ±{MAX_BIAS:g}.")
+BiasKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BIAS_KEY)]
+Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]
+
+
+class Adjusting(BaseModel):
+    """The sampling adjustments every generation endpoint takes (model/sampling.py applies them,
+    in this order: logit_bias, repetition_penalty, presence and frequency, then the temperature and
+    min_p, top_k, top_p)."""
+
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False, description=(
+        "OpenAI's: subtracted from the logit of every character generated at least once so far (the prompt does "
+        "not count); positive values discourage repeating, negative ones encourage it."))
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False, description=(
+        "OpenAI's: subtracted from a character's logit once per time it was generated so far (the prompt does not count)."))
+    repetition_penalty: float = Field(1.0, gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False, description=(
+        "llama.cpp's repeat_penalty: the logit of every character among the last repetition_window characters (the "
+        "prompt's included) is divided by it when positive and multiplied by it when not; 1: off, above 1 discourages "
+        "repeating."))
+    repetition_window: Whole = Field(REPETITION_WINDOW, ge=0, le=MAX_REPETITION_WINDOW, description=(
+        "llama.cpp's repeat_last_n: how many of the last characters, the prompt's included, repetition_penalty looks "
+        "at (0: off)."))
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description=(
+        "Drop characters whose probability (after the temperature) is below min_p times the most likely one's (0: off)."))
+    logit_bias: dict[BiasKey, Bias] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS, description=LOGIT_BIAS_DOC)
+
+
+def _per_prompt(max_n: int, field: str) -> list[dict]:
+    """Rules of the document: with several prompts, prompts x `field` is at most max_n."""
+    return [{"if": {"required": ["prompt"], "properties": {"prompt": {"type": "array", "minItems": k}}},
+             "then": {"properties": {field: {"maximum": max_n // k}}}}
+            for k in range(2, max_n + 1) if max_n // k < max_n // (k - 1)]  # where the most for k prompts drops
+
+
+def _nullable(schema: dict, names) -> None:
+    for name in names:
+        prop = schema["properties"][name]
+        if "type" in prop:
+            prop["type"] = [prop["type"], "null"]
+        else:
+            prop["anyOf"] = [*prop.pop("anyOf"), {"type": "null"}]
 
 
 def completion_document(max_n: int):
     """What CompletionRequest's JSON Schema says beyond its fields' types, for /openapi.json: null
-    is accepted where it means the default, prompts x n is at most max_n, and echo takes no
-    logprobs. The validators below enforce the same."""
-    rules = [{"not": {"required": ["echo", "logprobs"],
-                      "properties": {"echo": {"const": True}, "logprobs": {"type": "integer", "minimum": 1}}}}]
-    for k in range(2, max_n + 1):
-        if max_n // k < max_n // (k - 1):  # where the most n for k prompts drops
-            rules.append({"if": {"required": ["prompt"], "properties": {"prompt": {"type": "array", "minItems": k}}},
-                          "then": {"properties": {"n": {"maximum": max_n // k}}}})
+    is accepted where it means the default, prompts x n and prompts x best_of are at most max_n,
+    best_of is at least n and does not stream. The validators below enforce the same."""
+    rules = _per_prompt(max_n, "n") + _per_prompt(max_n, "best_of")
+    rules += [{"if": {"required": ["n", "best_of"], "properties": {"n": {"type": "integer", "minimum": k}, "best_of": {"type": "integer"}}},
+               "then": {"properties": {"best_of": {"minimum": k}}}} for k in range(2, max_n + 1)]
+    rules.append({"not": {"required": ["stream", "best_of"],
+                          "properties": {"stream": {"const": True}, "best_of": {"type": "integer", "minimum": 2}}}})
 
     def amend(schema: dict) -> None:
-        for name in DEFAULTED:
-            schema["properties"][name]["type"] = [schema["properties"][name]["type"], "null"]
+        _nullable(schema, DEFAULTED)
         schema["allOf"] = rules
 
     return amend
+
+
+def chat_document(schema: dict) -> None:
+    """What ChatRequest's JSON Schema says beyond its fields' types: null means the default, and
+    top_logprobs above 0 needs logprobs (as OpenAI's API has it)."""
+    _nullable(schema, CHAT_DEFAULTED - {"logprobs", "top_logprobs", "max_completion_tokens", "max_tokens"})
+    schema["allOf"] = [{"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer", "minimum": 1}}},
+                        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}]
+
+
+def _null_is_default(names: set[str]):
+    def drop(cls, data):
+        """OpenAI's API reads null as "not given": such fields take their defaults."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in names)}
+        return data
+
+    return model_validator(mode="before")(classmethod(drop))
 
 
 def _neutral(name: str):
@@ -77,16 +157,27 @@ def _neutral(name: str):
     return Field(None, description=f"Not supported: accepted only as {value!r} or null.", json_schema_extra={"enum": [value, None]})
 
 
+def model_field(models: Models):
+    """The `model` field of every request that runs a model. The document lists the names; the
+    schema itself accepts any text, so that an unknown name is the 404 model_not_found that lists
+    them (Chargen.served), not a 422."""
+    return Field(None, description=f"The model to use: one of those GET /v1/models lists ({', '.join(models.names)}). "
+                                   f"Omitted or null: the default model, {models.default}.",
+                 json_schema_extra={"enum": [*models.names, None]})
+
+
 class Schemas:
     """The request models of one application."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, models: Models | None = None):
         s = settings
+        models = models or settings.models_to_serve()
 
-        class GenerateRequest(BaseModel):
-            """POST /v1/generate as JSON, or as plain text with these fields in the query string."""
+        class GenerateRequest(Adjusting):
+            """POST /v1/generate as JSON, or as plain text with these fields in the query string (but logit_bias)."""
 
             model_config = ConfigDict(extra="forbid", strict=True, title="GenerateRequest")
+            model: str | None = model_field(models)
             prompt: str = Field("", max_length=s.max_prompt_chars, description=PROMPT_DOC)
             max_chars: Whole = Field(s.default_max_chars, ge=1, le=s.max_chars, description="Characters to generate per choice (at most).")
             temperature: float = Field(s.default_temperature, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description=TEMPERATURE_DOC)
@@ -104,40 +195,38 @@ class Schemas:
             model_config = ConfigDict(extra="forbid", strict=True)
             include_usage: bool = False
 
-        class CompletionRequest(BaseModel):
+        class CompletionRequest(Adjusting):
             """POST /v1/completions, OpenAI's completions API; one token is one character."""
 
             model_config = ConfigDict(extra="forbid", strict=True, title="CompletionRequest",
                                       json_schema_extra=completion_document(s.max_n))
-            model: str | None = Field(None, description="Accepted and ignored (this server has one model; responses name it).")
+            model: str | None = model_field(models)
             prompt: (Annotated[str, StringConstraints(max_length=s.max_prompt_chars)]
                      | Annotated[list[Annotated[str, StringConstraints(max_length=s.max_prompt_chars)]],
                                  Field(min_length=1, max_length=s.max_n)]) = Field("", description=PROMPT_DOC)
-            max_tokens: Whole = Field(s.default_max_chars, ge=1, le=s.max_chars, description="Characters to generate.")
+            max_tokens: Whole = Field(s.default_max_chars, ge=0, le=s.max_chars, description=(
+                "Characters to generate; 0 generates nothing (with echo and logprobs: the prompt is scored only)."))
             temperature: float = Field(s.default_temperature, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description=TEMPERATURE_DOC)
             top_p: float = Field(s.default_top_p, gt=0, le=1)
             top_k: Whole = Field(s.default_top_k, ge=0, le=MAX_TOP_K, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
             n: Whole = Field(1, ge=1, le=s.max_n, description=f"Choices per prompt; prompts x n is at most {s.max_n}.")
             stop: Stop | None = Field(None, description=STOP_DOC)
             seed: WholeOrNull = Field(None, ge=0, le=MAX_SEED)
-            logprobs: WholeOrNull = Field(None, ge=0, le=MAX_LOGPROBS, description="Top alternatives per character (not with echo).")
+            logprobs: WholeOrNull = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+                "Return each character's log-probability and this many most likely alternatives (0 or null: none). With "
+                "echo, the prompt's characters too: every one but the first (null: nothing predicts it) from the ones "
+                "before it."))
             stream: bool | None = False
-            stream_options: StreamOptions | None = None
+            stream_options: StreamOptions | None = Field(None, description="With stream: include_usage adds a last chunk "
+                                                         "with the usage (and usage: null in every other chunk).")
             echo: bool | None = Field(False, description="Return the prompt before the completion.")
+            best_of: WholeOrNull = Field(None, ge=1, le=s.max_n, description=(
+                "Sample this many choices per prompt and return the n with the highest mean log-probability per "
+                f"character; at least n, prompts x best_of at most {s.max_n}, not with stream."))
             user: str | None = Field(None, description="Accepted and ignored.")
             suffix: str | None = _neutral("suffix")
-            best_of: WholeOrNull = _neutral("best_of")
-            presence_penalty: float | None = _neutral("presence_penalty")
-            frequency_penalty: float | None = _neutral("frequency_penalty")
-            logit_bias: dict[str, float] | None = _neutral("logit_bias")
 
-            @model_validator(mode="before")
-            @classmethod
-            def _null_is_default(cls, data):
-                """OpenAI's API reads null as "not given": such fields take their defaults."""
-                if isinstance(data, dict):
-                    return {k: v for k, v in data.items() if not (v is None and k in DEFAULTED)}
-                return data
+            _defaults = _null_is_default(DEFAULTED)
 
             # The rules across fields are checked on the later field, which sees the earlier ones
             # (info.data, in declaration order), so the error names it.
@@ -150,12 +239,20 @@ class Schemas:
                                               "choices a request may have (CHARGEN_MAX_N)")
                 return n
 
-            @field_validator("echo")
+            @field_validator("best_of")
             @classmethod
-            def _echo_without_logprobs(cls, echo, info):
-                if echo and info.data.get("logprobs"):
-                    raise PydanticCustomError("unsupported", "echo with logprobs is not supported (the prompt's characters are not scored)")
-                return echo
+            def _best_of(cls, best_of, info):
+                if best_of is None:
+                    return best_of
+                prompt, n = info.data.get("prompt"), info.data.get("n", 1)
+                if n is not None and best_of < n:
+                    raise PydanticCustomError("out_of_range", f"best_of ({best_of}) must be at least n ({n})")
+                if best_of > 1 and info.data.get("stream"):
+                    raise PydanticCustomError("unsupported", "best_of above 1 cannot be streamed (as in OpenAI's API)")
+                if isinstance(prompt, list) and len(prompt) * best_of > s.max_n:
+                    raise PydanticCustomError("out_of_range", f"{len(prompt)} prompts x best_of={best_of} is more than the "
+                                              f"{s.max_n} choices a request may have (CHARGEN_MAX_N)")
+                return best_of
 
             @field_validator(*NEUTRAL)
             @classmethod
@@ -165,9 +262,144 @@ class Schemas:
                     raise ValueError(f"{info.field_name} is not supported by this server (only {neutral!r} or null)")
                 return value
 
+        Content = Annotated[str, StringConstraints(max_length=s.max_prompt_chars)]
+
+        class ChatTextPart(BaseModel):
+            model_config = ConfigDict(extra="forbid", strict=True, title="ChatTextPart")
+            type: Literal["text"]
+            text: Content
+
+        class ChatMessage(BaseModel):
+            """One message. The roles tool and function, and content parts other than text, are not supported."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="ChatMessage")
+            role: Literal["system", "developer", "user", "assistant"]
+            content: Content | Annotated[list[ChatTextPart], Field(max_length=MAX_MESSAGES)] | None = Field(
+                None, description="The message's text, or text parts (joined); null: an empty message.")
+            name: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+                None, description="The speaker's name in the transcript, instead of the role's (CHARGEN_CHAT_NAMES).")
+
+            @field_validator("role", mode="before")
+            @classmethod
+            def _roles_of_tools(cls, role):
+                if role in ("tool", "function"):
+                    raise PydanticCustomError("unsupported", f"role {role!r} is not supported: this server calls no tools")
+                return role
+
+            @field_validator("content", mode="before")
+            @classmethod
+            def _text_parts_only(cls, content):
+                if isinstance(content, list):
+                    for part in content:
+                        kind = part.get("type") if isinstance(part, dict) else None
+                        if isinstance(kind, str) and kind != "text":
+                            raise PydanticCustomError("unsupported", f"content parts of type {kind[:40]!r} are not supported "
+                                                      "(a character model reads text only)")
+                return content
+
+        class ResponseFormat(BaseModel):
+            model_config = ConfigDict(extra="forbid", strict=True, title="ChatResponseFormat")
+            type: Literal["text"]
+
+            @field_validator("type", mode="before")
+            @classmethod
+            def _text_only(cls, kind):
+                if isinstance(kind, str) and kind != "text":
+                    raise PydanticCustomError("unsupported", f"response_format {kind[:40]!r} is not supported (text only)")
+                return kind
+
+        def _unsupported(name: str):
+            return Field(None, description=f"Not supported ({CHAT_UNSUPPORTED[name]}): accepted only as null.",
+                         json_schema_extra={"enum": [None]})
+
+        class ChatRequest(Adjusting):
+            """POST /v1/chat/completions, OpenAI's chat completions API: the messages are written into a transcript
+            (CHARGEN_CHAT_TEMPLATE, CHARGEN_CHAT_NAMES) which the model continues as the assistant; one token is one
+            character."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="ChatRequest", json_schema_extra=chat_document)
+            model: str | None = model_field(models)
+            messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+            max_completion_tokens: WholeOrNull = Field(None, ge=1, le=s.max_chars, description=(
+                f"Characters to generate (default: max_tokens, else {s.default_max_chars})."))
+            max_tokens: WholeOrNull = Field(None, ge=1, le=s.max_chars, description="The older name of max_completion_tokens.")
+            temperature: float = Field(s.default_temperature, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description=TEMPERATURE_DOC)
+            top_p: float = Field(s.default_top_p, gt=0, le=1)
+            top_k: Whole = Field(s.default_top_k, ge=0, le=MAX_TOP_K, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
+            n: Whole = Field(1, ge=1, le=s.max_n, description="Choices (replies).")
+            stop: Stop | None = Field(None, description=STOP_DOC + " The reply also ends where the next message would begin.")
+            seed: WholeOrNull = Field(None, ge=0, le=MAX_SEED, description="Choice i uses seed + i.")
+            logprobs: bool | None = Field(False, description="Return each character's log-probability (choices[].logprobs.content).")
+            top_logprobs: WholeOrNull = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per character (needs logprobs).")
+            stream: bool | None = False
+            stream_options: StreamOptions | None = Field(None, description="With stream: include_usage adds a last chunk "
+                                                         "with the usage (and usage: null in every other chunk).")
+            response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"}.")
+            modalities: Annotated[list[Literal["text"]], Field(max_length=1)] | None = Field(None, description='Only ["text"].')
+            user: str | None = Field(None, description="Accepted and ignored.")
+            store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
+            tools: None = _unsupported("tools")
+            tool_choice: None = _unsupported("tool_choice")
+            parallel_tool_calls: None = _unsupported("parallel_tool_calls")
+            functions: None = _unsupported("functions")
+            function_call: None = _unsupported("function_call")
+            audio: None = _unsupported("audio")
+            prediction: None = _unsupported("prediction")
+            web_search_options: None = _unsupported("web_search_options")
+
+            _defaults = _null_is_default(CHAT_DEFAULTED)
+
+            @field_validator(*CHAT_UNSUPPORTED, mode="before")
+            @classmethod
+            def _refuse(cls, value, info):
+                if value is not None:
+                    raise PydanticCustomError("unsupported", f"not supported: {CHAT_UNSUPPORTED[info.field_name]}")
+                return value
+
+            @field_validator("top_logprobs")
+            @classmethod
+            def _needs_logprobs(cls, top, info):
+                if top and not info.data.get("logprobs"):
+                    raise PydanticCustomError("invalid_value", "top_logprobs needs logprobs: true")
+                return top
+
+        class ScoreRequest(BaseModel):
+            """POST /v1/score: how well the model predicts a text (as `chargen evaluate` scores it)."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="ScoreRequest")
+            model: str | None = model_field(models)
+            text: str = Field(max_length=s.max_prompt_chars, description=(
+                "The text to score. Every character but the first is predicted from the ones before it (the first is "
+                "the start, as in `chargen evaluate`). Characters outside the vocabulary follow the prompt's rule "
+                "(replaced by the base form, or dropped) and are counted."))
+            logprobs: bool = Field(False, description="Return each character's log-probability.")
+            top_logprobs: Whole = Field(0, ge=0, le=MAX_LOGPROBS, description="Alternatives per character (with logprobs).")
+
+        class TokenizeRequest(BaseModel):
+            """POST /v1/tokenize: a text as the model's character ids."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="TokenizeRequest")
+            model: str | None = model_field(models)
+            text: str = Field(max_length=s.max_prompt_chars, description="The text; characters outside the vocabulary "
+                              "follow the prompt's rule and are listed (replaced, dropped).")
+
+        class DetokenizeRequest(BaseModel):
+            """POST /v1/detokenize: character ids back to text."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="DetokenizeRequest")
+            model: str | None = model_field(models)
+            ids: Annotated[list[Annotated[int, Field(ge=0, le=MAX_ID), BeforeValidator(_whole_float)]],
+                           Field(max_length=s.max_prompt_chars)] = Field(description=(
+                "Character ids (as /v1/tokenize gives them); ids at or beyond the vocabulary size are dropped and listed."))
+
         self.settings = settings
+        self.models = models  # the names the document lists, and the default
         self.generate = GenerateRequest
         self.completion = CompletionRequest
+        self.chat = ChatRequest
+        self.score = ScoreRequest
+        self.tokenize = TokenizeRequest
+        self.detokenize = DetokenizeRequest
 
 
 class ErrorDetail(BaseModel):

@@ -81,10 +81,14 @@ def prompt_ids(prompt: str) -> list[int]:
     return ids or [VOCAB.index["\n"]]  # the engine's rule for an empty prompt
 
 
+def keras_logits(model: keras.Model, ids: list[int]) -> np.ndarray:
+    """(len(ids), V): the Keras model's next-character logits after each prefix."""
+    return keras.ops.convert_to_numpy(model.predict_on_batch(np.asarray(ids, dtype=np.int32)[None, :]))[0]
+
+
 def keras_log_probs(model: keras.Model, ids: list[int]) -> np.ndarray:
     """(len(ids), V): the Keras model's next-character log-probabilities after each prefix."""
-    logits = model.predict_on_batch(np.asarray(ids, dtype=np.int32)[None, :])
-    return log_softmax(keras.ops.convert_to_numpy(logits)[0])
+    return log_softmax(keras_logits(model, ids))
 
 
 def run_collecting(engine: Engine, plan: list[tuple[int, GenerationRequest]], leave_at: dict[int, int] | None = None):
@@ -177,14 +181,20 @@ class KerasReference:
     def generate(self, request: GenerationRequest, guess: str = "") -> tuple[str, str]:
         start = prompt_ids(request.prompt)
         guess_ids = VOCAB.encode(guess).ids.tolist()
-        known = keras_log_probs(self.model, start + guess_ids)  # log-softmax keeps the argmax and the sampling distribution
+        known = keras_logits(self.model, start + guess_ids)  # raw logits: the repetition penalty depends on their sign
         rng = np.random.default_rng(request.seed)
+        settings, prompt = request.sampling, VOCAB.encode(request.prompt).ids.tolist()  # the prompt without the empty one's newline
+        window = settings.repetition_window if settings.repeats else 0
         generated: list[int] = []
         for _ in range(request.max_chars):
             if generated != guess_ids[: len(generated)] or len(generated) > len(guess_ids):
-                known = keras_log_probs(self.model, start + generated)
+                known = keras_logits(self.model, start + generated)
             logits = known[len(start) + len(generated) - 1]
-            generated.append(int(next_ids(logits[None, :], [request.sampling], [rng])[0]))
+            # the penalties' counts, plainly: the last `window` characters (prompt included), and the generated ones
+            recent = np.bincount((prompt + generated)[max(0, len(prompt) + len(generated) - window):] if window else [],
+                                 minlength=len(VOCAB))
+            counts = np.bincount(generated, minlength=len(VOCAB))
+            generated.append(int(next_ids(logits[None, :], [settings], [rng], recent[None], counts[None])[0]))
             text = VOCAB.decode(generated)
             found = [text.find(s) for s in request.stop if s in text]
             if found:
@@ -193,6 +203,28 @@ class KerasReference:
 
 
 SETTINGS = [GREEDY, SamplingSettings(1.0), SamplingSettings(0.7, top_k=4), SamplingSettings(1.2, top_p=0.8)]
+# penalties and biases, greedy and sampled; a window shorter than the prompt and one longer than it
+PENALIZED = [SamplingSettings(0.0, presence_penalty=0.8, frequency_penalty=0.4),
+             SamplingSettings(0.0, repetition_penalty=1.6, repetition_window=8),
+             SamplingSettings(0.9, repetition_penalty=1.3, repetition_window=40, min_p=0.05),
+             SamplingSettings(1.0, frequency_penalty=1.0, logit_bias=((VOCAB.index["e"], -100.0), (VOCAB.index["a"], 2.0))),
+             SamplingSettings(0.8, presence_penalty=-0.5, repetition_penalty=0.8, repetition_window=3, top_k=5, min_p=0.1)]
+PENALIZED_IDS = ["greedy-presence-frequency", "greedy-repetition", "repetition-min_p", "frequency-bias", "all"]
+
+
+@pytest.mark.parametrize("cell,layers", [("lstm", 2), ("gru", 1)])
+@pytest.mark.parametrize("settings", PENALIZED, ids=PENALIZED_IDS)
+def test_engine_penalties_equal_the_reference_sampler(artifact_for, cell, layers, settings):
+    """The engine's per-slot counts and ring buffers give what counting the text plainly gives."""
+    art = artifact_for(cell, layers)
+    request = GenerationRequest("to be or not to be", max_chars=250, sampling=settings, seed=12)
+    stream = Engine(art).generate(request)
+    assert (stream.text, stream.finish_reason) == KerasReference(art.model).generate(request, guess=stream.text)
+    assert stream.text != Engine(art).generate(GenerationRequest(request.prompt, max_chars=250, seed=12,
+                                                                 sampling=SamplingSettings(settings.temperature))).text
+    assert Engine(art).generate(request).text == stream.text  # same seed and settings: the same text
+    if settings.logit_bias:
+        assert "e" not in stream.text
 
 
 @pytest.mark.parametrize("cell,layers", [("lstm", 2), ("gru", 3), ("rnn", 1)])
@@ -254,12 +286,14 @@ def test_streams_joining_and_leaving_give_the_same_text_as_each_run_alone(artifa
         GenerationRequest("fourth", max_chars=120, seed=4, sampling=SamplingSettings(1.5, top_p=0.9)),
         GenerationRequest("fifth", max_chars=300, sampling=T1, seed=5, stop=(free[200:203], "zz")),
         GenerationRequest("x", max_chars=400, seed=21, sampling=SamplingSettings(1.0)),
+        *(GenerationRequest(f"penalized {i}", max_chars=100 + 37 * i, seed=30 + i, sampling=settings)
+          for i, settings in enumerate(PENALIZED)),  # their counts and rings move with their slots
     ]
     alone = [Engine(art, max_batch=1).generate(r) for r in requests]
     assert alone[4].finish_reason == "stop" and alone[0].finish_reason == "length"
 
     engine = Engine(art, max_batch=4)  # fewer slots than requests: some wait for others to finish
-    joins = {0: 0, 1: 5, 2: 5, 3: 40, 4: 60, 5: 61}
+    joins = {0: 0, 1: 5, 2: 5, 3: 40, 4: 60, 5: 61, 6: 2, 7: 3, 8: 70, 9: 71, 10: 90}
     waiting = sorted(joins, key=joins.get)
     streams, deltas = {}, {i: [] for i in range(len(requests))}
     step = 0
@@ -474,7 +508,7 @@ def test_engine_full_and_slots_freed_by_finishing_and_cancelling(artifact_for):
     "kwargs,field",
     [
         ({"prompt": None}, "prompt"),
-        ({"max_chars": 0}, "max_chars"),
+        ({"max_chars": -1}, "max_chars"),
         ({"max_chars": 2.5}, "max_chars"),
         ({"max_chars": True}, "max_chars"),
         ({"seed": -1}, "seed"),
@@ -483,12 +517,17 @@ def test_engine_full_and_slots_freed_by_finishing_and_cancelling(artifact_for):
         ({"stop": ("",)}, "stop"),
         ({"stop": (3,)}, "stop"),
         ({"logprobs": -1}, "logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"cache_at": (0,)}, "cache_at"),
+        ({"cache_at": (1, 1)}, "cache_at"),
+        ({"cache_at": (3, 2)}, "cache_at"),
+        ({"cache_at": (5,)}, "cache_at"),
         ({"sampling": {"temperature": 1}}, "sampling"),
     ],
 )
 def test_bad_requests_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        GenerationRequest(**{"prompt": "x", "max_chars": 5, "sampling": T1, **kwargs})
+        GenerationRequest(**{"prompt": "xxxx", "max_chars": 5, "sampling": T1, **kwargs})
 
 
 def test_too_many_logprobs_is_a_value_error(artifact_for):
@@ -609,3 +648,46 @@ def test_requests_have_no_defaults_for_what_a_user_sets():
         GenerationRequest("x")  # max_chars and sampling come from the caller (the service's settings, the CLI's options)
     with pytest.raises(TypeError):
         GenerationRequest("x", max_chars=5)
+
+
+# ---------------------------------------------------------------- scoring prompts, max_chars 0, rank
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_a_scored_prompt_has_the_keras_log_probs_of_each_character_after_the_first(artifact_for, monkeypatch, chunk):
+    import model.engine
+
+    if chunk:  # long texts are fed in chunks: the state carries across them
+        monkeypatch.setattr(model.engine, "PROMPT_CHUNK", chunk)
+    art = artifact_for("gru", 2)
+    text = "to be, or not to be, that is the question."
+    ids = VOCAB.encode(text).ids.tolist()
+    want = keras_log_probs(art.model, ids)  # row t predicts ids[t + 1]
+    engine = Engine(art)
+    stream = engine.start(GenerationRequest(text, max_chars=0, sampling=GREEDY, prompt_logprobs=3))
+    assert stream.finish_reason == "length" and stream.text == "" and engine.active == 0
+    score = stream.prompt_score
+    assert score.chars == list(text) and np.isnan(score.logprobs[0]) and score.scored == len(text) - 1
+    np.testing.assert_allclose(score.logprobs[1:], want[np.arange(len(ids) - 1), ids[1:]], atol=TOLERANCE)
+    for t in range(1, len(ids)):
+        top = score.alternatives(t)
+        assert [c for c, _ in top] == [VOCAB.chars[i] for i in np.argsort(-want[t - 1], kind="stable")[:3]]
+        assert top[0][1] >= top[1][1] >= top[2][1]
+    assert score.nats == pytest.approx(-want[np.arange(len(ids) - 1), ids[1:]].sum(), abs=1e-3)
+    # scoring changes nothing about what follows: the same text as an unscored prompt
+    plain = Engine(art).generate(GenerationRequest(text, max_chars=80, sampling=T1, seed=3)).text
+    assert Engine(art).generate(GenerationRequest(text, max_chars=80, sampling=T1, seed=3, prompt_logprobs=0)).text == plain
+
+
+def test_a_rank_request_sums_the_log_probs_of_its_characters(artifact_for):
+    art = artifact_for("lstm", 1)
+    engine = Engine(art, max_batch=4)
+    ranked = engine.start(GenerationRequest("ab", max_chars=50, sampling=T1, seed=2, rank=True, logprobs=1))
+    other = engine.start(GenerationRequest("cd", max_chars=80, sampling=T1, seed=3))
+    lps = []
+    while ranked.finish_reason is None:
+        for d in engine.step([other, ranked] if other.finish_reason is None else [ranked]):
+            if d.stream is ranked:
+                lps.extend(lp.logprob for lp in d.logprobs)
+    assert len(lps) == 50 and ranked.logprob_sum == pytest.approx(sum(lps), abs=1e-9)
+    assert other.logprob_sum == 0.0  # not asked for

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, TIMEOUT_MS, Tab, screenshots
+from conftest import OTHER, PERIODIC
 from server import ROOT, continuation, running_server
 from service.app import create_app
 from service.config import SettingsError
@@ -233,6 +234,7 @@ def test_the_page_loads_without_console_errors_and_names_the_model(tab):
     assert page.is_visible("#prompt") and page.is_visible("#send") and page.is_hidden("#stop")
     assert page.get_by_label("Temperature").input_value() == "0.8"
     assert page.input_value("#max-chars") == "200"  # the server's default, from /info
+    assert page.is_hidden("#model-field")  # one model: nothing to pick
     page.wait_for_timeout(300)  # anything the modules do after load
     assert tab.console_errors == []
 
@@ -556,3 +558,79 @@ def test_screenshots_at_desktop_and_phone_width_in_light_and_dark(browser, tiny_
         paths = screenshots(browser, s.url, tmp_path, "the quick")
     assert [p.name for p in paths] == ["screenshot-desktop.png", "screenshot-mobile.png", "screenshot-dark.png"]
     assert {p: p.read_bytes() for p in (ROOT / "docs").glob("*.png")} == tracked
+
+
+# ---------------------------------------------------------------- several models
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_artifact, other_artifact, browser):
+    """`run` (the default: PERIODIC) and `jugs` (OTHER)."""
+    with running_server(tiny_artifact, env={"CHARGEN_MODELS": f"jugs={other_artifact}"}) as s:
+        yield s
+
+
+def answer(tab: Tab, max_chars: int | None = 30) -> tuple[str, dict]:
+    """Send a newline greedily (for 30 characters; the embed: as its URL presets): the text and the request's body."""
+    with tab.page.expect_request("**/v1/generate") as request:
+        tab.send("\n", temperature=0, max_chars=max_chars)
+    assert tab.wait_ended() == "done"
+    return tab.generated(), request.value.post_data_json
+
+
+def test_the_model_picker_shows_each_model_and_the_answer_comes_from_the_one_picked(browser, two_models):
+    cards = {c["id"]: c for c in two_models.get("/v1/models").json()["data"]}
+    t = Tab(browser, two_models.url + "/")
+    try:
+        page = t.page
+        assert page.is_visible("#model-picker") and page.input_value("#model-picker") == "run"
+        labels = page.locator("#model-picker option").all_text_contents()
+        assert [label.split(" · ")[0] for label in labels] == ["run", "jugs"]
+        for label, card in zip(labels, cards.values()):
+            assert card["corpus"] in label and "parameters" in label
+            assert f"{card['bits_per_char']:.2f} bits/char" in label
+        assert page.text_content("#model").startswith("run · LSTM 1×32")
+        assert f"{cards['run']['corpus_chars']:,} characters" in page.text_content("#model-details")
+        page.select_option("#model-picker", "jugs")
+        assert page.text_content("#model").startswith("jugs · ")
+        assert f"{cards['jugs']['corpus_chars']:,} characters" in page.text_content("#model-details")
+        page.select_option("#model-picker", "run")
+
+        text, body = answer(t)  # (the intro with the details goes with the first turn)
+        assert text == PERIODIC[:30] and body["model"] == "run"
+        page.select_option("#model-picker", "jugs")
+        assert page.text_content("#model").startswith("jugs · ")
+        text, body = answer(t)
+        assert text == OTHER[:30] and body["model"] == "jugs"
+        assert t.turn().locator(".seed").text_content().endswith("· jugs")
+        t.turn(0).locator(".regenerate").click()  # a turn regenerated now uses the model picked now
+        t.page.wait_for_function("() => document.querySelector('.turn').dataset.state === 'done'")
+        assert t.generated(0) == OTHER[:30]
+        assert t.console_errors == []
+    finally:
+        t.close()
+    phone = Tab(browser, two_models.url + "/", viewport={"width": 360, "height": 640})
+    try:
+        assert phone.page.is_visible("#model-picker")
+        assert phone.page.evaluate("document.documentElement.scrollWidth <= innerWidth"), "the picker is wider than a 360 px phone"
+    finally:
+        phone.close()
+
+
+def test_the_embed_presets_the_model_from_its_query_string(browser, two_models):
+    t = Tab(browser, two_models.url + "/embed?model=jugs&max_chars=30")
+    try:
+        assert t.page.input_value("#model-picker") == "jugs" and t.page.text_content("#model").startswith("jugs · ")
+        text, body = answer(t, None)
+        assert text == OTHER[:30] and body["model"] == "jugs"
+        assert t.console_errors == []
+    finally:
+        t.close()
+    t = Tab(browser, two_models.url + "/embed?model=nope&max_chars=30")
+    try:
+        assert t.page.input_value("#model-picker") == "run"
+        assert t.page.is_visible("#model-note")
+        assert t.page.text_content("#model-note") == "There is no model “nope” here; this is run."
+        assert answer(t, None)[0] == PERIODIC[:30]
+    finally:
+        t.close()

@@ -12,11 +12,14 @@ import json
 import pytest
 
 from model.defaults import MAX_TEMPERATURE, MAX_TOP_K
+from model.sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_REPETITION_WINDOW
 from server import continuation
 from service.app import create_app
 from service.config import SettingsError
 from service.reading import MAX_JSON_DEPTH, json_depth
 from service.schemas import BOUNDS, MAX_LOGPROBS, MAX_SEED, NEUTRAL
+
+CHAT = {"messages": [{"role": "user", "content": "the"}]}
 
 MAX_N = 4
 BIG_BODY = 4 << 20  # room for 1,000,000 levels of [ and ]
@@ -95,9 +98,22 @@ def test_brackets_inside_strings_are_text(client):
     ("/v1/generate", "n", MAX_N + 1),
     ("/v1/generate", "max_chars", 1001),
     ("/v1/completions", "max_tokens", 1001),
+    ("/v1/completions", "best_of", MAX_N + 1),
+    ("/v1/generate", "presence_penalty", MAX_PENALTY + 0.01),
+    ("/v1/completions", "frequency_penalty", MAX_PENALTY + 1),
+    ("/v1/chat/completions", "presence_penalty", 1e308),
+    ("/v1/generate", "repetition_penalty", MAX_REPETITION_PENALTY + 1),
+    ("/v1/chat/completions", "repetition_window", MAX_REPETITION_WINDOW + 1),
+    ("/v1/completions", "min_p", 1.5),
+    ("/v1/chat/completions", "max_completion_tokens", 1001),
+    ("/v1/chat/completions", "max_tokens", 1001),
+    ("/v1/chat/completions", "top_logprobs", MAX_LOGPROBS + 1),
+    ("/v1/chat/completions", "n", MAX_N + 1),
+    ("/v1/score", "top_logprobs", MAX_LOGPROBS + 1),
 ])
 def test_a_number_above_its_bound_is_a_422_naming_it(client, path, field, value):
-    error = error_of(client.post(path, json={"prompt": "the", field: value}), 422)
+    base = CHAT if "chat" in path else {"text": "the"} if "score" in path else {"prompt": "the"}
+    error = error_of(client.post(path, json={**base, field: value}), 422)
     assert (error["param"], error["code"]) == (field, "out_of_range")
     assert field in error["message"] and "less than or equal" in error["message"]
 
@@ -112,18 +128,34 @@ def test_a_tiny_temperature_is_greedy(client):
     assert r.get_json()["choices"][0]["text"] == continuation("the quick", 40)
 
 
+def test_a_penalty_below_its_bound_and_a_bias_beyond_its_bound_are_422s(client):
+    for body, field in [({"prompt": "the", "presence_penalty": -2.5}, "presence_penalty"),
+                        ({"prompt": "the", "repetition_penalty": 0}, "repetition_penalty"),
+                        ({"prompt": "the", "logit_bias": {"a": MAX_BIAS + 1}}, "logit_bias"),
+                        ({"prompt": "the", "logit_bias": {"a": -MAX_BIAS - 1}}, "logit_bias"),
+                        ({"prompt": "the", "min_p": -0.1}, "min_p")]:
+        error = error_of(client.post("/v1/generate", json=body), 422)
+        assert (error["param"], error["code"]) == (field, "out_of_range"), body
+
+
 def test_info_and_the_document_state_the_bounds(client):
     info = client.get("/info").get_json()
     assert info["bounds"] == BOUNDS and info["bounds"]["max_temperature"] == MAX_TEMPERATURE
     doc = client.get("/openapi.json").get_json()["components"]["schemas"]
-    for model in ("GenerateRequest", "CompletionRequest"):
+    for model in ("GenerateRequest", "CompletionRequest", "ChatRequest"):
         fields = doc[model]["properties"]
         assert fields["temperature"]["maximum"] == MAX_TEMPERATURE
         assert fields["top_k"]["maximum"] == MAX_TOP_K
         assert fields["top_p"]["maximum"] == 1
-        for name, field in fields.items():  # every number and integer has an upper bound, or is pinned by an enum
-            for kind in field.get("anyOf", [field]):
-                if kind.get("type") in ("number", "integer"):
+        assert fields["presence_penalty"]["minimum"] == -MAX_PENALTY and fields["frequency_penalty"]["maximum"] == MAX_PENALTY
+        assert fields["repetition_penalty"]["maximum"] == MAX_REPETITION_PENALTY
+        assert fields["repetition_window"]["maximum"] == MAX_REPETITION_WINDOW
+        assert fields["min_p"]["maximum"] == 1
+        assert fields["logit_bias"]["additionalProperties"] == {"type": "number", "minimum": -MAX_BIAS, "maximum": MAX_BIAS}
+    for model in ("GenerateRequest", "CompletionRequest", "ChatRequest", "ScoreRequest", "TokenizeRequest", "DetokenizeRequest"):
+        for name, field in doc[model]["properties"].items():  # every number and integer has an upper bound, or is pinned by an enum
+            for kind in field.get("anyOf", [field, field.get("items", {})]):
+                if kind.get("type") in ("number", "integer") or "number" in kind.get("type", []):
                     assert "maximum" in kind or "enum" in field, (model, name)
 
 
@@ -138,7 +170,8 @@ def test_a_default_beyond_a_bound_stops_start_up(tiny_artifact, variable, value)
 
 @pytest.mark.parametrize("path, fields", [
     ("/v1/generate", {"max_chars": 7.0, "n": 2.0, "seed": 5.0, "top_k": 3.0, "logprobs": 1.0}),
-    ("/v1/completions", {"max_tokens": 7.0, "n": 2.0, "seed": 5.0, "top_k": 3.0, "logprobs": 1.0, "best_of": 1.0}),
+    ("/v1/completions", {"max_tokens": 7.0, "n": 2.0, "seed": 5.0, "top_k": 3.0, "logprobs": 1.0, "best_of": 3.0,
+                         "repetition_window": 8.0}),
 ])
 def test_a_whole_number_written_with_a_point_is_an_integer(client, path, fields):
     # JSON Schema, and so /openapi.json's "integer", counts 7.0 as an integer
@@ -176,18 +209,32 @@ def test_the_document_lists_no_query_settings_for_json_requests(client):
     assert r.get_data(as_text=True) == continuation("the quick", 5)
 
 
-def test_the_rules_across_fields_are_in_the_document_and_the_server_keeps_them(client):
-    """For every number of prompts, n, echo and logprobs: the document's schema accepts the
-    request exactly when the server does."""
+def validator_of(client, model: str):
     import jsonschema_rs
 
     doc = client.get("/openapi.json").get_json()
-    schema = {**doc["components"]["schemas"]["CompletionRequest"], "components": doc["components"]}
-    validator = jsonschema_rs.Draft202012Validator(schema)  # its $refs point into the document's components
-    cases = itertools.product(range(1, MAX_N + 1), range(1, MAX_N + 1), [None, False, True], [None, 0, 2])
-    for prompts, n, echo, logprobs in cases:
-        body = {"prompt": ["the"] * prompts, "n": n, "echo": echo, "logprobs": logprobs, "max_tokens": 1}
+    schema = {**doc["components"]["schemas"][model], "components": doc["components"]}
+    return jsonschema_rs.Draft202012Validator(schema)  # its $refs point into the document's components
+
+
+def test_the_rules_across_fields_are_in_the_document_and_the_server_keeps_them(client):
+    """For every number of prompts, n, best_of, stream, echo and logprobs: the document's schema
+    accepts the request exactly when the server does."""
+    validator = validator_of(client, "CompletionRequest")
+    cases = itertools.product(range(1, MAX_N + 1), range(1, MAX_N + 1), [None, 1, 2, MAX_N], [None, True], [None, True], [None, 2])
+    for prompts, n, best_of, stream, echo, logprobs in cases:
+        body = {"prompt": ["the"] * prompts, "n": n, "best_of": best_of, "stream": stream, "echo": echo, "logprobs": logprobs,
+                "max_tokens": 0}
         r = client.post("/v1/completions", json=body)
+        assert r.status_code in (200, 422), r.get_json()
+        assert validator.is_valid(body) == (r.status_code == 200), (body, r.get_json())
+
+
+def test_the_chat_rules_are_in_the_document_and_the_server_keeps_them(client):
+    validator = validator_of(client, "ChatRequest")
+    for logprobs, top in itertools.product([None, False, True], [None, 0, 2]):
+        body = {**CHAT, "logprobs": logprobs, "top_logprobs": top, "max_tokens": 1}
+        r = client.post("/v1/chat/completions", json=body)
         assert r.status_code in (200, 422), r.get_json()
         assert validator.is_valid(body) == (r.status_code == 200), (body, r.get_json())
 
@@ -198,6 +245,6 @@ def test_unsupported_openai_fields_take_their_neutral_value_as_documented(client
     assert fields[field]["enum"] == [NEUTRAL[field], None]
     for value in (NEUTRAL[field], None):
         assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, field: value}).status_code == 200
-    other = {"suffix": "y", "best_of": 2, "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"1": 2.0}}[field]
+    other = {"suffix": "y"}[field]
     error = error_of(client.post("/v1/completions", json={"prompt": "x", field: other}), 422)
     assert error["param"] == field and "not supported" in error["message"]

@@ -16,14 +16,21 @@ const ui = {
   maxChars: $("max-chars"), probabilities: $("probabilities"), topK: $("top-k"), topP: $("top-p"),
   seed: $("seed"), stopSequences: $("stop-sequences"), apiKey: $("api-key"), apiKeyField: $("api-key-field"),
   model: $("model"), modelDetails: $("model-details"), announce: $("announce"), tip: $("tip"),
+  modelField: $("model-field"), modelPicker: $("model-picker"), modelNote: $("model-note"),
+  minP: $("min-p"), repetitionPenalty: $("repetition-penalty"), repetitionWindow: $("repetition-window"),
+  presencePenalty: $("presence-penalty"), frequencyPenalty: $("frequency-penalty"), logitBias: $("logit-bias"),
   template: $("turn-template"),
 };
 
 // The sampling settings, by request field, and their controls (the embed has only the temperature's).
 // Each starts at the server's default (/info) unless the query string presets it.
-const SETTINGS = { temperature: ui.temperature, max_chars: ui.maxChars, top_k: ui.topK, top_p: ui.topP };
+const SETTINGS = {
+  temperature: ui.temperature, max_chars: ui.maxChars, top_k: ui.topK, top_p: ui.topP, min_p: ui.minP,
+  repetition_penalty: ui.repetitionPenalty, repetition_window: ui.repetitionWindow,
+  presence_penalty: ui.presencePenalty, frequency_penalty: ui.frequencyPenalty,
+};
 // The request field each control sets: a 422 naming the field marks the control.
-const FIELDS = { ...SETTINGS, seed: ui.seed, stop: ui.stopSequences, prompt: ui.prompt };
+const FIELDS = { ...SETTINGS, seed: ui.seed, stop: ui.stopSequences, logit_bias: ui.logitBias, prompt: ui.prompt };
 
 let info = null; // GET /info, once it has answered
 let running = null; // {controller, turn} of the generation in progress
@@ -77,8 +84,28 @@ function requestSettings() {
     const stops = ui.stopSequences.value.split("\n").filter((line) => line !== "").map(unescape);
     if (stops.length) body.stop = stops;
   }
+  const biases = logitBias();
+  if (biases) body.logit_bias = biases;
   if (ui.probabilities?.checked) body.logprobs = LOGPROBS;
+  if (ui.modelPicker.value) body.model = ui.modelPicker.value;
   return body;
+}
+
+// "CHARACTER=BIAS" per line ("\n" for a line break, as in stop sequences): the request's logit_bias.
+function logitBias() {
+  if (!ui.logitBias) return undefined;
+  const biases = {};
+  for (const line of ui.logitBias.value.split("\n")) {
+    if (line.trim() === "") continue;
+    const at = line.lastIndexOf("=");
+    const key = unescape(line.slice(0, at));
+    const bias = Number(line.slice(at + 1).trim());
+    if (at < 1 || line.slice(at + 1).trim() === "" || !Number.isFinite(bias)) {
+      throw new SettingsError(ui.logitBias, `“${line}” is not character=bias (a number from −100 to 100).`);
+    }
+    biases[key] = bias;
+  }
+  return Object.keys(biases).length ? biases : undefined;
 }
 
 function markInvalid(control) {
@@ -96,8 +123,8 @@ function showTemperature() {
   else ui.temperatureValue.value = t === 0 ? "0 (greedy)" : t.toFixed(2);
 }
 
-// Query-string presets (?prompt=…&temperature=…&max_chars=…&top_k=…&top_p=…), so a site embedding the
-// page can start it with its own example. Values only ever fill form fields, or, for a setting this
+// Query-string presets (?prompt=…&temperature=…&max_chars=…&top_k=…&top_p=…&model=…), so a site embedding
+// the page can start it with its own example. Values only ever fill form fields, or, for a setting this
 // page has no control for, go into the request as they are.
 const presets = new URLSearchParams(location.search);
 const uncontrolled = {};
@@ -134,12 +161,14 @@ function applyDefaults(defaults) {
   }
 }
 
-// ---------------------------------------------------------------- the model, from /info
+// ---------------------------------------------------------------- the models, from /info
 
-function describeModel(data) {
-  const m = data.model;
+const compactNumber = new Intl.NumberFormat("en", { notation: "compact" });
+
+// One model of /info's `models` (the shape of its `model`).
+function describeModel(m) {
   const parts = [m.name, `${String(m.cell).toUpperCase()} ${m.layers}×${m.units}`];
-  if (m.parameters) parts.push(`${new Intl.NumberFormat("en", { notation: "compact" }).format(m.parameters)} parameters`);
+  if (m.parameters) parts.push(`${compactNumber.format(m.parameters)} parameters`);
   ui.model.textContent = parts.join(" · ");
   if (ui.modelDetails) {
     const corpus = m.corpus?.name ? `It learned from ${m.corpus.name}` : "";
@@ -151,12 +180,52 @@ function describeModel(data) {
   ui.model.title = `Vocabulary of ${m.vocab_size} characters`;
 }
 
+// A picker entry: what the model learned from, its size and how well it predicts unseen text.
+function modelLabel(m) {
+  const parts = [m.name];
+  if (m.corpus?.name) parts.push(m.corpus.name);
+  if (m.parameters) parts.push(`${compactNumber.format(m.parameters)} parameters`);
+  if (m.validation?.bits_per_char) parts.push(`${Number(m.validation.bits_per_char).toFixed(2)} bits/char`);
+  return parts.join(" · ");
+}
+
+function selectedModel() {
+  return info?.models?.find((m) => m.name === ui.modelPicker.value) ?? info?.model;
+}
+
+// The picker holds every model the server has (the default first chosen, or ?model=NAME's); it is
+// shown only when there is a choice, or to say that the preset names no model here.
+function showModels(data) {
+  const models = data.models ?? [data.model];
+  const wanted = presets.get("model");
+  const preset = models.find((m) => m.name === wanted);
+  const chosen = preset ?? models.find((m) => m.default) ?? models[0];
+  ui.modelPicker.replaceChildren(...models.map((m) => {
+    const option = document.createElement("option");
+    option.value = m.name;
+    option.textContent = modelLabel(m);
+    return option;
+  }));
+  ui.modelPicker.value = chosen.name;
+  ui.modelNote.textContent = wanted !== null && !preset
+    ? `There is no model “${wanted}” here; this is ${chosen.name}.` : "";
+  ui.modelField.hidden = models.length < 2 && !ui.modelNote.textContent;
+  describeModel(chosen);
+}
+
+ui.modelPicker.addEventListener("change", () => {
+  ui.modelNote.textContent = "";
+  const m = selectedModel();
+  if (m) describeModel(m);
+  announce(`Model ${ui.modelPicker.value} chosen.`);
+});
+
 async function loadInfo() {
   // Bounded: while the server is loading (503) or unreachable, retry for about a minute.
   for (let attempt = 0; attempt < 30; attempt++) {
     try {
       info = await getInfo();
-      describeModel(info);
+      showModels(info);
       applyDefaults(info.defaults);
       if (ui.apiKeyField && info.engine?.api_key_required) ui.apiKeyField.hidden = false;
       return;
@@ -241,6 +310,7 @@ class Turn {
     const cps = event.timings?.chars_per_second;
     this.speed.textContent = cps ? `${Math.round(cps).toLocaleString("en")} chars/s` : "";
     if (event.seed !== undefined) this.seed.textContent = `seed ${event.seed}`;
+    if (event.model && info?.models?.length > 1) this.seed.textContent += ` · ${event.model}`;
     const dropped = event.usage?.dropped_chars;
     if (dropped) {
       this.showError(`${dropped} character${dropped > 1 ? "s" : ""} of the prompt ${dropped > 1 ? "are" : "is"} not in the model's vocabulary and ${dropped > 1 ? "were" : "was"} left out.`, "note");

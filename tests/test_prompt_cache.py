@@ -1,0 +1,177 @@
+"""The prompt-state cache (model/prompt_cache.py) and the engine reading prompts through it: the
+longest cached prefix, bytes bounded, least recently used evicted, and the same text with and
+without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_engine import T1, VOCAB, random_artifact
+
+from model.engine import Engine, GenerationRequest
+from model.network_step import State
+from model.prompt_cache import MIN_CHARS, PromptCache
+from model.sampling import GREEDY, SamplingSettings
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return random_artifact("lstm", 2, tmp_path_factory.mktemp("cache"))
+
+
+def state(value: float, size: int = 100) -> State:
+    return State((np.full((1, 1, size), value, np.float32),), np.full(4, value, np.float32))
+
+
+def ids(text: str) -> np.ndarray:
+    return VOCAB.encode(text).ids
+
+
+def test_the_longest_cached_prefix_is_found():
+    cache = PromptCache(1 << 20)
+    a, b = "the first prompt of all", "the first prompt of all, and more of it"
+    cache.put(ids(a), state(1.0))
+    cache.put(ids(b), state(2.0))
+    assert cache.longest(ids(b + " and the rest"))[0] == len(b)
+    length, found = cache.longest(ids(a + " but not the other"))
+    assert length == len(a) and found.logits[0] == 1.0
+    assert cache.longest(ids(b))[0] == len(b)  # the whole prompt
+    assert cache.longest(ids("the first prompt of al")) == (0, None)  # shorter than every entry
+    assert cache.longest(ids("a different prompt altogether")) == (0, None)
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.chars_saved) == (3, 2, 2 * len(b) + len(a))
+
+
+def test_a_hash_collision_gives_no_wrong_state(monkeypatch):
+    cache = PromptCache(1 << 20)
+    cache.put(ids("a" * 20), state(1.0))
+    monkeypatch.setattr(cache, "hashes", lambda ids: np.zeros(len(ids), np.uint64))  # every prefix collides
+    cache._entries = {(20, 0): next(iter(cache._entries.values()))}
+    assert cache.longest(ids("b" * 30)) == (0, None)  # same length, same hash, other characters
+
+
+def test_bytes_are_bounded_and_the_least_recently_used_goes_first():
+    one = state(0.0).nbytes + 20  # a 20-character key of uint8 ids
+    cache = PromptCache(3 * one)
+    prompts = [f"prompt number {c * 6}" for c in "abcde"]  # 20 characters each
+    for p in prompts[:3]:
+        cache.put(ids(p), state(0.0))
+    assert len(cache) == 3 and cache.bytes == 3 * one
+    cache.longest(ids(prompts[0]))  # used: now the most recent
+    cache.put(ids(prompts[3]), state(0.0))
+    assert len(cache) == 3 and cache.bytes == 3 * one
+    assert cache.longest(ids(prompts[1]))[0] == 0  # the least recently used was evicted
+    assert cache.longest(ids(prompts[0]))[0] == 20 and cache.longest(ids(prompts[3]))[0] == 20
+    cache.put(ids("short"), state(0.0))  # under MIN_CHARS: not worth an entry
+    cache.put(ids("a" * 5000), state(0.0))  # larger than the whole cache: not kept, nothing evicted for it
+    assert len(cache) == 3 and MIN_CHARS > len("short")
+
+
+def test_a_prompt_read_from_the_cache_gives_the_same_text_as_without_it(art):
+    prompt = "the prompt a client sends twice, then continues, " * 8
+    without = Engine(art)
+    engine = Engine(art, max_batch=8, prompt_cache_bytes=1 << 20)
+    requests = [GenerationRequest(prompt, max_chars=200, sampling=T1, seed=4),
+                GenerationRequest(prompt, max_chars=200, sampling=T1, seed=4),  # the whole prompt cached
+                GenerationRequest(prompt + "and more.", max_chars=200, sampling=T1, seed=4),  # a prefix cached
+                GenerationRequest(prompt[:100], max_chars=200, sampling=SamplingSettings(0.7, top_k=5), seed=9),
+                GenerationRequest(prompt + "and more.", max_chars=150, sampling=GREEDY)]
+    for request in requests:
+        assert engine.generate(request).text == without.generate(request).text
+    stats = engine.cache.stats
+    assert (stats.hits, stats.misses) == (3, 2) and stats.chars_saved == 3 * len(prompt) + len("and more.")
+    # the prediction after a cached prompt is bit for bit the one after feeding it whole
+    engine.start(GenerationRequest(prompt, max_chars=5, sampling=T1))
+    without.start(GenerationRequest(prompt, max_chars=5, sampling=T1))
+    assert np.array_equal(engine.network.logits[0], without.network.logits[0])
+
+
+def test_cache_at_keeps_the_states_at_turn_ends_so_the_next_turn_resumes_there(art):
+    turns = ["user\nhello there\n\n", "assistant\nwell met\n\n", "user\nand now\n\n"]
+    engine = Engine(art, prompt_cache_bytes=1 << 20)
+    first = "".join(turns) + "assistant\n"
+    cuts = np.cumsum([len(t) for t in turns]).tolist()
+    a = engine.generate(GenerationRequest(first, max_chars=30, sampling=T1, seed=1, cache_at=tuple(cuts)))
+    assert len(engine.cache) == 4  # three turn ends and the prompt's end
+    second = first + a.text + "\n\nuser\nmore\n\nassistant\n"
+    b = engine.start(GenerationRequest(second, max_chars=30, sampling=T1, seed=1))
+    assert b.cached_chars == len(first)  # the previous prompt: only the reply and the new turn are fed
+    edited = "".join(turns[:2]) + "user\nsomething else\n\nassistant\n"
+    c = engine.start(GenerationRequest(edited, max_chars=30, sampling=T1, seed=1))
+    assert c.cached_chars == cuts[1]  # an edited last turn resumes after the turns before it
+    # the same text as an engine without a cache, cache_at or not
+    for stream in (b, c):
+        request = stream.request
+        while stream.finish_reason is None:
+            engine.step([stream])
+        assert stream.text == Engine(art).generate(request).text
+
+
+def test_a_scored_prompt_is_fed_whole_and_then_cached(art):
+    prompt = "a text to score, then to continue from its cached state"
+    engine = Engine(art, prompt_cache_bytes=1 << 20)
+    engine.generate(GenerationRequest(prompt, max_chars=3, sampling=T1))
+    scored = engine.start(GenerationRequest(prompt, max_chars=0, sampling=T1, prompt_logprobs=1))
+    assert scored.cached_chars == 0 and scored.prompt_score.scored == len(ids(prompt)) - 1  # every character's prediction is needed
+    again = engine.start(GenerationRequest(prompt + " more", max_chars=3, sampling=T1))
+    assert again.cached_chars == len(ids(prompt))
+
+
+# ---------------------------------------------------------------- through the service
+
+
+def metric(client, name: str, model: str = "run") -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True)):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("model") == model:
+                return sample.value
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def apps(tiny_artifact):
+    from service.app import create_app
+
+    made = {mb: create_app({"ARTIFACT": str(tiny_artifact), "TESTING": True, "PROMPT_CACHE_MB": mb, "MAX_PROMPT_CHARS": 5000})
+            for mb in (64, 0)}
+    for app in made.values():
+        assert app.extensions["chargen"].scheduler.wait_ready(120)
+    yield made
+    for app in made.values():
+        app.extensions["chargen"].scheduler.close()
+
+
+def test_the_service_gives_the_same_text_with_and_without_the_cache_and_counts_it(apps):
+    from conftest import PERIODIC
+
+    cached, uncached = apps[64].test_client(), apps[0].test_client()
+    prompt = PERIODIC * 40  # 1,800 characters
+    before = {name: metric(cached, name) for name in ("chargen_prompt_cache_hits_total", "chargen_prompt_cache_misses_total",
+                                                      "chargen_prompt_cache_chars_saved_total")}
+    asks = [{"prompt": prompt, "max_chars": 100, "temperature": 1.0, "seed": 3},
+            {"prompt": prompt, "max_chars": 100, "temperature": 1.0, "seed": 3},
+            {"prompt": prompt + "the quick", "max_chars": 100, "temperature": 1.5, "seed": 4, "n": 2}]
+    for ask in asks:
+        with_cache, without = (c.post("/v1/generate", json=ask).get_json() for c in (cached, uncached))
+        assert [x["text"] for x in with_cache["choices"]] == [x["text"] for x in without["choices"]]
+    assert metric(cached, "chargen_prompt_cache_misses_total") - before["chargen_prompt_cache_misses_total"] == 1
+    assert metric(cached, "chargen_prompt_cache_hits_total") - before["chargen_prompt_cache_hits_total"] == 3  # n=2: each choice
+    saved = metric(cached, "chargen_prompt_cache_chars_saved_total") - before["chargen_prompt_cache_chars_saved_total"]
+    assert saved == 3 * len(prompt) + len("the quick")  # the second choice of the last finds the first's whole prompt
+    assert 0 < metric(cached, "chargen_prompt_cache_bytes") < 64 << 20
+    assert apps[0].extensions["chargen"].default.engine.cache is None  # (both apps count into this process's one registry)
+
+
+def test_a_chats_next_turn_feeds_only_what_is_new(apps):
+    client = apps[64].test_client()
+    messages = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog. " * 10}]
+    saved = []
+    for turn in range(3):
+        before = metric(client, "chargen_prompt_cache_chars_saved_total")
+        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 30, "temperature": 1.0, "seed": turn})
+        reply = r.get_json()["choices"][0]["message"]["content"]
+        saved.append(metric(client, "chargen_prompt_cache_chars_saved_total") - before)
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"and then turn {turn}"}]
+    transcript = r.get_json()["usage"]["prompt_tokens"]
+    assert saved[0] == 0 and saved[1] > 400 and transcript - saved[2] < 60  # only the last reply and message were fed
