@@ -321,8 +321,8 @@ def main() -> None:
         log_path.unlink(missing_ok=True)
 
     print()
-    print(f"| mode | clients | req/s | chars/s | engine chars/s | service/engine | latency p50 / p99 ms | "
-          f"first char p50 / p99 ms | errors | 429 |")
+    print("| mode | clients | req/s | chars/s | engine chars/s | service/engine | latency p50 / p99 ms | "
+          "first char p50 / p99 ms | errors | 429 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['mode']} | {r['clients']} | {r['requests_per_second']:,.1f} | {r['chars_per_second']:,.0f} | "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -66,3 +67,27 @@ def shakespeare() -> Path:
     if not SHAKESPEARE.exists():
         pytest.skip(f"reference corpus not found at {SHAKESPEARE} (it lives in ../shared/corpora beside the repo)")
     return SHAKESPEARE
+
+
+# ---------------------------------------------------------------- a Flask app with its model loaded
+
+
+@contextmanager
+def loaded_app(artifact: Path, **config):
+    """A Flask app (its test client through the `client` fixture) serving `artifact`, its model
+    loaded; `config` takes Settings names without the CHARGEN_ prefix (MAX_N=4)."""
+    from service.app import create_app
+
+    app = create_app({"ARTIFACT": str(artifact), "TESTING": True, **config})
+    scheduler = app.extensions["chargen"].scheduler
+    assert scheduler.wait_ready(120), f"model did not load: {scheduler.failure}"
+    try:
+        yield app
+    finally:
+        scheduler.close()
+
+
+@pytest.fixture
+def client(app):
+    """The test client of the test module's `app` fixture."""
+    return app.test_client()

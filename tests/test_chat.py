@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from server import REQUEST_TIMEOUT, running_server
-from service.app import create_app
 from service.chat import ChatTemplate
 from service.config import CHAT_NAMES, CHAT_TEMPLATE, Settings, chat_names
 from test_service import assert_error, events
+from conftest import loaded_app
 
 # The tiny model knows lowercase text only: a template it can continue, speakers without names.
 PLAIN = {"CHAT_TEMPLATE": "{name}{content}\\n", "CHAT_NAMES": "system=,developer=,user=,assistant="}
@@ -20,16 +20,8 @@ REPLY = " jumps over the lazy dog."  # what greedy sampling of the tiny model gi
 
 @pytest.fixture(scope="module")
 def app(tiny_artifact):
-    app = create_app({"ARTIFACT": str(tiny_artifact), "TESTING": True, "MAX_N": 4, "MAX_BATCH": 16, **PLAIN})
-    scheduler = app.extensions["chargen"].scheduler
-    assert scheduler.wait_ready(120), f"model did not load: {scheduler.failure}"
-    yield app
-    scheduler.close()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
+    with loaded_app(tiny_artifact, MAX_N=4, MAX_BATCH=16, **PLAIN) as app:
+        yield app
 
 
 # ---------------------------------------------------------------- the transcript

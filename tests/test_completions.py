@@ -10,8 +10,8 @@ import pytest
 from model.artifact import load
 from model.engine import Engine, GenerationRequest
 from model.sampling import SamplingSettings
-from service.app import create_app
 from test_service import events
+from conftest import loaded_app
 
 CONTROLS = {"presence_penalty": 0.6, "frequency_penalty": 0.3, "repetition_penalty": 1.3, "repetition_window": 32,
             "min_p": 0.05, "logit_bias": {"e": -2.0}}
@@ -19,16 +19,8 @@ CONTROLS = {"presence_penalty": 0.6, "frequency_penalty": 0.3, "repetition_penal
 
 @pytest.fixture(scope="module")
 def app(tiny_artifact):
-    app = create_app({"ARTIFACT": str(tiny_artifact), "TESTING": True, "MAX_N": 8, "MAX_BATCH": 16})
-    scheduler = app.extensions["chargen"].scheduler
-    assert scheduler.wait_ready(120), f"model did not load: {scheduler.failure}"
-    yield app
-    scheduler.close()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
+    with loaded_app(tiny_artifact, MAX_N=8, MAX_BATCH=16) as app:
+        yield app
 
 
 def test_best_of_returns_the_n_candidates_with_the_highest_mean_logprob(client):

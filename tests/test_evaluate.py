@@ -118,7 +118,6 @@ def test_window_256_is_nanogpts_block_of_257_characters(tiny_artifact):
     """Block k is characters 256k .. 256k+256 run from a zero state: its first target is predicted
     from one character, its last from 256; only whole blocks count."""
     import keras
-    import numpy as np
 
     from model import artifact
     from model.evaluate import StreamScorer, nats_of, window_loss

@@ -30,7 +30,7 @@ import requests
 import podman
 from balancer import nginx_binary, running_nginx
 from conftest import PERIODIC
-from server import REQUEST_TIMEOUT, ROOT
+from server import REQUEST_TIMEOUT
 from test_deploy import COMPOSE, env_of, healthcheck_command, stage
 
 pytestmark = pytest.mark.images

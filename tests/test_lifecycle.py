@@ -183,7 +183,6 @@ def test_sighup_swaps_the_model_without_a_failed_request_and_a_broken_one_change
     # accepting worker would show as a request that waited that long.
     env = {"CHARGEN_MAX_CHARS": LONG, "CHARGEN_LOAD_DELAY": LOAD_DELAY}
     with running_server(current, env=env) as server:
-        first_worker = server.worker_pids()
         with Load(server.url) as load:
             assert wait_for(lambda: len(load.results) >= 10)
             long_stream = server.post("/v1/generate", json={"prompt": "the", "max_chars": LONG, "temperature": 0,

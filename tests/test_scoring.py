@@ -9,27 +9,18 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PERIODIC
+from conftest import PERIODIC, loaded_app
 
 from chargen.cli import main
 from model.data import streams
-from service.app import create_app
 
 AGREE = 1e-4  # nats per character, the bound
 
 
 @pytest.fixture(scope="module")
 def app(tiny_artifact):
-    app = create_app({"ARTIFACT": str(tiny_artifact), "TESTING": True, "MAX_PROMPT_CHARS": 5000, "MAX_BODY_BYTES": 1 << 20})
-    scheduler = app.extensions["chargen"].scheduler
-    assert scheduler.wait_ready(120), f"model did not load: {scheduler.failure}"
-    yield app
-    scheduler.close()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
+    with loaded_app(tiny_artifact, MAX_PROMPT_CHARS=5000, MAX_BODY_BYTES=1 << 20) as app:
+        yield app
 
 
 def evaluate(artifact, text: str, tmp_path) -> dict:

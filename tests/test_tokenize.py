@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from service.app import create_app
 from test_service import assert_error
+from conftest import loaded_app
 
 
 @pytest.fixture(scope="module")
 def app(tiny_artifact):
-    app = create_app({"ARTIFACT": str(tiny_artifact), "TESTING": True})
-    scheduler = app.extensions["chargen"].scheduler
-    assert scheduler.wait_ready(120), f"model did not load: {scheduler.failure}"
-    yield app
-    scheduler.close()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
+    with loaded_app(tiny_artifact) as app:
+        yield app
 
 
 @pytest.fixture

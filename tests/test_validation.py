@@ -18,6 +18,7 @@ from service.app import create_app
 from service.config import SettingsError
 from service.reading import MAX_JSON_DEPTH, json_depth
 from service.schemas import BOUNDS, MAX_LOGPROBS, MAX_SEED, NEUTRAL
+from conftest import loaded_app
 
 CHAT = {"messages": [{"role": "user", "content": "the"}]}
 
@@ -27,17 +28,8 @@ BIG_BODY = 4 << 20  # room for 1,000,000 levels of [ and ]
 
 @pytest.fixture(scope="module")
 def app(tiny_artifact):
-    app = create_app({"ARTIFACT": str(tiny_artifact), "TESTING": True, "MAX_N": MAX_N, "MAX_BATCH": 16,
-                      "MAX_CHARS": 1000, "MAX_BODY_BYTES": BIG_BODY})
-    scheduler = app.extensions["chargen"].scheduler
-    assert scheduler.wait_ready(120), f"model did not load: {scheduler.failure}"
-    yield app
-    scheduler.close()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
+    with loaded_app(tiny_artifact, MAX_N=MAX_N, MAX_BATCH=16, MAX_CHARS=1000, MAX_BODY_BYTES=BIG_BODY) as app:
+        yield app
 
 
 def error_of(response, status: int) -> dict:
