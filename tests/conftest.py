@@ -91,3 +91,30 @@ def loaded_app(artifact: Path, **config):
 def client(app):
     """The test client of the test module's `app` fixture."""
     return app.test_client()
+
+
+def random_network(cell: str, layers: int, vocab_size: int, units: int = 24, seed: int = 0):
+    """A chargen network with random weights scaled so its predictions are peaked and its state
+    matters (the exactness tests of the engine and of the ONNX graph compare on it)."""
+    import keras
+    import numpy as np
+
+    from model.network import ModelConfig, build_model
+
+    keras.utils.set_random_seed(seed + layers)
+    model = build_model(ModelConfig(cell=cell, layers=layers, units=units, embedding=8), vocab_size)
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        w = keras.ops.convert_to_numpy(v)
+        if v.path.endswith("recurrent_kernel"):
+            pass  # orthogonal: strong memory, not chaotic
+        elif v.path.endswith("embeddings"):
+            w = rng.normal(0.0, 1.0, w.shape)
+        elif v.path.endswith("bias"):
+            w = rng.normal(0.0, 0.5, w.shape)
+        elif v.path.startswith("logits"):
+            w = w * (12.0 if cell == "lstm" else 6.0)  # peaked predictions
+        else:
+            w = w * 3.0  # input kernels: inputs drive the gates hard
+        v.assign(w.astype("float32"))
+    return model

@@ -24,12 +24,12 @@ import pytest
 from model import network_step
 from model.artifact import Artifact
 from model.engine import CharLogprob, Engine, EngineFull, GenerationRequest, Stream
-from model.network import ModelConfig, build_model
 from model.network_step import NetworkStep
 from model.onnx_graph import build_graph
 from model.onnx_step import MIN_ROWS_PER_THREAD
 from model.sampling import GREEDY, SamplingSettings, log_softmax, next_ids
 from model.vocab import Vocab
+from conftest import random_network
 
 VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")
 STEPS = 1000
@@ -46,23 +46,7 @@ def with_graph(model: keras.Model, path: Path, vocab: Vocab = VOCAB) -> Artifact
 
 
 def random_artifact(cell: str, layers: int, path: Path, units: int = 24, seed: int = 0) -> Artifact:
-    keras.utils.set_random_seed(seed + layers)
-    model = build_model(ModelConfig(cell=cell, layers=layers, units=units, embedding=8), len(VOCAB))
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        w = keras.ops.convert_to_numpy(v)
-        if v.path.endswith("recurrent_kernel"):
-            pass  # orthogonal: strong memory, not chaotic
-        elif v.path.endswith("embeddings"):
-            w = rng.normal(0.0, 1.0, w.shape)
-        elif v.path.endswith("bias"):
-            w = rng.normal(0.0, 0.5, w.shape)
-        elif v.path.startswith("logits"):
-            w = w * (12.0 if cell == "lstm" else 6.0)  # peaked predictions (an LSTM's h = o * tanh(c) is smaller)
-        else:
-            w = w * 3.0  # input kernels: inputs drive the gates hard
-        v.assign(w.astype("float32"))
-    return with_graph(model, path)
+    return with_graph(random_network(cell, layers, len(VOCAB), units, seed), path)
 
 
 @pytest.fixture(scope="session")

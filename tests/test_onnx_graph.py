@@ -17,10 +17,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from model.network import ModelConfig, build_model
 from model.onnx_graph import GRAPH_FORMAT, OPSET, build_graph, check_graph
 from model.sampling import log_softmax
 from model.vocab import Vocab
+from conftest import random_network
 
 VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")
 V = len(VOCAB)
@@ -31,23 +31,7 @@ CASES = [(cell, layers) for cell in ("lstm", "gru", "rnn") for layers in (1, 2, 
 
 
 def random_model(cell: str, layers: int, units: int = UNITS, seed: int = 0) -> keras.Model:
-    keras.utils.set_random_seed(seed + layers)
-    model = build_model(ModelConfig(cell=cell, layers=layers, units=units, embedding=8), V)
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        w = keras.ops.convert_to_numpy(v)
-        if v.path.endswith("recurrent_kernel"):
-            pass  # orthogonal: strong memory, not chaotic
-        elif v.path.endswith("embeddings"):
-            w = rng.normal(0.0, 1.0, w.shape)
-        elif v.path.endswith("bias"):
-            w = rng.normal(0.0, 0.5, w.shape)
-        elif v.path.startswith("logits"):
-            w = w * (12.0 if cell == "lstm" else 6.0)  # peaked predictions
-        else:
-            w = w * 3.0  # input kernels: inputs drive the gates hard
-        v.assign(w.astype("float32"))
-    return model
+    return random_network(cell, layers, V, units, seed)
 
 
 @functools.cache
