@@ -9,7 +9,11 @@ the network. This module does the slots: which stream holds which slot (the ones
 moved to the front), each slot's sampling settings, and the uniform draws taken ahead from each
 stream's generator (64 at a time: the same numbers, in the same order, as one generator.random()
 per pick), so a step makes no Python call per stream to sample. The text a stream emits is its
-own business (`model.streams`).
+own business (`model.streams`): character by character for a request with stop sequences or
+logprobs. A request with neither has nothing to check per character, so its slot keeps the ids
+picked for it (UnreadIds) and the stream takes them as text when its text is read, when the slot's
+row is full and at max_chars: a step of such streams does no Python per stream, and its Deltas are
+made only if the caller reads them.
 
 Streams whose settings adjust the logits (penalties, biases; model.sampling) have per-slot arrays
 beside the others: the biases, how often each character was generated, and a ring buffer of each
@@ -43,15 +47,16 @@ from model import network_step
 from model.network_step import PROMPT_CHUNK, State
 from model.prompt_cache import PromptCache
 from model.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, pick
-from model.streams import CharLogprob, Delta, GenerationRequest, PromptScore, Stream, whole_number
+from model.streams import CharLogprob, Delta, Deltas, GenerationRequest, PromptScore, Stream, whole_number
 from model.vocab import Vocab
 
 if TYPE_CHECKING:
     from model.artifact import Artifact
 
-__all__ = ["CharLogprob", "Delta", "Engine", "EngineFull", "GenerationRequest", "PromptScore", "Stream"]
+__all__ = ["CharLogprob", "Delta", "Deltas", "Engine", "EngineFull", "GenerationRequest", "PromptScore", "Stream"]
 
 DRAWS_AHEAD = 64  # uniform draws taken from a stream's generator at a time
+UNREAD = 256  # ids a slot keeps for a stream without checks before the stream takes them
 
 _slot_of = operator.attrgetter("_slot")
 
@@ -116,6 +121,53 @@ class SlotAdjustments:
             self.seen[windowed] += 1
 
 
+class UnreadIds:
+    """For max_batch slots, the ids picked for each slot's unchecked stream (no stop sequences, no
+    logprobs) that the stream has not taken yet: the first count[b] of row b. The stream takes them
+    when its text is read, and at the latest when its count reaches due[b] (a full row, or its
+    max_chars). No slot reaches its due count for at least `quiet` more steps, so most steps look
+    for none."""
+
+    def __init__(self, max_batch: int):
+        B = max_batch
+        self.ids = np.zeros((B, UNREAD), np.int32)
+        self.count = np.zeros(B, np.int64)
+        self.counting = np.zeros(B, np.int64)  # 1 for an unchecked stream's slot, 0 for a checked one's (its count stays 0)
+        self.due = np.zeros(B, np.int64)
+        self.left = np.zeros(B, np.int64)  # characters the stream may generate after the ones it has taken
+        self.quiet = 0
+        self._rows = np.arange(B)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.ids, self.count, self.counting, self.due, self.left]
+
+    def set(self, slot: int, request: GenerationRequest) -> None:
+        unchecked = not request.checked
+        self.count[slot], self.counting[slot], self.left[slot] = 0, unchecked, request.max_chars
+        self.due[slot] = min(UNREAD, request.max_chars) if unchecked else UNREAD
+        self.quiet = min(self.quiet, int(self.due[slot]))
+
+    def record(self, n: int, ids: np.ndarray) -> list[int]:
+        """Slots 0..n-1 produced ids (n,); returns the unchecked ones now due."""
+        count = self.count[:n]
+        self.ids[self._rows[:n], count] = ids  # a checked slot's row is written at 0 and never read
+        count += self.counting[:n]
+        self.quiet -= 1
+        return np.flatnonzero(count >= self.due[:n]).tolist() if self.quiet <= 0 else []
+
+    def take(self, slot: int) -> list[int]:
+        """The slot's unread ids, now read."""
+        taken = self.ids[slot, : self.count[slot]].tolist()
+        self.left[slot] -= len(taken)
+        self.count[slot], self.due[slot] = 0, min(UNREAD, self.left[slot])
+        return taken
+
+    def settle(self, active: int) -> None:
+        """After a step: if some slot was due, how long until the next is (slots 0..active-1)."""
+        if self.quiet <= 0:
+            self.quiet = int((self.due[:active] - self.count[:active]).min()) if active else UNREAD
+
+
 class Engine:
     def __init__(self, artifact: Artifact, max_batch: int = 128, threads: int | None = None, device: str = "cpu",
                  prompt_cache_bytes: int = 0):
@@ -151,6 +203,8 @@ class Engine:
         self._ranked = np.zeros(self.max_batch, bool)  # the slot's request keeps the sum of its logprobs (rank)
         self._logprob_sum = np.zeros(self.max_batch)
         self._ranking = 0
+        self._unread = UnreadIds(self.max_batch)
+        self._checking = 0  # active slots whose streams check each character (stop sequences, logprobs)
         self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
         # An empty prompt starts from the zero state as if after a newline (after the first
         # vocabulary character when the vocabulary has no newline).
@@ -160,6 +214,11 @@ class Engine:
     @property
     def active(self) -> int:
         return len(self._slots)
+
+    @property
+    def streams(self) -> list[Stream]:
+        """The running streams in slot order: the order in which step() takes them fastest."""
+        return list(self._slots)
 
     def start(self, request: GenerationRequest) -> Stream:
         """Read the prompt (from the prompt cache where it can) and take a batch slot; with
@@ -184,6 +243,8 @@ class Engine:
         self._wanting += request.logprobs > 0
         self._ranked[slot], self._logprob_sum[slot] = request.rank, 0.0
         self._ranking += request.rank
+        self._unread.set(slot, request)
+        self._checking += request.checked
         if settings.adjusts and self._adjustments is None:
             self._adjustments = SlotAdjustments(self.max_batch, len(self.vocab))
         if self._adjustments is not None:  # a slot's arrays are always its own stream's (neutral when it adjusts nothing)
@@ -258,10 +319,11 @@ class Engine:
         chars = self.vocab.chars
         return state, PromptScore([chars[i] for i in ids.tolist()], logprobs, top_ids, top_logprobs, chars)
 
-    def step(self, streams: list[Stream]) -> list[Delta]:
-        """Advance every given unfinished stream by one character in one batched step."""
+    def step(self, streams: list[Stream]) -> Deltas:
+        """Advance every given unfinished stream by one character in one batched step; returns a
+        Delta per stepped stream, in the order given."""
         if streams and streams == self._slots[: len(streams)]:  # slots 0..n-1 in order, all checked at once
-            batch = ordered = streams
+            ordered, order = list(streams), None  # a copy: the Deltas read it later
         else:
             for s in streams:
                 if s.__class__ is not Stream or s._owner is not self:
@@ -270,34 +332,43 @@ class Engine:
             if len(set(map(id, batch))) != len(batch):
                 raise ValueError("step() was given the same stream twice")
             if not batch:
-                return []
+                return Deltas([], np.zeros(0, np.int64), self.vocab.chars, {})
             ordered = self._to_front(batch)  # ordered[i] holds slot i
+            order = [s._slot for s in batch]
         n = len(ordered)
         logits = self.network.logits[:n]
         adjustments = self._adjustments.view(n) if self._adjusting else None
         ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
-        picked = ids.tolist()
         chars = self.vocab.chars
         # from the logits the characters were picked from, before the step replaces them
         if self._ranking:
             rows = np.flatnonzero(self._ranked[:n])
             self._logprob_sum[rows] += log_softmax(logits[rows])[np.arange(len(rows)), ids[rows]]
         if self._wanting:
-            lps = {b: self._logprob(logits[b], picked[b], self._logprobs[b]) for b in np.flatnonzero(self._logprobs[:n]).tolist()}
+            lps = {b: self._logprob(logits[b], int(ids[b]), self._logprobs[b]) for b in np.flatnonzero(self._logprobs[:n]).tolist()}
         self.network.advance(n, ids)
-        if self._wanting:
-            deltas = [s.emit(chars[i], lps.get(b)) for b, (s, i) in enumerate(zip(ordered, picked))]
-        else:
-            deltas = [s.emit(chars[i]) for s, i in zip(ordered, picked)]
-        for d in deltas:
-            if d.finish_reason is not None:
-                self._release(d.stream)
-        if batch is not ordered:
-            by_stream = {id(d.stream): d for d in deltas}
-            deltas = [by_stream[id(s)] for s in batch]
-        return deltas
+        due = self._unread.record(n, ids)
+        made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
+        if self._checking:
+            for b in np.flatnonzero(self._unread.counting[:n] == 0).tolist():  # the checked streams
+                made[b] = ordered[b].emit(chars[ids[b]], lps.get(b) if self._wanting else None)
+        for b in due:  # unchecked streams whose slots are full or at max_chars
+            s = ordered[b]
+            self._flush(s)
+            if s.finish_reason is not None:
+                made[b] = Delta(s, chars[ids[b]], [], s.finish_reason)
+        for b in sorted(b for b, d in made.items() if d.finish_reason is not None):
+            self._release(ordered[b])
+        self._unread.settle(self.active)
+        return Deltas(ordered, ids, chars, made, order)
+
+    def _flush(self, s: Stream) -> None:
+        """Give an unchecked stream the characters its slot holds for it."""
+        if self._unread.count[s._slot]:
+            chars = self.vocab.chars
+            s.take("".join([chars[i] for i in self._unread.take(s._slot)]))
 
     def _logprob(self, logits: np.ndarray, chosen: int, k: int) -> CharLogprob:
         logp = log_softmax(logits)
@@ -357,10 +428,11 @@ class Engine:
 
     def _per_slot(self) -> list[np.ndarray]:
         arrays = [self._temperature, self._top_k, self._top_p, self._min_p, self._samples, self._draws, self._next_draw,
-                  self._logprobs, self._ranked, self._logprob_sum]
+                  self._logprobs, self._ranked, self._logprob_sum, *self._unread.arrays()]
         return arrays if self._adjustments is None else arrays + self._adjustments.arrays()
 
     def _release(self, s: Stream) -> None:
+        self._flush(s)
         slot, last = s._slot, len(self._slots) - 1
         if s.request.rank:
             s.logprob_sum = float(self._logprob_sum[slot])
@@ -375,4 +447,5 @@ class Engine:
         self._wanting -= s.request.logprobs > 0
         self._adjusting -= s.request.sampling.adjusts
         self._ranking -= s.request.rank
+        self._checking -= s.request.checked
         s._slot = -1

@@ -3,7 +3,11 @@
 A Stream turns the characters the engine picks for it into emitted text, one `emit` per character:
 it counts them against max_chars, holds back any tail that could begin a stop sequence until that
 is decided, ends before the first stop sequence completed (the stop text is never emitted), and
-keeps each held character's logprob beside it. Nothing here knows about slots, batches or networks.
+keeps each held character's logprob beside it. A request with no stop sequences and no logprobs
+has nothing to check per character: the engine keeps its characters and hands them over in bulk
+(`take`, when its text is read, when it finishes, or every so many steps), and a step's Deltas are
+made only when they are read, so a step costs no Python per stream for it. Nothing here knows about
+slots, batches or networks.
 
 A request may also ask for its prompt to be scored (`prompt_logprobs`: each prompt character's
 logprob given the characters before it, in a PromptScore), for nothing to be generated
@@ -13,6 +17,7 @@ sum of its generated characters' logprobs (`rank`: best_of picks the choices wit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +68,11 @@ class GenerationRequest:
         if any(not whole_number(b) or not 0 < b < len(self.prompt) for b in self.cache_at) or list(self.cache_at) != sorted(set(self.cache_at)):
             raise ValueError(f"cache_at must be increasing positions inside the prompt, got {self.cache_at!r}")
 
+    @property
+    def checked(self) -> bool:
+        """Each generated character is checked (stop sequences) or reported (logprobs) as it comes."""
+        return bool(self.stop or self.logprobs)
+
 
 @dataclass
 class CharLogprob:
@@ -102,7 +112,9 @@ class Stream:
     """One generation in progress: its request, its seeded generator and the text it has emitted.
 
     `_owner`, `_slot` and `_rng` belong to the engine that runs the stream: which engine, which
-    batch slot, and the generator its draws come from (seeded with `seed`).
+    batch slot, and the generator its draws come from (seeded with `seed`). While the stream runs,
+    reading `text` or `generated` asks the engine for the characters it still holds for the
+    stream (`_owner._flush`): read them on the engine's thread, or once the stream has finished.
     """
 
     def __init__(self, request: GenerationRequest, seed: int, prompt_chars: int, dropped_chars: int, owner=None):
@@ -111,7 +123,7 @@ class Stream:
         self.prompt_chars = prompt_chars  # prompt characters actually fed
         self.dropped_chars = dropped_chars  # prompt characters outside the vocabulary that were dropped
         self.finish_reason: str | None = None  # "length" | "stop" | "cancelled" once finished
-        self.generated = 0  # characters sampled so far (emitted, held back, or part of a stop sequence)
+        self._generated = 0  # characters given to the stream so far (emitted, held back, or part of a stop sequence)
         self.logprob_sum = 0.0  # of the characters sampled so far, when the request asks (rank); set when it finishes
         self.prompt_score: PromptScore | None = None  # when the request asks (prompt_logprobs)
         self.cached_chars = 0  # prompt characters resumed from the prompt cache instead of fed
@@ -125,8 +137,17 @@ class Stream:
         self._longest_prefix = max((len(s) for s in request.stop), default=1) - 1
 
     @property
+    def generated(self) -> int:
+        """Characters sampled so far (emitted, held back, or part of a stop sequence)."""
+        if self._slot >= 0:
+            self._owner._flush(self)
+        return self._generated
+
+    @property
     def text(self) -> str:
         """Text emitted so far (never contains a stop sequence)."""
+        if self._slot >= 0:
+            self._owner._flush(self)
         if len(self._emitted) > 1:
             self._emitted = ["".join(self._emitted)]
         return self._emitted[0] if self._emitted else ""
@@ -134,9 +155,9 @@ class Stream:
     def emit(self, char: str, logprob: CharLogprob | None = None) -> Delta:
         """Take the next generated character (with its logprob when the request asks for them) and
         return what it releases; sets finish_reason when this character ends the stream."""
-        self.generated += 1
+        self._generated += 1
         request = self.request
-        finish = "length" if self.generated >= request.max_chars else None
+        finish = "length" if self._generated >= request.max_chars else None
         if not request.stop:  # the common case: the character is the text
             self._emitted.append(char)
             self.finish_reason = finish
@@ -159,6 +180,14 @@ class Stream:
         self.finish_reason = finish
         return Delta(self, text, lps, finish)
 
+    def take(self, text: str) -> None:
+        """Take generated characters of a request with no stop sequences and no logprobs (nothing to
+        check: they are its text; their Deltas were returned by the steps that picked them)."""
+        self._generated += len(text)
+        self._emitted.append(text)
+        if self._generated >= self.request.max_chars:
+            self.finish_reason = "length"
+
     def _held_length(self, text: str) -> int:
         """Length of the longest suffix of `text` that begins a stop sequence."""
         for k in range(min(len(text), self._longest_prefix), 0, -1):
@@ -167,7 +196,7 @@ class Stream:
         return 0
 
     def __repr__(self) -> str:
-        return f"<Stream seed={self.seed} generated={self.generated} finish_reason={self.finish_reason}>"
+        return f"<Stream seed={self.seed} finish_reason={self.finish_reason}>"  # reads nothing from the engine
 
 
 @dataclass(slots=True)
@@ -176,3 +205,43 @@ class Delta:
     text: str  # newly emitted characters ("" while a possible stop sequence is held back)
     logprobs: list[CharLogprob] = field(default_factory=list)  # one per character of text
     finish_reason: str | None = None  # set on the step that finishes the stream
+
+
+class Deltas(Sequence):
+    """What one step released: a Delta per stream stepped, in the order they were given. The
+    Deltas of streams that check their characters (`made`, by row) are made by the step; the
+    others (the row's character, and no logprobs) when first read."""
+
+    __slots__ = ("_streams", "_ids", "_chars", "_made", "_order", "_list")
+
+    def __init__(self, streams: list[Stream], ids: np.ndarray, chars: list[str], made: dict[int, Delta],
+                 order: list[int] | None = None):
+        """streams[b] picked chars[ids[b]]; order: for each stream as given, its row (None: row order)."""
+        self._streams, self._ids, self._chars, self._made, self._order = streams, ids, chars, made, order
+        self._list: list[Delta] | None = None
+
+    def _deltas(self) -> list[Delta]:
+        if self._list is None:
+            chars, made = self._chars, self._made
+            rows = zip(self._streams, self._ids.tolist())
+            if made:
+                deltas = [made.get(b) or Delta(s, chars[i]) for b, (s, i) in enumerate(rows)]
+            else:
+                deltas = [Delta(s, chars[i]) for s, i in rows]
+            self._list = deltas if self._order is None else [deltas[b] for b in self._order]
+        return self._list
+
+    def __getitem__(self, i):
+        return self._deltas()[i]
+
+    def __iter__(self):
+        return iter(self._deltas())  # Sequence's own __iter__ calls __getitem__ once per item
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __eq__(self, other) -> bool:
+        return self._deltas() == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._deltas())

@@ -334,7 +334,7 @@ class Scheduler:
             if self._watched:
                 changed |= self._drop_hung_up(active)
             if changed:
-                streams = list(active)
+                streams = [s for s in engine.streams if s in active]  # in slot order: step()'s fast path
                 self._report_active(engine.active)
                 interval = max(settings.stream_interval, len(streams) / settings.stream_chunk_rate)
             if not streams:
@@ -369,7 +369,7 @@ class Scheduler:
             if chars:
                 self.metrics.chars_generated.inc(chars)
             if finished:
-                streams = list(active)
+                streams = [s for s in engine.streams if s in active]
                 self._report_active(engine.active)
                 interval = max(settings.stream_interval, len(streams) / settings.stream_chunk_rate)
         for job in set(active.values()):
