@@ -1,0 +1,195 @@
+"""Samples while training: a few lines of text at two or three temperatures after each evaluation,
+with a novelty figure, the share of a sample's 20-character substrings that do not occur in the
+training text. A model that starts to memorise its corpus shows it here (novelty falls) before the
+validation loss turns.
+
+- `Novelty` indexes the training text once per run: a sorted array of 64-bit hashes of every
+  n-gram of ids, looked up with `np.searchsorted`. Hashing is vectorized over chunks of the text
+  (a memory-mapped corpus is read a chunk at a time). Above `MAX_INDEXED` characters it indexes
+  evenly spaced pieces totalling that many and says so (`whole`, `indexed_chars`, `describe()`):
+  an n-gram outside the pieces then counts as novel, so the figure is an upper bound there.
+- `samples` runs the network being trained as the engine does (its ONNX graph, built from the
+  Keras weights, on ONNX Runtime, one character at a time with the state carried) and picks with
+  model/sampling.py, so a row at temperature t with seed s is what `chargen sample --temperature t
+  --seed s` prints for an empty prompt. It uses one ONNX Runtime thread: training has the others.
+- `format_samples` turns the rows into the run's log lines.
+
+Hash collisions: two different n-grams share a hash with probability about 2^-64 (each id is mixed
+by splitmix64 before a polynomial hash mod 2^64), so a sample's n-gram is counted as seen when it
+was not with probability about (indexed n-grams) / 2^64, under 1e-11 at the cap.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from model.sampling import SamplingSettings, next_ids
+from model.vocab import Vocab
+
+if TYPE_CHECKING:
+    import keras
+
+N_GRAM = 20  # characters per substring compared with the training text
+MAX_INDEXED = 64_000_000  # training characters indexed at most: 8 bytes each, ~0.5 GB (see Novelty)
+PIECE = 1 << 20  # characters per piece when only part of a larger text is indexed
+CHUNK = 1 << 22  # characters hashed at a time: bounds the scratch memory of a build (~100 MB)
+TEMPERATURES = (0.5, 0.8, 1.0)
+LENGTH = 200  # characters per sample (chargen sample's default)
+SEED = 0  # the same draws at every evaluation: the samples differ only by what the model learned
+
+U64 = np.uint64
+MULTIPLIER = U64(0x9E3779B97F4A7C15)  # odd, so multiplying by it mod 2^64 loses nothing
+
+
+# ---------------------------------------------------------------- hashing n-grams
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer of each id (uint64, in place): unrelated 64-bit values for nearby ids."""
+    x += U64(0x632BE59BD9B4E019)  # so id 0 does not map to 0
+    x ^= x >> U64(30)
+    x *= U64(0xBF58476D1CE4E5B9)
+    x ^= x >> U64(27)
+    x *= U64(0x94D049BB133111EB)
+    x ^= x >> U64(31)
+    return x
+
+
+def _hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """The hash of each n-gram of `ids` (T,), (T - n + 1,) uint64: sum_j mix(ids[i + j]) *
+    MULTIPLIER^(n - 1 - j) mod 2^64, by Horner's rule over whole arrays (n passes, no loop per
+    character)."""
+    mixed = _mix(np.asarray(ids).astype(U64))
+    m = len(mixed) - n + 1
+    h = mixed[:m].copy()
+    for j in range(1, n):
+        h *= MULTIPLIER
+        h += mixed[j : j + m]
+    return h
+
+
+def _pieces(length: int, cap: int, piece: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of the text to index: all of it up to `cap` characters, else
+    cap // piece pieces of `piece` characters (one of `cap` if piece > cap), evenly spaced from the
+    start to the end, never overlapping."""
+    if length <= cap:
+        return [(0, length)]
+    size = min(piece, cap)
+    k = cap // size
+    if k == 1:
+        return [(0, size)]
+    return [(i * (length - size) // (k - 1), i * (length - size) // (k - 1) + size) for i in range(k)]
+
+
+class Novelty:
+    """The n-grams of a training text, to tell how much of a sample is new. Built once per run.
+
+    Memory: 8 bytes per indexed n-gram (one per indexed character, less n - 1 per piece), and
+    while building that plus a chunk's scratch. `train_ids` may be a read-only memory map; it
+    is read `chunk` characters at a time (chunks overlap by n - 1), the pieces only when capped.
+    """
+
+    def __init__(self, train_ids: np.ndarray, *, n: int = N_GRAM, cap: int = MAX_INDEXED, piece: int = PIECE,
+                 chunk: int = CHUNK):
+        if n < 1 or cap < 1 or piece < 1 or chunk < 1:
+            raise ValueError(f"n, cap, piece and chunk must be positive, got n={n}, cap={cap}, piece={piece}, chunk={chunk}")
+        started = time.perf_counter()
+        self.n = n
+        self.training_chars = len(train_ids)
+        self.ranges = ranges = _pieces(self.training_chars, cap, piece)  # [start, stop) of each piece indexed
+        self.indexed_chars = sum(stop - start for start, stop in ranges)
+        self.whole = self.indexed_chars == self.training_chars
+        hashes = np.empty(sum(max(0, stop - start - n + 1) for start, stop in ranges), U64)
+        filled = 0
+        for start, stop in ranges:
+            for first in range(start, stop - n + 1, chunk):  # n-grams starting at first..last-1
+                last = min(first + chunk, stop - n + 1)
+                hashes[filled : filled + last - first] = _hashes(train_ids[first : last + n - 1], n)
+                filled += last - first
+        hashes.sort()  # in place; duplicates stay (searching finds them all the same; removing them would need a copy)
+        self.known = hashes  # sorted
+        self.build_seconds = time.perf_counter() - started
+
+    @property
+    def nbytes(self) -> int:
+        return self.known.nbytes
+
+    def describe(self) -> str:
+        """What the figure is measured against, for the run's log."""
+        what = f"novelty: the share of a sample's {self.n}-character substrings not in the training text"
+        if self.whole:
+            return f"{what} (all {self.training_chars:,} characters)"
+        where = "the first" if len(self.ranges) == 1 else f"{len(self.ranges)} evenly spaced pieces,"
+        return f"{what} ({where} {self.indexed_chars:,} of its {self.training_chars:,} characters indexed: an upper bound)"
+
+    def novelty(self, ids: np.ndarray | Sequence[int]) -> float | None:
+        """The share of the n-grams of `ids` (a sample's character ids) not in the index; None for
+        a sample shorter than n."""
+        ids = np.asarray(ids)
+        if len(ids) < self.n:
+            return None
+        h = _hashes(ids, self.n)
+        if not len(self.known):
+            return 1.0
+        at = np.minimum(np.searchsorted(self.known, h), len(self.known) - 1)
+        return float(np.count_nonzero(self.known[at] != h)) / len(h)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def samples(model: keras.Model, vocab: Vocab, *, temperatures: Sequence[float] = TEMPERATURES, length: int = LENGTH,
+            seed: int = SEED, prime: str | None = None, novelty: Novelty | None = None) -> list[dict]:
+    """`length` characters from the network `model` (model.network.build_model's) at each
+    temperature, each from the zero state after `prime` (None: a newline, or the first vocabulary
+    character when there is none, as `chargen sample` starts for an empty prompt). Row i has its own
+    generator seeded with `seed + i`: the same draws at every evaluation, so a row changes only with
+    what the model learned, and other draws for each temperature (with one seed for all, the rows
+    agree wherever the prediction is confident, and an untrained network's rows are one text).
+    Rows {"temperature", "text", "novelty"} (novelty None without a Novelty, or for a sample
+    shorter than its n); the prime is not part of the text."""
+    from model.onnx_graph import build_graph  # here: importing this module loads neither onnx nor the runtime
+    from model.onnx_step import OrtStep
+
+    settings = [SamplingSettings(temperature=float(t)) for t in temperatures]
+    if not settings or length < 0:
+        raise ValueError(f"need at least one temperature and length >= 0, got {len(settings)} and {length}")
+    if prime is None:
+        prime_ids = np.array([vocab.index.get("\n", 0)], np.int64)
+    else:
+        prime_ids = vocab.encode(prime).ids.astype(np.int64)
+        if not len(prime_ids):
+            raise ValueError(f"prime {prime!r} has no character of the vocabulary")
+    step = OrtStep(build_graph(model).SerializeToString(), max_batch=len(settings), threads=1)
+    if step.vocab_size != len(vocab):
+        raise ValueError(f"the network predicts {step.vocab_size} characters but the vocabulary has {len(vocab)}")
+    k = len(settings)
+    state = step.prompt(prime_ids)
+    for slot in range(k):
+        step.restore(slot, state)
+    generators = [np.random.default_rng(seed + i) for i in range(len(settings))]
+    out = np.zeros((k, length), np.int64)
+    for i in range(length):
+        out[:, i] = next_ids(step.logits[:k], settings, generators)  # (k,)
+        if i + 1 < length:
+            step.advance(k, out[:, i])
+    return [{"temperature": s.temperature, "text": vocab.decode(row),
+             "novelty": None if novelty is None else novelty.novelty(row)} for s, row in zip(settings, out)]
+
+
+def format_samples(rows: Sequence[dict], width: int | None = 160) -> str:
+    """The run's log lines for `samples`' rows: one per temperature, newlines shown as ⏎, cut to
+    `width` characters of text (None: all of it). The percentage is rounded down: 100% only when no
+    n-gram was seen."""
+    lines = []
+    for row in rows:
+        score = "novelty  n/a" if row.get("novelty") is None else f"novelty {math.floor(100 * row['novelty']):3d}%"
+        text = row["text"].replace("\n", "⏎")
+        if width is not None and len(text) > width:
+            text = text[: width - 1] + "…"
+        lines.append(f"  T={row['temperature']:g} {score}: {text}")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Samples while training (model/samples.py): the novelty index of the training text, sampling the
+network being trained as `chargen sample` does, and the log lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.artifact import Artifact
+from model.engine import Engine, GenerationRequest
+from model.onnx_graph import build_graph
+from model.samples import Novelty, format_samples, samples
+from model.sampling import SamplingSettings
+from model.vocab import Vocab
+from conftest import random_network
+
+VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")
+
+
+def random_ids(n: int, low: int, high: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, high, n, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- novelty
+
+
+def test_a_piece_of_the_training_text_is_not_novel():
+    train = random_ids(5000, 0, 50)
+    novelty = Novelty(train)
+    assert novelty.whole and novelty.indexed_chars == 5000
+    assert novelty.novelty(train[1234:1434]) == 0.0
+    assert novelty.novelty(train[-20:]) == 0.0  # the last n-gram is indexed
+    assert novelty.novelty(train[:20]) == 0.0  # and the first
+
+
+def test_text_sharing_no_n_gram_is_wholly_novel():
+    train = random_ids(5000, 0, 50)
+    assert Novelty(train).novelty(random_ids(200, 50, 100)) == 1.0
+    # the same characters as the training text, in an order it never has
+    periodic = Novelty(np.tile(np.arange(3, dtype=np.uint8), 300))
+    assert periodic.novelty(np.tile(np.array([0, 2, 1], np.uint8), 30)) == 1.0
+    assert periodic.novelty(np.tile(np.array([1, 2, 0], np.uint8), 30)) == 0.0
+
+
+@pytest.mark.parametrize("n", [20, 5])
+def test_novelty_is_the_share_of_new_n_grams(n):
+    train = random_ids(3000, 0, 50)
+    sample = np.concatenate([train[100:150], random_ids(30, 50, 100)])  # 50 seen characters, then 30 new ones
+    m = len(sample) - n + 1
+    novel = m - (50 - n + 1)  # every n-gram that reaches into the new part
+    assert Novelty(train, n=n).novelty(sample) == novel / m
+
+
+def test_a_sample_shorter_than_n_has_no_novelty():
+    novelty = Novelty(random_ids(1000, 0, 50))
+    assert novelty.novelty(random_ids(19, 0, 50)) is None
+    assert novelty.novelty([]) is None
+    assert novelty.novelty(random_ids(20, 50, 100)) == 1.0
+
+
+def test_a_training_text_shorter_than_n_makes_everything_novel():
+    novelty = Novelty(random_ids(10, 0, 50))
+    assert len(novelty.known) == 0 and novelty.whole
+    assert novelty.novelty(random_ids(30, 0, 50)) == 1.0
+
+
+def test_above_the_cap_evenly_spaced_pieces_are_indexed():
+    train = random_ids(10_000, 0, 60)
+    novelty = Novelty(train, cap=1000, piece=100)
+    assert not novelty.whole
+    assert novelty.indexed_chars == 1000 and novelty.training_chars == 10_000
+    assert len(novelty.ranges) == 10 and novelty.ranges[0][0] == 0 and novelty.ranges[-1][1] == 10_000
+    assert all(stop - start == 100 for start, stop in novelty.ranges)
+    assert all(a[1] <= b[0] for a, b in zip(novelty.ranges, novelty.ranges[1:]))  # no overlap
+    assert len(novelty.known) == 10 * (100 - 19)
+    for start, stop in novelty.ranges:
+        assert novelty.novelty(train[start:stop]) == 0.0  # inside a piece: seen
+        gap = train[stop + 50 : stop + 150]
+        if len(gap) == 100:
+            assert novelty.novelty(gap) == 1.0  # between pieces: not indexed
+    assert "10 evenly spaced pieces, 1,000 of its 10,000 characters" in novelty.describe()
+
+
+def test_a_cap_below_one_piece_indexes_the_start():
+    train = random_ids(10_000, 0, 60)
+    novelty = Novelty(train, cap=500, piece=1000)
+    assert novelty.ranges == [(0, 500)] and novelty.indexed_chars == 500
+    assert novelty.novelty(train[:500]) == 0.0 and novelty.novelty(train[600:700]) == 1.0
+    assert "the first 500 of its 10,000 characters" in novelty.describe()
+    assert "all 10,000 characters" in Novelty(train).describe()
+
+
+@pytest.mark.parametrize("cap", [10**9, 3000])
+def test_building_in_chunks_over_a_memmap_gives_the_same_index(tmp_path: Path, cap):
+    path = tmp_path / "tokens.bin"
+    random_ids(10_007, 0, 60).tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    chunked = Novelty(mapped, cap=cap, piece=700, chunk=97)
+    whole = Novelty(np.array(mapped), cap=cap, piece=700, chunk=10**9)
+    assert chunked.ranges == whole.ranges
+    assert len(chunked.known) == sum(stop - start - 19 for start, stop in whole.ranges)
+    assert np.array_equal(chunked.known, whole.known)
+
+
+def test_ids_of_any_integer_type_hash_alike():
+    train = random_ids(2000, 0, 50)
+    for dtype in (np.uint16, np.int32, np.int64):
+        assert np.array_equal(Novelty(train.astype(dtype)).known, Novelty(train).known)
+    assert Novelty(train).novelty(list(train[10:60])) == 0.0
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@pytest.fixture(scope="module")
+def network():
+    return random_network("lstm", 2, len(VOCAB))
+
+
+def test_samples_have_the_asked_shape(network):
+    rows = samples(network, VOCAB, temperatures=(0.5, 0.8, 1.0), length=120, seed=3)
+    assert [row["temperature"] for row in rows] == [0.5, 0.8, 1.0]
+    for row in rows:
+        assert len(row["text"]) == 120 and set(row["text"]) <= set(VOCAB.chars)
+        assert row["novelty"] is None
+    assert samples(network, VOCAB, temperatures=(0.0,), length=0) == [{"temperature": 0.0, "text": "", "novelty": None}]
+
+
+def test_samples_are_deterministic_for_a_seed(network):
+    first = samples(network, VOCAB, length=100, seed=7)
+    assert samples(network, VOCAB, length=100, seed=7) == first
+    other = samples(network, VOCAB, length=100, seed=8)
+    assert all(a["text"] != b["text"] for a, b in zip(first, other))
+
+
+def test_samples_carry_their_novelty(network):
+    rows = samples(network, VOCAB, length=100, seed=1)
+    novelty = Novelty(VOCAB.encode(rows[0]["text"]).ids)
+    scored = samples(network, VOCAB, length=100, seed=1, novelty=novelty)
+    assert [row["text"] for row in scored] == [row["text"] for row in rows]
+    assert scored[0]["novelty"] == 0.0
+    for row in scored:
+        assert row["novelty"] == novelty.novelty(VOCAB.encode(row["text"]).ids)
+
+
+@pytest.mark.parametrize("vocab, prime", [(VOCAB, None), (VOCAB, "the "), (Vocab("abc\nde ."), None), (Vocab("abcde ."), None)])
+def test_a_sample_is_what_the_engine_generates(tmp_path: Path, vocab, prime):
+    """Temperature and seed mean what they mean in `chargen sample` (the engine, from the artifact's
+    graph): an empty prompt starts after a newline, or after the first character without one; row i
+    draws with seed + i."""
+    model = random_network("lstm", 2, len(vocab), seed=4)
+    (tmp_path / "model.onnx").write_bytes(build_graph(model).SerializeToString())
+    engine = Engine(Artifact(tmp_path, model, vocab, {}, tmp_path / "model.onnx"), max_batch=1, threads=1)
+    rows = samples(model, vocab, temperatures=(0.8, 1.0), length=150, seed=5, prime=prime)
+    for i, row in enumerate(rows):  # row i: seed + i
+        request = GenerationRequest(prompt=prime or "", max_chars=150, sampling=SamplingSettings(row["temperature"]),
+                                    seed=5 + i)
+        assert engine.generate(request).text == row["text"]
+
+
+def test_samples_refuse_what_does_not_fit(network):
+    with pytest.raises(ValueError, match="predicts 27 characters but the vocabulary has 3"):
+        samples(network, Vocab("abc"), length=10)
+    with pytest.raises(ValueError, match="no character of the vocabulary"):
+        samples(network, VOCAB, length=10, prime="XYZ")
+    with pytest.raises(ValueError, match="temperature"):
+        samples(network, VOCAB, temperatures=(-1.0,), length=10)
+
+
+# ---------------------------------------------------------------- the log
+
+
+def test_format_samples_shows_one_line_per_temperature():
+    rows = [{"temperature": 0.5, "text": "To be,\nor not", "novelty": 0.9375},
+            {"temperature": 1.0, "text": "x" * 300, "novelty": None}]
+    assert format_samples(rows).split("\n") == ["  T=0.5 novelty  93%: To be,⏎or not",
+                                                "  T=1 novelty  n/a: " + "x" * 159 + "…"]
+    assert format_samples(rows[1:], width=None) == "  T=1 novelty  n/a: " + "x" * 300
+    assert "novelty 100%" in format_samples([{"temperature": 0.8, "text": "a", "novelty": 1.0}])
