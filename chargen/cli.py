@@ -20,6 +20,7 @@ import click
 
 from model.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K  # imports nothing
 from model.dynamic import DynamicSettings  # imports nothing heavy
+from model.recipe import PRESETS, SCHEDULES, Recipe  # imports nothing heavy
 
 # backend -> how to install it with Keras (a serving install, `pip install -e .`, has neither)
 BACKENDS = {"tensorflow": "pip install -e '.[train]'", "jax": "pip install -e '.[jax]'"}
@@ -111,7 +112,19 @@ class _EvalChars(click.ParamType):
         return number
 
 
+def _preset(ctx, param, value):
+    """--preset: its values become the defaults of the options not given on the command line."""
+    if value is not None:
+        ctx.default_map = {**(ctx.default_map or {}), **PRESETS[value]}
+    return value
+
+
 @main.command()
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None, is_eager=True, expose_value=False,
+              callback=_preset,
+              help="Start from a named configuration: " + "; ".join(
+                  f"{name}: " + (", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()) or "the defaults")
+                  for name, values in PRESETS.items()) + ". Options given on the command line override it.")
 @click.option("--corpus", required=True, multiple=True, metavar="FILE|DIR|NAME",
               help="Text to learn from: a UTF-8 file, a directory of them, or a corpus named in corpora/manifest.json. "
                    "Repeat it for several; documents are joined with an empty line between them.")
@@ -132,6 +145,29 @@ class _EvalChars(click.ParamType):
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True, help="Adam learning rate.")
 @click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True, help="Learning-rate factor per epoch.")
 @click.option("--clipnorm", type=click.FloatRange(0), default=5.0, show_default=True, help="Clip the global gradient norm (0: off).")
+@click.option("--input-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Dropout on the character embeddings' output (locked with --locked).")
+@click.option("--output-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Dropout on the last layer's output, before the logits (locked with --locked).")
+@click.option("--embedding-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Share of positions whose character embedding is zeroed.")
+@click.option("--weight-drop", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="DropConnect on each layer's recurrent kernel, one mask per batch (AWD-LSTM's weight drop).")
+@click.option("--locked/--no-locked", default=False, show_default=True,
+              help="One dropout mask per window, shared by its time steps (variational dropout), for --dropout, "
+                   "--input-dropout and --output-dropout.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="AdamW's decoupled weight decay (biases excluded); 0: Adam.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="exponential", show_default=True,
+              help="Learning rate after --warmup: exponential (--lr-decay per epoch), or cosine or linear decay to "
+                   "--min-lr at the run's last step, or constant.")
+@click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, metavar="STEPS",
+              help="Steps of linear learning-rate warm-up.")
+@click.option("--min-lr", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="The cosine and linear schedules' last learning rate, a fraction of --lr.")
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Decay per step of a moving average of the weights, which validation and the artifact use (0: off; "
+                   "e.g. 0.999).")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Most epochs (one epoch covers the training text once).")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Most optimizer steps (batches).")
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None,
@@ -141,6 +177,9 @@ class _EvalChars(click.ParamType):
 @click.option("--eval-chars", type=_EvalChars(), default="1000000", show_default=True,
               help="Validation characters an evaluation scores: a fixed sample when the validation text is longer "
                    "(the best model is scored on all of it at the end), or 'all'.")
+@click.option("--sample-chars", type=click.IntRange(0, 100_000), default=200, show_default=True, metavar="N",
+              help="After each evaluation, print and keep in the history N characters sampled at temperatures 0.5, 0.8 "
+                   "and 1.0, with their novelty (the share of 20-character substrings not in the training text); 0: none.")
 @click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
               help="Early stopping: evaluations without improvement (0: off).")
 @click.option("--validation", "validation_fraction", type=click.FloatRange(0, 0.5, min_open=True), default=0.1, show_default=True,
@@ -161,7 +200,9 @@ class _EvalChars(click.ParamType):
                    "or a Kubernetes Indexed Job's JOB_COMPLETION_INDEX].")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to OUT/tensorboard.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last evaluation.")
-def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices, coordinator, num_processes, process_id, **kwargs):
+def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices, coordinator, num_processes, process_id,
+          input_dropout, output_dropout, embedding_dropout, weight_drop, locked, weight_decay, schedule, warmup,
+          min_lr, ema, **kwargs):
     """Train a model on CORPUS; the best checkpoint is kept as OUT/best."""
     _require_keras("train")
     from model.distribute import Cluster
@@ -172,7 +213,10 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
         config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    settings = TrainSettings(corpus=list(corpus), out=out, config=config, **kwargs)
+    recipe = Recipe(input_dropout=input_dropout, output_dropout=output_dropout, embedding_dropout=embedding_dropout,
+                    weight_drop=weight_drop, locked=locked, weight_decay=weight_decay, schedule=schedule,
+                    warmup=warmup, min_lr=min_lr, ema=ema)
+    settings = TrainSettings(corpus=list(corpus), out=out, config=config, recipe=recipe, **kwargs)
     cluster = Cluster(devices=devices, coordinator=coordinator, num_processes=num_processes, process_id=process_id)
     command = "chargen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.network import ModelConfig
+from model.recipe import Recipe
 from model.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ class TrainingInfo:
     lr_decay: float
     clipnorm: float
     seed: int
+    recipe: Recipe | None = None  # model/recipe.py; absent from artifacts trained before recipes
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,10 @@ class ArtifactMeta:
     vocab_size: int
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["training"] and d["training"]["recipe"] is None:  # an artifact from before recipes reads back unchanged
+            del d["training"]["recipe"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
@@ -183,7 +188,7 @@ class ArtifactMeta:
         return meta
 
 
-_KINDS = {int: "a whole number", float: "a number", str: "a string"}
+_KINDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _record(cls: type, data, where: str, prefix: str):
@@ -220,7 +225,9 @@ def _value(kind, value, where: str, name: str):
             raise BadMeta(f"{where}: invalid config: {e}") from None
     if is_dataclass(kind):
         return _record(kind, value, where, name + ".")
-    if kind is float:
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     else:
         ok = isinstance(value, kind) and not isinstance(value, bool)
@@ -375,7 +382,7 @@ def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
     The network is saved without optimizer state or dropout settings that only matter in training:
     a fresh inference model with the same weights, and its ONNX graph.
     """
-    from model.network import build_model
+    from model.network import build_model, copy_weights, trainable_weights
 
     path = Path(path)
     if path.exists():
@@ -390,7 +397,7 @@ def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
     tmp.chmod(0o755)
     try:
         inference = build_model(meta.config, len(vocab))
-        inference.set_weights(model.get_weights())
+        copy_weights(trainable_weights(model), inference)  # a training network's recipe layers hold no weights
         inference.save(tmp / "model.keras")
         (tmp / GRAPH).write_bytes(_graph_bytes(inference, meta, path / GRAPH))
         (tmp / "vocab.json").write_text(vocab.to_json(), encoding="utf-8")

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import keras
 
+    from model.recipe import Recipe
+
 # cell name -> the Keras layer class that runs it
 CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn": "SimpleRNN"}
 
@@ -55,19 +57,55 @@ class ModelConfig:
         return cls(**data)
 
 
-def build_model(config: ModelConfig, vocab_size: int) -> keras.Model:
-    """Logits for every position: (B, T) int ids -> (B, T, vocab_size)."""
+def build_model(config: ModelConfig, vocab_size: int, recipe: Recipe | None = None) -> keras.Model:
+    """Logits for every position: (B, T) int ids -> (B, T, vocab_size). `recipe` adds the training
+    recipe's dropouts and weight drop (model/recipe.py): the network it trains has the same weights,
+    in the same order, as the one without (copy_weights moves them to it)."""
     import keras
+
+    from model.recipe import Recipe, recurrent_layer
+
+    recipe = recipe or Recipe()
+
+    def dropout(rate: float, name: str, over_features: bool = False):
+        # (B, 1, F): one mask per window, every time step (locked); (B, T, 1): whole positions
+        shape = (None, None, 1) if over_features else (None, 1, None) if recipe.locked else None
+        return keras.layers.Dropout(rate, noise_shape=shape, name=name)
 
     inputs = keras.Input(shape=(None,), dtype="int32", name="chars")
     x = keras.layers.Embedding(vocab_size, config.embedding, name="embedding")(inputs)
-    rnn = cell_layer(config.cell)
+    if recipe.embedding_dropout:
+        x = dropout(recipe.embedding_dropout, "embedding_dropout", over_features=True)(x)
+    if recipe.input_dropout:
+        x = dropout(recipe.input_dropout, "input_dropout")(x)
+    rnn = recurrent_layer(cell_layer(config.cell), recipe)
+    extra = {"weight_drop": recipe.weight_drop} if recipe.weight_drop else {}
     for i in range(config.layers):
-        x = rnn(config.units, return_sequences=True, name=f"rnn_{i + 1}")(x)  # (B, T, H)
+        x = rnn(config.units, return_sequences=True, name=f"rnn_{i + 1}", **extra)(x)  # (B, T, H)
         if config.dropout and i < config.layers - 1:
-            x = keras.layers.Dropout(config.dropout, name=f"dropout_{i + 1}")(x)
+            x = dropout(config.dropout, f"dropout_{i + 1}")(x)
+    if recipe.output_dropout:
+        x = dropout(recipe.output_dropout, "output_dropout")(x)
     logits = keras.layers.Dense(vocab_size, name="logits")(x)  # (B, T, V)
     return keras.Model(inputs, logits, name=f"chargen_{config.cell}")
+
+
+def copy_weights(weights: list, model: keras.Model) -> None:
+    """Give `model` these trainable weights (numpy arrays, in its trainable variables' order: what
+    another build of the same config, with or without a recipe, has)."""
+    variables = model.trainable_variables
+    if len(weights) != len(variables):
+        raise ValueError(f"expected {len(variables)} weight arrays, got {len(weights)}")
+    for variable, value in zip(variables, weights):
+        if tuple(variable.shape) != tuple(value.shape):
+            raise ValueError(f"{variable.path}: expected shape {tuple(variable.shape)}, got {tuple(value.shape)}")
+        variable.assign(value)
+
+
+def trainable_weights(model: keras.Model) -> list:
+    import keras
+
+    return [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
 
 
 def config_of(model: keras.Model) -> ModelConfig:
@@ -81,7 +119,8 @@ def config_of(model: keras.Model) -> ModelConfig:
     cell = next((name for name in CELLS if {cell_layer(name)} == kinds), None)
     if cell is None:
         raise ValueError(f"model mixes or uses unknown recurrent layers: {sorted(k.__name__ for k in kinds)}")
-    dropouts = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    dropouts = [layer.rate for layer in model.layers
+                if isinstance(layer, keras.layers.Dropout) and layer.name.startswith("dropout_")]  # between layers
     embedding = model.get_layer("embedding")
     return ModelConfig(
         cell=cell,

@@ -53,7 +53,9 @@ from model.data import (CorpusError, CorpusScan, Sources, TokenCorpus, Windows, 
                         sample_pieces, sample_text, scan, split_lengths, write_tokens)
 from model.distribute import Cluster, Placement, PlacementError, before_keras, place
 from model.evaluate import LN2, Loss, StreamScorer
-from model.network import ModelConfig, build_model, count_parameters
+from model.network import ModelConfig, build_model, copy_weights, count_parameters, trainable_weights
+from model.recipe import Recipe, averaged_weights, custom_objects, optimizer
+from model.samples import TEMPERATURES, Novelty, format_samples, samples
 
 if TYPE_CHECKING:
     import keras
@@ -72,6 +74,7 @@ class TrainSettings:
     corpus: list[str]  # files, directories, names of known corpora (model/data.py's find_sources)
     out: str
     config: ModelConfig = field(default_factory=ModelConfig)
+    recipe: Recipe = field(default_factory=Recipe)  # training-time regularisation and optimisation
     seq_len: int = 100
     batch_size: int = 64  # the global batch, split over the devices
     lr: float = 2e-3
@@ -92,6 +95,7 @@ class TrainSettings:
     seed: int = 1234
     tensorboard: bool = False
     eval_streams: int = 64
+    sample_chars: int = 200  # characters sampled at each of three temperatures after an evaluation; 0: none
 
     def __post_init__(self):
         if isinstance(self.corpus, (str, os.PathLike)):
@@ -115,6 +119,7 @@ class TrainSettings:
         positive_int("eval_chars", self.eval_chars, minimum=2, optional=True)
         positive_int("patience", self.patience, minimum=0)
         positive_int("eval_streams", self.eval_streams)
+        positive_int("sample_chars", self.sample_chars, minimum=0)
         positive_int("seed", self.seed, minimum=0)
         if self.seed >= 2**32:  # NumPy's legacy seeding, which Keras uses, takes 32 bits
             raise TrainingError(f"--seed must be below 2**32, got {self.seed}")
@@ -128,12 +133,17 @@ class TrainSettings:
             raise TrainingError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not 0 < self.validation_fraction <= 0.5:
             raise TrainingError(f"--validation must be in (0, 0.5], got {self.validation_fraction}")
+        try:
+            self.recipe.check()
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         if self.precision not in PRECISIONS:
             raise TrainingError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["config"] = self.config.to_dict()
+        d["recipe"] = self.recipe.to_dict()
         return d
 
     @classmethod
@@ -141,11 +151,12 @@ class TrainSettings:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["config"] = ModelConfig.from_dict(d["config"])
+        d["recipe"] = Recipe.from_dict(d.get("recipe"))
         return cls(**d)
 
 
 # Settings a resumed run may change; the rest must match the interrupted run.
-RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "eval_every", "tensorboard", "data", "out")
+RESUMABLE = ("epochs", "max_steps", "max_minutes", "patience", "eval_every", "tensorboard", "data", "out", "sample_chars")
 
 
 def _flag(name: str) -> str:
@@ -334,7 +345,8 @@ def _history_files(history: list[dict], title: str) -> dict[str, bytes]:
     and for an artifact saved at this evaluation."""
     buf = io.StringIO()
     if history:  # rows of a run resumed from an older chargen may lack the newer columns
-        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+        columns = dict.fromkeys(k for row in history for k in row if k != "samples")  # samples: history.json only
+        writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
     return {"history.json": json.dumps(history, indent=1).encode(), "history.csv": buf.getvalue().encode(),
@@ -455,6 +467,8 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | No
         for name in sorted((explicit or set()) - set(RESUMABLE) - {"corpus"}):
             if hasattr(settings.config, name):
                 ours, theirs = getattr(settings.config, name), getattr(saved.config, name)
+            elif hasattr(settings.recipe, name):
+                ours, theirs = getattr(settings.recipe, name), getattr(saved.recipe, name)
             elif hasattr(settings, name):
                 ours, theirs = getattr(settings, name), getattr(saved, name)
             else:
@@ -573,14 +587,14 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         # under the run's policy: Keras wraps the optimizer of a mixed_float16 model for loss scaling
         # only when the model is made with that global policy, and skips the saved optimizer otherwise
         with placement.scope(), _dtype_policy(settings.precision):
-            model = keras.saving.load_model(checkpoint, compile=True, safe_mode=True)
+            model = keras.saving.load_model(checkpoint, compile=True, safe_mode=True, custom_objects=custom_objects())
         step = _steps(model)
         if state.get("step") == step and "seed_states" in state:
             _set_seed_states(model, state["seed_states"])
         _log(f"resuming {out} after {_position(step, per_epoch)} (optimizer step {step})")
     else:
         state, step = {}, 0
-        model = _new_model(settings, len(vocab), per_epoch, placement)
+        model = _new_model(settings, len(vocab), per_epoch, last_step, placement)
 
     history: list[dict] = state.get("history", [])
     best = state.get("best")  # {"step", "epoch", "val_nats", "artifact"}
@@ -599,12 +613,20 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         f"backend {keras.backend.backend()}, {placement.describe()}"
         + (f", {settings.precision}" if settings.precision != "float32" else "")
     )
+    if settings.recipe != Recipe():
+        changed = {k: v for k, v in settings.recipe.to_dict().items() if v != getattr(Recipe(), k)}
+        _log("recipe: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in changed.items()))
     _log(f"untrained loss would be ln {len(vocab)} = {math.log(len(vocab)):.3f} nats/char ({math.log2(len(vocab)):.3f} bits)")
     _log(f"{per_epoch:,} steps of {settings.batch_size} windows of {settings.seq_len} per epoch; "
          f"evaluating every {eval_every:,} steps until step {last_step:,}")
 
     validation = _Validation(split.validation, settings.eval_chars, settings.eval_streams, config.units, tokens.release)
-    scoring = _Scoring(model, settings.config, len(vocab), placement, settings.precision)
+    novelty = None
+    if writer and settings.sample_chars:
+        novelty = Novelty(split.train)
+        tokens.release()
+        _log(f"samples after each evaluation at temperatures {', '.join(map(str, TEMPERATURES))}; {novelty.describe()}")
+    scoring = _Scoring(model, settings.config, len(vocab), placement, settings.precision, settings.recipe)
     if budget and writer:  # time one network call of the validation (deadline 0: exactly one group)
         probe = time.monotonic()
         validation.loss(scoring.model(), deadline=0.0)
@@ -651,7 +673,8 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
 
         validating = time.monotonic()
         if writer:
-            val = validation.loss(scoring.model(), deadline=budget.validate_until() if budget else None)
+            scored = scoring.model()
+            val = validation.loss(scored, deadline=budget.validate_until() if budget else None)
             budget.validated(time.monotonic() - validating, val.chars, validation.chars, validation.groups)
         else:
             val = None
@@ -674,6 +697,8 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
             "chars_per_second": round(trained / seconds),
             "partial": partial,
         }
+        if novelty is not None:
+            row["samples"] = samples(scored, vocab, length=settings.sample_chars, novelty=novelty)
         history.append(row)
         improved = best is None or nats < best["val_nats"]
         mark = "  (best so far)" if improved else ""
@@ -683,6 +708,8 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
             f"{_position(step, per_epoch)}: train {train_nats:.4f} nats/char ({train_nats / LN2:.4f} bits), "
             f"validation{sample} {val.nats:.4f} nats/char ({val.bits:.4f} bits){cut}{mark}; {seconds:.0f} s"
         )
+        if "samples" in row:
+            _log(format_samples(row["samples"]))
 
         if improved:
             whole_epochs = math.ceil(step / per_epoch)
@@ -707,13 +734,14 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
                         chars_per_second=round(chars_trained / training_seconds) if training_seconds else None,
                         seq_len=settings.seq_len, batch_size=settings.batch_size, lr=settings.lr,
                         lr_decay=settings.lr_decay, clipnorm=settings.clipnorm, seed=settings.seed,
+                        recipe=settings.recipe,
                     ),
                     versions=versions(),
                     command=command,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     vocab_size=len(vocab),
                 )
-                artifact.save(out / name, model, vocab, meta, extra_files=files)  # the history as of this evaluation
+                artifact.save(out / name, scored, vocab, meta, extra_files=files)  # the history as of this evaluation
                 artifact.point(out / "best", out / name)
             _save_model_atomic(model, checkpoint)
             state = {"step": step, "epoch": epochs, "best": best, "evaluations_without_improvement": stale,
@@ -742,27 +770,26 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
     return out / "best"
 
 
-def _new_model(settings: TrainSettings, vocab_size: int, steps_per_epoch: int, placement: Placement) -> keras.Model:
+def _new_model(settings: TrainSettings, vocab_size: int, steps_per_epoch: int, last_step: int,
+               placement: Placement) -> keras.Model:
     """The network with its optimizer, its layers in the --precision policy (the logits float32, as
     Keras advises for mixed precision), its variables distributed as `placement` says."""
     import keras
 
     with _dtype_policy(settings.precision):
-        model = build_model(settings.config, vocab_size)
+        model = build_model(settings.config, vocab_size, settings.recipe)
         if placement.parallel:  # the initial weights and dropout seeds of the one-device run
             initial, seeds = model.get_weights(), _seed_states(model)
             with placement.scope():
-                model = build_model(settings.config, vocab_size)
+                model = build_model(settings.config, vocab_size, settings.recipe)
                 model.set_weights(initial)
                 _set_seed_states(model, seeds)
         if settings.precision != "float32":
             model.get_layer("logits").dtype_policy = "float32"
     with placement.scope():
-        schedule = keras.optimizers.schedules.ExponentialDecay(
-            settings.lr, decay_steps=steps_per_epoch, decay_rate=settings.lr_decay
-        )
-        optimizer = keras.optimizers.Adam(learning_rate=schedule, global_clipnorm=settings.clipnorm or None)
-        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        chosen = optimizer(settings.recipe, lr=settings.lr, lr_decay=settings.lr_decay, clipnorm=settings.clipnorm,
+                           steps_per_epoch=steps_per_epoch, last_step=last_step)
+        model.compile(optimizer=chosen, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 
 
@@ -782,21 +809,28 @@ def _set_seed_states(model: keras.Model, states: list[list[int]]) -> None:
 
 
 class _Scoring:
-    """The network evaluations run: the training model itself on one device in float32; otherwise
-    a float32 copy on this process's first device, given the training weights before each use (the
-    distributed model would split the streams over the devices and processes, and its layers may
-    compute in another precision). `model(weights)` is the copy with other weights (the best's)."""
+    """The network evaluations run: the training model itself on one device in float32 without an
+    average of its weights or weight drop (a weight-dropped layer is not a cell config_of() and the
+    samples' ONNX graph know); otherwise a plain float32 network (no recipe layers) on this process's
+    first device, given the weights to score before each use: the training weights, or their moving
+    average under --ema (the distributed model would split the streams over the devices and
+    processes, and its layers may compute in another precision). `model(weights)` is the copy with
+    other weights (the best's). An artifact is saved from the network that was scored."""
 
-    def __init__(self, model: keras.Model, config: ModelConfig, vocab_size: int, placement: Placement, precision: str):
+    def __init__(self, model: keras.Model, config: ModelConfig, vocab_size: int, placement: Placement, precision: str,
+                 recipe: Recipe):
         self.training, self.config, self.vocab_size = model, config, vocab_size
-        self.copy = build_model(config, vocab_size) if placement.parallel or precision != "float32" else None
+        separate = placement.parallel or precision != "float32" or recipe.ema or recipe.weight_drop
+        self.copy = build_model(config, vocab_size) if separate else None
 
     def model(self, weights: list | None = None) -> keras.Model:
         if self.copy is None:
             if weights is None:
                 return self.training
             self.copy = build_model(self.config, self.vocab_size)
-        self.copy.set_weights(self.training.get_weights() if weights is None else weights)
+        if weights is None:
+            weights = averaged_weights(self.training) or trainable_weights(self.training)
+        copy_weights(weights, self.copy)
         return self.copy
 
 
@@ -806,7 +840,7 @@ def _score_whole(out: Path, best: dict, ids: np.ndarray, settings: TrainSettings
     within what is left of the budget, and record it in state.json (the artifact is not rewritten)."""
     weights = None
     if best.get("step") != state.get("step"):
-        weights = artifact.load(out / best["artifact"], keras=True).model.get_weights()
+        weights = trainable_weights(artifact.load(out / best["artifact"], keras=True).model)
     whole = _Validation(ids, None, settings.eval_streams, settings.config.units, tokens.release)
     began = time.monotonic()
     loss = whole.loss(scoring.model(weights), deadline=budget.end if budget else None)

@@ -1,0 +1,238 @@
+"""The training recipe: regularisation and optimisation that change how a network is trained, never
+what it is. The served network is the same whatever the recipe: dropout of every kind is off at
+inference, weight drop masks a copy of a kernel (the trained kernel is what is saved), and the
+averaged weights are weights of the same shape. So an artifact (model.keras, model.onnx) has the
+format it always had, and the engine serves it as it is.
+
+What each setting does (the literature on character-level recurrent models: AWD-LSTM, Merity et
+al. 2017; variational dropout, Gal & Ghahramani 2016; Polyak averaging):
+  - locked dropout: one dropout mask per window, shared by all its time steps (variational), on
+    the embedding's output (--input-dropout), between layers (--dropout) and on the last layer's
+    output (--output-dropout); with --no-locked each step draws its own mask, as char-rnn does.
+  - --embedding-dropout: a position's whole character embedding is zeroed (the character is
+    hidden from the network at that position), the rest scaled up.
+  - --weight-drop: DropConnect on each layer's recurrent kernel, one mask per batch, so the
+    recurrence itself is regularised without a mask on the state at every step.
+  - --weight-decay: AdamW's decoupled decay, biases excluded.
+  - --schedule: the learning rate after --warmup steps of linear warm-up: exponential (times
+    --lr-decay per epoch), cosine or linear decay to --min-lr times --lr at the run's last step,
+    or constant. The decay's length is fixed when the run starts (its --epochs / --max-steps); a
+    resumed run with more steps stays at the floor after it.
+  - --ema: an exponential moving average of the weights (decay per step); validation, the best
+    artifact and early stopping use the average, training goes on from the raw weights.
+
+Everything Keras is built on first use, so importing this module does not import Keras.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, fields
+
+SCHEDULES = ("exponential", "cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    input_dropout: float = 0.0
+    output_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    weight_drop: float = 0.0
+    locked: bool = False  # --dropout, --input-dropout and --output-dropout share one mask over time
+    weight_decay: float = 0.0
+    schedule: str = "exponential"
+    warmup: int = 0  # steps
+    min_lr: float = 0.1  # the cosine and linear schedules' floor, a fraction of --lr
+    ema: float = 0.0  # the average's decay per step; 0: no average
+
+    def check(self) -> None:
+        for name in ("input_dropout", "output_dropout", "embedding_dropout", "weight_drop"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(f"{_flag(name)} must be in [0, 1), got {value!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"--warmup must be a whole number of steps >= 0, got {self.warmup!r}")
+        if not 0.0 <= self.min_lr <= 1.0:
+            raise ValueError(f"--min-lr must be in [0, 1] (a fraction of --lr), got {self.min_lr!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"--ema must be in [0, 1) (0: no average), got {self.ema!r}")
+        if not isinstance(self.locked, bool):
+            raise ValueError(f"locked must be true or false, got {self.locked!r}")
+
+    @property
+    def plain_optimizer(self) -> bool:
+        """Today's Adam, exactly (a run that uses none of the optimizer's new settings)."""
+        return not self.weight_decay and not self.ema
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Recipe":
+        """None (a run.json written before recipes existed) is the recipe those runs used: all off."""
+        if data is None:
+            return cls()
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def custom_objects() -> dict:
+    """The recipe's Keras classes, registered: loading a checkpoint of a run that used them needs
+    this called first (the artifact's model.keras never contains them)."""
+    return dict(_classes())
+
+
+@functools.cache
+def _classes() -> dict:
+    import keras
+    from keras import ops
+
+    register = keras.saving.register_keras_serializable(package="chargen")
+
+    def weight_dropped(base: type) -> type:
+        class WeightDropped(base):
+            """`base` (LSTM, GRU, SimpleRNN) with DropConnect on its recurrent kernel while training."""
+
+            def __init__(self, *args, weight_drop: float = 0.0, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.weight_drop = weight_drop
+                self.weight_seed = keras.random.SeedGenerator(kwargs.get("seed"))
+
+            def inner_loop(self, sequences, initial_state, mask, training=False):
+                if not (training and self.weight_drop):
+                    return super().inner_loop(sequences, initial_state, mask, training=training)
+                kernel = self.cell.recurrent_kernel
+                dropped = keras.random.dropout(kernel.value, self.weight_drop, seed=self.weight_seed)
+                # every step of the loop reads the cell's attribute: point it at the masked copy for
+                # this call (object.__setattr__: Keras would track the tensor as a new weight)
+                object.__setattr__(self.cell, "recurrent_kernel", dropped)
+                try:
+                    return super().inner_loop(sequences, initial_state, mask, training=training)
+                finally:
+                    object.__setattr__(self.cell, "recurrent_kernel", kernel)
+
+            def get_config(self):
+                return {**super().get_config(), "weight_drop": self.weight_drop}
+
+        WeightDropped.__name__ = WeightDropped.__qualname__ = f"WeightDropped{base.__name__}"
+        return register(WeightDropped)
+
+    def averaged(base: type) -> type:
+        class Averaged(base):
+            """`base` whose moving average of the weights (use_ema) stays in the optimizer: fit()
+            would copy it into the weights when it returns, and a run calls fit() once per
+            evaluation. Biases are excluded from weight decay."""
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                if self.weight_decay:
+                    self.exclude_from_weight_decay(var_names=["bias"])
+
+            def finalize_variable_values(self, var_list):
+                pass
+
+        Averaged.__name__ = Averaged.__qualname__ = f"Averaged{base.__name__}"
+        return register(Averaged)
+
+    @register
+    class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+        """Linear warm-up over `warmup` steps to `lr`, then the decay `shape` (see the module)."""
+
+        def __init__(self, lr, warmup, shape, decay_steps, floor, per_epoch=1, rate=1.0):
+            self.lr, self.warmup, self.shape = float(lr), int(warmup), shape
+            self.decay_steps, self.floor = max(1, int(decay_steps)), float(floor)
+            self.per_epoch, self.rate = max(1, int(per_epoch)), float(rate)
+
+        def __call__(self, step):
+            step = ops.cast(step, "float32")
+            after = ops.maximum(step - self.warmup, 0.0)
+            if self.shape == "exponential":
+                decayed = self.lr * ops.power(self.rate, after / self.per_epoch)
+            elif self.shape == "constant":
+                decayed = self.lr + 0.0 * after
+            else:
+                progress = ops.minimum(after / max(1, self.decay_steps - self.warmup), 1.0)
+                fraction = 0.5 * (1.0 + ops.cos(math.pi * progress)) if self.shape == "cosine" else 1.0 - progress
+                decayed = self.floor * self.lr + (1.0 - self.floor) * self.lr * fraction
+            if not self.warmup:
+                return decayed
+            return ops.where(step < self.warmup, self.lr * (step + 1.0) / self.warmup, decayed)
+
+        def get_config(self):
+            return {"lr": self.lr, "warmup": self.warmup, "shape": self.shape, "decay_steps": self.decay_steps,
+                    "floor": self.floor, "per_epoch": self.per_epoch, "rate": self.rate}
+
+    classes = {cls.__name__: cls for cls in (WarmupDecay, averaged(keras.optimizers.Adam), averaged(keras.optimizers.AdamW))}
+    for base in (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN):
+        cls = weight_dropped(base)
+        classes[cls.__name__] = cls
+    return classes
+
+
+def recurrent_layer(cell_class: type, recipe: Recipe) -> type:
+    """The layer class a training network uses for `cell_class` (the plain one without weight drop)."""
+    return _classes()[f"WeightDropped{cell_class.__name__}"] if recipe.weight_drop else cell_class
+
+
+def optimizer(recipe: Recipe, *, lr: float, lr_decay: float, clipnorm: float, steps_per_epoch: int, last_step: int):
+    """The run's optimizer with its learning-rate schedule. Today's recipe (exponential decay, no
+    warm-up, Adam) builds exactly the optimizer runs always had, so their checkpoints stay alike."""
+    import keras
+
+    clip = clipnorm or None
+    if recipe.schedule == "exponential" and not recipe.warmup:
+        schedule = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=steps_per_epoch, decay_rate=lr_decay)
+    else:
+        schedule = _classes()["WarmupDecay"](lr, recipe.warmup, recipe.schedule, last_step, recipe.min_lr,
+                                             per_epoch=steps_per_epoch, rate=lr_decay)
+    if recipe.plain_optimizer:
+        return keras.optimizers.Adam(learning_rate=schedule, global_clipnorm=clip)
+    averaging = {"use_ema": True, "ema_momentum": recipe.ema} if recipe.ema else {}
+    if recipe.weight_decay:
+        return _classes()["AveragedAdamW"](learning_rate=schedule, weight_decay=recipe.weight_decay,
+                                           global_clipnorm=clip, **averaging)
+    return _classes()["AveragedAdam"](learning_rate=schedule, global_clipnorm=clip, **averaging)
+
+
+def averaged_weights(model) -> list | None:
+    """The moving average of the model's trainable weights (numpy, in their order), or None when
+    its optimizer keeps none: also before its first step (a fresh run's first network call, timed
+    for --max-minutes), when there is no average yet and the weights are what it will start from."""
+    import keras
+
+    opt = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # a loss-scaling wrapper's
+    if not getattr(opt, "use_ema", False) or not opt.built:
+        return None
+    averages = opt._model_variables_moving_average  # Keras keeps them there (no public accessor)
+    return [keras.ops.convert_to_numpy(v) for v in averages]
+
+
+# `chargen train --preset NAME`: starting points, by the command line's option names. An option
+# given on the command line overrides its preset value. (bench/README.md and the README's table
+# give what each reached, and in how long.)
+PRESETS: dict[str, dict] = {
+    # minutes on a laptop: a first look at a corpus
+    "tiny": {"layers": 1, "units": 128, "embedding": 32, "seq_len": 100, "batch_size": 32, "epochs": 10},
+    # the defaults of every option (chargen's recipe before presets existed)
+    "small": {},
+    # hours on a CPU: the shipped model's recipe
+    "medium": {"layers": 3, "units": 384, "embedding": 64, "seq_len": 256, "batch_size": 64, "epochs": 60,
+               "patience": 0, "dropout": 0.25, "input_dropout": 0.1, "output_dropout": 0.25, "weight_drop": 0.25,
+               "locked": True, "weight_decay": 0.1, "schedule": "cosine", "warmup": 200, "ema": 0.999},
+    # a GPU: more capacity, more regularisation
+    "large": {"layers": 3, "units": 1024, "embedding": 128, "seq_len": 256, "batch_size": 128, "epochs": 100,
+              "patience": 0, "dropout": 0.3, "input_dropout": 0.1, "output_dropout": 0.3, "weight_drop": 0.4,
+              "locked": True, "weight_decay": 0.1, "schedule": "cosine", "warmup": 500, "ema": 0.999},
+}
