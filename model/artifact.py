@@ -180,6 +180,11 @@ class ArtifactMeta:
                 f"{where}: format_version {version!r} is not supported (this chargen reads version {FORMAT_VERSION})"
             )
         meta = _record(cls, data, where, "")
+        if meta.training is not None and meta.training.recipe is not None:
+            try:
+                meta.training.recipe.check()
+            except ValueError as e:
+                raise BadMeta(f"{where}: invalid training.recipe: {e}") from None
         if meta.created is not None:
             try:
                 datetime.fromisoformat(meta.created)

@@ -391,6 +391,11 @@ def test_records_written_before_recipes_load_as_todays_recipe(run, corpus, tmp_p
         meta["training"]["recipe"] = {**ALL_RECIPE.to_dict(), field: value}
         with pytest.raises(artifact.BadMeta, match=f"field 'training.recipe.{field}' {problem}"):
             artifact.ArtifactMeta.from_json(json.dumps(meta))
+    for field, value, problem in [("schedule", "bogus", "--schedule must be one of"), ("ema", 1.5, "--ema must be in"),
+                                  ("weight_drop", -0.1, "--weight-drop must be in")]:
+        meta["training"]["recipe"] = {**ALL_RECIPE.to_dict(), field: value}
+        with pytest.raises(artifact.BadMeta, match=f"invalid training.recipe: {problem}"):
+            artifact.ArtifactMeta.from_json(json.dumps(meta))
 
     # an interrupted run of an older chargen resumes with today's recipe, and refuses a recipe flag
     old = tmp_path / "old"
