@@ -18,17 +18,20 @@ of 100). The gru and rnn rows have the LSTM's step count: their faster steps may
 machine; the table says when rows were not.
 
     .venv/bin/python bench/ablation.py --minutes 30            # twelve rows: six hours
+    .venv/bin/python bench/ablation.py --minutes 30 --parallel 2   # two at a time, one core each: three
     .venv/bin/python bench/ablation.py --minutes 30 --only base all
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,7 +70,8 @@ def validation_text(corpus: Path, out: Path) -> Path:
     return path
 
 
-def run_row(name: str, args: argparse.Namespace, steps: int | None) -> dict:
+def run_row(name: str, args: argparse.Namespace, steps: int | None, core: int | None = None) -> dict:
+    """One row's run and its scores; with `core`, the run is pinned to that core with one thread."""
     what, options = ROWS[name]
     if "STEPS" in options:
         if steps is None:
@@ -81,8 +85,13 @@ def run_row(name: str, args: argparse.Namespace, steps: int | None) -> dict:
     shown = " ".join(["chargen", *command[1:]])
     print(f"[{name}] {what}\n  {shown}", flush=True)
     began = time.monotonic()
+    env = dict(os.environ)
+    if core is not None:
+        command = ["taskset", "-c", str(core), *command]
+        env.update(XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+                   TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
     with open(args.out / f"{name}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     seconds = time.monotonic() - began
     scored = subprocess.run([*CHARGEN, "evaluate", "--artifact", str(run), "--text", str(validation_text(args.corpus, args.out)),
                              "--json"], check=True, capture_output=True, text=True, cwd=ROOT)
@@ -105,6 +114,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path.home() / "chargen-runs" / "ablation")
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--backend", default="jax")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="rows run at once, each pinned to its own core with one thread (the budget is then "
+                             "per core); 1: one row at a time on every core")
     parser.add_argument("--only", nargs="+", choices=list(ROWS), help="these rows only (base runs first if needed)")
     args = parser.parse_args()
     if not args.corpus.exists():
@@ -118,9 +130,34 @@ def main() -> None:
         done = args.out / name / "result.json"
         if done.exists():
             results[name] = json.loads(done.read_text())
-            continue
-        steps = results["base"]["steps"] if "base" in results else None
-        results[name] = run_row(name, args, steps)
+    # base first, the rows that need its step count last (they wait for it); the rest in between
+    todo = sorted((n for n in wanted if n not in results), key=lambda n: (n != "base", "STEPS" in ROWS[n][1]))
+    based = threading.Event()
+    if "base" in results:
+        based.set()
+    lock = threading.Lock()
+    free = list(range(args.parallel)) if args.parallel > 1 else [None]
+
+    def run(name: str) -> dict:
+        if "STEPS" in ROWS[name][1]:
+            based.wait()
+        with lock:
+            core = free.pop(0)
+        try:
+            result = run_row(name, args, results["base"]["steps"] if "base" in results else None, core)
+            if name == "base":
+                results["base"] = result
+            return result
+        finally:
+            with lock:
+                free.append(core)
+            if name == "base":
+                based.set()  # also when it failed: the rows waiting for it then fail at once
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        futures = {name: pool.submit(run, name) for name in todo}
+        for name, future in futures.items():
+            results[name] = future.result()
 
     print(f"\n{args.minutes:g} minutes per run, 2x256 (embedding 64), batches of 64 windows; "
           f"validation: the last 10% of {args.corpus.name}\n")
