@@ -221,9 +221,8 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
     command = "chargen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         ctx = click.get_current_context()
-        explicit = frozenset(
-            name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        )
+        given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.DEFAULT_MAP)  # a --preset's too
+        explicit = frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
         run(settings, cluster=cluster, resume=resume, explicit=explicit, command=command)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None

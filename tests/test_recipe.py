@@ -475,6 +475,20 @@ def test_flags_given_override_the_preset(tmp_path, corpus):
                                      weight_decay=0.1, schedule="cosine", warmup=200, ema=0.0).to_dict()
 
 
+def test_resume_with_a_preset_checks_its_values_against_the_run(tmp_path, corpus):
+    """The same command line again with --resume continues; another preset's values are refused like flags."""
+    out = tmp_path / "run"
+    first = ["train", "--corpus", str(corpus), "--out", str(out), "--preset", "tiny", "--units", "16", "--max-steps", "2"]
+    assert invoke(*first).exit_code == 0
+    again = invoke(*first[:-1], "4", "--resume")
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "state.json").read_text())["step"] == 4
+    other = invoke("train", "--corpus", str(corpus), "--out", str(out), "--preset", "medium", "--units", "16", "--resume")
+    assert other.exit_code == 1
+    assert "--resume: --batch-size 64 differs from the run's 32" in other.output  # the first that differs
+    assert json.loads((out / "state.json").read_text())["step"] == 4
+
+
 def test_an_unknown_preset_is_a_usage_error(tmp_path, corpus):
     result = invoke("train", "--preset", "huge", "--corpus", str(corpus), "--out", str(tmp_path / "run"))
     assert result.exit_code == 2
