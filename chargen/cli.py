@@ -15,6 +15,7 @@ import math
 import os
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -507,13 +508,19 @@ def serve(bind, workers, artifact_path):
     for source in models.sources:
         _check_artifact(source.path)
     _check_bind(bind or settings.bind)
-    argv = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
+    import gunicorn.app.wsgiapp
+
+    # gunicorn's master runs in this process (signals and exit status are its own), so the workers
+    # it forks inherit what the check imported (onnx: most of a second each, otherwise). argv as
+    # `python -m gunicorn` has it. (Its SIGUSR2 re-exec runs that script by path, where gunicorn's
+    # own `http` package hides the standard library's: its workers fail to boot. Reload with SIGHUP.)
+    sys.argv = [str(Path(gunicorn.__file__).parent / "__main__.py"), "-c", "python:service.gunicorn_conf"]
     if bind:
-        argv += ["--bind", bind]
+        sys.argv += ["--bind", bind]
     if workers:
-        argv += ["--workers", str(workers)]
+        sys.argv += ["--workers", str(workers)]
     sys.stdout.flush()
-    os.execv(sys.executable, argv)  # gunicorn becomes this process: signals and exit status are its own
+    gunicorn.app.wsgiapp.run(prog="gunicorn")
 
 
 def _check_bind(bind: str) -> None:
