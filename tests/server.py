@@ -30,7 +30,7 @@ START_TIMEOUT = 180  # seconds for gunicorn + TensorFlow import + artifact load 
 @dataclass
 class Server:
     url: str  # "http://127.0.0.1:PORT"
-    process: subprocess.Popen  # the gunicorn master (`chargen serve` execs into it)
+    process: subprocess.Popen  # the gunicorn master (`chargen serve` runs it in its own process)
     log_path: Path
 
     def get(self, path: str, **kwargs) -> requests.Response:
