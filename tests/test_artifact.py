@@ -358,13 +358,22 @@ def test_trained_artifact_describes_itself(tiny_artifact):
 
 
 def test_the_shipped_artifact_reads_unchanged():
-    """artifacts/default (written before the typed record) is read and written back byte for byte."""
+    """artifacts/default is read and written back byte for byte."""
     path = ROOT / "artifacts" / "default"
     text = (path / "meta.json").read_text()
     checked_path, meta, vocab = artifact.check(path)
     assert checked_path == path and meta.vocab_size == len(vocab) == 65
+    assert meta.corpus.name == "tinyshakespeare.txt" and meta.versions.backend == "jax"
+    assert meta.to_json() == text
+
+
+def test_a_meta_json_from_before_recipes_reads_unchanged():
+    """The first shipped model's meta.json (written before the typed record, and before training
+    recipes were recorded) is read with its values and written back byte for byte."""
+    text = (ROOT / "tests" / "data" / "meta-before-recipes.json").read_text()
+    meta = artifact.ArtifactMeta.from_json(text)
     assert meta.config == ModelConfig(cell="lstm", layers=2, units=256, embedding=64, dropout=0.2)
-    assert meta.validation.epoch == 27 and meta.training.epochs == 27 and meta.versions.backend == "jax"
+    assert meta.validation.epoch == 27 and meta.training.epochs == 27 and meta.training.recipe is None
     assert meta.to_json() == text
 
 
