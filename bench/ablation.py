@@ -88,7 +88,7 @@ def run_row(name: str, args: argparse.Namespace, steps: int | None, core: int | 
     env = dict(os.environ)
     if core is not None:
         command = ["taskset", "-c", str(core), *command]
-        env.update(XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+        env.update(XLA_FLAGS="--xla_cpu_multi_thread_eigen=false",
                    TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
     with open(args.out / f"{name}.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
