@@ -10,7 +10,8 @@ all of them with --cell gru and --cell rnn.
 
 Runs go under --out (default ~/chargen-runs/ablation; outside the repository): a row whose
 result.json is there is not run again, so the script can be stopped at any moment and started
-again to go on; an unfinished row starts over. The schedules that decay to the end of the run
+again to go on (a row run with another --minutes, --parallel, --backend or --corpus is run again);
+an unfinished row starts over. The schedules that decay to the end of the run
 (cosine, linear) are given --max-steps: the steps today's recipe made in the budget, read from its
 row (it runs first), times 0.9 so that a slower recipe still reaches its schedule's end within the
 budget, and times 100/256 for windows of 256 (a step of 64 windows of 256 costs about 2.5 times one
@@ -85,27 +86,33 @@ def run_row(name: str, args: argparse.Namespace, steps: int | None, core: int | 
     shown = " ".join(["chargen", *command[1:]])
     print(f"[{name}] {what}\n  {shown}", flush=True)
     began = time.monotonic()
-    env = dict(os.environ)
-    if core is not None:
-        command = ["taskset", "-c", str(core), *command]
+    env, pin = dict(os.environ), []
+    if core is not None:  # its evaluation too: it runs while other rows train
+        pin = ["taskset", "-c", str(core)]
         env.update(XLA_FLAGS="--xla_cpu_multi_thread_eigen=false",
                    TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", OMP_NUM_THREADS="1")
+    command = [*pin, *command]
     with open(args.out / f"{name}.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     seconds = time.monotonic() - began
-    scored = subprocess.run([*CHARGEN, "evaluate", "--artifact", str(run), "--text", str(validation_text(args.corpus, args.out)),
-                             "--json"], check=True, capture_output=True, text=True, cwd=ROOT)
+    scored = subprocess.run([*pin, *CHARGEN, "evaluate", "--artifact", str(run), "--text", str(validation_text(args.corpus, args.out)),
+                             "--json"], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     scores = json.loads(scored.stdout)
     state = json.loads((run / "state.json").read_text())
     load = os.getloadavg()[0]
     result = {"row": name, "what": what, "options": options, "seconds": round(seconds), "steps": state["step"],
               "chars_trained": state["chars_trained"], "best_epoch": state["best"]["epoch"],
               "carried": scores["nats_per_char"], "window": scores["window"]["nats_per_char"],
-              "load_after": round(load, 2)}
+              "load_after": round(load, 2), "budget": budget(args)}
     (run / "result.json").write_text(json.dumps(result, indent=1))
     print(f"  carried {result['carried']:.4f}, window {result['window']:.4f} nats/char; {result['steps']:,} steps; "
           f"load {load:.2f}", flush=True)
     return result
+
+
+def budget(args: argparse.Namespace) -> dict:
+    """What makes rows comparable: a saved row with another budget is run again."""
+    return {"minutes": args.minutes, "parallel": args.parallel, "backend": args.backend, "corpus": str(args.corpus)}
 
 
 def main() -> None:
@@ -125,10 +132,13 @@ def main() -> None:
     wanted = args.only or list(ROWS)
     if any("STEPS" in ROWS[n][1] for n in wanted) and "base" not in wanted:
         wanted = ["base", *wanted]
+    cores = sorted(os.sched_getaffinity(0))
+    if not 1 <= args.parallel <= len(cores):
+        raise SystemExit(f"--parallel must be between 1 and the {len(cores)} cores this process may use")
     results = {}
     for name in wanted:
         done = args.out / name / "result.json"
-        if done.exists():
+        if done.exists() and json.loads(done.read_text()).get("budget") == budget(args):
             results[name] = json.loads(done.read_text())
     # base first, the rows that need its step count last (they wait for it); the rest in between
     todo = sorted((n for n in wanted if n not in results), key=lambda n: (n != "base", "STEPS" in ROWS[n][1]))
@@ -136,7 +146,7 @@ def main() -> None:
     if "base" in results:
         based.set()
     lock = threading.Lock()
-    free = list(range(args.parallel)) if args.parallel > 1 else [None]
+    free = cores[: args.parallel] if args.parallel > 1 else [None]
 
     def run(name: str) -> dict:
         if "STEPS" in ROWS[name][1]:

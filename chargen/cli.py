@@ -178,7 +178,7 @@ def _preset(ctx, param, value):
 @click.option("--eval-chars", type=_EvalChars(), default="1000000", show_default=True,
               help="Validation characters an evaluation scores: a fixed sample when the validation text is longer "
                    "(the best model is scored on all of it at the end), or 'all'.")
-@click.option("--sample-chars", type=click.IntRange(0, 100_000), default=200, show_default=True, metavar="N",
+@click.option("--sample-chars", type=click.IntRange(0, 2_000), default=200, show_default=True, metavar="N",
               help="After each evaluation, print and keep in the history N characters sampled at temperatures 0.5, 0.8 "
                    "and 1.0, with their novelty (the share of 20-character substrings not in the training text); 0: none.")
 @click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
@@ -208,7 +208,7 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
     _require_keras("train")
     from model.distribute import Cluster
     from model.network import ModelConfig
-    from model.train import TrainingError, TrainSettings, train as run  # Keras comes after its checks
+    from model.train import RESUMABLE, TrainingError, TrainSettings, train as run  # Keras comes after its checks
 
     try:  # what the click types let through (--dropout nan) is caught here
         config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
@@ -222,8 +222,11 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
     command = "chargen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         ctx = click.get_current_context()
-        given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.DEFAULT_MAP)  # a --preset's too
-        explicit = frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in given)
+        # a --preset's values count as given, so that on --resume another preset's are refused, except
+        # those a resumed run may change: those keep the run's values unless given on the command line
+        source = ctx.get_parameter_source
+        explicit = frozenset(name for name in ctx.params if source(name) == click.core.ParameterSource.COMMANDLINE
+                             or (source(name) == click.core.ParameterSource.DEFAULT_MAP and name not in RESUMABLE))
         run(settings, cluster=cluster, resume=resume, explicit=explicit, command=command)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None

@@ -51,15 +51,15 @@ class Recipe:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise ValueError(f"{_flag(name)} must be in [0, 1), got {value!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"--warmup must be a whole number of steps >= 0, got {self.warmup!r}")
-        if not 0.0 <= self.min_lr <= 1.0:
+        if not (isinstance(self.min_lr, (int, float)) and 0.0 <= self.min_lr <= 1.0):
             raise ValueError(f"--min-lr must be in [0, 1] (a fraction of --lr), got {self.min_lr!r}")
-        if not 0.0 <= self.ema < 1.0:
+        if not (isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0):
             raise ValueError(f"--ema must be in [0, 1) (0: no average), got {self.ema!r}")
         if not isinstance(self.locked, bool):
             raise ValueError(f"locked must be true or false, got {self.locked!r}")

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 RUN_FILE, STATE_FILE, CHECKPOINT = "run.json", "state.json", "checkpoint.keras"
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DEFAULT_EVAL_CHARS = 1_000_000
+SAMPLES_KEPT = 100  # evaluations whose samples the history keeps (the last ones)
 
 
 class TrainingError(ValueError):
@@ -120,6 +121,8 @@ class TrainSettings:
         positive_int("patience", self.patience, minimum=0)
         positive_int("eval_streams", self.eval_streams)
         positive_int("sample_chars", self.sample_chars, minimum=0)
+        if self.sample_chars > 2_000:
+            raise TrainingError(f"--sample-chars must be at most 2000, got {self.sample_chars}")
         positive_int("seed", self.seed, minimum=0)
         if self.seed >= 2**32:  # NumPy's legacy seeding, which Keras uses, takes 32 bits
             raise TrainingError(f"--seed must be below 2**32, got {self.seed}")
@@ -700,6 +703,8 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         if novelty is not None:
             row["samples"] = samples(scored, vocab, length=settings.sample_chars, novelty=novelty)
         history.append(row)
+        for old in history[:-SAMPLES_KEPT]:  # state.json and every artifact's history.json hold them
+            old.pop("samples", None)
         improved = best is None or nats < best["val_nats"]
         mark = "  (best so far)" if improved else ""
         cut = f" (the first {val.chars:,} of {validation.chars:,} characters: --max-minutes)" if val.chars < validation.chars else ""

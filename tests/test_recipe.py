@@ -489,6 +489,18 @@ def test_resume_with_a_preset_checks_its_values_against_the_run(tmp_path, corpus
     assert json.loads((out / "state.json").read_text())["step"] == 4
 
 
+def test_resume_with_a_preset_keeps_the_runs_own_epochs(tmp_path, corpus):
+    """A setting a resumed run may change (--epochs) keeps the run's value when only the preset names
+    it: `--preset tiny --epochs 1`, resumed with `--preset tiny` alone, does not train to tiny's 10."""
+    out = tmp_path / "run"
+    first = ["train", "--corpus", str(corpus), "--out", str(out), "--preset", "tiny", "--units", "16", "--epochs", "1"]
+    assert invoke(*first).exit_code == 0
+    step = json.loads((out / "state.json").read_text())["step"]
+    again = invoke(*first[:-2], "--resume")
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "state.json").read_text())["step"] == step
+
+
 def test_an_unknown_preset_is_a_usage_error(tmp_path, corpus):
     result = invoke("train", "--preset", "huge", "--corpus", str(corpus), "--out", str(tmp_path / "run"))
     assert result.exit_code == 2
