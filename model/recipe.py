@@ -18,8 +18,12 @@ al. 2017; variational dropout, Gal & Ghahramani 2016; Polyak averaging):
     --lr-decay per epoch), cosine or linear decay to --min-lr times --lr at the run's last step,
     or constant. The decay's length is fixed when the run starts (its --epochs / --max-steps); a
     resumed run with more steps stays at the floor after it.
-  - --ema: an exponential moving average of the weights (decay per step); validation, the best
-    artifact and early stopping use the average, training goes on from the raw weights.
+  - --ema: an exponential moving average of the weights, its decay per step ramping up to D as
+    (1 + step) / (10 + step) (TensorFlow's ExponentialMovingAverage with num_updates). Each
+    evaluation scores the average and the raw weights, and the better of the two is the
+    evaluation's: the validation loss, early stopping and the artifact saved (an average lags the
+    weights while the learning rate is high, and is ahead once it decays); training goes on from
+    the raw weights.
 
 Everything Keras is built on first use, so importing this module does not import Keras.
 """
@@ -142,6 +146,21 @@ def _classes() -> dict:
 
             def finalize_variable_values(self, var_list):
                 pass
+
+            def _update_model_variables_moving_average(self, trainable_variables):
+                # TensorFlow's ExponentialMovingAverage(num_updates=step): the decay ramps up to
+                # ema_momentum as (1 + t) / (10 + t), so the average forgets the initial weights
+                # (Keras' own keeps 0.999 of them at the first steps) and in a run of a few
+                # thousand steps averages the last few hundred; the first step copies the weights
+                if not self.use_ema:
+                    return
+                t = ops.cast(self.iterations, "float32")
+                ramp = ops.where(ops.equal(t, 0.0), 0.0, (1.0 + t) / (10.0 + t))
+                momentum = ops.minimum(ramp, self.ema_momentum)
+                for var, average in zip(trainable_variables, self._model_variables_moving_average):
+                    if average is not None:
+                        m = ops.cast(momentum, var.dtype)
+                        average.assign(m * average + (1.0 - m) * var)
 
         Averaged.__name__ = Averaged.__qualname__ = f"Averaged{base.__name__}"
         return register(Averaged)

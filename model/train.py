@@ -633,7 +633,9 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
     if budget and writer:  # time one network call of the validation (deadline 0: exactly one group)
         probe = time.monotonic()
         validation.loss(scoring.model(), deadline=0.0)
-        budget.validated((time.monotonic() - probe) * validation.groups, validation.chars, validation.chars, validation.groups)
+        scorings = 2 if settings.recipe.ema else 1  # --ema: the average and the raw weights
+        budget.validated((time.monotonic() - probe) * validation.groups * scorings, validation.chars, validation.chars,
+                         validation.groups * scorings)
     tensorboard = out / "tensorboard" if settings.tensorboard and writer else None
     callbacks = _callbacks(budget, placement, verbose, tensorboard)
     deadline_cb = callbacks[0]
@@ -675,10 +677,19 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         trained = done * settings.batch_size * settings.seq_len
 
         validating = time.monotonic()
+        raw = weights = None
         if writer:
+            deadline = budget.validate_until() if budget else None
+            scored = scoring.raw()
+            if scored is not None:  # --ema: the raw weights, then the average; the better one is kept
+                raw = validation.loss(scored, deadline=deadline)
             scored = scoring.model()
-            val = validation.loss(scored, deadline=budget.validate_until() if budget else None)
-            budget.validated(time.monotonic() - validating, val.chars, validation.chars, validation.groups)
+            val = average = validation.loss(scored, deadline=deadline)
+            weights = "average" if raw is not None else None
+            if raw is not None and raw.chars == val.chars and raw.nats < val.nats:
+                scored, val, weights = scoring.raw(), raw, "raw"
+            budget.validated(time.monotonic() - validating, val.chars, validation.chars,
+                             validation.groups * (2 if raw is not None else 1))
         else:
             val = None
         nats, chars = placement.agree([val.nats, val.chars] if writer else [0.0, 0.0])
@@ -700,6 +711,9 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
             "chars_per_second": round(trained / seconds),
             "partial": partial,
         }
+        if weights is not None:  # --ema: both scores, and which weights the evaluation (and artifact) has
+            row.update(weights=weights, val_average_nats_per_char=round(average.nats, 5),
+                       val_raw_nats_per_char=round(raw.nats, 5))
         if novelty is not None:
             row["samples"] = samples(scored, vocab, length=settings.sample_chars, novelty=novelty)
         history.append(row)
@@ -709,9 +723,11 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         mark = "  (best so far)" if improved else ""
         cut = f" (the first {val.chars:,} of {validation.chars:,} characters: --max-minutes)" if val.chars < validation.chars else ""
         sample = "" if validation.whole else " on the sample"
+        other = "" if weights is None else (f" (the average; raw weights {raw.nats:.4f})" if weights == "average"
+                                            else f" (the raw weights; average {average.nats:.4f})")
         _log(
             f"{_position(step, per_epoch)}: train {train_nats:.4f} nats/char ({train_nats / LN2:.4f} bits), "
-            f"validation{sample} {val.nats:.4f} nats/char ({val.bits:.4f} bits){cut}{mark}; {seconds:.0f} s"
+            f"validation{sample} {val.nats:.4f} nats/char ({val.bits:.4f} bits){other}{cut}{mark}; {seconds:.0f} s"
         )
         if "samples" in row:
             _log(format_samples(row["samples"]))
@@ -837,6 +853,13 @@ class _Scoring:
             weights = averaged_weights(self.training) or trainable_weights(self.training)
         copy_weights(weights, self.copy)
         return self.copy
+
+    def raw(self) -> keras.Model | None:
+        """Under --ema, once there is an average: the copy given the raw training weights (which
+        every evaluation scores beside the average); otherwise None."""
+        if averaged_weights(self.training) is None:
+            return None
+        return self.model(trainable_weights(self.training))
 
 
 def _score_whole(out: Path, best: dict, ids: np.ndarray, settings: TrainSettings, scoring: _Scoring,

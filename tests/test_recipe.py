@@ -226,8 +226,9 @@ def test_weight_decay_leaves_biases_alone():
 
 
 def test_fit_keeps_the_raw_weights_and_the_optimizer_the_average():
-    """Two fit() calls (a run makes one per evaluation): the weights go on from where the last step
-    left them, and the average is the moving average of the weights after each step."""
+    """fit() calls (a run makes one per evaluation): the weights go on from where the last step left
+    them, and the average is the moving average of the weights after each step: the first step's
+    weights, then a decay ramping up as (1 + t) / (10 + t) until it reaches --ema's."""
     config = ModelConfig(cell="lstm", layers=1, units=8, embedding=4)
     rng = np.random.default_rng(4)
     x = rng.integers(0, 10, (4, 20)).astype("int32")
@@ -239,19 +240,19 @@ def test_fit_keeps_the_raw_weights_and_the_optimizer_the_average():
         model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       run_eagerly=True)  # no tracing: quicker for two steps
         after = []
-        for _ in range(2):
+        for _ in range(3):
             model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)  # one step each
             after.append(trainable_weights(model))
         return model, after
 
-    args = {"lr": 0.05, "lr_decay": 1.0, "clipnorm": 5.0, "steps_per_epoch": 1, "last_step": 2}
-    model, (first, second) = fitted(optimizer(Recipe(ema=0.5), **args))
+    args = {"lr": 0.05, "lr_decay": 1.0, "clipnorm": 5.0, "steps_per_epoch": 1, "last_step": 3}
+    model, (first, second, third) = fitted(optimizer(Recipe(ema=0.2), **args))
     average = averaged_weights(model)
-    assert any(np.abs(a - w).max() > 1e-4 for a, w in zip(average, second))
-    for a, w1, w2 in zip(average, first, second):  # the first step's weights, then half of each
-        np.testing.assert_allclose(a, 0.5 * w1 + 0.5 * w2, rtol=1e-5, atol=1e-6)
+    assert any(np.abs(a - w).max() > 1e-4 for a, w in zip(average, third))
+    for a, w1, w2, w3 in zip(average, first, second, third):  # decay 0 (a copy), 2/11 (the ramp), 0.2 (--ema)
+        np.testing.assert_allclose(a, 0.2 * (2 / 11 * w1 + 9 / 11 * w2) + 0.8 * w3, rtol=1e-5, atol=1e-6)
     # (Keras' own Adam copies its average into the weights when fit() returns)
-    plain, (_, kept) = fitted(keras.optimizers.Adam(0.05, global_clipnorm=5.0, use_ema=True, ema_momentum=0.5))
+    plain, (_, _, kept) = fitted(keras.optimizers.Adam(0.05, global_clipnorm=5.0, use_ema=True, ema_momentum=0.2))
     for a, w in zip(averaged_weights(plain), kept):
         np.testing.assert_allclose(a, w)
 
@@ -273,20 +274,25 @@ def run(tmp_path_factory, corpus) -> Path:
     return out
 
 
-def test_the_artifact_is_the_average_and_the_checkpoint_the_raw_weights(run):
+def test_the_artifact_has_the_better_of_the_average_and_the_raw_weights(run):
     history = json.loads((run / "history.json").read_text())
     assert [row["step"] for row in history] == [6] and os.readlink(run / "best") == "artifacts/step-00000006"
-    published = trainable_weights(artifact.load(run, keras=True).model)
+    row = history[0]
+    scores = {"average": row["val_average_nats_per_char"], "raw": row["val_raw_nats_per_char"]}
+    assert scores["average"] != scores["raw"] and row["val_nats_per_char"] == min(scores.values())
+    assert row["weights"] == min(scores, key=scores.get)
+    published = artifact.load(run, keras=True)
     checkpoint = load_checkpoint(run)
     assert int(numpy(checkpoint.optimizer.iterations)) == 6
     raw, average = trainable_weights(checkpoint), averaged_weights(checkpoint)
-    for a, p in zip(average, published):
-        np.testing.assert_allclose(p, a, rtol=1e-6, atol=1e-7)
     # fit() did not copy the average into the weights: training goes on from its own
-    assert max(np.abs(r - p).max() for r, p in zip(raw, published)) > 1e-3
+    assert max(np.abs(r - a).max() for r, a in zip(raw, average)) > 1e-3
+    for kept, p in zip(average if row["weights"] == "average" else raw, trainable_weights(published.model)):
+        np.testing.assert_allclose(p, kept, rtol=1e-6, atol=1e-7)
+    assert published.meta.validation.nats_per_char == pytest.approx(row["val_nats_per_char"], abs=1e-5)
 
 
-def test_validation_scores_the_average(run, corpus, tmp_path):
+def test_validation_scores_the_average_and_the_raw_weights(run, corpus, tmp_path):
     text = corpus.read_text()
     held_out = tmp_path / "validation.txt"
     held_out.write_text(text[int(len(text) * 0.9):])  # the last 10%: what the run validated on
@@ -296,13 +302,16 @@ def test_validation_scores_the_average(run, corpus, tmp_path):
     scored = json.loads(result.output.strip().splitlines()[-1])
     assert scored["chars"] == recorded["val_chars_scored"] + 1
     assert scored["nats_per_char"] == pytest.approx(recorded["val_nats_per_char"], abs=2e-5)
-    # the raw weights score otherwise (so the run did not validate them)
+    # each of the two figures is its weights' own, scored as chargen evaluate scores them
     from model.evaluate import StreamScorer
 
     loaded = artifact.load(run, keras=True)
-    copy_weights(trainable_weights(load_checkpoint(run)), loaded.model)
-    raw = StreamScorer().loss(loaded.model, loaded.vocab.encode(held_out.read_text()).ids)
-    assert abs(raw.nats - recorded["val_nats_per_char"]) > 1e-3
+    checkpoint = load_checkpoint(run)
+    ids = loaded.vocab.encode(held_out.read_text()).ids
+    for weights, column in [(trainable_weights(checkpoint), "val_raw_nats_per_char"),
+                            (averaged_weights(checkpoint), "val_average_nats_per_char")]:
+        copy_weights(weights, loaded.model)
+        assert StreamScorer().loss(loaded.model, ids).nats == pytest.approx(recorded[column], abs=2e-5)
 
 
 LOAD_PLAIN = """
@@ -440,11 +449,12 @@ def test_resume_keeps_the_recipe_and_refuses_a_changed_one(run, corpus, tmp_path
     assert type(opt).__name__ == "AveragedAdamW" and opt.use_ema and opt.ema_momentum == 0.9 and opt.weight_decay == 0.1
     assert json.loads((copy / RUN_FILE).read_text())["recipe"] == ALL_RECIPE.to_dict()
     best = artifact.load(copy, keras=True)
-    # still learning fast (2.71, 2.61, 2.59 nats): the last is the best, and it is the average the
-    # checkpoint's optimizer carried on (restored, not started again from zero)
+    # still learning fast: the last is the best, with the weights its evaluation chose: the raw ones
+    # or the average the checkpoint's optimizer carried on (restored, not started again)
     assert history[2]["val_nats_per_char"] < history[1]["val_nats_per_char"] < history[0]["val_nats_per_char"]
     assert os.readlink(copy / "best") == "artifacts/step-00000012"
-    for a, p in zip(averaged_weights(checkpoint), trainable_weights(best.model)):
+    kept = averaged_weights(checkpoint) if history[-1]["weights"] == "average" else trainable_weights(checkpoint)
+    for a, p in zip(kept, trainable_weights(best.model)):
         np.testing.assert_allclose(p, a, rtol=1e-6, atol=1e-7)
 
 
@@ -576,6 +586,7 @@ def test_every_recipe_flag_trains_on_jax(tmp_path, corpus):
     assert type(checkpoint.get_layer("rnn_2")).__name__ == "WeightDroppedLSTM"
     assert type(checkpoint.optimizer).__name__ == "AveragedAdamW" and int(numpy(checkpoint.optimizer.iterations)) == 3
     published = trainable_weights(artifact.load(out, keras=True).model)
-    for a, p in zip(averaged_weights(checkpoint), published):  # the average, as on TensorFlow
-        np.testing.assert_allclose(p, a, rtol=1e-6, atol=1e-7)
-    assert max(np.abs(w - p).max() for w, p in zip(trainable_weights(checkpoint), published)) > 1e-4
+    raw, average = trainable_weights(checkpoint), averaged_weights(checkpoint)
+    assert max(np.abs(w - a).max() for w, a in zip(raw, average)) > 1e-4  # an average of its own, as on TensorFlow
+    for w, p in zip(average if history[0]["weights"] == "average" else raw, published):  # the better one
+        np.testing.assert_allclose(p, w, rtol=1e-6, atol=1e-7)
