@@ -167,8 +167,8 @@ def _preset(ctx, param, value):
 @click.option("--min-lr", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="The cosine and linear schedules' last learning rate, a fraction of --lr.")
 @click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Decay per step of a moving average of the weights, which validation and the artifact use (0: off; "
-                   "e.g. 0.999).")
+              help="Decay per step of a moving average of the weights (0: off; e.g. 0.999); each evaluation scores "
+                   "it and the raw weights, and keeps the better for validation and the artifact.")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Most epochs (one epoch covers the training text once).")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Most optimizer steps (batches).")
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None,

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 F32 = np.float32
 # Below this many rows a step runs on one thread: ONNX Runtime's recurrent operators split a batch
-# over threads only from about here (the shipped 2x256 LSTM took the same time on 1 and 2 threads
+# over threads only from about here (a 2x256 LSTM took the same time on 1 and 2 threads
 # up to 48 rows, 1.45x less on 2 from 56), and idle threads woken for nothing cost time when other
 # work shares the cores.
 MIN_ROWS_PER_THREAD = 56

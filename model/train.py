@@ -686,7 +686,8 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
             scored = scoring.model()
             val = average = validation.loss(scored, deadline=deadline)
             weights = "average" if raw is not None else None
-            if raw is not None and raw.chars == val.chars and raw.nats < val.nats:
+            # the one that scored more of the text (--max-minutes may cut the second short), then the lower loss
+            if raw is not None and (raw.chars, -raw.nats) > (val.chars, -val.nats):
                 scored, val, weights = scoring.raw(), raw, "raw"
             budget.validated(time.monotonic() - validating, val.chars, validation.chars,
                              validation.groups * (2 if raw is not None else 1))
