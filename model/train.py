@@ -867,9 +867,9 @@ def _score_whole(out: Path, best: dict, ids: np.ndarray, settings: TrainSettings
                  budget: _Budget, state: dict, tokens: TokenCorpus) -> None:
     """Evaluations scored a sample of the validation text: score the best model on all of it, once,
     within what is left of the budget, and record it in state.json (the artifact is not rewritten)."""
-    weights = None
-    if best.get("step") != state.get("step"):
-        weights = trainable_weights(artifact.load(out / best["artifact"], keras=True).model)
+    # the best artifact's weights: an earlier evaluation's, or this one's (under --ema the average
+    # or the raw weights, whichever it kept)
+    weights = trainable_weights(artifact.load(out / best["artifact"], keras=True).model)
     whole = _Validation(ids, None, settings.eval_streams, settings.config.units, tokens.release)
     began = time.monotonic()
     loss = whole.loss(scoring.model(weights), deadline=budget.end if budget else None)

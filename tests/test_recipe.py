@@ -314,6 +314,31 @@ def test_validation_scores_the_average_and_the_raw_weights(run, corpus, tmp_path
         assert StreamScorer().loss(loaded.model, ids).nats == pytest.approx(recorded[column], abs=2e-5)
 
 
+def test_the_whole_validation_at_the_end_scores_the_weights_the_artifact_kept(tmp_path, corpus):
+    """Evaluations scored a sample (--eval-chars), so the best artifact is scored on the whole
+    validation text at the end: with the weights it holds, the raw ones when the evaluation kept
+    them, as `chargen evaluate` scores it."""
+    out = tmp_path / "run"
+    result = invoke("train", "--corpus", str(corpus), "--out", str(out), *ALL_FLAGS, *SMALL, "--max-steps", "6",
+                    "--validation", "0.5", "--eval-chars", "1000")
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["weights"] == "raw" and history[-1]["val_chars_scored"] < 1000  # this run's choice
+    whole = json.loads((out / "state.json").read_text())["best"]["whole_validation"]
+    from model.evaluate import StreamScorer
+
+    text = corpus.read_text()
+    loaded, checkpoint = artifact.load(out, keras=True), load_checkpoint(out)
+    ids = loaded.vocab.encode(text[int(len(text) * 0.5):]).ids
+    scores = {}
+    for name, weights in [("raw", trainable_weights(checkpoint)), ("average", averaged_weights(checkpoint))]:
+        copy_weights(weights, loaded.model)
+        scores[name] = StreamScorer(n_streams=TrainSettings.eval_streams).loss(loaded.model, ids)
+    assert whole["chars_scored"] == scores["raw"].chars > 1000
+    assert whole["nats_per_char"] == pytest.approx(scores["raw"].nats, abs=2e-5)
+    assert abs(scores["average"].nats - scores["raw"].nats) > 1e-3
+
+
 LOAD_PLAIN = """
 import json, sys
 import keras
