@@ -135,7 +135,9 @@ class TestServer:
 
     def test_16_concurrent_seeded_requests_give_the_texts_they_give_alone(self, server):
         def ask(seed: int) -> str:
-            r = server.post("/v1/generate", json={"prompt": "the", "max_chars": 200, "temperature": 1.0, "seed": seed})
+            # long enough that the 16 overlap however the threads are scheduled (200 took less
+            # than their arrival spread on a loaded machine: 1.7 streams per step)
+            r = server.post("/v1/generate", json={"prompt": "the", "max_chars": 2000, "temperature": 1.0, "seed": seed})
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]
 
