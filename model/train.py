@@ -317,10 +317,11 @@ def _callbacks(budget: _Budget, placement: Placement, verbose: int, tensorboard:
         header = ""
 
         def on_epoch_begin(self, epoch, logs=None):
-            self._reset_progbar()
-            self._maybe_init_progbar()
+            # only the public interface: Keras' own helpers for this have moved between versions
             if self.verbose:
-                keras.utils.io_utils.print_msg(self.header)
+                print(self.header, flush=True)
+            self.epochs = 1  # Keras' "Epoch i/n" line would count fit() calls, not the run's epochs
+            super().on_epoch_begin(epoch, logs)
 
     callbacks = [Deadline()] + ([ProgressBar()] if verbose else [])
     if tensorboard is not None:

@@ -1,0 +1,62 @@
+"""train, sample and evaluate typed in a terminal: what a person sees on the screen (tests/terminal.py
+gives each command a pseudo-terminal; output piped to a file once hid a crash of the progress bar)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import PERIODIC
+from terminal import CHARGEN, run_on_terminal
+
+from model import artifact
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(PERIODIC * 60)
+    return path
+
+
+def test_train_on_a_terminal_shows_the_bar_the_epoch_lines_and_the_samples(tmp_path, corpus):
+    run = tmp_path / "run"
+    screen = run_on_terminal([CHARGEN, "train", "--corpus", str(corpus), "--out", str(run), "--layers", "1",
+                              "--units", "16", "--embedding", "8", "--seq-len", "20", "--batch-size", "8",
+                              "--epochs", "2", "--sample-chars", "30"])
+    assert screen.returncode == 0, screen.raw[-3000:]
+    assert "Traceback" not in screen.raw
+    # the run's own header above each epoch's bar, and no "Epoch 1/1" of Keras' per fit() call
+    assert "Epoch 1/2" in screen.text and "Epoch 2/2" in screen.text and "Epoch 1/1" not in screen.raw
+    steps = (len(PERIODIC * 60) * 9 // 10 // 20) // 8
+    assert f"{steps}/{steps}" in screen.text and "loss: " in screen.text  # the bar, drawn to its end
+    assert screen.raw.count("\r") > screen.raw.count("\r\n")  # redrawn in place: more \r than line ends
+    assert "epoch 1: train " in screen.text and "epoch 2: train " in screen.text and " bits), validation " in screen.text
+    assert "  T=0.5 novelty " in screen.text and "  T=1 novelty " in screen.text  # the samples after each evaluation
+    assert f"artifact {run / 'best'}" in screen.text
+    assert artifact.load(run).meta.training.epochs in (1, 2)
+
+
+def test_sample_on_a_terminal_ends_its_text_with_a_newline(tiny_artifact):
+    screen = run_on_terminal([CHARGEN, "sample", "--artifact", str(tiny_artifact), "--prompt", "the quick",
+                              "--temperature", "0", "--max-chars", "40"])
+    assert screen.returncode == 0, screen.raw
+    assert screen.raw.startswith("the quick brown fox")
+    assert screen.raw.endswith("\r\n")  # the shell's prompt starts on a line of its own
+
+    stopped = run_on_terminal([CHARGEN, "sample", "--artifact", str(tiny_artifact), "--prompt", "the quick",
+                               "--temperature", "0", "--stop", "lazy"])
+    assert stopped.returncode == 0, stopped.raw
+    assert stopped.raw == "the quick brown fox jumps over the \r\n"
+
+
+def test_evaluate_on_a_terminal(tmp_path, tiny_artifact):
+    text = tmp_path / "text.txt"
+    text.write_text(PERIODIC * 10)
+    screen = run_on_terminal([CHARGEN, "evaluate", "--artifact", str(tiny_artifact), "--text", str(text)])
+    assert screen.returncode == 0, screen.raw
+    assert "Traceback" not in screen.raw
+    lines = screen.text.splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("artifact  ")):]  # after TensorFlow's notices
+    assert lines[0].startswith(f"artifact  {tiny_artifact}") and lines[1].startswith(f"text      {text}: 450 characters")
+    assert lines[2].startswith("carried ") and lines[3].startswith("window ") and " bits/char " in lines[3]
