@@ -113,6 +113,9 @@ class ValidationInfo:
     nats_per_char: float
     bits_per_char: float
     chars_scored: int
+    # true: the loss of a fixed sample of the validation text (training's --eval-chars: evenly spaced
+    # pieces, the same at every evaluation), not of all of it
+    sample: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ class ArtifactMeta:
         d = asdict(self)
         if d["training"] and d["training"]["recipe"] is None:  # an artifact from before recipes reads back unchanged
             del d["training"]["recipe"]
+        if d["validation"] and not d["validation"]["sample"]:  # written only when true: older artifacts read back unchanged
+            del d["validation"]["sample"]
         return d
 
     def to_json(self) -> str:

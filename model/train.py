@@ -205,19 +205,17 @@ class _Budget:
     validation losses are compared with each other (the best artifact, early stopping) and stay
     comparable only on the same characters. Validation is estimated before the first stretch by
     timing one group of streams on the untrained network, then measured; saving is guessed, then
-    measured. When even validating would take more than a quarter of the budget (a huge
-    --eval-chars), training keeps three quarters and validation scores what fits of the rest: the
-    loss of a prefix of the sample, recorded as such (chars_scored). An evaluation is bounded by
-    --eval-chars, so a run ends within its budget plus at most one evaluation's misestimate."""
+    measured. An evaluation that the deadline still cuts short (a misestimate) scored only a prefix
+    of the text: it is recorded as partial and never chosen as the best. The first evaluation is
+    never cut short, so every run leaves an artifact: when validating alone takes longer than the
+    budget (a huge --eval-chars), the run trains one batch and overruns by that evaluation."""
 
-    VALIDATION_SHARE = 0.25
     SAVING_GUESS = 2.0  # seconds, until an evaluation's saving has been measured
 
     def __init__(self, started: float, minutes: float | None):
         self.total = 60.0 * minutes if minutes else math.inf
         self.end = started + self.total
         self.validation = 0.0  # seconds a whole validation takes
-        self.group = 0.0  # seconds one network call of the validation takes
         self.saving: float | None = None
 
     def __bool__(self) -> bool:
@@ -227,15 +225,13 @@ class _Budget:
         return self.SAVING_GUESS if self.saving is None else self.saving
 
     def train_until(self) -> float:
-        validating = min(self.validation, max(self.VALIDATION_SHARE * self.total, self.group))
-        return self.end - self._saving() - validating
+        return self.end - self._saving() - self.validation
 
     def validate_until(self) -> float:
         return self.end - self._saving()
 
-    def validated(self, seconds: float, scored: int, whole: int, groups: int) -> None:
+    def validated(self, seconds: float, scored: int, whole: int) -> None:
         self.validation = seconds * whole / scored
-        self.group = self.validation / groups
 
     def saved(self, seconds: float) -> None:
         self.saving = seconds if self.saving is None else max(self.saving, seconds)
@@ -368,7 +364,8 @@ def plot_history(history: list[dict], title: str) -> bytes:
     ax = fig.subplots()
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["train_bits_per_char"] for h in history], "o-", label="train")
-    ax.plot(epochs, [h["val_bits_per_char"] for h in history], "o-", label="validation")
+    whole = [h for h in history if not h.get("val_partial")]  # a partial evaluation's prefix would draw a false dip
+    ax.plot([h["epoch"] for h in whole], [h["val_bits_per_char"] for h in whole], "o-", label="validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("bits per character")
     ax.set_title(title)
@@ -635,8 +632,7 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         probe = time.monotonic()
         validation.loss(scoring.model(), deadline=0.0)
         scorings = 2 if settings.recipe.ema else 1  # --ema: the average and the raw weights
-        budget.validated((time.monotonic() - probe) * validation.groups * scorings, validation.chars, validation.chars,
-                         validation.groups * scorings)
+        budget.validated((time.monotonic() - probe) * validation.groups * scorings, validation.chars, validation.chars)
     tensorboard = out / "tensorboard" if settings.tensorboard and writer else None
     callbacks = _callbacks(budget, placement, verbose, tensorboard)
     deadline_cb = callbacks[0]
@@ -680,22 +676,24 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         validating = time.monotonic()
         raw = weights = None
         if writer:
-            deadline = budget.validate_until() if budget else None
+            # the first evaluation always completes (see _Budget): a run's artifact has a whole score
+            deadline = budget.validate_until() if budget and best is not None else None
             scored = scoring.raw()
             if scored is not None:  # --ema: the raw weights, then the average; the better one is kept
                 raw = validation.loss(scored, deadline=deadline)
             scored = scoring.model()
             val = average = validation.loss(scored, deadline=deadline)
             weights = "average" if raw is not None else None
-            # the one that scored more of the text (--max-minutes may cut the second short), then the lower loss
-            if raw is not None and (raw.chars, -raw.nats) > (val.chars, -val.nats):
+            # a complete score before one --max-minutes cut short, then the lower loss
+            if raw is not None and (raw.chars == validation.chars, -raw.nats) > (val.chars == validation.chars, -val.nats):
                 scored, val, weights = scoring.raw(), raw, "raw"
-            budget.validated(time.monotonic() - validating, val.chars, validation.chars,
-                             validation.groups * (2 if raw is not None else 1))
+            scorings = [average] if raw is None else [average, raw]
+            budget.validated(time.monotonic() - validating, sum(x.chars for x in scorings), validation.chars * len(scorings))
         else:
             val = None
         nats, chars = placement.agree([val.nats, val.chars] if writer else [0.0, 0.0])
         val = val or Loss(nats, int(chars))
+        complete = val.chars == validation.chars
         saving = time.monotonic()
         training_seconds += seconds
         chars_trained += trained
@@ -708,6 +706,7 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
             "val_nats_per_char": round(val.nats, 5),
             "val_bits_per_char": round(val.bits, 5),
             "val_chars_scored": val.chars,
+            "val_partial": not complete,  # cut short by --max-minutes: a prefix's loss, compared with nothing
             "learning_rate": float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
             "seconds": round(seconds, 2),
             "chars_per_second": round(trained / seconds),
@@ -721,9 +720,11 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         history.append(row)
         for old in history[:-SAMPLES_KEPT]:  # state.json and every artifact's history.json hold them
             old.pop("samples", None)
-        improved = best is None or nats < best["val_nats"]
+        # a partial score is of other characters than the whole ones: it can neither be the best nor the validation loss
+        improved = complete and (best is None or nats < best["val_nats"])
         mark = "  (best so far)" if improved else ""
-        cut = f" (the first {val.chars:,} of {validation.chars:,} characters: --max-minutes)" if val.chars < validation.chars else ""
+        cut = "" if complete else (f" (cut short by --max-minutes: the first {val.chars:,} of {validation.chars:,} "
+                                   "characters, not comparable; the best stays as it was)")
         sample = "" if validation.whole else " on the sample"
         other = "" if weights is None else (f" (the average; raw weights {raw.nats:.4f})" if weights == "average"
                                             else f" (the raw weights; average {average.nats:.4f})")
@@ -740,7 +741,7 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
                     else f"artifacts/step-{step:08d}")
             best = {"step": step, "epoch": epochs, "val_nats": nats, "artifact": name}
             stale = 0
-        else:
+        elif complete:
             stale += 1
         if writer:
             files = _history_files(history, title)
@@ -751,7 +752,7 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
                     corpus=CorpusInfo(**corpus.describe()),
                     split=SplitInfo(validation_fraction=round(split.validation_fraction, 6),
                                     train_chars=int(len(split.train)), validation_chars=int(len(split.validation))),
-                    validation=ValidationInfo(epoch=whole_epochs, **val.to_dict()),
+                    validation=ValidationInfo(epoch=whole_epochs, **val.to_dict(), sample=not validation.whole),
                     training=TrainingInfo(
                         epochs=whole_epochs, seconds=round(training_seconds, 1),
                         chars_per_second=round(chars_trained / training_seconds) if training_seconds else None,
@@ -873,11 +874,13 @@ def _score_whole(out: Path, best: dict, ids: np.ndarray, settings: TrainSettings
     weights = trainable_weights(artifact.load(out / best["artifact"], keras=True).model)
     whole = _Validation(ids, None, settings.eval_streams, settings.config.units, tokens.release)
     began = time.monotonic()
-    loss = whole.loss(scoring.model(weights), deadline=budget.end if budget else None)
-    cut = f"the first {loss.chars:,} of {whole.chars:,} characters (--max-minutes)" if loss.chars < whole.chars \
-        else f"{loss.chars:,} characters"
-    _log(f"whole validation text, {cut}: {loss.nats:.4f} nats/char ({loss.bits:.4f} bits) for the best model "
-         f"({best['artifact']}); {time.monotonic() - began:.0f} s")
+    loss = whole.loss(scoring.model(weights), deadline=budget.validate_until() if budget else None)
+    if loss.chars < whole.chars:  # a prefix's loss is no score of the whole text: not recorded
+        _log(f"whole validation text: --max-minutes ran out after {loss.chars:,} of {whole.chars:,} characters; "
+             "not recorded (--resume scores it)")
+        return
+    _log(f"whole validation text, {loss.chars:,} characters: {loss.nats:.4f} nats/char ({loss.bits:.4f} bits) for the "
+         f"best model ({best['artifact']}); {time.monotonic() - began:.0f} s")
     best["whole_validation"] = loss.to_dict()
     state["best"] = best
     _write_atomic(out / STATE_FILE, json.dumps(state, indent=1))
