@@ -172,7 +172,8 @@ def _preset(ctx, param, value):
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Most epochs (one epoch covers the training text once).")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Most optimizer steps (batches).")
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None,
-              help="Time budget of the whole run: preparing, training, validating and saving.")
+              help="Time budget of this invocation: preparing, training, validating and saving (a --resume gets it "
+                   "anew).")
 @click.option("--eval-every", type=click.IntRange(1), default=None, metavar="STEPS",
               help="Evaluate and checkpoint every STEPS steps (default: once an epoch).")
 @click.option("--eval-chars", type=_EvalChars(), default="1000000", show_default=True,
@@ -230,9 +231,10 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
         run(settings, cluster=cluster, resume=resume, explicit=explicit, command=command)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        given = " ".join(f"--corpus {shlex.quote(c)}" for c in corpus)
-        click.echo(f"\ninterrupted; continue with: {_me()} train {given} --out {shlex.quote(out)} --resume", err=True)
+    except KeyboardInterrupt:  # the command as typed, with --resume: the run keeps its settings, the flags must agree
+        again = shlex.join([*sys.argv[1:], *([] if resume else ["--resume"])])
+        click.echo(f"\ninterrupted; the run in {out} keeps its last evaluation. Continue it with:\n  {_me()} {again}",
+                   err=True)
         sys.exit(130)
 
 

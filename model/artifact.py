@@ -30,9 +30,10 @@ import os
 import shlex
 import shutil
 import tempfile
+import types
 import typing
 import zipfile
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,7 +155,8 @@ class ArtifactMeta:
     validation: ValidationInfo | None = None
     training: TrainingInfo | None = None
     versions: Versions | None = None
-    command: str | None = None  # the command line that trained it
+    command: str | None = None  # the command line that started the training run
+    resumed: list[str] = field(default_factory=list)  # the command line of each --resume since, in order
     created: str | None = None  # ISO 8601, UTC
     vocab_size: int
 
@@ -162,6 +164,8 @@ class ArtifactMeta:
         d = asdict(self)
         if d["training"] and d["training"]["recipe"] is None:  # an artifact from before recipes reads back unchanged
             del d["training"]["recipe"]
+        if not d["resumed"]:  # written only when there were resumes, for the same reason
+            del d["resumed"]
         if d["validation"] and not d["validation"]["sample"]:  # written only when true: older artifacts read back unchanged
             del d["validation"]["sample"]
         return d
@@ -214,7 +218,7 @@ def _record(cls: type, data, where: str, prefix: str):
     for f in fields(cls):
         name = prefix + f.name
         if f.name not in data:
-            if f.default is MISSING:
+            if f.default is MISSING and f.default_factory is MISSING:
                 raise BadMeta(f"{where}: missing field {name!r}")
             continue
         values[f.name] = _value(hints[f.name], data[f.name], where, name)
@@ -222,10 +226,15 @@ def _record(cls: type, data, where: str, prefix: str):
 
 
 def _value(kind, value, where: str, name: str):
-    options = typing.get_args(kind) or (kind,)  # X | None -> (X, NoneType)
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)  # X | None -> (X, NoneType)
     if value is None and type(None) in options:
         return None
     kind = next(k for k in options if k is not type(None))
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, list):
+            raise BadMeta(f"{where}: field {name!r} must be a list, got {value!r:.60}")
+        return [_value(item, v, where, f"{name}[{i}]") for i, v in enumerate(value)]
     if kind is ModelConfig:
         if not isinstance(value, dict):
             raise BadMeta(f"{where}: invalid config: expected an object, got {value!r:.60}")

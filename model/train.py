@@ -552,6 +552,9 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
     writer = placement.writer
     out = Path(settings.out)
     command = command or " ".join(sys.argv)
+    # meta.json records how the model was made: the command that started the run, then each resume
+    started_with = json.loads((out / RUN_FILE).read_text()).get("command", command) if resume else command
+    resumed = [*run.state.get("resumed", []), command] if resume else []
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         if not (out / RUN_FILE).exists():
@@ -761,7 +764,8 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
                         recipe=settings.recipe,
                     ),
                     versions=versions(),
-                    command=command,
+                    command=started_with,
+                    resumed=resumed,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     vocab_size=len(vocab),
                 )
@@ -770,7 +774,7 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
             _save_model_atomic(model, checkpoint)
             state = {"step": step, "epoch": epochs, "best": best, "evaluations_without_improvement": stale,
                      "history": history, "training_seconds": training_seconds, "chars_trained": chars_trained,
-                     "corpus_sha256": corpus.sha256, "seed_states": _seed_states(model)}
+                     "corpus_sha256": corpus.sha256, "seed_states": _seed_states(model), "resumed": resumed}
             _write_atomic(out / STATE_FILE, json.dumps(state, indent=1))
             _tidy(out, best)  # the previous best goes only now that state.json no longer names it
             for file_name, data in files.items():

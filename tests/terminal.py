@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -31,9 +32,11 @@ class Screen:
         return "\n".join(line.rsplit("\r", 1)[-1] for line in self.raw.replace("\r\n", "\n").split("\n"))
 
 
-def run_on_terminal(args: list[str], *, timeout: float = 300, columns: int = 120, cwd: Path | None = None) -> Screen:
+def run_on_terminal(args: list[str], *, timeout: float = 300, columns: int = 120, cwd: Path | None = None,
+                    interrupt_at: str | None = None) -> Screen:
     """Run `args` with a pseudo-terminal as its stdin, stdout and stderr, `columns` wide; returns
-    its exit status and everything it wrote. Killed (and the test failed) after `timeout` seconds."""
+    its exit status and everything it wrote. With `interrupt_at`, the command gets SIGINT, as from
+    Ctrl-C, once that text is on the screen. Killed (and the test failed) after `timeout` seconds."""
     controller, terminal = os.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns)}
@@ -53,6 +56,9 @@ def run_on_terminal(args: list[str], *, timeout: float = 300, columns: int = 120
                 if not data:
                     break
                 chunks.append(data)
+                if interrupt_at is not None and interrupt_at.encode() in b"".join(chunks):
+                    os.killpg(process.pid, signal.SIGINT)  # the command's process group, as the terminal does
+                    interrupt_at = None
             elif process.poll() is not None:
                 break
         else:

@@ -3,6 +3,8 @@ gives each command a pseudo-terminal; output piped to a file once hid a crash of
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,30 @@ def test_train_on_a_terminal_shows_the_bar_the_epoch_lines_and_the_samples(tmp_p
     assert "  T=0.5 novelty " in screen.text and "  T=1 novelty " in screen.text  # the samples after each evaluation
     assert f"artifact {run / 'best'}" in screen.text
     assert artifact.load(run).meta.training.epochs in (1, 2)
+
+
+def test_ctrl_c_says_how_to_continue_and_the_artifact_records_each_command(tmp_path, corpus):
+    """Ctrl-C during training prints the command that continues the run (the one typed, with
+    --resume); running it finishes the run, and meta.json keeps how the model was made: the command
+    that started the run and each resume."""
+    run = tmp_path / "run"
+    args = ["train", "--corpus", str(corpus), "--out", str(run), "--layers", "1", "--units", "16", "--embedding", "8",
+            "--seq-len", "20", "--batch-size", "8", "--epochs", "40", "--patience", "0", "--sample-chars", "0"]
+    screen = run_on_terminal([CHARGEN, *args], interrupt_at="Epoch 3/40")
+    assert screen.returncode == 130, screen.raw[-3000:]
+    assert "Traceback" not in screen.raw
+    lines = screen.text.splitlines()
+    continue_with = lines[lines.index(f"interrupted; the run in {run} keeps its last evaluation. Continue it with:") + 1]
+    assert continue_with == "  " + shlex.join([CHARGEN, *args, "--resume"])
+    assert json.loads((run / "state.json").read_text())["epoch"] == 2
+
+    resumed = run_on_terminal(shlex.split(continue_with.replace(CHARGEN, CHARGEN + " --backend tensorflow", 1)))
+    assert resumed.returncode == 0, resumed.raw[-3000:]
+    assert f"resuming {run} after epoch 2" in resumed.text and "epoch 40: train " in resumed.text
+    meta = artifact.load(run).meta
+    assert meta.command == "chargen " + shlex.join(args)
+    assert meta.resumed == ["chargen --backend tensorflow " + shlex.join([*args, "--resume"])]
+    assert json.loads((run / "best" / "meta.json").read_text())["resumed"] == meta.resumed
 
 
 def test_sample_on_a_terminal_ends_its_text_with_a_newline(tiny_artifact):
