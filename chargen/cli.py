@@ -131,6 +131,10 @@ def _preset(ctx, param, value):
                    "Repeat it for several; documents are joined with an empty line between them.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only the files of a --corpus directory matching this glob (repeatable), e.g. '*.txt'.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out the files of a --corpus directory matching this glob (repeatable).")
+@click.option("--drop-control", is_flag=True,
+              help="Leave out of the text, and so of the vocabulary, the control characters other than newline and "
+                   "tab (bell, backspace, escape, ...) and U+FFFD, which stands for unreadable bytes. Without it they "
+                   "are kept; either way training says which it found and how many.")
 @click.option("--validation-files", multiple=True, metavar="GLOB",
               help="Hold out the corpus files matching this glob (repeatable) as the validation text, instead of --validation.")
 @click.option("--data", type=click.Path(file_okay=False), default=None,

@@ -6,6 +6,9 @@ Each is checked and normalized as `chargen prepare` does (UTF-8, no NUL bytes, n
 \\n, a byte-order mark is dropped). The files are joined into one stream of documents: every
 document but the last ends with a newline (one is added when it has none) and is followed by an
 empty line, so "\\n\\n" separates two documents. A corpus of one file is its text unchanged.
+A directory's links to files the corpus has anyway, and its binary files, are skipped and said so
+(`find_sources`); control characters are counted as the files are read, and left out of the text
+and the vocabulary on request (CONTROL_CHARACTERS, --drop-control).
 
 The stream is encoded once into `tokens.bin` in a data directory (uint8 ids when the vocabulary
 has at most 256 characters, else uint16), in two passes over the files that hold a few MiB at a
@@ -30,7 +33,9 @@ import json
 import math
 import mmap
 import os
+import re
 import threading
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +47,7 @@ MIN_CORPUS_CHARS = 200  # below this there is nothing to learn and nothing to va
 CHUNK_BYTES = 4 * 2**20  # read at a time: memory stays flat whatever the size of a file
 MAX_VOCAB = 2**16  # ids are stored as uint16 at most
 TOKENS, SOURCES = "tokens.bin", "sources.json"
-DATA_FORMAT = 1
+DATA_FORMAT = 2  # 2: the control characters found, and whether they were dropped
 
 
 class CorpusError(ValueError):
@@ -144,6 +149,47 @@ class TextDecoder:
         )
 
 
+SNIFF_BYTES = 8192  # what a directory's file is judged by before it is read (git looks at 8000)
+
+
+def looks_binary(head: bytes) -> bool:
+    """Whether the first bytes of a file make it data rather than text, by TextDecoder's tests. A
+    UTF-16 file is text in another encoding: reading it says how to convert it."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return False
+    return b"\x00" in head or len(head) - len(head.translate(None, _CONTROL)) > BINARY_CONTROL_FRACTION * len(head)
+
+
+# The characters that are not text though a text file may hold them: the C0 and C1 controls other
+# than tab and newline (bell, backspace, escape, DEL, ...; \r is gone by now), and U+FFFD, which
+# stands for bytes a converter could not read. Format characters (zero-width joiner, soft hyphen)
+# and spaces other than U+0020 belong to real text and are not among them.
+CONTROL_CHARACTERS = frozenset(chr(c) for c in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0xFFFD))
+_CONTROL_ASCII = bytes(ord(c) for c in sorted(CONTROL_CHARACTERS) if c.isascii())
+_TEXT_ASCII = bytes(sorted(set(range(128)) - set(_CONTROL_ASCII)))
+_CONTROL_RE = re.compile("[" + "".join(re.escape(c) for c in sorted(CONTROL_CHARACTERS)) + "]")
+_CONTROL_NAMES = dict(zip(
+    [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)],
+    "NUL SOH STX ETX EOT ENQ ACK BEL BS HT LF VT FF CR SO SI DLE DC1 DC2 DC3 DC4 NAK SYN ETB CAN EM SUB ESC FS GS RS "
+    "US DEL PAD HOP BPH NBH IND NEL SSA ESA HTS HTJ VTS PLD PLU RI SS2 SS3 DCS PU1 PU2 STS CCH MW SPA EPA SOS SGCI "
+    "SCI CSI ST OSC PM APC".split()))
+
+
+def without_control(text: str) -> str:
+    """`text` less its CONTROL_CHARACTERS (--drop-control)."""
+    if text.isascii():
+        return text.encode("ascii").translate(None, _CONTROL_ASCII).decode("ascii")
+    return _CONTROL_RE.sub("", text)
+
+
+def show_control(counts, most: int = 8) -> str:
+    """(character, count) pairs as 'U+0007 BEL ×12, U+FFFD REPLACEMENT CHARACTER ×3', the commonest first."""
+    counts = sorted(counts, key=lambda cn: (-cn[1], cn[0]))
+    shown = ", ".join(f"U+{ord(c):04X} {_CONTROL_NAMES.get(ord(c)) or unicodedata.name(c, '')} ×{n:,}"
+                      for c, n in counts[:most])
+    return shown + (f" and {len(counts) - most} more" if len(counts) > most else "")
+
+
 def decode_text(data: bytes, name: str) -> str:
     """A whole file's bytes as text, checked and normalized as TextDecoder does."""
     decoder = TextDecoder(name)
@@ -191,6 +237,8 @@ class SourceFile:
 class Sources:
     files: tuple[SourceFile, ...]  # in the order of the stream: training files, then held-out ones
     label: str  # the corpus's name in an artifact's meta.json
+    drop_control: bool = False  # CONTROL_CHARACTERS are left out of the text (--drop-control)
+    skipped: tuple[str, ...] = ()  # a line for each kind of file a directory had that was left out
 
 
 def _matches(name: str, globs) -> bool:
@@ -210,34 +258,49 @@ def _walk(root: Path, skip: set[str]):
                 yield path.relative_to(root).as_posix(), path
 
 
+def _few(names: list[str], one: str, several: str, most: int = 3) -> str:
+    """'1 binary file (a)', '5 binary files (a, b, c and 2 more)'."""
+    shown = ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+    return f"{len(names)} {one if len(names) == 1 else several} ({shown})"
+
+
 def find_sources(corpus: list[str] | tuple[str, ...], *, include=(), exclude=(), validation_files=(),
-                 downloads: Path, skip=(), manifest=None) -> Sources:
-    """The files a corpus is made of, checked to exist (nothing is read yet).
+                 downloads: Path, skip=(), manifest=None, drop_control: bool = False) -> Sources:
+    """The files a corpus is made of, checked to exist (a directory's files are only glanced at).
 
     Each entry of `corpus` is a file, a directory (its files, recursively, sorted by path; those
     matching an `include` glob if any are given, and none matching an `exclude` glob), or the name
     of a corpus in the manifest (the manifest's file in the current directory, as `chargen prepare
     NAME` leaves it, else downloaded into `downloads` when the corpus is read). Files matching a
     `validation_files` glob are held out as the validation text and go last. Directories in `skip`
-    (the run directory, the token file's) are not looked into, nor is `downloads`."""
+    (the run directory, the token file's) are not looked into, nor is `downloads`.
+
+    A directory may hold what is not text beside its texts, so two kinds of its files are left out,
+    each kind said in a line of `skipped`: a link to a file the corpus has anyway (Debian's fortunes
+    link `art.u8` to `art`), and a file whose first SNIFF_BYTES are binary (an index beside the
+    texts). A file named on its own is read whatever it is, and the same file named twice is an error."""
     if not corpus:
         raise CorpusError("no corpus given")
     skip = {os.path.realpath(p) for p in (*skip, downloads)}
-    files: list[SourceFile] = []
-    labels = []
+    given: list[tuple[str, str, bool, list[SourceFile]]] = []  # (argument, label, a directory?, its files)
+    links: set[SourceFile] = set()  # the files found in a directory as links
+    binary: dict[str, list[str]] = {}  # directory argument -> its binary files, as named inside it
     for arg in corpus:
         path = Path(arg)
         if path.is_dir():
-            found = [SourceFile(p, f"{arg.rstrip('/')}/{rel}") for rel, p in _walk(path, skip)
-                     if (not include or _matches(rel, include)) and not _matches(rel, exclude)]
-            if not found:
-                chosen = " matching --include/--exclude" if include or exclude else ""
-                raise CorpusError(f"{arg}: a directory with no non-empty files{chosen} (hidden files are skipped)")
-            files += found
-            labels.append(f"{path.name or arg}/ ({len(found)} files)")
+            found = []
+            for rel, p in _walk(path, skip):
+                if include and not _matches(rel, include) or _matches(rel, exclude):
+                    continue
+                if _sniff_binary(p, f"{arg.rstrip('/')}/{rel}"):
+                    binary.setdefault(arg, []).append(rel)
+                    continue
+                found.append(SourceFile(p, f"{arg.rstrip('/')}/{rel}"))
+                if p.is_symlink():
+                    links.add(found[-1])
+            given.append((arg, f"{path.name or arg}/", True, found))
         elif path.exists():
-            files.append(SourceFile(path, arg))
-            labels.append(path.name)
+            given.append((arg, path.name, False, [SourceFile(path, arg)]))
         else:
             if manifest is None:
                 from model.prepare import PrepareError, load_manifest  # prepare imports this module
@@ -252,17 +315,46 @@ def find_sources(corpus: list[str] | tuple[str, ...], *, include=(), exclude=(),
                 raise CorpusError(f"{arg}: no such file or directory (nor the name of a known corpus: {names})")
             local = Path(known.file)
             if local.is_file():
-                files.append(SourceFile(local, known.file, sha256=known.sha256))
+                file = SourceFile(local, known.file, sha256=known.sha256)
             else:
-                files.append(SourceFile(Path(downloads) / known.file, known.file, url=known.url, sha256=known.sha256))
-            labels.append(known.file)
+                file = SourceFile(Path(downloads) / known.file, known.file, url=known.url, sha256=known.sha256)
+            given.append((arg, known.file, False, [file]))
 
-    seen = {}
-    for f in files:
+    # the files that are not links first, so that a link is what gives way whichever comes first
+    seen: dict[str, str] = {}  # real path -> the name it is read under
+    dropped: dict[str, list[str]] = {}  # directory argument -> "link -> target" of its links left out
+    everything = [(arg, f) for arg, _, _, found in given for f in found]
+    for arg, f in sorted(everything, key=lambda af: af[1] in links):
         key = os.path.realpath(f.path)
-        if key in seen:
+        if key not in seen:
+            seen[key] = f.name
+        elif f in links:
+            inside = arg.rstrip("/") + "/"
+            dropped.setdefault(arg, []).append(f"{f.name.removeprefix(inside)} -> {seen[key].removeprefix(inside)}")
+        else:
             raise CorpusError(f"{f.name}: given twice (also as {seen[key]}); each file is read once")
-        seen[key] = f.name
+
+    files: list[SourceFile] = []
+    labels, skipped = [], []
+    for arg, label, is_dir, found in given:
+        found = [f for f in found if seen[os.path.realpath(f.path)] == f.name]
+        if not is_dir:
+            files += found
+            labels.append(label)
+            continue
+        if arg in dropped:
+            skipped.append(f"{arg}: skipped " + _few(dropped[arg], "link to a file already in the corpus",
+                                                      "links to files already in the corpus"))
+        if arg in binary:
+            skipped.append(f"{arg}: skipped {_few(binary[arg], 'binary file', 'binary files')}")
+        if not found:
+            chosen = " matching --include/--exclude" if include or exclude else ""
+            if arg in binary:
+                raise CorpusError(f"{arg}: a directory with no non-empty text files{chosen} (hidden files are "
+                                  f"skipped; it has {_few(binary[arg], 'binary file', 'binary files')})")
+            raise CorpusError(f"{arg}: a directory with no non-empty files{chosen} (hidden files are skipped)")
+        files += found
+        labels.append(f"{label} ({len(found)} files)")
 
     if validation_files:
         files = [SourceFile(f.path, f.name, _matches(f.name, validation_files), f.url, f.sha256) for f in files]
@@ -274,7 +366,15 @@ def find_sources(corpus: list[str] | tuple[str, ...], *, include=(), exclude=(),
                               "leaving none to train on")
         files = [f for f in files if not f.held_out] + [f for f in files if f.held_out]
     label = labels[0] if len(labels) == 1 else " + ".join(labels)
-    return Sources(tuple(files), label if len(label) <= 200 else label[:199] + "…")
+    return Sources(tuple(files), label if len(label) <= 200 else label[:199] + "…", drop_control, tuple(skipped))
+
+
+def _sniff_binary(path: Path, name: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return looks_binary(f.read(SNIFF_BYTES))
+    except OSError as e:
+        raise CorpusError(f"{name}: cannot be read: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------- the first pass: scan
@@ -288,6 +388,7 @@ class SourceInfo:
     chars: int  # of its text, normalized, without the separator after it
     held_out: bool = False
     ends_with_newline: bool = True
+    control_chars: int = 0  # CONTROL_CHARACTERS found in its text (left out with --drop-control)
 
 
 @dataclass(frozen=True)
@@ -300,6 +401,18 @@ class CorpusScan:
     vocabulary: str  # the sorted characters
     length: int  # ids in the stream, separators included
     validation_start: int | None  # where the held-out files begin in the stream; None: no held-out files
+    control: tuple[tuple[str, int], ...] = ()  # (character, count) of the CONTROL_CHARACTERS found, by character
+    drop_control: bool = False  # they were left out of the stream and the vocabulary
+
+    def control_report(self) -> str | None:
+        """A line for the log on the CONTROL_CHARACTERS found; None when there were none."""
+        if not self.control:
+            return None
+        files = [s.name.rsplit("/", 1)[-1] for s in self.sources if s.control_chars]
+        done = ("left out of the text and the vocabulary (--drop-control)" if self.drop_control
+                else "they are in the vocabulary; --drop-control leaves them out")
+        return (f"{self.label}: {sum(n for _, n in self.control):,} control characters (not printable text, newline "
+                f"or tab) in {_few(files, 'file', 'files')}: {show_control(self.control)}; {done}")
 
     @property
     def sha256(self) -> str:
@@ -315,12 +428,14 @@ class CorpusScan:
 
     def to_dict(self) -> dict:
         return {"format": DATA_FORMAT, "label": self.label, "vocabulary": self.vocabulary, "length": self.length,
-                "validation_start": self.validation_start, "sources": [asdict(s) for s in self.sources]}
+                "validation_start": self.validation_start, "control": dict(self.control),
+                "drop_control": self.drop_control, "sources": [asdict(s) for s in self.sources]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CorpusScan":
         return cls(label=d["label"], sources=tuple(SourceInfo(**s) for s in d["sources"]), vocabulary=d["vocabulary"],
-                   length=d["length"], validation_start=d["validation_start"])
+                   length=d["length"], validation_start=d["validation_start"],
+                   control=tuple((c, int(n)) for c, n in d["control"].items()), drop_control=bool(d["drop_control"]))
 
 
 def separator(ends_with_newline: bool) -> str:
@@ -329,11 +444,12 @@ def separator(ends_with_newline: bool) -> str:
 
 
 class _FileText:
-    """Iterating gives a file's normalized text, a chunk at a time; after it, its size, sha256,
-    length and last character. A corpus from the manifest is downloaded first if need be."""
+    """Iterating gives a file's normalized text (less its CONTROL_CHARACTERS if `drop_control`), a
+    chunk at a time; after it, its size, sha256, length and last character. The text before any is
+    dropped goes to `alphabet` if one is given. A corpus from the manifest is downloaded first if need be."""
 
-    def __init__(self, file: SourceFile):
-        self.file = file
+    def __init__(self, file: SourceFile, drop_control: bool = False, alphabet: "_Alphabet | None" = None):
+        self.file, self.drop_control, self.alphabet = file, drop_control, alphabet
         self.size = self.chars = 0
         self.sha256 = ""
         self.last = ""
@@ -358,6 +474,10 @@ class _FileText:
                               "that name; the file is damaged or a different text (rename it to use it as a corpus of its own)")
 
     def _took(self, text: str) -> str:
+        if self.alphabet is not None:
+            self.alphabet.add(text)
+        if self.drop_control:
+            text = without_control(text)
         if text:
             self.chars += len(text)
             self.last = text[-1]
@@ -379,41 +499,61 @@ def _download(file: SourceFile) -> None:
 
 
 class _Alphabet:
-    """The set of characters of a text seen a chunk at a time. ASCII chunks (the common case) cost
-    one pass that deletes the bytes already seen; others are counted with numpy."""
+    """The set of characters of a text seen a chunk at a time, and how many of each of the
+    CONTROL_CHARACTERS it has. ASCII chunks (the common case) cost one pass that deletes the bytes
+    already seen, and a second only once a control character has been seen; others are counted
+    with numpy."""
 
     def __init__(self):
         self.ascii = bytearray()
         self.other: set[int] = set()
+        self.control: dict[str, int] = {}
 
     def add(self, text: str) -> None:
         if text.isascii():
-            rest = text.encode("ascii").translate(None, self.ascii)
+            raw = text.encode("ascii")
+            rest = raw.translate(None, self.ascii)
             while rest:  # a byte not seen before
                 self.ascii.append(rest[0])
                 rest = rest.translate(None, rest[:1])
+            if self.ascii.translate(None, _TEXT_ASCII):
+                control = raw.translate(None, _TEXT_ASCII)
+                for b in set(control):
+                    self._count(chr(b), control.count(b))
         elif text:
-            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-            self.other.update(np.flatnonzero(np.bincount(codes)).tolist())
+            counts = np.bincount(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32))
+            present = np.flatnonzero(counts)
+            self.other.update(present.tolist())
+            for c in present[(present < 0xA0) | (present == 0xFFFD)].tolist():
+                if chr(c) in CONTROL_CHARACTERS:
+                    self._count(chr(c), int(counts[c]))
 
-    def chars(self) -> str:
-        return "".join(sorted({chr(b) for b in self.ascii} | {chr(c) for c in self.other}))
+    def _count(self, char: str, n: int) -> None:
+        self.control[char] = self.control.get(char, 0) + n
+
+    def chars(self, drop_control: bool = False) -> str:
+        chars = {chr(b) for b in self.ascii} | {chr(c) for c in self.other}
+        return "".join(sorted(chars - CONTROL_CHARACTERS if drop_control else chars))
 
 
 def scan(sources: Sources) -> CorpusScan:
     """The first pass: check every file, hash it, find the vocabulary and the length of the stream."""
     alphabet, infos = _Alphabet(), []
     for file in sources.files:
-        reader = _FileText(file)
-        for text in reader:
-            alphabet.add(text)
-        infos.append(SourceInfo(file.name, reader.size, reader.sha256, reader.chars, file.held_out, reader.last == "\n"))
+        before = sum(alphabet.control.values())
+        reader = _FileText(file, sources.drop_control, alphabet)
+        for _ in reader:
+            pass
+        infos.append(SourceInfo(file.name, reader.size, reader.sha256, reader.chars, file.held_out, reader.last == "\n",
+                                sum(alphabet.control.values()) - before))
     if len(infos) > 1:
         alphabet.add("\n")  # the separator
-    return _scan_of(sources.label, infos, alphabet.chars())
+    return _scan_of(sources.label, infos, alphabet.chars(sources.drop_control), tuple(sorted(alphabet.control.items())),
+                    sources.drop_control)
 
 
-def _scan_of(label: str, infos: list[SourceInfo], vocabulary: str) -> CorpusScan:
+def _scan_of(label: str, infos: list[SourceInfo], vocabulary: str, control: tuple[tuple[str, int], ...],
+             drop_control: bool) -> CorpusScan:
     length, validation_start = 0, None
     for i, info in enumerate(infos):
         if info.held_out and validation_start is None:
@@ -423,7 +563,7 @@ def _scan_of(label: str, infos: list[SourceInfo], vocabulary: str) -> CorpusScan
         raise CorpusError(f"{label}: only {length} characters; at least {MIN_CORPUS_CHARS} are needed to train")
     if len(vocabulary) > MAX_VOCAB:
         raise CorpusError(f"{label}: {len(vocabulary):,} different characters; at most {MAX_VOCAB:,} can be trained on")
-    return CorpusScan(label, tuple(infos), vocabulary, length, validation_start)
+    return CorpusScan(label, tuple(infos), vocabulary, length, validation_start, control, drop_control)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -432,15 +572,21 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def prepared(directory: Path, sources: Sources) -> tuple[CorpusScan | None, str]:
     """The scan recorded in `directory` when its token file was made from exactly these files (same
-    bytes, hashed again, in the same order, the same ones held out), else None and why not."""
+    bytes, hashed again, in the same order, the same ones held out) and the same --drop-control,
+    else None and why not."""
     try:
-        recorded = CorpusScan.from_dict(json.loads((Path(directory) / SOURCES).read_text()))
+        record = json.loads((Path(directory) / SOURCES).read_text())
+        if record.get("format") != DATA_FORMAT:
+            return None, "made by another version of chargen"
+        recorded = CorpusScan.from_dict(record)
     except FileNotFoundError:
         return None, "no token file yet"
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"{SOURCES} is unreadable ({type(e).__name__})"
     if len(recorded.sources) != len(sources.files) or not (Path(directory) / TOKENS).is_file():
         return None, "other files"
+    if recorded.drop_control != sources.drop_control:
+        return None, f"made {'with' if recorded.drop_control else 'without'} --drop-control"
     for info, file in zip(recorded.sources, sources.files):
         if info.held_out != file.held_out:
             return None, f"{file.name} is held out differently"
@@ -454,7 +600,7 @@ def prepared(directory: Path, sources: Sources) -> tuple[CorpusScan | None, str]
         if _sha256(file.path) != info.sha256:
             return None, f"{file.name} has changed (its sha256 differs)"
     return CorpusScan(sources.label, recorded.sources, recorded.vocabulary, recorded.length,
-                      recorded.validation_start), "the same files"
+                      recorded.validation_start, recorded.control, recorded.drop_control), "the same files"
 
 
 def _sha256(path: Path) -> str:
@@ -499,7 +645,7 @@ def write_tokens(sources: Sources, corpus: CorpusScan, directory: Path) -> None:
     try:
         with open(tmp, "wb") as out:
             for i, (file, info) in enumerate(zip(sources.files, corpus.sources)):
-                reader = _FileText(file)
+                reader = _FileText(file, corpus.drop_control)
                 for text in reader:
                     out.write(encoder.encode(text).data)
                 if reader.sha256 != info.sha256:

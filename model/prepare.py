@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from model.data import CorpusError, decode_corpus
+from model.data import CONTROL_CHARACTERS, CorpusError, decode_corpus, show_control
 
 # corpora/ sits beside the package in the source tree (an editable install imports from there)
 MANIFEST = Path(__file__).resolve().parents[1] / "corpora" / "manifest.json"
@@ -64,6 +64,7 @@ class Summary:
     crlf_converted: int  # \r\n pairs turned into \n
     cr_converted: int  # lone \r turned into \n
     bom_removed: bool
+    control: list[tuple[str, int]]  # (character, count) of data.CONTROL_CHARACTERS found, by character
     known: str | None = None  # manifest name when recognized
     written: str | None = None  # path of the prepared file, None when nothing was written
     unchanged: bool = False  # `written` already held exactly this text
@@ -71,6 +72,7 @@ class Summary:
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["most_frequent"] = [{"char": c, "count": n} for c, n in self.most_frequent]
+        d["control"] = [{"char": c, "count": n} for c, n in self.control]
         d["vocabulary_size"] = len(self.vocabulary)
         return d
 
@@ -205,6 +207,7 @@ def prepare(source: str, *, out: str | Path | None = None, expected_sha256: str 
         lines=corpus.text.count("\n") + (not corpus.text.endswith("\n")),
         vocabulary=sorted(counts), most_frequent=counts.most_common(top),
         crlf_converted=crlf, cr_converted=raw.count("\r") - crlf, bom_removed=raw.startswith("\ufeff"),
+        control=sorted((c, n) for c, n in counts.items() if c in CONTROL_CHARACTERS),
         known=known.name if known else None,
     )
 
@@ -261,11 +264,14 @@ def report(summary: Summary, validation_fraction: float = 0.1) -> str:
     frequent = ", ".join(f"{show_char(c)} {100 * n / s.chars:.1f}%" for c, n in s.most_frequent)
     n_val = s.chars - int(s.chars * (1.0 - validation_fraction))  # as model.data.split_ids cuts it
     vocab = "".join(show_char(c) if c in "\n\t" or not c.isprintable() else c for c in s.vocabulary)
+    control = (f"{sum(n for _, n in s.control):,} characters that are not printable text, newline or tab: "
+               f"{show_control(s.control)} (`chargen train --drop-control` leaves them out)" if s.control else "none")
     lines = [
         f"source       {s.source}{known}",
         f"sha256       {s.sha256}",
         f"size         {s.size_bytes:,} bytes, {s.chars:,} characters, {s.lines:,} lines",
         f"newlines     {newlines}",
+        f"control      {control}",
         f"vocabulary   {len(s.vocabulary)} characters: {vocab}",
         f"most common  {frequent}",
         f"split        train {s.chars - n_val:,} / validation {n_val:,} characters (the last {validation_fraction:.0%})",

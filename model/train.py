@@ -89,6 +89,7 @@ class TrainSettings:
     validation_files: list[str] = field(default_factory=list)  # globs: whole files held out instead
     include: list[str] = field(default_factory=list)  # globs choosing the files of a directory
     exclude: list[str] = field(default_factory=list)
+    drop_control: bool = False  # leave the control characters and U+FFFD out (model/data.py's CONTROL_CHARACTERS)
     data: str | None = None  # the token file's directory; None: OUT/data
     eval_every: int | None = None  # steps between evaluations; None: once an epoch
     eval_chars: int | None = DEFAULT_EVAL_CHARS  # validation characters an evaluation scores; None: all
@@ -457,7 +458,8 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | No
     from the interrupted run's (other than those in RESUMABLE) is an error rather than ignored, and
     the RESUMABLE ones not named keep the run's values. None (a call from Python) takes the
     RESUMABLE ones from `settings` and the rest from the run. Only the process that writes the run
-    directory (`writer`) refuses one that already holds a run: the others may start after it."""
+    directory (`writer`) refuses one that already holds a run (the others may start after it), and
+    prints what a corpus directory had that was left out and the control characters found."""
     settings.check()
     out = Path(settings.out)
     state = {}
@@ -502,12 +504,17 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | No
     began = time.monotonic()
     try:
         sources = find_sources(settings.corpus, include=settings.include, exclude=settings.exclude,
-                               validation_files=settings.validation_files, downloads=data, skip=[out])
+                               validation_files=settings.validation_files, downloads=data, skip=[out],
+                               drop_control=settings.drop_control)
         corpus, reused = prepared(data, sources)
         if corpus is None:
             corpus, reused = scan(sources), None
     except CorpusError as e:
         raise TrainingError(str(e)) from None
+    if writer:
+        for line in (*sources.skipped, corpus.control_report()):
+            if line:
+                _log(line)
     if resume and state and state.get("corpus_sha256") not in (None, corpus.sha256):
         raise TrainingError(f"--resume: {' '.join(settings.corpus)} has changed since the run started (sha256 differs)")
     n_train, n_val = split_lengths(corpus, settings.validation_fraction)

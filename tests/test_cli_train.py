@@ -132,6 +132,34 @@ def test_a_directory_of_files_with_held_out_ones(tmp_path):
     assert meta.split.train_chars == 3000 + (1 if ends_with_newline else 2)  # a.txt, then "\n\n" between documents
 
 
+def test_a_directory_says_what_it_left_out_and_a_run_keeps_its_drop_control(tmp_path, capsys):
+    """A directory like Debian's fortunes (links to its texts, binary indexes, bells and backspaces)
+    trains in one try; the lines say what was left out, and --drop-control stays with the run."""
+    from model.train import RUN_FILE, TrainSettings, prepare
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a").write_text(PERIODIC * 10 + "ring\x07 ba\x08ck\n")
+    (texts / "a.u8").symlink_to("a")
+    (texts / "a.dat").write_bytes(b"\x00\x00\x00\x02" + bytes(60))
+    run = tmp_path / "run"
+    got = prepare(TrainSettings(corpus=str(texts), out=str(run), seq_len=20, drop_control=True), False)
+    assert "\x07" not in got.corpus.vocabulary and "\x08" not in got.corpus.vocabulary
+    assert capsys.readouterr().out.splitlines() == [
+        f"{texts}: skipped 1 link to a file already in the corpus (a.u8 -> a)",
+        f"{texts}: skipped 1 binary file (a.dat)",
+        "texts/ (1 files): 2 control characters (not printable text, newline or tab) in 1 file (a): "
+        "U+0007 BEL ×1, U+0008 BS ×1; left out of the text and the vocabulary (--drop-control)"]
+
+    # a resumed run keeps the setting it started with: its token file is made with it
+    run.mkdir()
+    (run / RUN_FILE).write_text(json.dumps(got.settings.to_dict()))
+    assert prepare(TrainSettings(corpus=str(texts), out=str(run)), True, frozenset()).settings.drop_control
+    (run / RUN_FILE).write_text(json.dumps(TrainSettings(corpus=str(texts), out=str(run), seq_len=20).to_dict()))
+    result = invoke("train", "--corpus", str(texts), "--out", str(run), "--resume", "--drop-control")
+    assert result.exit_code == 1 and "--drop-control True differs from the run's False" in result.output
+
+
 def test_out_that_is_a_file(tmp_path, corpus):
     (tmp_path / "file").write_text("keep me")
     result = invoke("train", "--corpus", str(corpus), "--out", str(tmp_path / "file"))

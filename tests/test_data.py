@@ -153,6 +153,45 @@ def test_missing_unknown_and_twice_given_sources(tmp_path, monkeypatch):
         scan(found)
 
 
+def test_a_directory_skips_links_to_its_own_files_and_binary_files(tmp_path):
+    """Debian's fortunes: each text has a `.u8` link to it and a binary `.dat` index beside it."""
+    root = tmp_path / "fortunes"
+    for name in ("art", "cookie", "zen"):
+        write(root / name, f"{name} fortune\n%\n" * 20)
+        (root / f"{name}.u8").symlink_to(name)
+        (root / f"{name}.dat").write_bytes(b"\x00\x00\x00\x02" + bytes(range(1, 40)))
+    (root / "0-first").symlink_to("zen")  # a link that comes before its file: the file is kept
+    write(tmp_path / "elsewhere.txt", "a text only a link leads to\n" * 10)
+    (root / "outside").symlink_to(tmp_path / "elsewhere.txt")
+    found = find_sources([str(root)], downloads=tmp_path / "dl")
+    assert [f.name for f in found.files] == [f"{root}/{n}" for n in ["art", "cookie", "outside", "zen"]]
+    assert found.label == "fortunes/ (4 files)"
+    assert found.skipped == (
+        f"{root}: skipped 4 links to files already in the corpus (0-first -> zen, art.u8 -> art, "
+        "cookie.u8 -> cookie and 1 more)",
+        f"{root}: skipped 3 binary files (art.dat, cookie.dat, zen.dat)")
+    assert scan(found).length > MIN_CORPUS_CHARS  # every file left is text
+
+    # a link to a file given by name gives way to it; the same file named twice is still an error
+    elsewhere = str(tmp_path / "elsewhere.txt")
+    found = find_sources([str(root), elsewhere], downloads=tmp_path / "dl")
+    assert [f.name for f in found.files] == [*(f"{root}/{n}" for n in ["art", "cookie", "zen"]), elsewhere]
+    assert found.skipped[0].startswith(f"{root}: skipped 5 links to files already in the corpus (0-first -> zen, ")
+    assert found.label == "fortunes/ (3 files) + elsewhere.txt"
+    with pytest.raises(CorpusError, match="art: given twice"):
+        find_sources([str(root / "art"), str(root)], downloads=tmp_path / "dl")
+    # a binary file named on its own is read, and refused
+    with pytest.raises(CorpusError, match=r"art.dat: a binary file, not text \(a NUL byte at offset 0\)"):
+        scan(find_sources([str(root / "art.dat")], downloads=tmp_path / "dl"))
+    # a directory of binary files only
+    only = tmp_path / "indexes"
+    only.mkdir()
+    (only / "a.dat").write_bytes(bytes(100))
+    with pytest.raises(CorpusError, match=r"indexes: a directory with no non-empty text files \(hidden files are "
+                                          r"skipped; it has 1 binary file \(a.dat\)\)"):
+        find_sources([str(only)], downloads=tmp_path / "dl")
+
+
 # ---------------------------------------------------------------- the token file
 
 
@@ -223,6 +262,48 @@ def test_the_token_file_is_reused_until_a_source_changes(tmp_path):
     assert prepared(tmp_path / "data", sources) == (None, f"{files[1]} has changed (its sha256 differs)")
     files[1].write_text("beta")
     assert prepared(tmp_path / "data", sources) == (None, f"{files[1]} has changed (its size differs)")
+
+
+@pytest.mark.parametrize("chunk", [8, 1 << 20])  # 8: ASCII chunks and others, counted each its own way
+def test_control_characters_are_reported_and_dropped_on_request(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(data, "CHUNK_BYTES", chunk)
+    plain = "plain text\twith a tab\n" * 10
+    odd = "ring\x07 the bell, ba\x08ck space\x08, \x1b[1mbold\x1b[0m\n" * 5 + "caf\ufffd cr\u00e8me \x07\x85\n"
+    files = [write(tmp_path / "plain.txt", plain), write(tmp_path / "odd.txt", odd)]
+    sources, corpus, _ = prepare_dir(tmp_path, files)
+    assert dict(corpus.control) == {"\x07": 6, "\x08": 10, "\x1b": 10, "\x85": 1, "\ufffd": 1}
+    assert [s.control_chars for s in corpus.sources] == [0, 28]
+    assert set("\x07\x08\x1b\x85\ufffd") <= set(corpus.vocabulary)  # kept unless asked
+    assert corpus.control_report() == (
+        "plain.txt + odd.txt: 28 control characters (not printable text, newline or tab) in 1 file (odd.txt): "
+        "U+0008 BS ×10, U+001B ESC ×10, U+0007 BEL ×6, U+0085 NEL ×1, U+FFFD REPLACEMENT CHARACTER ×1; "
+        "they are in the vocabulary; --drop-control leaves them out")
+
+    # --drop-control: out of the stream and the vocabulary; a token file made otherwise is not reused
+    dropping = find_sources([str(f) for f in files], downloads=tmp_path, drop_control=True)
+    assert prepared(tmp_path / "data", dropping) == (None, "made without --drop-control")
+    dropped = scan(dropping)
+    write_tokens(dropping, dropped, tmp_path / "data")
+    kept = data.without_control(odd)
+    assert kept == "ring the bell, back space, [1mbold[0m\n" * 5 + "caf cr\u00e8me \n"
+    assert dropped.vocabulary == "".join(sorted(set(plain + "\n" + kept)))
+    assert dropped.control == corpus.control and dropped.length == corpus.length - 28
+    assert dropped.control_report().endswith("; left out of the text and the vocabulary (--drop-control)")
+    tokens = TokenCorpus(tmp_path / "data", dropped)
+    assert tokens.vocab.decode(tokens.ids) == plain + "\n" + kept
+    assert prepared(tmp_path / "data", dropping) == (dropped, "the same files")
+    assert prepared(tmp_path / "data", sources) == (None, "made with --drop-control")
+
+    clean = prepare_dir(tmp_path, [files[0]])[1]
+    assert clean.control == () and clean.control_report() is None
+
+
+def test_a_token_file_of_an_older_format_is_made_again(tmp_path):
+    sources, _, _ = prepare_dir(tmp_path, [write(tmp_path / "a.txt", "alpha " * 100)])
+    record = json.loads((tmp_path / "data" / SOURCES).read_text())
+    del record["control"], record["drop_control"]  # what format 1 wrote
+    (tmp_path / "data" / SOURCES).write_text(json.dumps({**record, "format": 1}))
+    assert prepared(tmp_path / "data", sources) == (None, "made by another version of chargen")
 
 
 def test_preparing_holds_a_few_chunks_whatever_the_corpus_size(tmp_path, monkeypatch):

@@ -152,6 +152,18 @@ def test_unknown_file_is_described_and_nothing_is_written(tmp_path):
     assert [path.name] == [p.name for p in tmp_path.iterdir()]
 
 
+def test_control_characters_are_counted(tmp_path):
+    path = tmp_path / "fortunes.txt"
+    path.write_text(TEXT + "ring\x07\x07 ba\x08ck caf\ufffd\n")
+    summary = prepare(str(path))
+    assert summary.control == [("\x07", 2), ("\x08", 1), ("\ufffd", 1)]
+    assert summary.to_dict()["control"][0] == {"char": "\x07", "count": 2}
+    assert ("control      4 characters that are not printable text, newline or tab: U+0007 BEL ×2, U+0008 BS ×1, "
+            "U+FFFD REPLACEMENT CHARACTER ×1 (`chargen train --drop-control` leaves them out)") in report(summary)
+    path.write_text(TEXT)
+    assert "control      none" in report(prepare(str(path)))
+
+
 def test_newlines_are_normalized_and_written_with_out(tmp_path):
     source = tmp_path / "windows.txt"
     lines = TEXT.split("\n")  # 8 lines and an empty string after the last newline
