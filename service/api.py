@@ -31,6 +31,10 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 log = logging.getLogger("chargen")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A plain-text answer ends with one newline after the text, whatever the text ends with, so that a
+# terminal's prompt starts on a line of its own (as after JSON answers) and a client that wants the
+# exact text drops exactly one "\n". The text, X-Completion-Chars and JSON answers are unchanged.
+PLAIN_END = "\n"
 
 
 def state():
@@ -321,7 +325,7 @@ def generate():
         usage = result.usage
         headers.update({"X-Finish-Reason": result.choices[0].finish_reason, "X-Prompt-Chars": str(usage["prompt_chars"]),
                         "X-Completion-Chars": str(usage["completion_chars"]), "X-Dropped-Chars": str(usage["dropped_chars"])})
-        return Response(result.choices[0].text, mimetype="text/plain", headers=headers)
+        return Response(result.choices[0].text + PLAIN_END, mimetype="text/plain", headers=headers)
     choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason} for i, c in enumerate(result.choices)]
     if gen.logprobs:
         for choice, c in zip(choices, result.choices):
@@ -347,6 +351,8 @@ def _text(gen: Generation) -> Iterator[bytes]:
     for item in gen.run():
         if isinstance(item, Chunk):
             yield item.text.encode()
+        else:
+            yield PLAIN_END.encode()
 
 
 def _text_error(body: dict) -> bytes:

@@ -46,8 +46,8 @@ def document(schemas: Schemas, version: str) -> dict:
             "description": (
                 "JSON in, JSON out; with `stream: true`, server-sent events: one `data: {\"index\", \"text\"}` event per "
                 "chunk and a last `data: {\"done\": true, ...}` event with finish reasons, usage and timings. "
-                "A body that is not JSON (or Content-Type text/plain) is the prompt itself; the answer is then text/plain "
-                "(streamed as it is generated with stream=1) and the settings come from the query string: GenerateRequest's "
+                "A body that is not JSON (or Content-Type text/plain) is the prompt itself; the answer is then text/plain, "
+                "the text followed by one newline (streamed as it is generated with stream=1), and the settings come from the query string: GenerateRequest's "
                 "fields but prompt, with the same names, limits and defaults, n only 1 and logprobs only 0. With a JSON "
                 "body the query string must be empty. (OpenAPI cannot tie parameters to one body type, so they are "
                 "described here rather than listed as parameters.)"),

@@ -30,9 +30,12 @@ MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 MAX_BIAS_KEY = 64  # characters of one logit_bias key
 MAX_MESSAGES = 1024  # messages of one chat request
 MAX_ID = 2**31 - 1  # a character id (/v1/detokenize); ids at or beyond the vocabulary size are reported, not errors
+# OpenAI's bound on its endpoints, so that a request this server accepts is one OpenAI's API accepts
+# too; /v1/generate keeps model.defaults.MAX_TEMPERATURE.
+MAX_OPENAI_TEMPERATURE = 2.0
 # The fixed bounds of the request fields (/info shows them; the configurable ones are its limits).
-BOUNDS = {"max_temperature": MAX_TEMPERATURE, "max_top_k": MAX_TOP_K, "max_logprobs": MAX_LOGPROBS,
-          "max_stop": MAX_STOP, "max_stop_chars": MAX_STOP_CHARS, "max_seed": MAX_SEED, "max_penalty": MAX_PENALTY,
+BOUNDS = {"max_temperature": MAX_TEMPERATURE, "max_openai_temperature": MAX_OPENAI_TEMPERATURE, "max_top_k": MAX_TOP_K,
+          "max_logprobs": MAX_LOGPROBS, "max_stop": MAX_STOP, "max_stop_chars": MAX_STOP_CHARS, "max_seed": MAX_SEED, "max_penalty": MAX_PENALTY,
           "max_repetition_penalty": MAX_REPETITION_PENALTY, "max_repetition_window": MAX_REPETITION_WINDOW,
           "max_logit_bias": MAX_BIAS, "max_logit_bias_entries": MAX_LOGIT_BIAS, "max_messages": MAX_MESSAGES}
 # The fields of the sampling adjustments, with the values that turn them off (the defaults).
@@ -69,6 +72,8 @@ PROMPT_DOC = ("Text to continue. Characters outside the model's vocabulary are r
               "base form when the vocabulary has it (é -> e), otherwise dropped (usage.dropped_chars counts "
               "them); \\r\\n and \\r become \\n. An empty prompt starts as if after a newline.")
 TEMPERATURE_DOC = f"Sampling temperature, 0 to {MAX_TEMPERATURE:g}; 0 is greedy (always the most likely character)."
+OPENAI_TEMPERATURE_DOC = (f"Sampling temperature, 0 to {MAX_OPENAI_TEMPERATURE:g} as in OpenAI's API (/v1/generate allows up "
+                          f"to {MAX_TEMPERATURE:g}); 0 is greedy (always the most likely character).")
 TOP_K_DOC = "Sample from the k most likely characters only (0: off; k at or above the vocabulary size: off)."
 LOGIT_BIAS_DOC = (f"Added to the logits of characters before sampling, -{MAX_BIAS:g} (never) to {MAX_BIAS:g} (always). "
                   "A key of decimal digits is a character id as POST /v1/tokenize gives it; any other key is text, each of "
@@ -206,7 +211,8 @@ class Schemas:
                                  Field(min_length=1, max_length=s.max_n)]) = Field("", description=PROMPT_DOC)
             max_tokens: Whole = Field(s.default_max_chars, ge=0, le=s.max_chars, description=(
                 "Characters to generate; 0 generates nothing (with echo and logprobs: the prompt is scored only)."))
-            temperature: float = Field(s.default_temperature, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description=TEMPERATURE_DOC)
+            temperature: float = Field(s.default_temperature, ge=0, le=MAX_OPENAI_TEMPERATURE, allow_inf_nan=False,
+                                       description=OPENAI_TEMPERATURE_DOC)
             top_p: float = Field(s.default_top_p, gt=0, le=1)
             top_k: Whole = Field(s.default_top_k, ge=0, le=MAX_TOP_K, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
             n: Whole = Field(1, ge=1, le=s.max_n, description=f"Choices per prompt; prompts x n is at most {s.max_n}.")
@@ -323,7 +329,8 @@ class Schemas:
             max_completion_tokens: WholeOrNull = Field(None, ge=1, le=s.max_chars, description=(
                 f"Characters to generate (default: max_tokens, else {s.default_max_chars})."))
             max_tokens: WholeOrNull = Field(None, ge=1, le=s.max_chars, description="The older name of max_completion_tokens.")
-            temperature: float = Field(s.default_temperature, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description=TEMPERATURE_DOC)
+            temperature: float = Field(s.default_temperature, ge=0, le=MAX_OPENAI_TEMPERATURE, allow_inf_nan=False,
+                                       description=OPENAI_TEMPERATURE_DOC)
             top_p: float = Field(s.default_top_p, gt=0, le=1)
             top_k: Whole = Field(s.default_top_k, ge=0, le=MAX_TOP_K, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
             n: Whole = Field(1, ge=1, le=s.max_n, description="Choices (replies).")

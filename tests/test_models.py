@@ -78,9 +78,9 @@ def test_the_model_field_picks_the_model_and_the_default_serves_the_rest(client)
 
 def test_the_model_in_the_query_string_of_a_plain_text_request(client):
     r = client.post("/v1/generate?model=jugs&temperature=0&max_chars=30", data="\n", content_type="text/plain")
-    assert r.status_code == 200 and r.get_data(as_text=True) == JUGS
+    assert r.status_code == 200 and r.get_data(as_text=True) == JUGS + "\n"
     r = client.post("/v1/generate?temperature=0&max_chars=30", data="\n", content_type="text/plain")
-    assert r.get_data(as_text=True) == FOX
+    assert r.get_data(as_text=True) == FOX + "\n"
 
 
 def test_streamed_answers_come_from_the_model_named(client):

@@ -447,6 +447,55 @@ def test_probabilities_shade_each_character_and_show_alternatives_on_hover(tab, 
     assert alpha(chars.nth(i).evaluate("s => getComputedStyle(s).backgroundColor")) == 0
 
 
+SHADED = "spans => spans.map(s => [s.textContent, Number(s.dataset.p), getComputedStyle(s).backgroundColor])"
+
+
+def test_ticking_probabilities_shades_the_answers_on_screen_and_unticking_unshades_them(tab, server):
+    settings = {"temperature": 1.4, "seed": 11, "max_chars": 60}
+    asks = [("the quick", settings), ("", {**settings, "seed": 12})]  # an empty prompt starts after a newline
+    references = [server.post("/v1/generate", json={"prompt": prompt, "logprobs": 5, **ask}).json()["choices"][0]
+                  for prompt, ask in asks]
+
+    page = tab.page
+    assert not page.is_checked("#probabilities")
+    page.click("summary")
+    for prompt, ask in asks:
+        page.fill("#seed", str(ask["seed"]))
+        tab.send(prompt, temperature=1.4, max_chars=60)
+        assert tab.wait_ended() == "done"
+    for k, reference in enumerate(references):
+        assert tab.generated(k) == reference["text"]
+        assert tab.turn(k).locator(".generated .ch").count() == 0  # written without probabilities
+
+    page.check("#probabilities")
+    for k, reference in enumerate(references):
+        chars = tab.turn(k).locator(".generated .ch")
+        page.wait_for_function("([k, n]) => document.querySelectorAll('.turn')[k].querySelectorAll('.generated .ch').length === n",
+                               arg=[k, len(reference["text"])])
+        shown = chars.evaluate_all(SHADED)
+        assert tab.generated(k) == reference["text"]
+        for (char, p, background), lp in zip(shown, reference["logprobs"]):
+            assert char == lp["char"]
+            assert p == pytest.approx(math.exp(lp["logprob"]), rel=1e-3)  # what the model gave it when writing it
+            assert alpha(background) == pytest.approx(0.75 * (1 - p) ** 2, abs=0.01), (char, p, background)
+        assert max(alpha(b) for _, _, b in shown) > 0.05, "some characters should be shaded"
+
+    # the tooltip works on an answer shaded afterwards as on one written with probabilities (the last
+    # answer: it is in view, and scrolling the page would close the tooltip)
+    chars = tab.turn().locator(".generated .ch")
+    shown = chars.evaluate_all(SHADED)
+    chars.nth(min((p, i) for i, (c, p, _) in enumerate(shown) if c != "\n")[1]).hover()  # a line break has no width
+    assert page.locator("#tip").is_visible() and page.locator("#tip li").count() == 5
+    page.mouse.move(2, 2)
+
+    page.uncheck("#probabilities")
+    for k in range(len(references)):
+        assert all(alpha(b) == 0 for _, _, b in tab.turn(k).locator(".generated .ch").evaluate_all(SHADED))
+    page.check("#probabilities")
+    assert max(alpha(b) for _, _, b in tab.turn(0).locator(".generated .ch").evaluate_all(SHADED)) > 0.05
+    assert tab.console_errors == []
+
+
 def test_keyboard_alone_sends_regenerates_and_continues(tab):
     page, keyboard = tab.page, tab.page.keyboard
     for _ in range(10):  # from the top of the page to the prompt

@@ -176,12 +176,12 @@ def test_plain_text_like_curl(client):
                     content_type="application/x-www-form-urlencoded")
     assert r.status_code == 200
     assert r.mimetype == "text/plain"
-    assert r.get_data(as_text=True) == continuation("the quick", 50)
+    assert r.get_data(as_text=True) == continuation("the quick", 50) + "\n"  # the shell's prompt starts on its own line
     assert r.headers["X-Finish-Reason"] == "length"
-    assert r.headers["X-Completion-Chars"] == "50"
+    assert r.headers["X-Completion-Chars"] == "50"  # the text's characters, not the newline after it
     # --data-binary @prompt.txt keeps newlines; text/plain is always a prompt, even one that looks like JSON
     r = client.post("/v1/generate?temperature=0&max_chars=9", data="over the lazy dog.\n".encode(), content_type="text/plain")
-    assert r.get_data(as_text=True) == "the quick"
+    assert r.get_data(as_text=True) == "the quick\n"
     r = client.post("/v1/generate?max_chars=5", data=b'{"not": "json"}', content_type="text/plain")
     assert r.status_code == 200 and r.mimetype == "text/plain"
 
@@ -190,7 +190,32 @@ def test_plain_text_stream(client):
     r = client.post("/v1/generate?temperature=0&max_chars=120&stream=1", data=b"the quick", content_type="text/plain")
     assert r.status_code == 200
     assert r.mimetype == "text/plain"
-    assert r.get_data(as_text=True) == continuation("the quick", 120)
+    assert r.get_data(as_text=True) == continuation("the quick", 120) + "\n"
+
+
+@pytest.mark.parametrize("stream", ["0", "1"])
+def test_plain_text_ends_with_one_newline_after_the_text_and_json_keeps_the_text_as_it_is(client, stream):
+    def plain(query: str) -> str:
+        r = client.post(f"/v1/generate?temperature=0&stream={stream}&{query}", data=b"the quick", content_type="text/plain")
+        assert r.status_code == 200 and r.mimetype == "text/plain"
+        return r.get_data(as_text=True)
+
+    assert plain("max_chars=30") == continuation("the quick", 30) + "\n"
+    # a stop sequence still ends the text before it; the newline comes after
+    text = continuation("the quick", 100)
+    assert plain("max_chars=100&stop=lazy") == text[: text.index("lazy")] + "\n"
+    # a text that ends with a newline of its own gets one more: exactly one "\n" is never part of the text
+    assert plain("max_chars=100&stop=the%20quick") == text[: text.index("the quick")] + "\n"
+    assert text[: text.index("the quick")].endswith(".\n")
+
+    ask = {"prompt": "the quick", "max_chars": 100, "temperature": 0, "stop": "lazy", "stream": stream == "1"}
+    r = client.post("/v1/generate", json=ask)
+    texts = [e.get("text", "") for e in events(r)] if stream == "1" else [c["text"] for c in r.get_json()["choices"]]
+    assert "".join(texts) == text[: text.index("lazy")]
+    # several choices are JSON only: the refusal is JSON, which ends with a newline too
+    r = client.post(f"/v1/generate?n=2&stream={stream}", data=b"the quick", content_type="text/plain")
+    assert_error(r, 422, "unsupported", "n")
+    assert r.get_data(as_text=True).endswith("}\n")
 
 
 def test_json_body_without_content_type_is_json(client):
@@ -204,7 +229,7 @@ def test_plain_text_in_latin1_when_declared(client):
     r = client.post("/v1/generate?temperature=0&max_chars=3", data="thé".encode("latin-1"),
                     content_type="text/plain; charset=latin-1")
     assert r.status_code == 200
-    assert r.get_data(as_text=True) == continuation("the", 3)
+    assert r.get_data(as_text=True) == continuation("the", 3) + "\n"
 
 
 # ---------------------------------------------------------------- OpenAI: /v1/completions, /v1/models

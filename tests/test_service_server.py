@@ -56,7 +56,7 @@ class TestServer:
                         headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert r.status_code == 200
         assert r.headers["Content-Type"].startswith("text/plain")
-        assert r.text == continuation("the quick", 40)
+        assert r.text == continuation("the quick", 40) + "\n"
         curl = shutil.which("curl")
         if curl:  # the real thing too, with --data-binary @file keeping the newline
             prompt = tmp_path / "prompt.txt"
@@ -65,7 +65,7 @@ class TestServer:
                                   f"{server.url}/v1/generate?temperature=0&max_chars=20"],
                                  capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr
-            assert out.stdout == continuation("over the lazy dog.\n", 20)
+            assert out.stdout == continuation("over the lazy dog.\n", 20) + "\n"
 
     def test_stream_arrives_incrementally_and_a_dropped_stream_frees_its_slot(self, server):
         chars_before = server.metric("chargen_chars_generated_total")

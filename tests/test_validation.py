@@ -17,7 +17,7 @@ from server import continuation
 from service.app import create_app
 from service.config import SettingsError
 from service.reading import MAX_JSON_DEPTH, json_depth
-from service.schemas import BOUNDS, MAX_LOGPROBS, MAX_SEED, NEUTRAL
+from service.schemas import BOUNDS, MAX_LOGPROBS, MAX_OPENAI_TEMPERATURE, MAX_SEED, NEUTRAL
 from conftest import loaded_app
 
 CHAT = {"messages": [{"role": "user", "content": "the"}]}
@@ -115,6 +115,18 @@ def test_the_highest_temperature_is_accepted(client):
     assert r.status_code == 200 and len(r.get_json()["choices"][0]["text"]) == 5
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_openai_endpoints_keep_openais_temperature_bound_and_generate_keeps_its_own(client, path):
+    base = CHAT if "chat" in path else {"prompt": "the"}
+    for too_hot in (5, MAX_OPENAI_TEMPERATURE + 0.01, MAX_TEMPERATURE):
+        error = error_of(client.post(path, json={**base, "max_tokens": 5, "temperature": too_hot}), 422)
+        assert (error["param"], error["code"]) == ("temperature", "out_of_range"), error
+        assert error["message"].startswith("temperature: ") and "less than or equal to 2" in error["message"], error
+    assert client.post(path, json={**base, "max_tokens": 5, "temperature": MAX_OPENAI_TEMPERATURE}).status_code == 200
+    r = client.post("/v1/generate", json={"prompt": "the", "max_chars": 5, "temperature": 5})
+    assert r.status_code == 200 and len(r.get_json()["choices"][0]["text"]) == 5
+
+
 def test_a_tiny_temperature_is_greedy(client):
     r = client.post("/v1/generate", json={"prompt": "the quick", "max_chars": 40, "temperature": 1e-310, "seed": 3})
     assert r.get_json()["choices"][0]["text"] == continuation("the quick", 40)
@@ -133,10 +145,11 @@ def test_a_penalty_below_its_bound_and_a_bias_beyond_its_bound_are_422s(client):
 def test_info_and_the_document_state_the_bounds(client):
     info = client.get("/info").get_json()
     assert info["bounds"] == BOUNDS and info["bounds"]["max_temperature"] == MAX_TEMPERATURE
+    assert info["bounds"]["max_openai_temperature"] == MAX_OPENAI_TEMPERATURE == 2
     doc = client.get("/openapi.json").get_json()["components"]["schemas"]
     for model in ("GenerateRequest", "CompletionRequest", "ChatRequest"):
         fields = doc[model]["properties"]
-        assert fields["temperature"]["maximum"] == MAX_TEMPERATURE
+        assert fields["temperature"]["maximum"] == (MAX_TEMPERATURE if model == "GenerateRequest" else MAX_OPENAI_TEMPERATURE)
         assert fields["top_k"]["maximum"] == MAX_TOP_K
         assert fields["top_p"]["maximum"] == 1
         assert fields["presence_penalty"]["minimum"] == -MAX_PENALTY and fields["frequency_penalty"]["maximum"] == MAX_PENALTY
@@ -198,7 +211,7 @@ def test_the_document_lists_no_query_settings_for_json_requests(client):
     assert "parameters" not in post and "query string" in post["description"]
     assert error_of(client.post("/v1/generate?temperature=0", json={"prompt": "the"}), 422)["code"] == "unexpected_query"
     r = client.post("/v1/generate?temperature=0&max_chars=5", data=b"the quick", content_type="text/plain")
-    assert r.get_data(as_text=True) == continuation("the quick", 5)
+    assert r.get_data(as_text=True) == continuation("the quick", 5) + "\n"
 
 
 def validator_of(client, model: str):

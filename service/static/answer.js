@@ -68,6 +68,23 @@ export class Answer {
     this.element.append(fragment);
   }
 
+  // Probabilities for a text shown without them (the box was ticked afterwards): scores[i] is the
+  // {logprob, top} of the text's i-th character, or null where the server has none. The text stays
+  // as it is; only its characters are rebuilt, shaded where they have a score.
+  showScores(scores) {
+    const chars = Array.from(this.text);
+    this.clear();
+    chars.forEach((char, i) => {
+      const s = scores[i];
+      this.append(char, s ? [{ char, logprob: s.logprob, top: s.top }] : undefined);
+    });
+  }
+
+  // Every character came with its probability (counted as the server counts: by code point).
+  get complete() {
+    return this.scored === Array.from(this.text).length;
+  }
+
   get characters() {
     return this.element.querySelectorAll(".ch");
   }

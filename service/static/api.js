@@ -1,4 +1,5 @@
-// The page's side of the HTTP API: /info, and /v1/generate streamed as server-sent events.
+// The page's side of the HTTP API: /info, /v1/generate streamed as server-sent events, and
+// /v1/score for the probabilities of a reply shown without them.
 // fetch with a streamed body rather than EventSource, which cannot POST; aborting the fetch closes
 // the connection, which is how the server learns to free the stream's slot at once.
 
@@ -104,6 +105,21 @@ export async function* generate(body, { signal, apiKey } = {}) {
     reader.releaseLock();
   }
   throw new ApiError("gone", "The server ended the answer early (it may have restarted).");
+}
+
+// Each character's log-probability in `body.text` (POST /v1/score with logprobs), as the server answers it.
+export async function score(body, { apiKey } = {}) {
+  let response;
+  try {
+    response = await fetch("/v1/score", {
+      method: "POST", headers: { ...headers(apiKey), Accept: "application/json" },
+      body: JSON.stringify({ ...body, logprobs: true }),
+    });
+  } catch {
+    throw new ApiError("gone", "The server cannot be reached.");
+  }
+  if (!response.ok) throw await errorFrom(response);
+  return response.json();
 }
 
 // The error in plain words for the person at the page; the server's own message where it has one.

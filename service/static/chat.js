@@ -2,7 +2,7 @@
 // body.embed). One generation runs at a time; Stop aborts its fetch, which closes the connection
 // and frees the server's slot.
 
-import { ApiError, describe, generate, getInfo } from "./api.js";
+import { ApiError, describe, generate, getInfo, score } from "./api.js";
 import { Answer, ProbabilityTips } from "./answer.js";
 
 const $ = (id) => document.getElementById(id);
@@ -34,6 +34,7 @@ const FIELDS = { ...SETTINGS, seed: ui.seed, stop: ui.stopSequences, logit_bias:
 
 let info = null; // GET /info, once it has answered
 let running = null; // {controller, turn} of the generation in progress
+let turns = []; // the Turns on screen, oldest first
 
 // ---------------------------------------------------------------- settings
 
@@ -261,6 +262,8 @@ class Turn {
     this.speed = q(".speed");
     this.seed = q(".seed");
     this.buttons = [...this.node.querySelectorAll(".actions button")];
+    this.model = undefined; // the model that wrote the answer (undefined: the server's default)
+    this.scoredFor = null; // the answer text whose probabilities were asked for after it was shown
     const shown = q(".prompt-text");
     shown.textContent = prompt === "" ? "(empty prompt: the model starts a new text)" : prompt;
     shown.classList.toggle("empty", prompt === "");
@@ -295,11 +298,47 @@ class Turn {
     const empty = this.answer.text === "";
     this.node.querySelector(".continue").hidden = empty;
     this.node.querySelector(".copy").hidden = empty;
+    this.showScored();
+  }
+
+  showScored() {
     if (this.answer.scored) {
       // focusable, so the probability tooltip can be walked with the arrow keys
       this.answerBox.tabIndex = 0;
       this.answerBox.setAttribute("aria-describedby", "answer-help");
     }
+  }
+
+  // The probabilities of an answer that was shown without them (all or in part): the server scores
+  // the prompt and the answer as one text, which gives each answer character the probability the
+  // model gave it when writing it (the sampling settings change the pick, not these figures).
+  async score() {
+    const text = this.answer.text;
+    if (text === "" || this.answer.complete || this.scoredFor === text || running?.turn === this) return;
+    this.scoredFor = text;
+    const context = Array.from(this.prompt === "" ? "\n" : this.prompt); // an empty prompt starts after a newline
+    const whole = [...context, ...Array.from(text)];
+    const limit = info?.limits?.max_prompt_chars;
+    const cut = limit && whole.length > limit ? whole.length - limit : 0; // the start goes, as in continuation()
+    const body = { text: whole.slice(cut).join(""), top_logprobs: LOGPROBS };
+    if (this.model) body.model = this.model;
+    let scored;
+    try {
+      scored = await score(body, { apiKey: ui.apiKey?.value.trim() || undefined });
+    } catch (e) {
+      this.scoredFor = null; // the next tick tries again
+      if (this.error.hidden) this.showError(`No probabilities for this answer: ${describe(e)}`, "note");
+      return;
+    }
+    if (this.answer.text !== text || running?.turn === this) return; // regenerated or continued meanwhile
+    const start = context.length - cut; // offsets count characters of the text sent
+    const scores = new Array(whole.length - context.length).fill(null);
+    for (const lp of scored.logprobs) {
+      const i = lp.offset - start;
+      if (i >= 0 && i < scores.length && lp.logprob !== null) scores[i] = lp;
+    }
+    this.answer.showScores(scores);
+    this.showScored();
   }
 
   done(event) {
@@ -311,6 +350,7 @@ class Turn {
     this.speed.textContent = cps ? `${Math.round(cps).toLocaleString("en")} chars/s` : "";
     if (event.seed !== undefined) this.seed.textContent = `seed ${event.seed}`;
     if (event.model && info?.models?.length > 1) this.seed.textContent += ` · ${event.model}`;
+    if (event.model) this.model = event.model;
     const dropped = event.usage?.dropped_chars;
     if (dropped) {
       this.showError(`${dropped} character${dropped > 1 ? "s" : ""} of the prompt ${dropped > 1 ? "are" : "is"} not in the model's vocabulary and ${dropped > 1 ? "were" : "was"} left out.`, "note");
@@ -392,6 +432,7 @@ async function start(turn, prompt, { fresh }) {
   }
   const controller = new AbortController();
   running = { controller, turn };
+  turn.model = settings.model;
   setBusy(true);
   turn.begin(fresh);
   const apiKey = ui.apiKey?.value.trim() || undefined;
@@ -413,6 +454,7 @@ async function start(turn, prompt, { fresh }) {
   } finally {
     running = null;
     setBusy(false);
+    if (ui.probabilities?.checked) scoreShown(); // the box may have been ticked while this one was written
     if (!compact || document.activeElement === ui.stop || document.activeElement === document.body) {
       ui.prompt.focus({ preventScroll: true });
     }
@@ -423,6 +465,7 @@ function send() {
   if (running) return;
   const prompt = ui.prompt.value;
   const turn = new Turn(prompt);
+  turns = compact ? [turn] : [...turns, turn];
   if (compact) ui.transcript.replaceChildren(turn.node);
   else {
     ui.intro?.remove();
@@ -455,9 +498,16 @@ ui.temperature.addEventListener("input", () => {
   showTemperature();
 });
 const tips = new ProbabilityTips(ui.transcript, ui.tip, () => ui.probabilities?.checked);
+// Ticking the box shades the answers already on screen too (those written without probabilities are
+// scored first); unticking hides the shading of every answer.
+function scoreShown() {
+  for (const turn of turns) turn.score();
+}
+
 ui.probabilities?.addEventListener("change", () => {
   document.body.classList.toggle("show-probabilities", ui.probabilities.checked);
   tips.hide();
+  if (ui.probabilities.checked) scoreShown();
 });
 
 applyPresets();
