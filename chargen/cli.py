@@ -494,14 +494,19 @@ def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, st
 
 @main.command()
 @click.option("--bind", default=None, metavar="HOST:PORT", help="Address to listen on (default: $CHARGEN_BIND, else 127.0.0.1:8000).")
+@click.option("--host", default=None, help="Host to listen on, keeping the port of $CHARGEN_BIND (else 8000); instead of --bind.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port to listen on, keeping the host of $CHARGEN_BIND (else 127.0.0.1); instead of --bind.")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
               help="Worker processes, each with its own copy of the model (default: $CHARGEN_WORKERS, else 1).")
 @click.option("--artifact", "artifact_path", default=None, type=click.Path(),
               help="Artifact to serve (default: $CHARGEN_ARTIFACT, else artifacts/default).")
-def serve(bind, workers, artifact_path):
+def serve(bind, host, port, workers, artifact_path):
     """Serve the model over HTTP: gunicorn with the project's config (service/gunicorn_conf.py).
 
     Everything else is configured with CHARGEN_* environment variables (see README.md)."""
+    if bind is not None and (host is not None or port is not None):
+        raise click.UsageError("give either --bind HOST:PORT or --host/--port, not both")
     from service.config import Settings, SettingsError
 
     if artifact_path:
@@ -511,12 +516,17 @@ def serve(bind, workers, artifact_path):
         models = settings.models_to_serve()
     except SettingsError as e:
         raise click.ClickException(str(e)) from None
-    # Before gunicorn starts: a wrong artifact (a missing or damaged model.onnx included) would
-    # otherwise be found by each worker, and a port in use would be retried and logged by gunicorn
-    # for seconds. The workers still load the network itself into ONNX Runtime.
+    given = f"--bind {bind}" if bind else f"CHARGEN_BIND={settings.bind}"
+    if host is not None or port is not None:
+        bind = _host_and_port(host, port, settings.bind)
+        given = " ".join(f"--{name} {value}" for name, value in (("host", host), ("port", port)) if value is not None)
+    # Before gunicorn starts: a port in use would be retried and logged by gunicorn for seconds, and
+    # a wrong artifact (a missing or damaged model.onnx included) found by each worker. The address
+    # first: the artifact's check imports onnx, which takes longer than the rest of the command.
+    # The workers still load the network itself into ONNX Runtime.
+    _check_bind(bind or settings.bind, given)
     for source in models.sources:
         _check_artifact(source.path)
-    _check_bind(bind or settings.bind)
     import gunicorn.app.wsgiapp
 
     # gunicorn's master runs in this process (signals and exit status are its own), so the workers
@@ -532,14 +542,34 @@ def serve(bind, workers, artifact_path):
     gunicorn.app.wsgiapp.run(prog="gunicorn")
 
 
-def _check_bind(bind: str) -> None:
+def _host_and_port(host: str | None, port: int | None, configured: str) -> str:
+    """--host/--port as the HOST:PORT address gunicorn reads; the part not given is taken from
+    `configured` ($CHARGEN_BIND, else the default)."""
+    from gunicorn.util import parse_address
+
+    if host is None or port is None:
+        try:
+            address = parse_address(configured)
+        except RuntimeError as e:
+            raise click.ClickException(f"CHARGEN_BIND={configured}: not an address to listen on ({e})") from None
+        if not isinstance(address, tuple):  # a unix socket or a file descriptor
+            raise click.UsageError(f"CHARGEN_BIND={configured} has no host and port to complete --host/--port with; "
+                                   "give both --host and --port, or --bind")
+        host = address[0] if host is None else host
+        port = address[1] if port is None else port
+    host = host.removeprefix("[").removesuffix("]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 host in brackets
+
+
+def _check_bind(bind: str, given: str) -> None:
     """The address can be listened on now: gunicorn binds it the same way (SO_REUSEADDR), so a port
     another server holds is one line here, not gunicorn's five retries of ERROR lines. (Another
-    process could still take it in the moment before gunicorn binds.)"""
+    process could still take it in the moment before gunicorn binds.) `given`: where the address
+    came from, for the message about one that is not an address."""
     import errno
     import socket
 
-    from gunicorn.util import parse_address
+    from gunicorn.util import parse_address  # the parser gunicorn uses; it imports only the standard library
 
     if bind.startswith(("unix:", "fd://")):
         return
@@ -547,7 +577,7 @@ def _check_bind(bind: str) -> None:
         host, port = parse_address(bind)
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (ValueError, RuntimeError, socket.gaierror) as e:
-        raise click.ClickException(f"--bind {bind}: not an address to listen on ({e})") from None
+        raise click.ClickException(f"{given}: not an address to listen on ({e})") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -556,5 +586,5 @@ def _check_bind(bind: str) -> None:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise click.ClickException(f"{bind} is already in use (another server listens there); "
-                                           "choose another with --bind HOST:PORT") from None
+                                           "choose another with --port PORT or --bind HOST:PORT") from None
             raise click.ClickException(f"cannot listen on {bind}: {e.strerror or e}") from None

@@ -39,7 +39,6 @@ RUN_ID = uuid.uuid4().hex[:8]  # each run its own tags: runs at once do not repl
 API_TAG = f"localhost/chargen-test-api:{RUN_ID}"
 TRAIN_TAG = f"localhost/chargen-test-train:{RUN_ID}"
 MAX_API_MB = 500
-MAX_SECONDS_TO_HEALTHY = 10
 COMPOSE_API = ("--read-only", "--tmpfs", "/tmp")  # docker-compose.yml's `read_only: true` and `tmpfs: [/tmp]`
 FIGURES = Path(tempfile.gettempdir()) / "chargen-images.json"
 
@@ -138,8 +137,8 @@ def test_the_api_image_is_at_most_500_mb(api_image):
 
 def test_the_api_container_serves_as_its_user_and_drains_on_sigterm(api_image, figures):
     with podman.running(api_image.tag, *COMPOSE_API) as container:
-        seconds = podman.wait_healthy(container)
-        figures["api"]["seconds_to_healthy"] = round(seconds, 2)
+        # how soon is recorded, not asserted (bench/README.md, "Images"); wait_healthy's timeout stops a hang
+        figures["api"]["seconds_to_healthy"] = round(podman.wait_healthy(container), 2)
 
         r = generate(container.url)
         assert r.status_code == 200, r.text
@@ -160,7 +159,6 @@ def test_the_api_container_serves_as_its_user_and_drains_on_sigterm(api_image, f
         state = container.state()
         assert not state["Running"] and state["ExitCode"] == 0, container.logs()[-3000:]
         assert "Shutting down: Master" in container.logs()
-    assert seconds <= MAX_SECONDS_TO_HEALTHY, f"healthy {seconds:.1f} s after `podman run` (goal {MAX_SECONDS_TO_HEALTHY} s)"
 
 
 # ---------------------------------------------------------------- the train image, then the api image serving its model

@@ -1,8 +1,8 @@
 """deploy/nginx's configuration, for real: Debian's nginx on loopback in front of two `chargen serve`
 replicas (tests/balancer.py renders it as the nginx image does, with loopback servers).
 
-Requests spread over both replicas; a stream arrives incrementally and starts within 50 ms; the
-body-size limit is chargen's; a draining replica (SIGTERM) loses no request and a killed one
+Requests spread over both replicas; a stream arrives incrementally and starts at once (how soon:
+bench/load.py --nginx); the body-size limit is chargen's; a draining replica (SIGTERM) loses no request and a killed one
 (SIGKILL) fails no new request. Skipped, saying why, when nginx is not installed (scripts/test
 installs Debian's package as root).
 """
@@ -194,19 +194,19 @@ def test_a_stream_through_nginx_arrives_incrementally_and_starts_at_once(cluster
     ask = {"prompt": "the", "max_chars": LONG, "temperature": 0, "stream": True}
     for _ in range(2):  # one each for the replicas' first-call costs
         first_byte_and_chunks(nginx.url, {**ask, "max_chars": 50})
-    firsts = []
-    for _ in range(3):  # the best of three: the machine is shared
-        first, chunks = first_byte_and_chunks(nginx.url, ask)
-        firsts.append(first)
+    runs = [first_byte_and_chunks(nginx.url, ask) for _ in range(3)]  # the best of three: the machine is shared
+    first, chunks = runs[-1]
     body = b"".join(part for _, part in chunks)
     assert b'"finish_reason":"length"' in body
     assert len(chunks) >= 5, f"{len(chunks)} chunks"
+    # Times as fractions of the stream's own length, so that they hold however fast this machine is:
+    # nginx buffering the answer would deliver it at the end, or start it only once a buffer is full.
     ends = [t for t, _ in chunks]
-    assert ends[-1] - ends[0] > 0.2, "the chunks came all at once"
-    assert sum(1 for t in ends if t < ends[-1] - 0.1) >= 3, "several chunks well before the end"
-    assert min(firsts) < 0.050, f"first body byte after {[round(f * 1e3, 1) for f in firsts]} ms"
-    print(f"first body byte through nginx after {min(firsts) * 1e3:.1f} ms (best of 3); {len(chunks)} chunks over "
-          f"{(ends[-1] - ends[0]) * 1e3:.0f} ms")
+    assert sum(1 for t in ends if t < 0.9 * ends[-1]) >= 3, "the chunks came all at once, at the end"
+    starts = [first / chunks[-1][0] for first, chunks in runs]
+    assert min(starts) < 0.1, f"the first body byte came {min(starts):.0%} into the stream"
+    print(f"first body byte through nginx after {min(f for f, _ in runs) * 1e3:.1f} ms (best of 3); {len(chunks)} chunks "
+          f"over {(ends[-1] - ends[0]) * 1e3:.0f} ms")
 
 
 def test_the_body_limit_is_chargens_and_answered_in_its_shape(cluster):
@@ -262,6 +262,15 @@ class Traffic:
     def failures(self) -> list[str]:
         return [outcome for _, outcome in self.outcomes if outcome != "ok"]
 
+    def answered_since(self, t: float, count: int, timeout: float = 60) -> bool:
+        """Wait until `count` requests sent after `t` (time.monotonic()) have their outcome."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sum(1 for sent, _ in list(self.outcomes) if sent > t) >= count:
+                return True
+            time.sleep(0.05)
+        return False
+
 
 def open_stream(url: str) -> requests.Response:
     r = requests.post(url + "/v1/generate", json={"prompt": "the", "max_chars": LONG, "temperature": 0, "stream": True},
@@ -275,15 +284,16 @@ def test_a_draining_replica_loses_no_request(cluster):
     replicas.ensure_up()
     both_serving(replicas, nginx)
     draining = replicas.servers[0]
+    started = time.monotonic()
     with Traffic(nginx.url) as traffic:
-        time.sleep(1.0)
+        assert traffic.answered_since(started, 8)
         # two long streams at once: least_conn gives the draining replica one of them
         streams = [open_stream(nginx.url) for _ in range(2)]
         signalled = time.monotonic()
         draining.process.send_signal(signal.SIGTERM)
         bodies = [r.content for r in streams]
         assert draining.process.wait(40) == 0
-        time.sleep(2.0)
+        assert traffic.answered_since(time.monotonic(), 10)  # once the replica is gone too
     assert all(b'"finish_reason":"length"' in body for body in bodies), "a stream was cut"
     assert not traffic.failures(), traffic.failures()[:5]
     assert sum(1 for sent, _ in traffic.outcomes if sent > signalled) > 10

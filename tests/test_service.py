@@ -707,10 +707,9 @@ def test_queue_full_is_429_and_a_dropped_stream_frees_its_slot(tight_app):
 
 def test_deadline_is_504(tight_app):
     c = tight_app.test_client()
-    started = time.monotonic()
     r = c.post("/v1/generate", json={"prompt": "the", "max_chars": 1_000_000})
-    assert_error(r, 504, "deadline_exceeded")
-    assert 1.5 < time.monotonic() - started < 10
+    error = assert_error(r, 504, "deadline_exceeded")
+    assert "deadline of 2 s (CHARGEN_REQUEST_TIMEOUT)" in error["message"]
     got = events(c.post("/v1/generate", json={"prompt": "the", "max_chars": 1_000_000, "stream": True}))
     assert got[0]["text"]
     assert got[-1]["error"]["code"] == "deadline_exceeded"  # the status line went out before the deadline
