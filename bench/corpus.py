@@ -1,19 +1,22 @@
 """A corpus larger than memory allows to hold twice: preparing it and training on it, with the peak
-resident memory of each and the preparation's speed. Prints one table and the goals of issue 14
-(peak RSS at most 1.5 GB for a 1 GB corpus on the default model, preparation at least 50 MB/s);
-see bench/README.md.
+resident memory of each and the preparation's speed. Prints one table per corpus size and the goals
+of issue 14 (peak RSS at most 1.5 GB for a 1 GB corpus on the default model, flat in the corpus
+size, preparation at least 50 MB/s); see bench/README.md.
 
     .venv/bin/python bench/corpus.py                       # 1 GB, 300 steps, then deletes the corpus
     .venv/bin/python bench/corpus.py --gb 0.1 --steps 100 --keep
+    .venv/bin/python bench/corpus.py --gb 0.05 0.3 --steps 60 --eval-chars 200000 --max-minutes 4
 
 1. The corpus: tinyshakespeare (../shared/corpora) repeated to --gb gigabytes, written to
    --dir (/tmp/chargen-corpus; nothing large is ever committed), removed at the end unless --keep.
 2. Preparation alone, in a fresh process: model/data.py's two passes (check, hash and find the
    vocabulary; then encode into the token file), the way `chargen train` runs them before Keras loads.
 3. `chargen train` on the same files, in a fresh process, default model (2x256 LSTM, batches of 64
-   windows of 100): --steps steps, an evaluation every --steps/3 on a sample of 100,000
-   characters, and at the end the best model on the whole validation text (a tenth of the corpus)
-   for what is left of --max-minutes. It reuses the token file, after hashing the corpus again.
+   windows of 100): --steps steps, an evaluation every --steps/3 on a sample of --eval-chars
+   characters followed by samples with their novelty (--sample-chars, chargen's default 200: the
+   run builds model/samples.py's index of the training text), and at the end the best model on the
+   whole validation text (a tenth of the corpus) for what is left of --max-minutes. It reuses the
+   token file, after hashing the corpus again.
 Each process's peak resident set is the kernel's (ru_maxrss from wait4); its file-backed part
 (pages of the memory map, of the page cache mapped in) and its anonymous part are sampled from
 /proc every 50 ms.
@@ -104,23 +107,14 @@ def measure(argv: list[str], env: dict | None = None, log: Path | None = None) -
     return {"seconds": time.monotonic() - began, "output": output, "max_rss": usage.ru_maxrss * 1024, **peaks}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gb", type=float, default=1.0, help="corpus size in GB (10^9 bytes)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--max-minutes", type=float, default=6.0, help="the training run's budget")
-    parser.add_argument("--backend", default="jax", choices=["jax", "tensorflow"])
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/chargen-corpus"))
-    parser.add_argument("--keep", action="store_true", help="keep the corpus and the run directory")
-    args = parser.parse_args()
-    if not SHAKESPEARE.exists():
-        raise SystemExit(f"{SHAKESPEARE}: not found (the reference corpus lives in ../shared/corpora)")
-
-    corpus, data, run = args.dir / "corpus.txt", args.dir / "data", args.dir / "run"
+def run(size_gb: float, args: argparse.Namespace) -> int:
+    """One corpus of `size_gb` gigabytes: make it, prepare it, train on it, print the figures; returns the
+    training run's peak RSS in bytes."""
+    corpus, data, out = args.dir / "corpus.txt", args.dir / "data", args.dir / "run"
     shutil.rmtree(args.dir, ignore_errors=True)
     try:
         began = time.monotonic()
-        size = make_corpus(corpus, args.gb)
+        size = make_corpus(corpus, size_gb)
         print(f"corpus     {corpus}: {size / 1e9:.3f} GB ({size / 1e6 / (time.monotonic() - began):.0f} MB/s to write)",
               flush=True)
 
@@ -128,11 +122,12 @@ def main() -> None:
         figures = json.loads(prep["output"].strip().splitlines()[-1])
         every = max(1, args.steps // 3)
         train = measure([CHARGEN, "--backend", args.backend, "train", "--corpus", str(corpus), "--data", str(data),
-                         "--out", str(run), "--max-steps", str(args.steps), "--eval-every", str(every),
-                         "--eval-chars", "100000", "--patience", "0", "--max-minutes", str(args.max_minutes)],
+                         "--out", str(out), "--max-steps", str(args.steps), "--eval-every", str(every),
+                         "--eval-chars", str(args.eval_chars), "--sample-chars", str(args.sample_chars),
+                         "--patience", "0", "--max-minutes", str(args.max_minutes)],
                         log=args.dir / "train.err")
-        history = json.loads((run / "history.json").read_text())
-        state = json.loads((run / "state.json").read_text())
+        history = json.loads((out / "history.json").read_text())
+        state = json.loads((out / "state.json").read_text())
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
@@ -153,11 +148,45 @@ def main() -> None:
           f"(budget {args.max_minutes * 60:.0f} s), {min(rates):,}-{max(rates):,} chars/s over the stretches between "
           f"evaluations; validation sample {history[-1]['val_chars_scored']:,} characters, then the whole "
           f"validation text: {whole.get('chars_scored', 0):,} characters scored")
+    index = [line for line in train["output"].splitlines() if "novelty:" in line]
+    print(f"           samples of {args.sample_chars} characters after each evaluation"
+          + (f"; {index[0][index[0].index('novelty:'):]}" if index else " (none: no novelty index)"))
     print(f"           peak RSS {train['max_rss'] / gb:.3f} GB (anonymous {train['RssAnon'] / gb:.3f}, file-backed "
           f"{train['RssFile'] / gb:.3f})")
     ok = lambda good: "met" if good else "NOT met"  # noqa: E731
     print(f"goals      peak RSS <= {GOAL_RSS_GB} GB: {ok(max(prep['max_rss'], train['max_rss']) <= GOAL_RSS_GB * gb)}; "
-          f"preparation >= {GOAL_MB_PER_S:.0f} MB/s: {ok(prep_rate >= GOAL_MB_PER_S)}")
+          f"preparation >= {GOAL_MB_PER_S:.0f} MB/s: {ok(prep_rate >= GOAL_MB_PER_S)}", flush=True)
+    return train["max_rss"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, nargs="+", default=[1.0],
+                        help="corpus sizes in GB (10^9 bytes), one run each")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--max-minutes", type=float, default=6.0, help="the training run's budget")
+    parser.add_argument("--eval-chars", type=int, default=100_000,
+                        help="validation characters scored at each evaluation")
+    parser.add_argument("--sample-chars", type=int, default=200,
+                        help="characters sampled after each evaluation with their novelty (chargen's default; 0: none)")
+    parser.add_argument("--backend", default="jax", choices=["jax", "tensorflow"])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/chargen-corpus"))
+    parser.add_argument("--keep", action="store_true", help="keep the last corpus and its run directory")
+    args = parser.parse_args()
+    if not SHAKESPEARE.exists():
+        raise SystemExit(f"{SHAKESPEARE}: not found (the reference corpus lives in ../shared/corpora)")
+    if any(gb <= 0 for gb in args.gb):
+        raise SystemExit(f"--gb: corpus sizes must be positive, got {args.gb}")
+
+    peaks = []
+    for i, gb in enumerate(args.gb):
+        if i:
+            print()
+        peaks.append(run(gb, args))
+    if len(peaks) > 1:  # the goal is a peak that does not grow with the corpus
+        print(f"\ntraining peak RSS by corpus size (samples of {args.sample_chars} characters): "
+              + ", ".join(f"{gb * 1000:,.0f} MB: {peak / 1e9:.3f} GB" for gb, peak in zip(args.gb, peaks))
+              + f"; the last minus the first: {(peaks[-1] - peaks[0]) / 1e6:+,.0f} MB")
 
 
 if __name__ == "__main__":

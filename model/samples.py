@@ -3,11 +3,16 @@ with a novelty figure, the share of a sample's 20-character substrings that do n
 training text. A model that starts to memorise its corpus shows it here (novelty falls) before the
 validation loss turns.
 
-- `Novelty` indexes the training text once per run: a sorted array of 64-bit hashes of every
-  n-gram of ids, looked up with `np.searchsorted`. Hashing is vectorized over chunks of the text
-  (a memory-mapped corpus is read a chunk at a time). Above `MAX_INDEXED` characters it indexes
-  evenly spaced pieces totalling that many and says so (`whole`, `indexed_chars`, `describe()`):
-  an n-gram outside the pieces then counts as novel, so the figure is an upper bound there.
+- `Novelty` indexes the training text once per run: a sorted array of 64-bit hashes of its
+  n-grams of ids, kept in a temporary file and looked up with `np.searchsorted`, in memory on the
+  first hash of each block of `BLOCK`, then in the one block read from the file. Hashing is
+  vectorized over chunks of the text (a memory-mapped corpus is read a chunk at a time). The index
+  never holds more than `BUDGET` bytes, whatever the corpus: a text of up to `BUDGET // 8`
+  characters is indexed whole and its novelty is exact; a longer one is indexed in evenly spaced
+  pieces totalling that many characters, and it says so (`whole`, `indexed_chars`, `describe()`):
+  an n-gram outside the pieces then counts as novel, so the figure is novelty against that sample
+  of the text, an upper bound of the true one. Training holds only 1 / `BLOCK` of the index in
+  memory (the whole of it while building), so samples add little to a run's peak.
 - `samples` runs the network being trained as the engine does (its ONNX graph, built from the
   Keras weights, on ONNX Runtime, one character at a time with the state carried) and picks with
   model/sampling.py, so a row at temperature t with seed s is what `chargen sample --temperature t
@@ -16,13 +21,15 @@ validation loss turns.
 
 Hash collisions: two different n-grams share a hash with probability about 2^-64 (each id is mixed
 by splitmix64 before a polynomial hash mod 2^64), so a sample's n-gram is counted as seen when it
-was not with probability about (indexed n-grams) / 2^64, under 1e-11 at the cap.
+was not with probability about (indexed n-grams) / 2^64, under 1e-12 within the budget.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
+import weakref
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -34,15 +41,17 @@ if TYPE_CHECKING:
     import keras
 
 N_GRAM = 20  # characters per substring compared with the training text
-MAX_INDEXED = 64_000_000  # training characters indexed at most: 8 bytes each, ~0.5 GB (see Novelty)
-PIECE = 1 << 20  # characters per piece when only part of a larger text is indexed
-CHUNK = 1 << 22  # characters hashed at a time: bounds the scratch memory of a build (~100 MB)
+BUDGET = 64 << 20  # bytes of the index at most, 8 per n-gram: a text of up to 8 Mi characters is indexed whole
+BLOCK = 512  # hashes read from the index's file per lookup (4 KiB); memory keeps the first of each block
+PIECE = 1 << 18  # characters per piece when only part of a longer text fits: 32 pieces within the budget
+CHUNK = 1 << 20  # characters hashed at a time: a build's scratch is about 24 bytes per character of a chunk
 TEMPERATURES = (0.5, 0.8, 1.0)
 LENGTH = 200  # characters per sample (chargen sample's default)
 SEED = 0  # the same draws at every evaluation: the samples differ only by what the model learned
 
 U64 = np.uint64
 MULTIPLIER = U64(0x9E3779B97F4A7C15)  # odd, so multiplying by it mod 2^64 loses nothing
+HASH_BYTES = np.dtype(U64).itemsize  # the index's bytes per n-gram
 
 
 # ---------------------------------------------------------------- hashing n-grams
@@ -88,18 +97,24 @@ def _pieces(length: int, cap: int, piece: int) -> list[tuple[int, int]]:
 class Novelty:
     """The n-grams of a training text, to tell how much of a sample is new. Built once per run.
 
-    Memory: 8 bytes per indexed n-gram (one per indexed character, less n - 1 per piece), and
-    while building that plus a chunk's scratch. `train_ids` may be a read-only memory map; it
-    is read `chunk` characters at a time (chunks overlap by n - 1), the pieces only when capped.
+    The index: 8 bytes per indexed n-gram (one per indexed character, less n - 1 per piece), at
+    most `budget` bytes however long the text, in an unnamed temporary file (tempfile's directory)
+    closed with the object. Memory: 8 bytes per `block` n-grams once built; while building, the
+    whole index plus a chunk's scratch. `train_ids` may be a read-only memory map; it is read
+    `chunk` characters at a time (chunks overlap by n - 1), only the pieces when the whole does not
+    fit. A page of the map read stays resident until the caller gives it back.
     """
 
-    def __init__(self, train_ids: np.ndarray, *, n: int = N_GRAM, cap: int = MAX_INDEXED, piece: int = PIECE,
-                 chunk: int = CHUNK):
-        if n < 1 or cap < 1 or piece < 1 or chunk < 1:
-            raise ValueError(f"n, cap, piece and chunk must be positive, got n={n}, cap={cap}, piece={piece}, chunk={chunk}")
+    def __init__(self, train_ids: np.ndarray, *, n: int = N_GRAM, budget: int = BUDGET, block: int = BLOCK,
+                 piece: int = PIECE, chunk: int = CHUNK):
+        if n < 1 or budget < HASH_BYTES or block < 1 or piece < 1 or chunk < 1:
+            raise ValueError(f"n, block, piece and chunk must be positive and the budget at least 8 bytes, got n={n}, "
+                             f"budget={budget}, block={block}, piece={piece}, chunk={chunk}")
         started = time.perf_counter()
         self.n = n
+        self.budget = budget
         self.training_chars = len(train_ids)
+        cap = budget // HASH_BYTES  # characters: that many have at most that many n-grams, so they fit
         self.ranges = ranges = _pieces(self.training_chars, cap, piece)  # [start, stop) of each piece indexed
         self.indexed_chars = sum(stop - start for start, stop in ranges)
         self.whole = self.indexed_chars == self.training_chars
@@ -111,20 +126,44 @@ class Novelty:
                 hashes[filled : filled + last - first] = _hashes(train_ids[first : last + n - 1], n)
                 filled += last - first
         hashes.sort()  # in place; duplicates stay (searching finds them all the same; removing them would need a copy)
-        self.known = hashes  # sorted
+        self.count = len(hashes)  # n-grams indexed
+        self.block = block
+        self.fences = hashes[::block].copy()  # the first hash of each block: (ceil(count / block),)
+        self._file = tempfile.TemporaryFile(prefix="chargen-novelty-")  # unnamed: nothing is left behind
+        weakref.finalize(self, self._file.close)
+        hashes.tofile(self._file)
+        self._file.flush()
         self.build_seconds = time.perf_counter() - started
 
     @property
     def nbytes(self) -> int:
-        return self.known.nbytes
+        """The index's size (in its file)."""
+        return self.count * HASH_BYTES
+
+    @property
+    def resident_bytes(self) -> int:
+        """What the index keeps in memory."""
+        return self.fences.nbytes
+
+    def _read(self, first: int, count: int) -> np.ndarray:
+        """`count` hashes of the index from the `first`th (fewer at its end)."""
+        self._file.seek(first * HASH_BYTES)
+        return np.frombuffer(self._file.read(count * HASH_BYTES), U64)
+
+    def sorted_hashes(self) -> np.ndarray:
+        """The whole index, read from its file: to inspect it (a run never needs it)."""
+        return self._read(0, self.count)
 
     def describe(self) -> str:
         """What the figure is measured against, for the run's log."""
         what = f"novelty: the share of a sample's {self.n}-character substrings not in the training text"
+        size = f"an index of {self.nbytes / 2**20:.1f} MiB on disk, at most {self.budget / 2**20:g} MiB"
         if self.whole:
-            return f"{what} (all {self.training_chars:,} characters)"
+            return f"{what} (all {self.training_chars:,} characters; {size})"
         where = "the first" if len(self.ranges) == 1 else f"{len(self.ranges)} evenly spaced pieces,"
-        return f"{what} ({where} {self.indexed_chars:,} of its {self.training_chars:,} characters indexed: an upper bound)"
+        return (f"{what}, measured against {self.count:,} of its {max(0, self.training_chars - self.n + 1):,} "
+                f"{self.n}-grams ({where} {self.indexed_chars:,} of its {self.training_chars:,} characters; {size}): "
+                f"an upper bound")
 
     def novelty(self, ids: np.ndarray | Sequence[int]) -> float | None:
         """The share of the n-grams of `ids` (a sample's character ids) not in the index; None for
@@ -133,10 +172,16 @@ class Novelty:
         if len(ids) < self.n:
             return None
         h = _hashes(ids, self.n)
-        if not len(self.known):
-            return 1.0
-        at = np.minimum(np.searchsorted(self.known, h), len(self.known) - 1)
-        return float(np.count_nonzero(self.known[at] != h)) / len(h)
+        # A hash in the index is in the last block whose first hash is at most it (if a later block
+        # starts with the same hash, that block holds it too); -1: below every hash indexed.
+        blocks = np.searchsorted(self.fences, h, side="right") - 1
+        seen = np.zeros(len(h), bool)
+        for b in np.unique(blocks[blocks >= 0]):
+            rows = self._read(int(b) * self.block, self.block)  # sorted
+            mine = blocks == b
+            at = np.minimum(np.searchsorted(rows, h[mine]), len(rows) - 1)
+            seen[mine] = rows[at] == h[mine]
+        return float(np.count_nonzero(~seen)) / len(h)
 
 
 # ---------------------------------------------------------------- sampling
