@@ -9,12 +9,12 @@ size, preparation at least 50 MB/s); see bench/README.md.
 
 1. The corpus: tinyshakespeare (../shared/corpora) repeated to --gb gigabytes, written to
    --dir (/tmp/chargen-corpus; nothing large is ever committed), removed at the end unless --keep.
-2. Preparation alone, in a fresh process: model/data.py's two passes (check, hash and find the
+2. Preparation alone, in a fresh process: model/training/data.py's two passes (check, hash and find the
    vocabulary; then encode into the token file), the way `chargen train` runs them before Keras loads.
 3. `chargen train` on the same files, in a fresh process, default model (2x256 LSTM, batches of 64
    windows of 100): --steps steps, an evaluation every --steps/3 on a sample of --eval-chars
    characters followed by samples with their novelty (--sample-chars, chargen's default 200: the
-   run builds model/samples.py's index of the training text), and at the end the best model on the
+   run builds model/training/samples.py's index of the training text), and at the end the best model on the
    whole validation text (a tenth of the corpus) for what is left of --max-minutes. It reuses the
    token file, after hashing the corpus again.
 Each process's peak resident set is the kernel's (ru_maxrss from wait4); its file-backed part
@@ -44,7 +44,7 @@ GOAL_RSS_GB, GOAL_MB_PER_S = 1.5, 50.0
 PREPARE = """
 import json, sys, time
 from pathlib import Path
-from model.data import find_sources, scan, write_tokens
+from model.training.data import find_sources, scan, write_tokens
 began = time.monotonic()
 sources = find_sources([sys.argv[1]], downloads=Path(sys.argv[2]))
 corpus = scan(sources)

@@ -6,9 +6,9 @@ Prints one table and the goals; see bench/README.md.
     .venv/bin/python bench/generation.py --sessions      # the bare loop under other session settings too
 
   f  the bare ONNX Runtime loop: session.run() on the artifact's graph, one character per call
-     for every stream, the states fed back, and the plain numpy sampler (model.sampling.pick, one
+     for every stream, the states fed back, and the plain numpy sampler (model.runtime.sampling.pick, one
      generator's draws for all rows): 1, 8, 32 and 128 streams, on the sessions the engine uses
-     (ONNX Runtime's threads not spinning; one thread below model.onnx_step.MIN_ROWS_PER_THREAD
+     (ONNX Runtime's threads not spinning; one thread below model.runtime.onnx_step.MIN_ROWS_PER_THREAD
      rows, one per core from there)
   c  the engine, one stream; d  the engine, 8, 32 and 128 streams stepped together
   a  naive: model.predict on the last 40 characters, once per character (keras.io / textgenrnn)
@@ -83,8 +83,8 @@ def graph_path(artifact: Path) -> tuple[Path, str]:
     if (artifact / "model.onnx").is_file():
         return artifact / "model.onnx", ""
     out = Path(tempfile.mkdtemp(prefix="chargen-bench-")) / "model.onnx"
-    code = ("import sys; from model import artifact; from model.onnx_graph import build_graph; "
-            "art = artifact.load(sys.argv[1], keras=True); open(sys.argv[2], 'wb').write(build_graph(art.model).SerializeToString())")
+    code = ("import sys; from model.training import artifacts; from model.training.onnx_graph import build_graph; "
+            "art = artifacts.load_keras(sys.argv[1]); open(sys.argv[2], 'wb').write(build_graph(art.model).SerializeToString())")
     subprocess.run([sys.executable, "-c", code, str(artifact), str(out)], check=True, cwd=ROOT, timeout=600)
     return out, f" (no model.onnx: graph built from model.keras into {out})"
 
@@ -103,7 +103,7 @@ class BareLoop:
     """`streams` streams on plain session.run() calls, primed with PROMPT."""
 
     def __init__(self, sess, names: list[str], layers: int, units: int, prompt_ids: np.ndarray, streams: int):
-        from model.sampling import pick
+        from model.runtime.sampling import pick
 
         self.sess, self.names, self.streams, self.pick = sess, names, streams, pick
         self.outputs = ["logits"] + [f"{n}_out" for n in names]
@@ -132,8 +132,8 @@ class BareLoop:
 
 class EngineLoop:
     def __init__(self, engine, streams: int):
-        from model.engine import GenerationRequest
-        from model.sampling import SamplingSettings
+        from model.runtime.engine import GenerationRequest
+        from model.runtime.sampling import SamplingSettings
 
         self.engine, self.streams = engine, streams
         self.batch = [engine.start(GenerationRequest(PROMPT, max_chars=10**9, sampling=SamplingSettings(TEMPERATURE), seed=i))
@@ -154,8 +154,8 @@ class EngineLoop:
 
 def prompt_ms(engine, prompt: str, repeats: int) -> tuple[float, float]:
     """Median milliseconds to consume `prompt` (engine.start) and to its first character."""
-    from model.engine import GenerationRequest
-    from model.sampling import SamplingSettings
+    from model.runtime.engine import GenerationRequest
+    from model.runtime.sampling import SamplingSettings
 
     consumed, first = [], []
     for seed in range(repeats + 1):
@@ -201,7 +201,7 @@ def memory_per_stream(engine, streams: int = 64) -> float:
 
 
 def naive(model, vocab, chars: int) -> float:
-    from model.sampling import SamplingSettings, next_ids
+    from model.runtime.sampling import SamplingSettings, next_ids
 
     settings, rng = SamplingSettings(TEMPERATURE), np.random.default_rng(0)
     ids = list(vocab.encode(PROMPT * 6).ids[-40:])
@@ -221,7 +221,7 @@ class OneStep:
         import keras
         import tensorflow as tf
 
-        from model.network import cell_layer
+        from model.training.network import cell_layer
 
         ids = keras.Input(batch_shape=(batch, None), dtype="int32")
         per_layer = 2 if config.cell == "lstm" else 1
@@ -306,12 +306,13 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from model import artifact as artifacts
-    from model.engine import Engine
-    from model.onnx_step import MIN_ROWS_PER_THREAD, make_session, providers
+    from model.runtime import artifact
+    from model.training import artifacts
+    from model.runtime.engine import Engine
+    from model.runtime.onnx_step import MIN_ROWS_PER_THREAD, make_session, providers
 
     try:
-        path, meta, vocab = artifacts.check(args.artifact, keras=True)  # model.onnx may be missing: built below
+        path, meta, vocab = artifact.check(args.artifact, keras=True)  # model.onnx may be missing: built below
     except artifacts.ArtifactError as e:
         sys.exit(f"error: {e}")
     graph, note = graph_path(path)
@@ -358,7 +359,7 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    model = artifacts.load(path, keras=True).model
+    model = artifacts.load_keras(path).model
     a = naive(model, vocab, args.naive_chars)
     one = OneStep(model, config, batch=1)
     one.run(prompt_ids, 5)  # trace

@@ -62,8 +62,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def engine_rate(artifact, streams: int, seconds: float, max_chars: int) -> float:
     """Characters per second of the in-process engine stepping `streams` streams together."""
-    from model.engine import Engine, GenerationRequest
-    from model.sampling import SamplingSettings
+    from model.runtime.engine import Engine, GenerationRequest
+    from model.runtime.sampling import SamplingSettings
 
     engine = Engine(artifact, max_batch=streams)
     sampling = SamplingSettings(temperature=TEMPERATURE)
@@ -293,7 +293,7 @@ def main() -> None:
     if args.nginx:
         return through_nginx(args, counts, modes, [int(r) for r in args.replicas.split(",")])
 
-    from model.artifact import load as load_artifact
+    from model.runtime.artifact import load as load_artifact
 
     artifact = load_artifact(args.artifact)
     c = artifact.config

@@ -1,5 +1,5 @@
 """How often samples loop, and what each sampling control does to it: greedy and low-temperature
-samples of the shipped model, with each control of model/sampling.py in turn. Prints the table in
+samples of the shipped model, with each control of model/runtime/sampling.py in turn. Prints the table in
 README.md (the API section).
 
     .venv/bin/python bench/repetition.py [--artifact artifacts/default] [--samples 200] [--chars 200]
@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.artifact import load  # noqa: E402
-from model.engine import Engine, GenerationRequest  # noqa: E402
-from model.sampling import SamplingSettings  # noqa: E402
+from model.runtime.artifact import load# noqa: E402
+from model.runtime.engine import Engine, GenerationRequest  # noqa: E402
+from model.runtime.sampling import SamplingSettings  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 FALLBACK = ["ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING RICHARD III:\n", "MENENIUS:\n"]

@@ -6,7 +6,7 @@ Prints one table; see bench/README.md.
     .venv/bin/python bench/training.py --backends jax --devices 1,8 --batch-size 512 --precision mixed_bfloat16
 
 Each configuration is a fresh process (the number of devices is fixed when a backend starts) that
-runs the real training code, model/train.py, on tinyshakespeare's token file: 2 x --steps steps
+runs the real training code, model/training/train.py, on tinyshakespeare's token file: 2 x --steps steps
 with an evaluation after each --steps. The first stretch includes compiling; the rate is the second
 one's (history.json's chars_per_second: training characters over the wall time of its fit(),
 loading the batches from the memory map included).
@@ -52,9 +52,9 @@ def flops_per_char(cell: str, layers: int, units: int, embedding: int, vocab: in
 def worker(spec: dict) -> dict:
     """One configuration, in this (fresh) process: train, then time a large matrix product."""
     sys.path.insert(0, str(ROOT))
-    from model.distribute import Cluster
-    from model.network import ModelConfig
-    from model.train import TrainSettings, train
+    from model.training.distribute import Cluster
+    from model.records.config import ModelConfig
+    from model.training.train import TrainSettings, train
 
     layers, units = MODELS[spec["model"]]
     with tempfile.TemporaryDirectory(prefix="chargen-bench-") as tmp:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import click
 
-from model.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K  # imports nothing
-from model.dynamic import DynamicSettings  # imports nothing heavy
-from model.recipe import PRESETS, SCHEDULES, Recipe  # imports nothing heavy
+from model.records.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K  # imports nothing
+from model.training.dynamic import DynamicSettings  # imports nothing heavy
+from model.records.config import PRESETS, SCHEDULES, Recipe# imports nothing heavy
 
 # backend -> how to install it with Keras (a serving install, `pip install -e .`, has neither)
 BACKENDS = {"tensorflow": "pip install -e '.[train]'", "jax": "pip install -e '.[jax]'"}
@@ -65,9 +65,9 @@ def _me() -> str:
 
 
 def _check_artifact(path: str, keras: bool = False):
-    """The artifact's own check (model/artifact.py), without Keras: its path, meta and vocabulary;
-    `keras=True` for the commands that will load its Keras network."""
-    from model import artifact
+    """The artifact's own check (model/runtime/artifact.py), without Keras: its path, meta and
+    vocabulary; `keras=True` for the commands that will load its Keras network."""
+    from model.runtime import artifact
 
     try:
         return artifact.check(path, keras=keras)
@@ -77,11 +77,17 @@ def _check_artifact(path: str, keras: bool = False):
 
 def _load_artifact(path: str, keras: bool = False):
     """The serving load (no Keras), or with `keras=True` the Keras network too."""
-    from model import artifact
+    from model.records.meta import ArtifactError
 
     try:
-        return artifact.load(path, keras=keras)
-    except artifact.ArtifactError as e:
+        if keras:
+            from model.training.artifacts import load_keras
+
+            return load_keras(path)
+        from model.runtime.artifact import load
+
+        return load(path)
+    except ArtifactError as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -211,9 +217,9 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
           min_lr, ema, **kwargs):
     """Train a model on CORPUS; the best checkpoint is kept as OUT/best."""
     _require_keras("train")
-    from model.distribute import Cluster
-    from model.network import ModelConfig
-    from model.train import RESUMABLE, TrainingError, TrainSettings, train as run  # Keras comes after its checks
+    from model.training.distribute import Cluster
+    from model.records.config import ModelConfig
+    from model.training.train import RESUMABLE, TrainingError, TrainSettings, train as run  # Keras comes after its checks
 
     try:  # what the click types let through (--dropout nan) is caught here
         config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
@@ -282,7 +288,7 @@ def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dy
     """
     import json
 
-    from model.data import CorpusError, read_text
+    from model.training.data import CorpusError, read_text
 
     given = [f"--{name.replace('_', '-')}" for name in ("dynamic_segment", "dynamic_lr", "dynamic_decay")
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
@@ -302,7 +308,7 @@ def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dy
             f"{text_path}: only {len(encoded.ids)} character(s) the model knows; at least 2 are needed to score"
         )
 
-    from model.evaluate import StreamScorer, window_loss
+    from model.training.evaluate import StreamScorer, window_loss
 
     loaded = _load_artifact(artifact_path, keras=True)
     scorer = StreamScorer()
@@ -317,7 +323,7 @@ def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dy
         "window": {"window": window, **windowed.to_dict()},
     }
     if dynamic:
-        from model.dynamic import dynamic_loss
+        from model.training.dynamic import dynamic_loss
 
         if not as_json:
             segments = -(-(len(encoded.ids) - 1) // settings.segment)
@@ -360,11 +366,12 @@ def export_command(artifact_path):
     runs it with ONNX Runtime, and so can anything else that runs ONNX (onnxruntime-web in a
     browser, for one). A damaged model.onnx is replaced; one that is up to date is left alone.
     """
-    from model import artifact
+    from model.runtime import artifact
+    from model.training import artifacts
 
     _require_keras("export")
     try:  # the artifact is checked (without its graph, which may be damaged) before Keras loads
-        graph, written = artifact.add_graph(artifact_path)
+        graph, written = artifacts.add_graph(artifact_path)
     except artifact.ArtifactError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # a read-only directory, a full disk
@@ -406,7 +413,7 @@ def prepare_command(source, out, expected_sha256, force, timeout, max_mb, top, a
     import json
     import math
 
-    from model.prepare import PrepareError, is_url, load_manifest, prepare, report
+    from model.training.prepare import PrepareError, is_url, load_manifest, prepare, report
 
     for name, value in (("--timeout", timeout), ("--max-mb", max_mb)):
         if not math.isfinite(value):  # the click type lets nan and inf through
@@ -457,13 +464,13 @@ def _finite(ctx, param, value):
               help="Where the network runs: cuda needs onnxruntime-gpu (without it: the CPU, with a warning).")
 def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, stop, no_prompt, device):
     """Print the prompt and a sampled continuation, character by character as it is generated."""
-    from model.sampling import SamplingSettings
+    from model.runtime.sampling import SamplingSettings
 
     settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p)  # the options checked them
     _check_artifact(artifact_path)
 
-    from model.engine import Engine
-    from model.streams import GenerationRequest
+    from model.runtime.engine import Engine
+    from model.runtime.streams import GenerationRequest
 
     try:
         engine = Engine(_load_artifact(artifact_path), max_batch=1, device=device)

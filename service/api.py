@@ -107,7 +107,7 @@ class Choice:
     text: str
     finish_reason: str
     logprobs: list  # [CharLogprob] of every character when asked for; empty for streamed answers (the chunks had them)
-    prompt_score: object = None  # model.streams.PromptScore of the choice's prompt, when asked for (prompt_logprobs)
+    prompt_score: object = None  # model.runtime.streams.PromptScore of the choice's prompt, when asked for (prompt_logprobs)
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Generation:
     def __init__(self, prompts: list[str], n: int, *, served, max_chars: int, sampling, seed: int | None,
                  stop: str | list[str] | tuple[str, ...] | None, logprobs: int, stream: bool, prompt_logprobs: int | None = None,
                  best_of: int | None = None, cache_at: list[tuple[int, ...]] | None = None):
-        from model.engine import GenerationRequest
+        from model.runtime.engine import GenerationRequest
 
         served.require_ready()
         st = state()
@@ -219,7 +219,7 @@ class Generation:
 def sampling_of(req, served):
     """The SamplingSettings of a request with the generation fields (the schemas' Adjusting and
     temperature, top_k, top_p); logit_bias is read against the model's vocabulary."""
-    from model.sampling import SamplingSettings
+    from model.runtime.sampling import SamplingSettings
 
     served.require_ready()
     return SamplingSettings(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
@@ -232,7 +232,7 @@ def logit_bias(biases: dict[str, float], vocab) -> tuple[tuple[int, float], ...]
     """{key: bias} -> ((id, bias), ...) as schemas.LOGIT_BIAS_DOC says: digits are an id, other keys
     text whose characters follow the prompt's rule; ids beyond the vocabulary name nothing; the
     biases of one character add up, within the bound."""
-    from model.sampling import MAX_BIAS
+    from model.runtime.sampling import MAX_BIAS
 
     total: dict[int, float] = {}
     for key, bias in biases.items():
@@ -254,7 +254,7 @@ class Reading:
 
 
 def reading(text: str, vocab) -> Reading:
-    """Vocab.encode's rule (model/vocab.py) applied one character at a time, keeping offsets:
+    """Vocab.encode's rule (model/records/vocab.py) applied one character at a time, keeping offsets:
     newlines normalized first (\r\n and \r are one \n, neither replaced nor dropped), then any
     character outside the vocabulary replaced by what Vocab.encode reads for it, or dropped."""
     index = vocab.index
@@ -370,9 +370,9 @@ def _logprobs(lps: list) -> list:
 def score():
     """How well the model predicts a text: the same figures as `chargen evaluate` on it (which
     predicts every character but the first, from the zero state), per character on request."""
-    from model.evaluate import LN2
-    from model.sampling import GREEDY
-    from model.vocab import normalize_newlines
+    from model.runtime.sampling import LN2
+    from model.runtime.sampling import GREEDY
+    from model.records.vocab import normalize_newlines
 
     st = state()
     req = read_json(st.schemas.score)

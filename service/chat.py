@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.vocab import normalize_newlines
+from model.records.vocab import normalize_newlines
 
 
 @dataclass(frozen=True)

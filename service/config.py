@@ -3,7 +3,7 @@
 Read by the gunicorn config in the master (bind, workers, threads) and by `create_app()` in every
 worker (everything). Values arrive as strings and are converted and checked here, so a typo such as
 CHARGEN_MAX_QUEUE=lots stops start-up with a message naming the variable. This module imports no
-Flask and no TensorFlow (model/defaults.py imports nothing): the gunicorn master reads it before
+Flask and no TensorFlow (model/records/defaults.py imports nothing): the gunicorn master reads it before
 forking.
 """
 
@@ -17,7 +17,7 @@ from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from model.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K
+from model.records.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K
 
 PREFIX = "CHARGEN_"
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ class Settings(BaseModel):
                                    "goes out at once); characters generated meanwhile are sent together.")
     stream_chunk_rate: float = Field(400.0, gt=0, description="Most chunks per second one worker sends over all its streams: "
                                      "with many streams, each stream's chunks come further apart and carry more characters.")
-    # defaults of the request fields (the built-in values are model/defaults.py's, which `chargen sample` uses too)
+    # defaults of the request fields (the built-in values are model/records/defaults.py's, which `chargen sample` uses too)
     default_max_chars: int = Field(DEFAULTS.max_chars, ge=1, description="max_chars (and max_tokens) when a request does not say.")
     default_temperature: float = Field(DEFAULTS.temperature, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False,
                                        description="temperature when a request does not say.")

@@ -15,7 +15,7 @@ Why these settings:
   main loop, not from request threads, so long streams are never killed by it.
 - Start-up. A worker that cannot load one of its models logs the loader's message and exits with
   status 4; gunicorn then stops at once ("App failed to load") with status 4. The check is the
-  loader's own (model/artifact.py), run in the worker, not a second, partial check in the master.
+  loader's own (model/runtime/artifact.py), run in the worker, not a second, partial check in the master.
 - Replacement workers (spawned after start-up: a worker was killed, or more were added, or a
   reload) wait until their model is loaded before they accept connections, so the running workers
   keep answering everything meanwhile. Workers of the first start accept at once and answer 503

@@ -224,7 +224,8 @@ def main(argv: list[str]) -> int:
         print("usage: python -m service.lifecycle take SOURCE TARGET [--check]")
         return 2
     source, target, check = argv[1], Path(argv[2]), argv[3:] == ["--check"]
-    from model.artifact import ArtifactError, resolve
+    from model.records.meta import ArtifactError
+    from model.runtime.artifact import resolve
 
     try:
         found = resolve(source).resolve()

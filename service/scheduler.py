@@ -289,9 +289,9 @@ class Scheduler:
         if self.settings.load_delay and self._closing.wait(self.settings.load_delay):
             raise RuntimeError("closed while loading")
         started = time.perf_counter()
-        from model.artifact import load
-        from model.engine import Engine, GenerationRequest
-        from model.sampling import SamplingSettings
+        from model.runtime.artifact import load
+        from model.runtime.engine import Engine, GenerationRequest
+        from model.runtime.sampling import SamplingSettings
 
         artifact = load(self.source.path)
         engine = Engine(artifact, max_batch=self.settings.max_batch, device=self.settings.device,

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from model.defaults import MAX_TEMPERATURE, MAX_TOP_K
-from model.sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_REPETITION_WINDOW, REPETITION_WINDOW
+from model.records.defaults import MAX_TEMPERATURE, MAX_TOP_K
+from model.runtime.sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_REPETITION_WINDOW, REPETITION_WINDOW
 
 if TYPE_CHECKING:
     from service.config import Models, Settings
@@ -31,7 +31,7 @@ MAX_BIAS_KEY = 64  # characters of one logit_bias key
 MAX_MESSAGES = 1024  # messages of one chat request
 MAX_ID = 2**31 - 1  # a character id (/v1/detokenize); ids at or beyond the vocabulary size are reported, not errors
 # OpenAI's bound on its endpoints, so that a request this server accepts is one OpenAI's API accepts
-# too; /v1/generate keeps model.defaults.MAX_TEMPERATURE.
+# too; /v1/generate keeps model.records.defaults.MAX_TEMPERATURE.
 MAX_OPENAI_TEMPERATURE = 2.0
 # The fixed bounds of the request fields (/info shows them; the configurable ones are its limits).
 BOUNDS = {"max_temperature": MAX_TEMPERATURE, "max_openai_temperature": MAX_OPENAI_TEMPERATURE, "max_top_k": MAX_TOP_K,
@@ -85,7 +85,7 @@ Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]
 
 
 class Adjusting(BaseModel):
-    """The sampling adjustments every generation endpoint takes (model/sampling.py applies them,
+    """The sampling adjustments every generation endpoint takes (model/runtime/sampling.py applies them,
     in this order: logit_bias, repetition_penalty, presence and frequency, then the temperature and
     min_p, top_k, top_p)."""
 

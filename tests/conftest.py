@@ -26,8 +26,8 @@ def pytest_configure(config):
 def train_tiny(out: Path, text: str, *, cell: str = "lstm", layers: int = 1, units: int = 32,
                epochs: int = 25, seq_len: int = 40, batch_size: int = 8, lr: float = 1e-2, **kw) -> Path:
     """Train a tiny model on `text` with the real training code; returns the best artifact's path."""
-    from model.network import ModelConfig
-    from model.train import TrainSettings, train
+    from model.records.config import ModelConfig
+    from model.training.train import TrainSettings, train
 
     corpus = out.parent / f"{out.name}-corpus.txt"
     corpus.write_text(text, encoding="utf-8")
@@ -99,7 +99,8 @@ def random_network(cell: str, layers: int, vocab_size: int, units: int = 24, see
     import keras
     import numpy as np
 
-    from model.network import ModelConfig, build_model
+    from model.records.config import ModelConfig
+    from model.training.network import build_model
 
     keras.utils.set_random_seed(seed + layers)
     model = build_model(ModelConfig(cell=cell, layers=layers, units=units, embedding=8), vocab_size)

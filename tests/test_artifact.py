@@ -19,12 +19,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from model import artifact
-from model.artifact import (ArtifactError, ArtifactMeta, ArtifactNotFound, BadMeta, BadVocab, CorpusInfo, CorruptGraph,
-                            CorruptModel, MissingFile, MissingGraph, UnsupportedFormat, VocabMismatch)
-from model.network import ModelConfig, build_model
-from model.onnx_graph import build_graph
-from model.vocab import Vocab
+from model.runtime import artifact
+from model.training import artifacts
+from model.records.meta import ArtifactError, ArtifactMeta, ArtifactNotFound, BadMeta, BadVocab, CorpusInfo, CorruptGraph, CorruptModel, MissingFile, MissingGraph, UnsupportedFormat, VocabMismatch
+from model.records.config import ModelConfig
+from model.training.network import build_model
+from model.training.onnx_graph import build_graph
+from model.records.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(cell="gru", layers=2, units=16, embedding=8)
@@ -39,7 +40,7 @@ def saved(tmp_path_factory):
     """An artifact of a randomly initialised network, and that network."""
     keras.utils.set_random_seed(3)
     model = build_model(CONFIG, len(VOCAB))
-    path = artifact.save(tmp_path_factory.mktemp("artifact") / "a", model, VOCAB, META)
+    path = artifacts.save(tmp_path_factory.mktemp("artifact") / "a", model, VOCAB, META)
     return path, model
 
 
@@ -52,7 +53,7 @@ def copy(saved, tmp_path) -> Path:
 def raises(cls, path: Path, names: str, keras: bool = True) -> ArtifactError:
     """The error of load(path, keras=keras): the Keras load unless said otherwise."""
     with pytest.raises(ArtifactError) as e:
-        artifact.load(path, keras=keras)
+        artifacts.load_keras(path) if keras else artifact.load(path)
     assert type(e.value) is cls, f"expected {cls.__name__}, got {type(e.value).__name__}: {e.value}"
     assert names in str(e.value), f"message should name {names}: {e.value}"
     return e.value
@@ -70,7 +71,7 @@ def graph_logits(onnx_path: Path, x: np.ndarray) -> np.ndarray:
 
 def test_round_trip_gives_identical_logits(saved):
     path, model = saved
-    loaded = artifact.load(path, keras=True)
+    loaded = artifacts.load_keras(path)
     assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.keras", "model.onnx", "vocab.json"]
     assert loaded.vocab.chars == VOCAB.chars
     assert loaded.config == CONFIG
@@ -100,8 +101,8 @@ def test_saved_network_is_for_inference_only(tmp_path):
     model = build_model(CONFIG, len(VOCAB))
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.train_on_batch(X[:, :-1], X[:, 1:])
-    path = artifact.save(tmp_path / "a", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=len(VOCAB)))
-    loaded = artifact.load(path, keras=True)
+    path = artifacts.save(tmp_path / "a", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=len(VOCAB)))
+    loaded = artifacts.load_keras(path)
     assert getattr(loaded.model, "optimizer", None) is None
     with zipfile.ZipFile(path / "model.keras") as z:
         assert sorted(z.namelist()) == ["config.json", "metadata.json", "model.weights.h5"]
@@ -114,26 +115,26 @@ def test_saved_network_is_for_inference_only(tmp_path):
 def test_a_run_directory_resolves_to_its_best_artifact(saved, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(saved[0], run / "artifacts" / "epoch-002")
-    artifact.point(run / "best", run / "artifacts" / "epoch-002")
+    artifacts.point(run / "best", run / "artifacts" / "epoch-002")
     assert artifact.load(run).path == run / "best"
 
 
 def test_save_refuses_an_existing_directory_and_leaves_nothing_half_written(saved, tmp_path):
     _, model = saved
     with pytest.raises(FileExistsError, match="already exists"):
-        artifact.save(saved[0], model, VOCAB, META)
+        artifacts.save(saved[0], model, VOCAB, META)
     target = tmp_path / "new"
     with pytest.raises(FileNotFoundError):  # fails part-way: after model.keras, while writing extras
-        artifact.save(target, model, VOCAB, META, extra_files={"no/such/dir": b"x"})
+        artifacts.save(target, model, VOCAB, META, extra_files={"no/such/dir": b"x"})
     assert list(tmp_path.iterdir()) == []  # neither the target nor its temporary directory
 
 
 def test_save_refuses_a_record_that_would_not_load(saved, tmp_path):
     _, model = saved
     with pytest.raises(ValueError, match="vocab_size is 3 but the vocabulary has 10"):
-        artifact.save(tmp_path / "a", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=3))
+        artifacts.save(tmp_path / "a", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=3))
     with pytest.raises(BadMeta, match="field 'parameters' must be a whole number, got 'many'"):
-        artifact.save(tmp_path / "b", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=len(VOCAB), parameters="many"))
+        artifacts.save(tmp_path / "b", model, VOCAB, ArtifactMeta(config=CONFIG, vocab_size=len(VOCAB), parameters="many"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -168,7 +169,7 @@ def test_missing_graph_says_how_to_add_it(copy):
     assert str(error) == (f"{copy}: missing model.onnx, the ONNX graph of the network that serving runs; "
                           f"add it (built from model.keras) with: .venv/bin/chargen export --artifact {copy}")
     # the Keras load (evaluation, training) still works without it
-    loaded = artifact.load(copy, keras=True)
+    loaded = artifacts.load_keras(copy)
     assert loaded.onnx_path is None and loaded.model is not None
     assert artifact.check(copy, keras=True)[0] == copy
 
@@ -385,7 +386,7 @@ def test_the_shipped_artifact_has_the_graph_of_its_weights():
     """artifacts/default/model.onnx (added by `chargen export`) is what export builds from its
     model.keras today, byte for byte, and serving loads it."""
     path = ROOT / "artifacts" / "default"
-    loaded = artifact.load(path, keras=True)
+    loaded = artifacts.load_keras(path)
     assert loaded.onnx_path == path / "model.onnx"
     assert build_graph(loaded.model).SerializeToString() == (path / "model.onnx").read_bytes()
     assert artifact.load(path).onnx_path == path / "model.onnx"
@@ -403,7 +404,7 @@ def test_check_and_the_module_need_no_keras(saved, tmp_path):
     (tmp_path / "broken" / "model.keras").write_bytes(b"not a zip")
     code = (
         "import sys\n"
-        "from model import artifact\n"
+        "from model.runtime import artifact\n"
         "path, meta, vocab = artifact.check(sys.argv[1])\n"
         "print(meta.config.cell, len(vocab))\n"
         "try:\n"
@@ -426,8 +427,8 @@ def test_check_and_the_module_need_no_keras(saved, tmp_path):
 
 def test_no_pickle_anywhere():
     """Artifacts are JSON plus a Keras archive loaded with safe_mode=True; nothing unpickles."""
-    for path in [*ROOT.glob("model/*.py"), *ROOT.glob("service/*.py")]:
+    for path in [*ROOT.glob("model/**/*.py"), *ROOT.glob("service/*.py")]:
         source = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib|marshal|shelve)\b", source, re.M), path
         assert "safe_mode=False" not in source, path
-    assert "safe_mode=True" in (ROOT / "model" / "artifact.py").read_text()
+    assert "safe_mode=True" in (ROOT / "model" / "training" / "artifacts.py").read_text()

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from conftest import PERIODIC
 
-from model import artifact
-from model.evaluate import StreamScorer
+from model.runtime import artifact
+from model.training import artifacts
+from model.training.evaluate import StreamScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARGEN = str(Path(sys.executable).with_name("chargen"))
@@ -28,11 +29,12 @@ TEXT = PERIODIC * 6
 SCORE = """
 import json, sys
 import keras, numpy as np
-from model import artifact
-from model.evaluate import StreamScorer
+from model.runtime import artifact
+from model.training import artifacts
+from model.training.evaluate import StreamScorer
 results = {"backend": keras.backend.backend()}
 for name, path in json.loads(sys.argv[1]).items():
-    loaded = artifact.load(path, keras=True)
+    loaded = artifacts.load_keras(path)
     ids = loaded.vocab.encode(sys.argv[2]).ids
     results[name] = {
         "logits": keras.ops.convert_to_numpy(loaded.model.predict_on_batch(ids[None, :])).tolist(),
@@ -43,11 +45,11 @@ print(json.dumps(results))
 
 
 def test_model_code_uses_keras_only():
-    """No backend-specific code in model/: Keras 3 layers and keras.ops only; except model/distribute.py,
+    """No backend-specific code in model/: Keras 3 layers and keras.ops only; except model/training/distribute.py,
     whose point is each backend's own distribution engine (MirroredStrategy, JAX's multi-process collectives)."""
     pattern = re.compile(r"^\s*(import|from)\s+(tensorflow|jax|torch)\b|\btf\.|\bjnp\.|\bjax\.", re.M)
     offenders = {}
-    for path in sorted((ROOT / "model").glob("*.py")):
+    for path in sorted((ROOT / "model").rglob("*.py")):
         if path.name == "distribute.py":
             continue
         hits = [m.group(0).strip() for m in pattern.finditer(path.read_text())]
@@ -57,7 +59,7 @@ def test_model_code_uses_keras_only():
 
 
 def logits_and_loss(path: Path) -> tuple[np.ndarray, float]:
-    loaded = artifact.load(path, keras=True)
+    loaded = artifacts.load_keras(path)
     ids = loaded.vocab.encode(TEXT).ids
     return keras.ops.convert_to_numpy(loaded.model.predict_on_batch(ids[None, :])), StreamScorer().loss(loaded.model, ids).nats
 

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import PERIODIC
 
-from model import artifact
+from model.runtime import artifact
 from chargen.cli import main
 
 CHARGEN = str(Path(sys.executable).with_name("chargen"))
@@ -135,7 +135,7 @@ def test_a_directory_of_files_with_held_out_ones(tmp_path):
 def test_a_directory_says_what_it_left_out_and_a_run_keeps_its_drop_control(tmp_path, capsys):
     """A directory like Debian's fortunes (links to its texts, binary indexes, bells and backspaces)
     trains in one try; the lines say what was left out, and --drop-control stays with the run."""
-    from model.train import RUN_FILE, TrainSettings, prepare
+    from model.training.train import RUN_FILE, TrainSettings, prepare
 
     texts = tmp_path / "texts"
     texts.mkdir()
@@ -187,8 +187,8 @@ def test_resume_in_an_empty_directory(tmp_path, corpus):
 
 def test_defaults_are_the_library_defaults(tmp_path, corpus):
     """`chargen train` with no flags trains what TrainSettings and ModelConfig describe."""
-    from model.network import ModelConfig
-    from model.train import TrainSettings
+    from model.records.config import ModelConfig
+    from model.training.train import TrainSettings
 
     run = tmp_path / "run"
     result = invoke("train", "--corpus", str(corpus), "--out", str(run), "--epochs", "1")
@@ -280,8 +280,8 @@ def test_killed_run_resumes_from_its_last_completed_epoch(tmp_path):
 
 def test_resume_refuses_a_changed_network_or_data_setting(tmp_path, corpus):
     """A resumed run keeps its settings; a differing flag is an error, not silently ignored."""
-    from model.network import ModelConfig
-    from model.train import RUN_FILE, TrainingError, TrainSettings, prepare
+    from model.records.config import ModelConfig
+    from model.training.train import RUN_FILE, TrainingError, TrainSettings, prepare
 
     run = tmp_path / "run"
     run.mkdir()

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.artifact import load
-from model.engine import Engine, GenerationRequest
-from model.sampling import SamplingSettings
+from model.runtime.artifact import load
+from model.runtime.engine import Engine, GenerationRequest
+from model.runtime.sampling import SamplingSettings
 from test_service import events
 from conftest import loaded_app
 

@@ -11,12 +11,12 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from model import data
-from model.data import (MIN_CORPUS_CHARS, SOURCES, TOKENS, CorpusError, TextDecoder, TokenCorpus, Windows,
+from model.training import data
+from model.training.data import (MIN_CORPUS_CHARS, SOURCES, TOKENS, CorpusError, TextDecoder, TokenCorpus, Windows,
                         decode_corpus, decode_text, find_sources, prepared, read_corpus, sample_pieces, sample_text,
                         scan, split_ids, streams, write_tokens)
-from model.prepare import KnownCorpus
-from model.vocab import Vocab
+from model.training.prepare import KnownCorpus
+from model.records.vocab import Vocab
 
 
 def test_read_corpus_normalizes_newlines_and_hashes_the_bytes(tmp_path):

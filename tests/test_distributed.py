@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from test_cli_train import words
 
 from chargen.cli import main
-from model import artifact
+from model.runtime import artifact
 
 CHARGEN = str(Path(sys.executable).with_name("chargen"))
 STEPS, EVERY = 20, 2
@@ -144,10 +144,10 @@ def invoke(*args: str, env: dict | None = None):
 
 
 def test_cluster_settings_come_from_flags_or_the_environment(tmp_path, monkeypatch):
-    import model.train
+    import model.training.train
 
     seen = {}
-    monkeypatch.setattr(model.train, "train", lambda settings, **kw: seen.update(kw))
+    monkeypatch.setattr(model.training.train, "train", lambda settings, **kw: seen.update(kw))
     corpus = tmp_path / "c.txt"
     corpus.write_text(words(1000))
     base = ["train", "--corpus", str(corpus), "--out", str(tmp_path / "run")]
@@ -186,7 +186,7 @@ def test_initialize_is_given_the_settings(monkeypatch):
     keras.distribution.initialize(), which hands them to jax.distributed.initialize()."""
     import keras
 
-    from model.distribute import Cluster, place
+    from model.training.distribute import Cluster, place
 
     calls = []
 

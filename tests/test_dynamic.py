@@ -1,4 +1,4 @@
-"""Dynamic evaluation (model/dynamic.py, `chargen evaluate --dynamic`): a copy of the weights adapts
+"""Dynamic evaluation (model/training/dynamic.py, `chargen evaluate --dynamic`): a copy of the weights adapts
 to the text as it is scored, on TensorFlow and on JAX; with lr 0 it is the static one-stream score;
 the artifact is never changed."""
 
@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import OTHER, PERIODIC
 
 from chargen.cli import main
-from model.dynamic import DynamicSettings
+from model.training.dynamic import DynamicSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = OTHER * 25  # repetitive, and not what tiny_artifact learned: there is something to adapt to
@@ -27,12 +27,13 @@ TEXT = OTHER * 25  # repetitive, and not what tiny_artifact learned: there is so
 MEASURE = """
 import json, sys
 import keras, numpy as np
-from model import artifact
-from model.dynamic import DynamicSettings, dynamic_loss
-from model.evaluate import StreamScorer
-from model.network import ModelConfig, build_model
+from model.training import artifacts
+from model.training.dynamic import DynamicSettings, dynamic_loss
+from model.training.evaluate import StreamScorer
+from model.records.config import ModelConfig
+from model.training.network import build_model
 
-loaded = artifact.load(sys.argv[1], keras=True)
+loaded = artifacts.load_keras(sys.argv[1])
 ids = loaded.vocab.encode(sys.argv[2]).ids
 gru = build_model(ModelConfig(cell="gru", layers=2, units=24, embedding=8, dropout=0.5), len(loaded.vocab))
 rng = np.random.default_rng(7)  # the same weights on both backends

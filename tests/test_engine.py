@@ -5,7 +5,7 @@ Exactness runs on tiny networks with random weights (no training): every cell an
 scaled up so states and predictions are far from trivial, but recurrent weights left at their
 orthogonal initialization so the dynamics are not chaotic (a chaotic network amplifies float32
 rounding in any two implementations, Keras against Keras on another backend included). Each
-network's graph is built with model.onnx_graph and written to a temporary directory, as
+network's graph is built with model.training.onnx_graph and written to a temporary directory, as
 `chargen export` writes an artifact's.
 """
 
@@ -21,14 +21,14 @@ import keras
 import numpy as np
 import pytest
 
-from model import network_step
-from model.artifact import Artifact
-from model.engine import CharLogprob, Engine, EngineFull, GenerationRequest, Stream
-from model.network_step import NetworkStep
-from model.onnx_graph import build_graph
-from model.onnx_step import MIN_ROWS_PER_THREAD
-from model.sampling import GREEDY, SamplingSettings, log_softmax, next_ids
-from model.vocab import Vocab
+from model.runtime import network_step
+from model.runtime.artifact import Artifact
+from model.runtime.engine import CharLogprob, Engine, EngineFull, GenerationRequest, Stream
+from model.runtime.network_step import NetworkStep
+from model.training.onnx_graph import build_graph
+from model.runtime.onnx_step import MIN_ROWS_PER_THREAD
+from model.runtime.sampling import GREEDY, SamplingSettings, log_softmax, next_ids
+from model.records.vocab import Vocab
 from conftest import random_network
 
 VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")
@@ -245,10 +245,10 @@ def test_stop_sequences_behave_as_in_reference_sampler(artifact_for, cell, layer
 
 
 def test_greedy_reproduces_the_learned_periodic_text(tiny_artifact):
-    from model.artifact import load
+    from model.training.artifacts import load_keras
     from conftest import PERIODIC
 
-    art = load(tiny_artifact, keras=True)  # the engine runs its model.onnx; Keras checks it below
+    art = load_keras(tiny_artifact)  # the engine runs its model.onnx; Keras checks it below
     stream = Engine(art).generate(GenerationRequest("the quick ", max_chars=200, sampling=GREEDY))
     assert stream.text == (PERIODIC * 6)[10:210]
     # the Keras model agrees at every position (its vocabulary is not VOCAB, so no KerasReference)
@@ -538,8 +538,8 @@ def test_the_engine_runs_without_keras_tensorflow_or_numba(artifact_for):
     art = artifact_for("lstm", 2)
     request = GenerationRequest("ab", max_chars=40, sampling=T1, seed=1)
     code = (
-        "import sys; from pathlib import Path; from model.artifact import Artifact; from model.vocab import Vocab\n"
-        "from model.engine import Engine, GenerationRequest; from model.sampling import SamplingSettings\n"
+        "import sys; from pathlib import Path; from model.runtime.artifact import Artifact; from model.records.vocab import Vocab\n"
+        "from model.runtime.engine import Engine, GenerationRequest; from model.runtime.sampling import SamplingSettings\n"
         f"art = Artifact(Path({str(art.path)!r}), None, Vocab({''.join(VOCAB.chars)!r}), {{}}, Path({str(art.onnx_path)!r}))\n"
         "stream = Engine(art).generate(GenerationRequest('ab', max_chars=40, sampling=SamplingSettings(1.0), seed=1))\n"
         "loaded = [m for m in ('keras', 'tensorflow', 'jax', 'numba', 'llvmlite', 'scipy', 'threadpoolctl') if m in sys.modules]\n"
@@ -559,7 +559,7 @@ def test_cuda_without_onnxruntime_gpu_runs_on_the_cpu_with_one_warning(artifact_
         pytest.skip("this ONNX Runtime has CUDA: the fallback is not reachable here")
     art = artifact_for("lstm", 2)
     request = GenerationRequest("ab", max_chars=80, sampling=T1, seed=3)
-    with caplog.at_level(logging.WARNING, logger="model.onnx_step"):
+    with caplog.at_level(logging.WARNING, logger="model.runtime.onnx_step"):
         engine = Engine(art, device="cuda")
     (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "CUDAExecutionProvider" in warning.getMessage() and "pip install onnxruntime-gpu" in warning.getMessage()
@@ -639,10 +639,10 @@ def test_requests_have_no_defaults_for_what_a_user_sets():
 
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_a_scored_prompt_has_the_keras_log_probs_of_each_character_after_the_first(artifact_for, monkeypatch, chunk):
-    import model.engine
+    import model.runtime.engine
 
     if chunk:  # long texts are fed in chunks: the state carries across them
-        monkeypatch.setattr(model.engine, "PROMPT_CHUNK", chunk)
+        monkeypatch.setattr(model.runtime.engine, "PROMPT_CHUNK", chunk)
     art = artifact_for("gru", 2)
     text = "to be, or not to be, that is the question."
     ids = VOCAB.encode(text).ids.tolist()

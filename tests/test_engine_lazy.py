@@ -12,11 +12,11 @@ import time
 import pytest
 
 from conftest import random_network
-from model.artifact import Artifact
-from model.engine import UNREAD, Engine, GenerationRequest
-from model.onnx_graph import build_graph
-from model.sampling import SamplingSettings
-from model.vocab import Vocab
+from model.runtime.artifact import Artifact
+from model.runtime.engine import UNREAD, Engine, GenerationRequest
+from model.training.onnx_graph import build_graph
+from model.runtime.sampling import SamplingSettings
+from model.records.vocab import Vocab
 
 VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")
 T1 = SamplingSettings(temperature=1.0)

@@ -98,10 +98,10 @@ def test_a_deadline_scores_a_prefix_of_whole_groups(tiny_artifact):
 
     import numpy as np
 
-    from model import artifact
-    from model.evaluate import StreamScorer
+    from model.training import artifacts
+    from model.training.evaluate import StreamScorer
 
-    loaded = artifact.load(tiny_artifact, keras=True)
+    loaded = artifacts.load_keras(tiny_artifact)
     ids = loaded.vocab.encode(PERIODIC * 400).ids  # 18,000 characters
     scorer = StreamScorer(n_streams=16, batch=4)  # 16 streams of 1,125 characters, 4 per call
     assert scorer.groups(ids) == 4 and scorer.scored(ids) == 16 * 1124
@@ -119,10 +119,10 @@ def test_window_256_is_nanogpts_block_of_257_characters(tiny_artifact):
     from one character, its last from 256; only whole blocks count."""
     import keras
 
-    from model import artifact
-    from model.evaluate import StreamScorer, nats_of, window_loss
+    from model.training import artifacts
+    from model.training.evaluate import StreamScorer, nats_of, window_loss
 
-    loaded = artifact.load(tiny_artifact, keras=True)
+    loaded = artifacts.load_keras(tiny_artifact)
     ids = loaded.vocab.encode((PERIODIC + "the lazy fox.\n") * 11).ids  # 649 characters
     total = 0.0
     for start in (0, 256):  # the last 136 targets do not fill a block

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from chargen.cli import main
-from model import artifact
+from model.runtime import artifact
+from model.training import artifacts
 
 
 def export(path: Path):
@@ -61,7 +62,7 @@ def test_export_replaces_a_damaged_graph(tiny_artifact, old):
 def test_export_of_a_run_directory_writes_its_best_artifact(old, tmp_path):
     run = tmp_path / "run"
     shutil.move(old, run / "artifacts" / "epoch-003")
-    artifact.point(run / "best", run / "artifacts" / "epoch-003")
+    artifacts.point(run / "best", run / "artifacts" / "epoch-003")
     result = export(run)
     assert result.exit_code == 0, result.output
     assert (run / "artifacts" / "epoch-003" / "model.onnx").is_file() and not (run / "model.onnx").exists()
@@ -93,7 +94,7 @@ def test_a_failed_write_leaves_the_old_graph_and_no_temporary_file(old, monkeypa
     def refuse(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(artifact.os, "replace", refuse)
+    monkeypatch.setattr(artifacts.os, "replace", refuse)
     result = export(old)
     assert result.exit_code == 1
     assert result.output == f"Error: {old / 'model.onnx'}: cannot be written: No space left on device\n"

@@ -17,9 +17,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from model.onnx_graph import GRAPH_FORMAT, OPSET, build_graph, check_graph
-from model.sampling import log_softmax
-from model.vocab import Vocab
+from model.training.onnx_graph import GRAPH_FORMAT, OPSET, build_graph, check_graph
+from model.runtime.sampling import log_softmax
+from model.records.vocab import Vocab
 from conftest import random_network
 
 VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")
@@ -141,9 +141,9 @@ def test_batch_and_length_are_dynamic_and_rows_do_not_depend_on_their_batch():
 
 
 def test_a_trained_artifact_greedy_text_and_log_probs_match_keras(tiny_artifact):
-    from model.artifact import load
+    from model.training.artifacts import load_keras
 
-    art = load(tiny_artifact, keras=True)
+    art = load_keras(tiny_artifact)
     sess = session(build_graph(art.model).SerializeToString())
     ids = art.vocab.encode("the quick").ids.astype(np.int64)[None]
     logits, state = run(sess, ids, zero_state("lstm", 1, 1, units=32))
@@ -292,7 +292,7 @@ def test_checking_imports_neither_keras_nor_tensorflow(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(case("gru", 2)[1])
     code = (
-        "import sys; from model.onnx_graph import check_graph; "
+        "import sys; from model.training.onnx_graph import check_graph; "
         f"check_graph({str(path)!r}, cell='gru', layers=2, units={UNITS}, vocab_size={V}); "
         "bad = [m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules]; assert not bad, bad"
     )

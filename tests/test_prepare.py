@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from chargen.cli import main
-from model.prepare import MANIFEST, KnownCorpus, PrepareError, load_manifest, prepare, report
+from model.training.prepare import MANIFEST, KnownCorpus, PrepareError, load_manifest, prepare, report
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 4

@@ -1,4 +1,4 @@
-"""The prompt-state cache (model/prompt_cache.py) and the engine reading prompts through it: the
+"""The prompt-state cache (model/runtime/prompt_cache.py) and the engine reading prompts through it: the
 longest cached prefix, bytes bounded, least recently used evicted, and the same text with and
 without it."""
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from test_engine import T1, VOCAB, random_artifact
 
-from model.engine import Engine, GenerationRequest
-from model.network_step import State
-from model.prompt_cache import MIN_CHARS, PromptCache
-from model.sampling import GREEDY, SamplingSettings
+from model.runtime.engine import Engine, GenerationRequest
+from model.runtime.network_step import State
+from model.runtime.prompt_cache import MIN_CHARS, PromptCache
+from model.runtime.sampling import GREEDY, SamplingSettings
 
 
 @pytest.fixture(scope="module")

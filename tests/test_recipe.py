@@ -1,4 +1,4 @@
-"""The training recipe (model/recipe.py): weight drop and every dropout change training only (the
+"""The training recipe (model/training/recipe.py): weight drop and every dropout change training only (the
 network served is the plain one, the same weights); locked dropout shares its mask over time; the
 learning-rate schedules; AdamW leaving biases alone; the moving average of the weights is what is
 validated and published while training goes on from the raw weights; run.json and meta.json record
@@ -23,16 +23,13 @@ from click.testing import CliRunner
 from test_cli_train import words
 
 from chargen.cli import main
-from model import artifact
-from model.network import (
-    ModelConfig,
-    build_model,
-    cell_layer,
-    copy_weights,
-    trainable_weights,
-)
-from model.recipe import Recipe, _classes, averaged_weights, custom_objects, optimizer
-from model.train import RUN_FILE, TrainingError, TrainSettings, prepare
+from model.runtime import artifact
+from model.training import artifacts
+from model.records.config import ModelConfig
+from model.training.network import build_model, cell_layer, copy_weights, trainable_weights
+from model.records.config import Recipe
+from model.training.recipe import _classes, averaged_weights, custom_objects, optimizer
+from model.training.train import RUN_FILE, TrainingError, TrainSettings, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARGEN = str(Path(sys.executable).with_name("chargen"))
@@ -281,7 +278,7 @@ def test_the_artifact_has_the_better_of_the_average_and_the_raw_weights(run):
     scores = {"average": row["val_average_nats_per_char"], "raw": row["val_raw_nats_per_char"]}
     assert scores["average"] != scores["raw"] and row["val_nats_per_char"] == min(scores.values())
     assert row["weights"] == min(scores, key=scores.get)
-    published = artifact.load(run, keras=True)
+    published = artifacts.load_keras(run)
     checkpoint = load_checkpoint(run)
     assert int(numpy(checkpoint.optimizer.iterations)) == 6
     raw, average = trainable_weights(checkpoint), averaged_weights(checkpoint)
@@ -303,9 +300,9 @@ def test_validation_scores_the_average_and_the_raw_weights(run, corpus, tmp_path
     assert scored["chars"] == recorded["val_chars_scored"] + 1
     assert scored["nats_per_char"] == pytest.approx(recorded["val_nats_per_char"], abs=2e-5)
     # each of the two figures is its weights' own, scored as chargen evaluate scores them
-    from model.evaluate import StreamScorer
+    from model.training.evaluate import StreamScorer
 
-    loaded = artifact.load(run, keras=True)
+    loaded = artifacts.load_keras(run)
     checkpoint = load_checkpoint(run)
     ids = loaded.vocab.encode(held_out.read_text()).ids
     for weights, column in [(trainable_weights(checkpoint), "val_raw_nats_per_char"),
@@ -325,10 +322,10 @@ def test_the_whole_validation_at_the_end_scores_the_weights_the_artifact_kept(tm
     history = json.loads((out / "history.json").read_text())
     assert history[-1]["weights"] == "raw" and history[-1]["val_chars_scored"] < 1000  # this run's choice
     whole = json.loads((out / "state.json").read_text())["best"]["whole_validation"]
-    from model.evaluate import StreamScorer
+    from model.training.evaluate import StreamScorer
 
     text = corpus.read_text()
-    loaded, checkpoint = artifact.load(out, keras=True), load_checkpoint(out)
+    loaded, checkpoint = artifacts.load_keras(out), load_checkpoint(out)
     ids = loaded.vocab.encode(text[int(len(text) * 0.5):]).ids
     scores = {}
     for name, weights in [("raw", trainable_weights(checkpoint)), ("average", averaged_weights(checkpoint))]:
@@ -370,7 +367,7 @@ def test_the_artifact_is_a_plain_network(run, tmp_path):
 
     served = artifact.load(best)  # the serving load: model.onnx checked against meta.json, no Keras network
     assert served.model is None and served.onnx_path == best / "model.onnx"
-    loaded = artifact.load(best, keras=True)
+    loaded = artifacts.load_keras(best)
     names = [layer.name for layer in loaded.model.layers]
     assert names == ["chars", "embedding", "rnn_1", "dropout_1", "rnn_2", "logits"]
     assert loaded.config == ModelConfig(cell="lstm", layers=2, units=16, embedding=8, dropout=0.2)
@@ -395,7 +392,7 @@ def test_weight_drop_alone_scores_and_publishes_the_plain_network(tmp_path, corp
     assert result.exit_code == 0, result.output
     row = json.loads((out / "history.json").read_text())[-1]
     assert row["samples"] and all(sample["text"] for sample in row["samples"])
-    published = artifact.load(out, keras=True)
+    published = artifacts.load_keras(out)
     assert type(published.model.get_layer("rnn_1")) is keras.layers.LSTM
     for w, p in zip(trainable_weights(load_checkpoint(out)), trainable_weights(published.model)):
         np.testing.assert_array_equal(p, w)  # no average: the weights trained
@@ -473,7 +470,7 @@ def test_resume_keeps_the_recipe_and_refuses_a_changed_one(run, corpus, tmp_path
     opt = checkpoint.optimizer
     assert type(opt).__name__ == "AveragedAdamW" and opt.use_ema and opt.ema_momentum == 0.9 and opt.weight_decay == 0.1
     assert json.loads((copy / RUN_FILE).read_text())["recipe"] == ALL_RECIPE.to_dict()
-    best = artifact.load(copy, keras=True)
+    best = artifacts.load_keras(copy)
     # still learning fast: the last is the best, with the weights its evaluation chose: the raw ones
     # or the average the checkpoint's optimizer carried on (restored, not started again)
     assert history[2]["val_nats_per_char"] < history[1]["val_nats_per_char"] < history[0]["val_nats_per_char"]
@@ -610,7 +607,7 @@ def test_every_recipe_flag_trains_on_jax(tmp_path, corpus):
     checkpoint = load_checkpoint(out)
     assert type(checkpoint.get_layer("rnn_2")).__name__ == "WeightDroppedLSTM"
     assert type(checkpoint.optimizer).__name__ == "AveragedAdamW" and int(numpy(checkpoint.optimizer.iterations)) == 3
-    published = trainable_weights(artifact.load(out, keras=True).model)
+    published = trainable_weights(artifacts.load_keras(out).model)
     raw, average = trainable_weights(checkpoint), averaged_weights(checkpoint)
     assert max(np.abs(w - a).max() for w, a in zip(raw, average)) > 1e-4  # an average of its own, as on TensorFlow
     for w, p in zip(average if history[0]["weights"] == "average" else raw, published):  # the better one

@@ -1,4 +1,4 @@
-"""Samples while training (model/samples.py): the novelty index of the training text, sampling the
+"""Samples while training (model/training/samples.py): the novelty index of the training text, sampling the
 network being trained as `chargen sample` does, and the log lines."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.artifact import Artifact
-from model.engine import Engine, GenerationRequest
-from model.onnx_graph import build_graph
-from model.samples import BUDGET, Novelty, format_samples, samples
-from model.sampling import SamplingSettings
-from model.vocab import Vocab
+from model.runtime.artifact import Artifact
+from model.runtime.engine import Engine, GenerationRequest
+from model.training.onnx_graph import build_graph
+from model.training.samples import BUDGET, Novelty, format_samples, samples
+from model.runtime.sampling import SamplingSettings
+from model.records.vocab import Vocab
 from conftest import random_network
 
 VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")

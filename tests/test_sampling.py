@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from model.sampling import GREEDY, Adjustments, SamplingSettings, log_softmax, next_ids, pick, probabilities
+from model.runtime.sampling import GREEDY, Adjustments, SamplingSettings, log_softmax, next_ids, pick, probabilities
 
 RNG = np.random.default_rng(1234)
 LOGITS = RNG.normal(0.0, 2.0, size=(16, 30)).astype(np.float32)  # 16 rows over 30 characters
@@ -41,7 +41,7 @@ def test_settings_that_cannot_be_sampled_are_refused(kwargs):
 
 def test_the_temperature_has_no_default_and_the_filters_default_to_off():
     with pytest.raises(TypeError):
-        SamplingSettings()  # the caller says (model/defaults.py: the command line's and the service's)
+        SamplingSettings()  # the caller says (model/records/defaults.py: the command line's and the service's)
     assert SamplingSettings(1.0) == SamplingSettings(1.0, top_k=0, top_p=1.0) and GREEDY.greedy
 
 
@@ -162,7 +162,7 @@ def test_a_top_p_below_the_slack_keeps_the_most_likely_character():
 
 
 def test_a_batch_of_mixed_settings_is_one_vectorized_pick_equal_to_each_row_alone():
-    """The engine's path: per-row arrays into model.sampling.pick, greedy and filtered rows mixed."""
+    """The engine's path: per-row arrays into model.runtime.sampling.pick, greedy and filtered rows mixed."""
     rng = np.random.default_rng(7)
     logits = rng.normal(0, 3, (64, 30)).astype(np.float32)
     temperature = rng.choice([0.0, 0.5, 1.0, 2.0], 64)
@@ -224,7 +224,7 @@ def test_tiny_temperature_does_not_overflow():
 
 def reference_distribution(logits, settings: SamplingSettings, recent=None, generated=None) -> np.ndarray:
     """The distribution a row is sampled from, computed plainly, character by character, from the
-    definitions in model/sampling.py's docstring (OpenAI's penalties, llama.cpp's repeat penalty)."""
+    definitions in model/runtime/sampling.py's docstring (OpenAI's penalties, llama.cpp's repeat penalty)."""
     V = len(logits)
     recent = [0] * V if recent is None else list(recent)
     generated = [0] * V if generated is None else list(generated)
@@ -365,7 +365,7 @@ def test_sample_greedy_reproduces_the_periodic_text(cli, tiny_artifact):
 
 
 def test_sample_takes_its_defaults_from_model_defaults(cli, tiny_artifact):
-    from model.defaults import DEFAULTS
+    from model.records.defaults import DEFAULTS
 
     result = cli("sample", "--artifact", str(tiny_artifact), "--prompt", "the quick ", "--temperature", "0", "--no-prompt")
     assert result.exit_code == 0, result.output
@@ -421,7 +421,7 @@ def test_sample_unknown_prompt_characters_are_dropped_with_a_note(cli, tiny_arti
         (["--temperature", "-1"], "--temperature"),
         (["--temperature", "nan"], "temperature"),
         (["--temperature", "inf"], "temperature"),
-        (["--temperature", "11"], "--temperature"),  # above model.defaults.MAX_TEMPERATURE
+        (["--temperature", "11"], "--temperature"),  # above model.records.defaults.MAX_TEMPERATURE
         (["--temperature", "warm"], "--temperature"),
         (["--top-k", "-2"], "--top-k"),
         (["--top-k", "1.5"], "--top-k"),

@@ -1,5 +1,5 @@
 """Scoring a text: POST /v1/score and /v1/completions with echo and logprobs (max_tokens 0 too)
-give the figures of `chargen evaluate` (model/evaluate.py's StreamScorer on the Keras model)."""
+give the figures of `chargen evaluate` (model/training/evaluate.py's StreamScorer on the Keras model)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import PERIODIC, loaded_app
 
 from chargen.cli import main
-from model.data import streams
+from model.training.data import streams
 
 AGREE = 1e-4  # nats per character, the issue's bound
 

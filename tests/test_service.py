@@ -278,8 +278,8 @@ def test_the_loop_hands_over_one_chunk_per_choice(app):
     """A reader that falls behind gets, per read, one chunk per choice with all that choice's text and
     logprobs since its last read (not one chunk per hand-over it missed, nor characters of
     several choices mixed)."""
-    from model.engine import GenerationRequest
-    from model.sampling import SamplingSettings
+    from model.runtime.engine import GenerationRequest
+    from model.runtime.sampling import SamplingSettings
     from service.scheduler import Job
 
     scheduler = app.extensions["chargen"].scheduler
@@ -618,7 +618,7 @@ def test_building_the_app_starts_no_thread_and_loads_no_model(tiny_artifact):
         "r = app.test_client().get('/openapi.json')\n"
         "assert r.status_code == 200 and r.get_json()['openapi'].startswith('3.'), r.status_code\n"
         "print([t.name for t in threading.enumerate() if t is not threading.main_thread()],\n"
-        "      [m for m in ('tensorflow', 'keras', 'model.engine', 'model.artifact') if m in sys.modules])\n")
+        "      [m for m in ('tensorflow', 'keras', 'model.runtime.engine', 'model.runtime.artifact') if m in sys.modules])\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=server_env(tiny_artifact), capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-3000:]

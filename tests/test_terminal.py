@@ -11,7 +11,7 @@ import pytest
 from conftest import PERIODIC
 from terminal import CHARGEN, run_on_terminal
 
-from model import artifact
+from model.runtime import artifact
 
 
 @pytest.fixture

@@ -18,9 +18,10 @@ import pytest
 from conftest import PERIODIC, train_tiny
 from test_cli_train import words
 
-from model import artifact
-from model.network import ModelConfig
-from model.train import TrainSettings, _Budget, train
+from model.runtime import artifact
+from model.training import artifacts
+from model.records.config import ModelConfig
+from model.training.train import TrainSettings, _Budget, train
 
 
 def greedy(loaded: artifact.Artifact, prompt: str, max_chars: int) -> str:
@@ -62,7 +63,7 @@ def cells(tmp_path_factory, tiny_artifact) -> dict[str, Path]:
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_each_cell_learns_a_periodic_text(cells, cell):
-    loaded = artifact.load(cells[cell], keras=True)
+    loaded = artifacts.load_keras(cells[cell])
     assert loaded.config.cell == cell and loaded.config.layers == 1
     assert loaded.meta.validation.nats_per_char < 0.05
     prompt = PERIODIC[:20]  # past "the quick", so the next "the" is known to be "the lazy"
@@ -126,7 +127,7 @@ def test_a_cut_short_evaluation_is_recorded_as_partial_and_never_chosen(tmp_path
     from chargen.cli import main
     from click.testing import CliRunner
 
-    from model.train import _Validation
+    from model.training.train import _Validation
 
     monkeypatch.setattr(_Budget, "validate_until", lambda self: 0.0)
     monkeypatch.setattr(_Validation, "CALL_BYTES", 1)  # one stream a network call: 64 calls an evaluation
@@ -212,7 +213,7 @@ def test_early_stopping_then_resume_does_not_train_more(tmp_path, capsys):
     # unrecorded artifact that `best` points to, plus temporary files; --resume tidies them away.
     stray = run / "artifacts" / "epoch-099"
     shutil.copytree(run / "best", stray)
-    artifact.point(run / "best", stray)
+    artifacts.point(run / "best", stray)
     (run / "artifacts" / ".epoch-100.tmp-x1y2").mkdir()
     (run / ".tmp-checkpoint.keras").write_bytes(b"half")
     (run / ".state.json.tmp").write_text("{")
@@ -254,7 +255,7 @@ class Killed(Exception):
 
 
 def killing_at(at: int, monkeypatch):
-    import model.train as training
+    import model.training.train as training
 
     made = training._callbacks
 
@@ -338,7 +339,7 @@ def test_a_cut_short_whole_validation_is_not_recorded_and_resume_scores_it(tmp_p
     """Evaluations score a sample of the validation text; at the end the best model is scored on all
     of it within what is left of --max-minutes. When the budget cuts that short, the prefix's loss is
     not recorded as the whole text's; --resume scores it."""
-    from model.train import _Validation
+    from model.training.train import _Validation
 
     with monkeypatch.context() as patched:
         patched.setattr(_Budget, "validate_until", lambda self: 0.0)
@@ -361,7 +362,7 @@ def test_mixed_precision_trains_and_publishes_float32(tmp_path):
     checkpoint = keras.saving.load_model(tmp_path / "run" / "checkpoint.keras", compile=True, safe_mode=True)
     assert checkpoint.get_layer("rnn_1").compute_dtype == "bfloat16"
     assert checkpoint.get_layer("logits").compute_dtype == "float32"  # Keras' advice for the last layer
-    loaded = artifact.load(best, keras=True)
+    loaded = artifacts.load_keras(best)
     assert {layer.dtype_policy.name for layer in loaded.model.layers} == {"float32"}
     assert {w.dtype for w in loaded.model.get_weights()} == {np.dtype("float32")}
     assert loaded.onnx_path is not None and loaded.meta.validation.nats_per_char > 0
@@ -378,7 +379,7 @@ def test_a_second_run_reuses_the_token_file_and_a_changed_corpus_is_noticed(tmp_
     assert f"reusing the token file in {data} (the same files" in capsys.readouterr().out
     assert (data / "tokens.bin").stat().st_mtime_ns == tokens.st_mtime_ns
     (tmp_path / "words.txt").write_text(words(6_000, seed=4))
-    from model.train import TrainingError
+    from model.training.train import TrainingError
 
     with pytest.raises(TrainingError, match="has changed since the run started"):
         train(step_settings(tmp_path, max_steps=4, epochs=1, data=str(data)), resume=True, verbose=0)

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from model.defaults import MAX_TEMPERATURE, MAX_TOP_K
-from model.sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_REPETITION_WINDOW
+from model.records.defaults import MAX_TEMPERATURE, MAX_TOP_K
+from model.runtime.sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_REPETITION_WINDOW
 from server import continuation
 from service.app import create_app
 from service.config import SettingsError

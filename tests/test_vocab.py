@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from model.vocab import Vocab, normalize_newlines
+from model.records.vocab import Vocab, normalize_newlines
 
 
 def test_from_text_is_sorted_and_unique():

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.vocab import Vocab, normalize_newlines
+from model.records.vocab import Vocab, normalize_newlines
 
 MIN_CORPUS_CHARS = 200  # below this there is nothing to learn and nothing to validate on
 CHUNK_BYTES = 4 * 2**20  # read at a time: memory stays flat whatever the size of a file
@@ -303,7 +303,7 @@ def find_sources(corpus: list[str] | tuple[str, ...], *, include=(), exclude=(),
             given.append((arg, path.name, False, [SourceFile(path, arg)]))
         else:
             if manifest is None:
-                from model.prepare import PrepareError, load_manifest  # prepare imports this module
+                from model.training.prepare import PrepareError, load_manifest  # prepare imports this module
 
                 try:
                     manifest = load_manifest()
@@ -485,7 +485,7 @@ class _FileText:
 
 
 def _download(file: SourceFile) -> None:
-    from model.prepare import PrepareError, fetch
+    from model.training.prepare import PrepareError, fetch
 
     print(f"fetching {file.url} ...", flush=True)
     try:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # imported where used: the command line reads DynamicSettings
     import keras
     import numpy as np
 
-    from model.evaluate import Loss
+    from model.training.evaluate import Loss
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def dynamic_loss(model: keras.Model, ids: np.ndarray, settings: DynamicSettings 
     import keras
     import numpy as np
 
-    from model.evaluate import Loss, nats_of
+    from model.training.evaluate import Loss, nats_of
 
     if len(ids) < 2:
         raise ValueError("need at least two characters to score")

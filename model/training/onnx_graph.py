@@ -75,9 +75,9 @@ def signature(cell: str, layers: int, units: int, vocab_size: int) -> tuple[list
 
 
 def weights_of(model) -> Weights:
-    """The weights of a Keras chargen network (model.network.build_model's layers), after checking
+    """The weights of a Keras chargen network (model.training.network.build_model's layers), after checking
     that its layers are ones the ONNX operators compute exactly."""
-    from model.network import config_of  # here, not above: checking a graph never loads the Keras side
+    from model.training.network import config_of# here, not above: checking a graph never loads the Keras side
 
     config = config_of(model)
     rnn = []

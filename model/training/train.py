@@ -1,7 +1,7 @@
 """The training run: batches, optimizer, validation, checkpoints, resume, history.
 
 A run counts optimizer steps. An epoch is as many steps as cover the training text once (each step
-a batch of windows at random offsets, model/data.py's Windows); the run evaluates every
+a batch of windows at random offsets, model/training/data.py's Windows); the run evaluates every
 --eval-every steps (by default once an epoch) and at its end, and stops after --epochs epochs,
 --max-steps steps, --max-minutes minutes or --patience evaluations without a better validation loss.
 Each evaluation scores a fixed sample of the validation text (--eval-chars; all of it when the
@@ -10,7 +10,7 @@ the best model is scored on the whole validation text once at the end.
 
 A run directory holds:
     run.json           the settings and command line the run was started with
-    data/              the corpus as a token file (model/data.py; --data puts it elsewhere)
+    data/              the corpus as a token file (model/training/data.py; --data puts it elsewhere)
     checkpoint.keras   the model with its optimizer state at the last evaluation
     state.json         step, best validation loss, history (written after checkpoint.keras)
     best -> artifacts/epoch-NNN (or step-NNNNNNNN)   the artifact with the lowest validation loss so far
@@ -22,7 +22,7 @@ SIGKILL, power loss) leaves the previous evaluation's files intact, and `--resum
 there, mid-epoch if need be, with the batches the uninterrupted run would have had.
 A published artifact is never written to again.
 
-Several devices and processes: model/distribute.py. Only process 0 writes the run directory.
+Several devices and processes: model/training/distribute.py. Only process 0 writes the run directory.
 
 Importing this module does not import Keras: `prepare()` checks settings and corpus first, so the
 command line reports a mistake before the backend loads; `train()` imports Keras after that.
@@ -47,15 +47,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model import artifact
-from model.artifact import ArtifactMeta, CorpusInfo, SplitInfo, TrainingInfo, ValidationInfo, Versions
-from model.data import (CorpusError, CorpusScan, Sources, TokenCorpus, Windows, find_sources, prepared,
+from model.training import artifacts
+from model.records.meta import ArtifactMeta, CorpusInfo, SplitInfo, TrainingInfo, ValidationInfo, Versions
+from model.training.data import (CorpusError, CorpusScan, Sources, TokenCorpus, Windows, find_sources, prepared,
                         sample_pieces, sample_text, scan, split_lengths, write_tokens)
-from model.distribute import Cluster, Placement, PlacementError, before_keras, place
-from model.evaluate import LN2, Loss, StreamScorer
-from model.network import ModelConfig, build_model, copy_weights, count_parameters, trainable_weights
-from model.recipe import Recipe, averaged_weights, custom_objects, optimizer
-from model.samples import TEMPERATURES, Novelty, format_samples, samples
+from model.training.distribute import Cluster, Placement, PlacementError, before_keras, place
+from model.training.evaluate import LN2, Loss, StreamScorer
+from model.records.config import ModelConfig
+from model.training.network import build_model, copy_weights, count_parameters, trainable_weights
+from model.records.config import Recipe
+from model.training.recipe import averaged_weights, custom_objects, optimizer
+from model.training.samples import TEMPERATURES, Novelty, format_samples, samples
 
 if TYPE_CHECKING:
     import keras
@@ -72,7 +74,7 @@ class TrainingError(ValueError):
 
 @dataclass
 class TrainSettings:
-    corpus: list[str]  # files, directories, names of known corpora (model/data.py's find_sources)
+    corpus: list[str]  # files, directories, names of known corpora (model/training/data.py's find_sources)
     out: str
     config: ModelConfig = field(default_factory=ModelConfig)
     recipe: Recipe = field(default_factory=Recipe)  # training-time regularisation and optimisation
@@ -89,7 +91,7 @@ class TrainSettings:
     validation_files: list[str] = field(default_factory=list)  # globs: whole files held out instead
     include: list[str] = field(default_factory=list)  # globs choosing the files of a directory
     exclude: list[str] = field(default_factory=list)
-    drop_control: bool = False  # leave the control characters and U+FFFD out (model/data.py's CONTROL_CHARACTERS)
+    drop_control: bool = False  # leave the control characters and U+FFFD out (model/training/data.py's CONTROL_CHARACTERS)
     data: str | None = None  # the token file's directory; None: OUT/data
     eval_every: int | None = None  # steps between evaluations; None: once an epoch
     eval_chars: int | None = DEFAULT_EVAL_CHARS  # validation characters an evaluation scores; None: all
@@ -241,7 +243,7 @@ class _Budget:
 class _Validation:
     """The text each evaluation scores and how. Short validation texts (at most --eval-chars) are
     scored whole, as `chargen evaluate` scores a text; longer ones through a fixed sample: pieces
-    at evenly spaced offsets, each one stream (model/data.py's sample_text), the same characters
+    at evenly spaced offsets, each one stream (model/training/data.py's sample_text), the same characters
     at every evaluation. A long text is scored in segments, giving the memory map's pages back
     between them, so scoring all of it does not make the process grow with it; and a network call
     takes as many streams as keep its activations within CALL_BYTES (64 streams of 4,096
@@ -394,7 +396,7 @@ def _tidy(out: Path, best: dict | None) -> None:
         if link.is_symlink():
             link.unlink()
     elif not link.is_symlink() or os.readlink(link) != os.path.relpath(out / keep, out):
-        artifact.point(link, out / keep)
+        artifacts.point(link, out / keep)
 
 
 def _steps(model: keras.Model) -> int:
@@ -452,7 +454,7 @@ class Prepared:
 def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | None = None, *,
             writer: bool = True) -> Prepared:
     """Everything that can fail on bad input, checked before any training starts: the settings, the
-    run directory, and every corpus file (read once: model/data.py's first pass; nothing written).
+    run directory, and every corpus file (read once: model/training/data.py's first pass; nothing written).
 
     `explicit` names the settings the user gave on the command line: on --resume, one that differs
     from the interrupted run's (other than those in RESUMABLE) is an error rather than ignored, and
@@ -533,7 +535,7 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
     """Train (or resume) a run; returns the path of the best artifact. Bad settings and corpora are
     reported (TrainingError) before any work starts, and before Keras is imported; `explicit` is as
     in prepare(). --max-minutes counts from this call (see _Budget). `cluster` says which devices
-    and processes take part (model/distribute.py).
+    and processes take part (model/training/distribute.py).
 
     verbose="auto" shows Keras' live progress bar with the running loss on a terminal; elsewhere (a
     log file, CI) only the one line per evaluation that this function prints, because the bar
@@ -776,8 +778,8 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     vocab_size=len(vocab),
                 )
-                artifact.save(out / name, scored, vocab, meta, extra_files=files)  # the history as of this evaluation
-                artifact.point(out / "best", out / name)
+                artifacts.save(out / name, scored, vocab, meta, extra_files=files)  # the history as of this evaluation
+                artifacts.point(out / "best", out / name)
             _save_model_atomic(model, checkpoint)
             state = {"step": step, "epoch": epochs, "best": best, "evaluations_without_improvement": stale,
                      "history": history, "training_seconds": training_seconds, "chars_trained": chars_trained,
@@ -882,7 +884,7 @@ def _score_whole(out: Path, best: dict, ids: np.ndarray, settings: TrainSettings
     within what is left of the budget, and record it in state.json (the artifact is not rewritten)."""
     # the best artifact's weights: an earlier evaluation's, or this one's (under --ema the average
     # or the raw weights, whichever it kept)
-    weights = trainable_weights(artifact.load(out / best["artifact"], keras=True).model)
+    weights = trainable_weights(artifacts.load_keras(out / best["artifact"]).model)
     whole = _Validation(ids, None, settings.eval_streams, settings.config.units, tokens.release)
     began = time.monotonic()
     loss = whole.loss(scoring.model(weights), deadline=budget.validate_until() if budget else None)

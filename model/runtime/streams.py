@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.sampling import SamplingSettings
+from model.runtime.sampling import SamplingSettings
 
 
 def whole_number(value) -> bool:

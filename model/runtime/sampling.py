@@ -62,7 +62,7 @@ REPETITION_WINDOW = 64  # llama.cpp's repeat_last_n
 @dataclass(frozen=True)
 class SamplingSettings:
     """How one stream picks its characters. The temperature has no default: the caller says
-    (model/defaults.py holds the command line's and the service's); everything else defaults to
+    (model/records/defaults.py holds the command line's and the service's); everything else defaults to
     "off"."""
 
     temperature: float  # >= 0; 0 means greedy (argmax, lowest id on ties)
@@ -147,6 +147,9 @@ def adjust(z: np.ndarray, a: Adjustments) -> np.ndarray:
         z[...] = np.where(repeated, np.where(z > 0, z / r, z * r), z)
     z -= a.frequency[:, None] * a.generated + a.presence[:, None] * (a.generated > 0)
     return z
+
+
+LN2 = math.log(2.0)  # nats per bit
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -28,10 +28,10 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from model.data import CONTROL_CHARACTERS, CorpusError, decode_corpus, show_control
+from model.training.data import CONTROL_CHARACTERS, CorpusError, decode_corpus, show_control
 
 # corpora/ sits beside the package in the source tree (an editable install imports from there)
-MANIFEST = Path(__file__).resolve().parents[1] / "corpora" / "manifest.json"
+MANIFEST = Path(__file__).resolve().parents[2] / "corpora" / "manifest.json"
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte from the server before giving up
 DEFAULT_MAX_BYTES = 512 * 2**20
 
@@ -262,7 +262,7 @@ def report(summary: Summary, validation_fraction: float = 0.1) -> str:
     else:
         newlines = "already \\n only"
     frequent = ", ".join(f"{show_char(c)} {100 * n / s.chars:.1f}%" for c, n in s.most_frequent)
-    n_val = s.chars - int(s.chars * (1.0 - validation_fraction))  # as model.data.split_ids cuts it
+    n_val = s.chars - int(s.chars * (1.0 - validation_fraction))  # as model.training.data.split_ids cuts it
     vocab = "".join(show_char(c) if c in "\n\t" or not c.isprintable() else c for c in s.vocabulary)
     control = (f"{sum(n for _, n in s.control):,} characters that are not printable text, newline or tab: "
                f"{show_control(s.control)} (`chargen train --drop-control` leaves them out)" if s.control else "none")

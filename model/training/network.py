@@ -7,17 +7,12 @@ network: `ModelConfig` is read by code that never runs one (the artifact check, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
+
+from model.records.config import CELLS, ModelConfig, Recipe
 
 if TYPE_CHECKING:
     import keras
-
-    from model.recipe import Recipe
-
-# cell name -> the Keras layer class that runs it
-CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn": "SimpleRNN"}
-
 
 def cell_layer(cell: str) -> type:
     import keras
@@ -25,45 +20,13 @@ def cell_layer(cell: str) -> type:
     return getattr(keras.layers, CELLS[cell])
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    cell: str = "lstm"  # lstm | gru | rnn
-    layers: int = 2
-    units: int = 256
-    embedding: int = 64
-    dropout: float = 0.0  # between layers, as char-rnn does; never inside the recurrence
-
-    def __post_init__(self):
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        for name in ("layers", "units", "embedding"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
-        if self.layers > 16:
-            raise ValueError(f"layers must be at most 16, got {self.layers}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        return cls(**data)
-
-
 def build_model(config: ModelConfig, vocab_size: int, recipe: Recipe | None = None) -> keras.Model:
     """Logits for every position: (B, T) int ids -> (B, T, vocab_size). `recipe` adds the training
-    recipe's dropouts and weight drop (model/recipe.py): the network it trains has the same weights,
+    recipe's dropouts and weight drop (model/training/recipe.py): the network it trains has the same weights,
     in the same order, as the one without (copy_weights moves them to it)."""
     import keras
 
-    from model.recipe import Recipe, recurrent_layer
+    from model.training.recipe import recurrent_layer
 
     recipe = recipe or Recipe()
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from model.artifact import Artifact
+    from model.runtime.artifact import Artifact
 
 PROMPT_CHUNK = 16_384  # positions per runtime call: longer prompts are fed in calls of this many
 
@@ -78,8 +78,8 @@ class NetworkStep(Protocol):
 def load(artifact: Artifact, max_batch: int, threads: int | None = None, device: str = "cpu") -> NetworkStep:
     """The artifact's network (its model.onnx) as a step over `max_batch` slots on ONNX Runtime,
     using at most `threads` threads (default: one per core), on `device` ("cpu" or "cuda")."""
-    from model.artifact import export_command
-    from model.onnx_step import OrtStep
+    from model.runtime.artifact import export_command
+    from model.runtime.onnx_step import OrtStep
 
     if artifact.onnx_path is None:
         raise ValueError(f"{artifact.path}: no model.onnx, the graph the engine runs; add it with: {export_command(artifact.path)}")

@@ -15,7 +15,7 @@ validation loss turns.
   memory (the whole of it while building), so samples add little to a run's peak.
 - `samples` runs the network being trained as the engine does (its ONNX graph, built from the
   Keras weights, on ONNX Runtime, one character at a time with the state carried) and picks with
-  model/sampling.py, so a row at temperature t with seed s is what `chargen sample --temperature t
+  model/runtime/sampling.py, so a row at temperature t with seed s is what `chargen sample --temperature t
   --seed s` prints for an empty prompt. It uses one ONNX Runtime thread: training has the others.
 - `format_samples` turns the rows into the run's log lines.
 
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from model.sampling import SamplingSettings, next_ids
-from model.vocab import Vocab
+from model.runtime.sampling import SamplingSettings, next_ids
+from model.records.vocab import Vocab
 
 if TYPE_CHECKING:
     import keras
@@ -189,7 +189,7 @@ class Novelty:
 
 def samples(model: keras.Model, vocab: Vocab, *, temperatures: Sequence[float] = TEMPERATURES, length: int = LENGTH,
             seed: int = SEED, prime: str | None = None, novelty: Novelty | None = None) -> list[dict]:
-    """`length` characters from the network `model` (model.network.build_model's) at each
+    """`length` characters from the network `model` (model.training.network.build_model's) at each
     temperature, each from the zero state after `prime` (None: a newline, or the first vocabulary
     character when there is none, as `chargen sample` starts for an empty prompt). Row i has its own
     generator seeded with `seed + i`: the same draws at every evaluation, so a row changes only with
@@ -197,8 +197,8 @@ def samples(model: keras.Model, vocab: Vocab, *, temperatures: Sequence[float] =
     agree wherever the prediction is confident, and an untrained network's rows are one text).
     Rows {"temperature", "text", "novelty"} (novelty None without a Novelty, or for a sample
     shorter than its n); the prime is not part of the text."""
-    from model.onnx_graph import build_graph  # here: importing this module loads neither onnx nor the runtime
-    from model.onnx_step import OrtStep
+    from model.training.onnx_graph import build_graph  # here: importing this module loads neither onnx nor the runtime
+    from model.runtime.onnx_step import OrtStep
 
     settings = [SamplingSettings(temperature=float(t)) for t in temperatures]
     if not settings or length < 0:

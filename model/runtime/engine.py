@@ -1,27 +1,27 @@
 """Fast incremental generation for one stream or many stepped together (continuous batching).
 
-Each stream keeps its recurrent state in a batch slot of the network step (`model.network_step`),
+Each stream keeps its recurrent state in a batch slot of the network step (`model.runtime.network_step`),
 so every character costs one step of the recurrence, never a re-run over a window. Streams join
 (`start`, which runs the prompt through the network in one call) and leave (finish, `cancel`)
 between steps; every `step` picks the next character of each given stream from its slot's
-prediction (`model.sampling.pick`, all rows at once) and advances them together in one step of
+prediction (`model.runtime.sampling.pick`, all rows at once) and advances them together in one step of
 the network. This module does the slots: which stream holds which slot (the ones stepped are
 moved to the front), each slot's sampling settings, and the uniform draws taken ahead from each
 stream's generator (64 at a time: the same numbers, in the same order, as one generator.random()
 per pick), so a step makes no Python call per stream to sample. The text a stream emits is its
-own business (`model.streams`): character by character for a request with stop sequences or
+own business (`model.runtime.streams`): character by character for a request with stop sequences or
 logprobs. A request with neither has nothing to check per character, so its slot keeps the ids
 picked for it (UnreadIds) and the stream takes them as text when its text is read, when the slot's
 row is full and at max_chars: a step of such streams does no Python per stream, and its Deltas are
 made only if the caller reads them.
 
-Streams whose settings adjust the logits (penalties, biases; model.sampling) have per-slot arrays
+Streams whose settings adjust the logits (penalties, biases; model.runtime.sampling) have per-slot arrays
 beside the others: the biases, how often each character was generated, and a ring buffer of each
 slot's last repetition_window characters (its prompt's included) with their counts; a step updates
 them for all rows with a few indexed operations. Requests that ask for none of this cost nothing
 for it.
 
-A prompt is read from the prompt cache (`model.prompt_cache`, when the engine has one): the state
+A prompt is read from the prompt cache (`model.runtime.prompt_cache`, when the engine has one): the state
 after its longest cached prefix, then the rest fed in one call; the state at the prompt's end (and
 at the positions the request names, such as a chat's turn ends) is kept for the next. A prompt to
 be scored (`prompt_logprobs`) is fed from the start in calls of PROMPT_CHUNK characters, each giving
@@ -43,15 +43,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model import network_step
-from model.network_step import PROMPT_CHUNK, State
-from model.prompt_cache import PromptCache
-from model.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, pick
-from model.streams import CharLogprob, Delta, Deltas, GenerationRequest, PromptScore, Stream, whole_number
-from model.vocab import Vocab
+from model.runtime import network_step
+from model.runtime.network_step import PROMPT_CHUNK, State
+from model.runtime.prompt_cache import PromptCache
+from model.runtime.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, pick
+from model.runtime.streams import CharLogprob, Delta, Deltas, GenerationRequest, PromptScore, Stream, whole_number
+from model.records.vocab import Vocab
 
 if TYPE_CHECKING:
-    from model.artifact import Artifact
+    from model.runtime.artifact import Artifact
 
 __all__ = ["CharLogprob", "Delta", "Deltas", "Engine", "EngineFull", "GenerationRequest", "PromptScore", "Stream"]
 
@@ -66,7 +66,7 @@ class EngineFull(RuntimeError):
 
 
 class SlotAdjustments:
-    """The per-slot inputs of model.sampling's adjustments for max_batch slots, and their update
+    """The per-slot inputs of model.runtime.sampling's adjustments for max_batch slots, and their update
     after each step (one indexed add per count, no Python per stream)."""
 
     def __init__(self, max_batch: int, vocab_size: int):

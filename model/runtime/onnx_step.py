@@ -1,4 +1,4 @@
-"""The network step on ONNX Runtime: the artifact's `model.onnx` (model.onnx_graph) run one
+"""The network step on ONNX Runtime: the artifact's `model.onnx` (model.training.onnx_graph) run one
 character at a time over a batch of slots, and over a whole prompt in one call.
 
 How a step is arranged:
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from model.network_step import PROMPT_CHUNK, State
+from model.runtime.network_step import PROMPT_CHUNK, State
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class OrtStep:
         self.names = [n for n in ("h", "c") if n in inputs]  # the recurrent states; c for an LSTM only
         self.depth, _, self.units = inputs["h"]
         self.vocab_size = self._small.get_outputs()[0].shape[-1]
-        about = self._small.get_modelmeta().custom_metadata_map  # model.onnx_graph's metadata
+        about = self._small.get_modelmeta().custom_metadata_map  # model.training.onnx_graph's metadata
         self.cell, self.embedding = about["cell"], int(about["embedding"])
         self.max_batch = B = max_batch
         L, H, V = self.depth, self.units, self.vocab_size

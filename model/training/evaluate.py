@@ -20,20 +20,18 @@ of a prefix of the text, and `Loss.chars` says how much was scored.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.data import streams
-from model.sampling import log_softmax
+from model.training.data import streams
+from model.runtime.sampling import LN2, log_softmax
 
 if TYPE_CHECKING:
     import keras
 
-LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,234 @@
+"""An artifact's record: the files it holds, meta.json (`ArtifactMeta`, read strictly: every field of
+its declared type, unknown fields refused) and the errors that name what is wrong with one. The
+runtime reads artifacts (model/runtime/artifact.py), the training side writes them
+(model/training/artifacts.py); this module imports neither.
+
+An artifact is a directory:
+    model.keras   the network (Keras 3 zip format, loaded with safe_mode=True; no pickle)
+    model.onnx    the same network as an ONNX graph (model/training/onnx_graph.py): what serving runs
+    vocab.json    {"chars": [...]}: id -> character
+    meta.json     an `ArtifactMeta`: format version, network config, corpus, split, validation loss,
+                  training figures, versions and the command line that made it
+and, when `chargen train` made it, history.json, history.csv and loss.png: the run's history up to
+the evaluation it was saved at, written once with the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from datetime import datetime
+
+from model.records.config import ModelConfig, Recipe
+
+FORMAT_VERSION = 1
+GRAPH = "model.onnx"
+FILES = ("model.keras", GRAPH, "vocab.json", "meta.json")
+
+
+class ArtifactError(Exception):
+    """Base class: an artifact that cannot be used. The message names the path and the problem."""
+
+
+class ArtifactNotFound(ArtifactError):
+    pass
+
+
+class MissingFile(ArtifactError):
+    pass
+
+
+class CorruptModel(ArtifactError):
+    pass
+
+
+class MissingGraph(ArtifactError):
+    """No model.onnx: an artifact made before it existed. `add_graph` (chargen export) adds it."""
+
+
+class CorruptGraph(ArtifactError):
+    """A model.onnx that cannot be read, or is not the graph of the network meta.json describes."""
+
+
+class BadVocab(ArtifactError):
+    pass
+
+
+class BadMeta(ArtifactError):
+    pass
+
+
+class UnsupportedFormat(ArtifactError):
+    pass
+
+
+class VocabMismatch(ArtifactError):
+    pass
+
+
+# ---------------------------------------------------------------- meta.json
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    name: str
+    size_bytes: int
+    chars: int
+    sha256: str  # of the file's bytes
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    validation_fraction: float
+    train_chars: int
+    validation_chars: int
+
+
+@dataclass(frozen=True)
+class ValidationInfo:
+    epoch: int
+    nats_per_char: float
+    bits_per_char: float
+    chars_scored: int
+    # true: the loss of a fixed sample of the validation text (training's --eval-chars: evenly spaced
+    # pieces, the same at every evaluation), not of all of it
+    sample: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingInfo:
+    epochs: int
+    seconds: float
+    chars_per_second: int | None
+    seq_len: int
+    batch_size: int
+    lr: float
+    lr_decay: float
+    clipnorm: float
+    seed: int
+    recipe: Recipe | None = None  # model/training/recipe.py; absent from artifacts trained before recipes
+
+
+@dataclass(frozen=True)
+class Versions:
+    keras: str
+    backend: str
+    backend_version: str
+    numpy: str
+    python: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArtifactMeta:
+    """meta.json. Fields are in the file's order; a section an artifact does not have is null
+    (an artifact saved outside a training run has no corpus, split, ...)."""
+
+    format_version: int = FORMAT_VERSION
+    config: ModelConfig
+    parameters: int | None = None
+    corpus: CorpusInfo | None = None
+    split: SplitInfo | None = None
+    validation: ValidationInfo | None = None
+    training: TrainingInfo | None = None
+    versions: Versions | None = None
+    command: str | None = None  # the command line that started the training run
+    resumed: list[str] = field(default_factory=list)  # the command line of each --resume since, in order
+    created: str | None = None  # ISO 8601, UTC
+    vocab_size: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["training"] and d["training"]["recipe"] is None:  # an artifact from before recipes reads back unchanged
+            del d["training"]["recipe"]
+        if not d["resumed"]:  # written only when there were resumes, for the same reason
+            del d["resumed"]
+        if d["validation"] and not d["validation"]["sample"]:  # written only when true: older artifacts read back unchanged
+            del d["validation"]["sample"]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "meta.json") -> "ArtifactMeta":
+        """The record in `text`; BadMeta (UnsupportedFormat for another version) names `where` and
+        the first field that is wrong."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadMeta(f"{where}: not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise BadMeta(f"{where}: expected a JSON object")
+        version = data.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise UnsupportedFormat(
+                f"{where}: format_version {version!r} is not supported (this chargen reads version {FORMAT_VERSION})"
+            )
+        meta = _record(cls, data, where, "")
+        if meta.training is not None and meta.training.recipe is not None:
+            try:
+                meta.training.recipe.check()
+            except ValueError as e:
+                raise BadMeta(f"{where}: invalid training.recipe: {e}") from None
+        if meta.created is not None:
+            try:
+                datetime.fromisoformat(meta.created)
+            except ValueError:
+                raise BadMeta(f"{where}: field 'created' must be an ISO 8601 time, got {meta.created!r}") from None
+        return meta
+
+
+_KINDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _record(cls: type, data, where: str, prefix: str):
+    """An instance of the dataclass `cls` from a JSON object, every field of its declared type."""
+    if not isinstance(data, dict):
+        raise BadMeta(f"{where}: field {prefix.rstrip('.')!r} must be an object, got {data!r:.60}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise BadMeta(f"{where}: unknown field {prefix + unknown[0]!r}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        name = prefix + f.name
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise BadMeta(f"{where}: missing field {name!r}")
+            continue
+        values[f.name] = _value(hints[f.name], data[f.name], where, name)
+    return cls(**values)
+
+
+def _value(kind, value, where: str, name: str):
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)  # X | None -> (X, NoneType)
+    if value is None and type(None) in options:
+        return None
+    kind = next(k for k in options if k is not type(None))
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, list):
+            raise BadMeta(f"{where}: field {name!r} must be a list, got {value!r:.60}")
+        return [_value(item, v, where, f"{name}[{i}]") for i, v in enumerate(value)]
+    if kind is ModelConfig:
+        if not isinstance(value, dict):
+            raise BadMeta(f"{where}: invalid config: expected an object, got {value!r:.60}")
+        try:
+            return ModelConfig.from_dict(value)
+        except (TypeError, ValueError) as e:
+            raise BadMeta(f"{where}: invalid config: {e}") from None
+    if is_dataclass(kind):
+        return _record(kind, value, where, name + ".")
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        raise BadMeta(f"{where}: field {name!r} must be {_KINDS[kind]}, got {value!r:.60}")
+    return value

@@ -1,0 +1,149 @@
+"""Writing artifacts, and loading one's Keras network: what training, `chargen export` and
+`chargen evaluate` do (reading one for serving is model/runtime/artifact.py's).
+
+Directories are written under a temporary name beside the target and renamed into place, so a crash
+never leaves half an artifact under the real name. A published artifact is never rewritten, except
+by `add_graph`, which gives an artifact made before model.onnx existed its graph.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from model.records.meta import GRAPH, ArtifactMeta, BadMeta, CorruptModel, VocabMismatch
+from model.records.vocab import Vocab
+from model.runtime.artifact import Artifact, _check_files, _check_graph
+from model.training.network import build_model, config_of, copy_weights, trainable_weights
+
+if TYPE_CHECKING:
+    import keras
+
+
+def load_keras(path: str | Path) -> Artifact:
+    """The artifact at `path` (or a run directory's best) with its Keras network, for evaluation,
+    training and benchmarks: model.keras, vocab.json and meta.json; model.onnx may be absent
+    (onnx_path None: an artifact made before it existed), and is checked when it is there."""
+    path, meta, vocab = _check_files(path, keras=True)
+    model = _keras_model(path, meta, vocab)  # first: when meta.json is wrong, this says how
+    onnx_path = path / GRAPH if (path / GRAPH).is_file() else None
+    if onnx_path is not None:
+        _check_graph(onnx_path, meta)
+    return Artifact(path, model, vocab, meta, onnx_path)
+
+
+def _keras_model(path: Path, meta: ArtifactMeta, vocab: Vocab) -> keras.Model:
+    """model.keras, checked against meta.json and vocab.json."""
+    import keras
+
+    model_path, config = path / "model.keras", meta.config
+    try:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many types for damaged archives
+        raise CorruptModel(f"{model_path}: cannot be loaded: {type(e).__name__}: {e}") from None
+
+    try:
+        found = config_of(model)
+    except ValueError as e:
+        raise CorruptModel(f"{model_path}: not a chargen network: {e}") from None
+    if (found.cell, found.layers, found.units, found.embedding) != (config.cell, config.layers, config.units, config.embedding):
+        raise BadMeta(f"{path}: meta.json describes {config} but model.keras holds {found}")
+    vocab_in = model.get_layer("embedding").input_dim
+    vocab_out = model.get_layer("logits").units
+    if not len(vocab) == vocab_in == vocab_out:
+        raise VocabMismatch(
+            f"{path}: vocab.json has {len(vocab)} characters but the model was built for "
+            f"{vocab_in} (input) and {vocab_out} (output)"
+        )
+    return model
+
+
+def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
+         extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a new artifact directory at `path` (which must not exist) atomically, with
+    `extra_files` (name -> contents) beside the four files of an artifact.
+
+    The network is saved without optimizer state or dropout settings that only matter in training:
+    a fresh inference model with the same weights, and its ONNX graph.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists; choose a new directory")
+    if meta.vocab_size != len(vocab):
+        raise ValueError(f"meta.vocab_size is {meta.vocab_size} but the vocabulary has {len(vocab)} characters")
+    text = meta.to_json()
+    ArtifactMeta.from_json(text, f"{path / 'meta.json'} (about to be written)")  # what is written must load
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)
+    try:
+        inference = build_model(meta.config, len(vocab))
+        copy_weights(trainable_weights(model), inference)  # a training network's recipe layers hold no weights
+        inference.save(tmp / "model.keras")
+        (tmp / GRAPH).write_bytes(_graph_bytes(inference, meta, path / GRAPH))
+        (tmp / "vocab.json").write_text(vocab.to_json(), encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        (tmp / "meta.json").write_text(text, encoding="utf-8")
+        _fsync_dir(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def add_graph(path: str | Path) -> tuple[Path, bool]:
+    """Give an existing artifact (or a run's best) the model.onnx built from its model.keras, as
+    `chargen export` does for one made before training wrote it. Returns the graph's path and
+    whether it was written: a graph that is already the one built is left alone, so running it
+    again changes nothing, and a damaged one is replaced. The graph is written to a temporary file
+    beside it and renamed, so a reader sees the old graph or the new one, never part of one."""
+    path, meta, vocab = _check_files(path, keras=True)  # not the graph: a damaged one is replaced
+    target = path / GRAPH
+    data = _graph_bytes(_keras_model(path, meta, vocab), meta, target)
+    if target.is_file() and target.read_bytes() == data:
+        return target, False
+    tmp = target.with_name(f".{GRAPH}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target, True
+
+
+def _graph_bytes(model: keras.Model, meta: ArtifactMeta, where: Path) -> bytes:
+    """The serialized ONNX graph of a Keras network, after checking that the loader accepts it."""
+    from model.training.onnx_graph import build_graph  # onnx: most of a second, only when a graph is written
+
+    try:
+        data = build_graph(model).SerializeToString()
+    except ValueError as e:  # a layer setting the ONNX operators do not compute
+        raise CorruptModel(f"{where.with_name('model.keras')}: cannot be written as an ONNX graph: {e}") from None
+    _check_graph(where, meta, data)
+    return data
+
+
+def point(link: str | Path, target: str | Path) -> None:
+    """Atomically make `link` a symlink to `target` (relative), replacing what it pointed to."""
+    link, target = Path(link), Path(target)
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir():
+        with open(child, "rb") as f:
+            os.fsync(f.fileno())
