@@ -41,8 +41,10 @@ def run_on_terminal(args: list[str], *, timeout: float = 300, columns: int = 120
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns)}
     env.pop("NO_COLOR", None)
+    # SIGINT as a shell in a terminal leaves it: a suite started in the background (`scripts/test &`)
+    # inherits it ignored, and Python then never raises KeyboardInterrupt
     process = subprocess.Popen(args, stdin=terminal, stdout=terminal, stderr=terminal, env=env, cwd=cwd,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(terminal)
     chunks, deadline = [], time.monotonic() + timeout
     try:
