@@ -8,8 +8,8 @@ Prints one table and the goals; see bench/README.md.
   f  the bare ONNX Runtime loop: session.run() on the artifact's graph, one character per call
      for every stream, the states fed back, and the plain numpy sampler (model.runtime.sampling.pick, one
      generator's draws for all rows): 1, 8, 32 and 128 streams, on the sessions the engine uses
-     (ONNX Runtime's threads not spinning; one thread below model.runtime.onnx_step.MIN_ROWS_PER_THREAD
-     rows, one per core from there)
+     (ONNX Runtime's threads not spinning; one thread below the engine's min_rows_per_thread rows
+     (model/runtime/onnx_step.py), one per core from there)
   c  the engine, one stream; d  the engine, 8, 32 and 128 streams stepped together
   a  naive: model.predict on the last 40 characters, once per character (keras.io / textgenrnn)
   b  OneStep: a stateful one-step tf.function carrying the states (the TensorFlow text generation
@@ -269,7 +269,7 @@ class OneStep:
 
 def session_study(graph: Path, names, layers, units, prompt_ids, seconds: float, rounds: int) -> None:
     """The bare loop under other session settings (threads, spinning), taking turns; at 48 and 64
-    streams too, either side of where the engine starts to use more than one thread."""
+    streams too."""
     import onnxruntime as ort
 
     def make(threads: int, spin: str):
@@ -309,11 +309,11 @@ def main() -> None:
     from model.runtime import artifact
     from model.training import artifacts
     from model.runtime.engine import Engine
-    from model.runtime.onnx_step import MIN_ROWS_PER_THREAD, make_session, providers
+    from model.runtime.onnx_step import make_session, providers
 
     try:
         path, meta, vocab = artifact.check(args.artifact, keras=True)  # model.onnx may be missing: built below
-    except artifacts.ArtifactError as e:
+    except artifact.ArtifactError as e:
         sys.exit(f"error: {e}")
     graph, note = graph_path(path)
     art = artifacts.Artifact(path, None, vocab, meta, graph)
@@ -333,7 +333,7 @@ def main() -> None:
     sessions = {t: make_session(str(graph), t, providers("cpu")) for t in {1, cores}}
     loops = {}
     for b in STREAMS:
-        sess = sessions[1 if b < MIN_ROWS_PER_THREAD else cores]
+        sess = sessions[1 if b < engine.network.min_rows_per_thread else cores]
         loops["f", b] = BareLoop(sess, names, config.layers, config.units, prompt_ids, b)
     rates: dict = {}
     for _ in range(args.rounds):

@@ -1,11 +1,11 @@
 """The `chargen` command: train, sample, evaluate, export, prepare, serve.
 
-It sits above both `model/` and `service/` (neither imports it). Only train, evaluate and export
-run the Keras network, and need the training stack (the `train` extra, or `jax`); sample and
-serve run the artifact's ONNX graph and never import Keras. Heavy imports happen inside the
-commands, after every check that needs no model: a bad flag, a missing or binary file, a directory
-that is not an artifact, a missing training stack or backend, a port in use are all reported in a
-fraction of a second, before TensorFlow loads.
+It sits above both `model/` and `service/` (pyproject.toml's import contracts). Only train,
+evaluate and export run the Keras network, and need the training stack (the `train` extra, or
+`jax`); sample and serve run the artifact's ONNX graph on ONNX Runtime. Keras, TensorFlow and ONNX
+Runtime are imported inside the commands, for speed: after every check that needs no model, so a
+bad flag, a missing or binary file, a directory that is not an artifact, a missing training stack
+or backend, a port in use are all reported in a fraction of a second, before TensorFlow loads.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from pathlib import Path
 
 import click
 
-from model.records.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K  # imports nothing
-from model.training.dynamic import DynamicSettings  # imports nothing heavy
-from model.records.config import PRESETS, SCHEDULES, Recipe# imports nothing heavy
+from model.records.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K
+from model.training.dynamic import DynamicSettings
+from model.records.config import (CELLS, MAX_EMBEDDING, MAX_LAYERS, MAX_UNITS, PRESETS, SCHEDULES, ModelConfig,
+                                  Recipe)
+from model.training.settings import (MAX_SAMPLE_CHARS, MAX_SEED, MAX_VALIDATION_FRACTION, MIN_EVAL_CHARS, PRECISIONS,
+                                     RESUMABLE, TrainSettings)
 
 # backend -> how to install it with Keras (a serving install, `pip install -e .`, has neither)
 BACKENDS = {"tensorflow": "pip install -e '.[train]'", "jax": "pip install -e '.[jax]'"}
@@ -114,8 +117,8 @@ class _EvalChars(click.ParamType):
             number = int(str(value).replace("_", "").replace(",", ""))
         except ValueError:
             self.fail(f"{value!r} is neither a whole number nor 'all'", param, ctx)
-        if number < 2:
-            self.fail(f"{number} is too few characters to score (at least 2, or 'all')", param, ctx)
+        if number < MIN_EVAL_CHARS:
+            self.fail(f"{number} is too few characters to score (at least {MIN_EVAL_CHARS}, or 'all')", param, ctx)
         return number
 
 
@@ -146,58 +149,72 @@ def _preset(ctx, param, value):
 @click.option("--data", type=click.Path(file_okay=False), default=None,
               help="Directory for the corpus's token file (default OUT/data); runs given the same one share it.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (checkpoints, best artifact, history).")
-@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default="lstm", show_default=True, help="Recurrent cell.")
-@click.option("--layers", type=click.IntRange(1, 16), default=2, show_default=True, help="Stacked recurrent layers.")
-@click.option("--units", type=click.IntRange(1, 8192), default=256, show_default=True, help="Units per recurrent layer.")
-@click.option("--embedding", type=click.IntRange(1, 4096), default=64, show_default=True, help="Character embedding size.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Dropout between layers.")
-@click.option("--seq-len", type=click.IntRange(1), default=100, show_default=True, help="Characters per window (truncated BPTT length).")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Windows per batch, over all devices together.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-3, show_default=True, help="Adam learning rate.")
-@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True, help="Learning-rate factor per epoch.")
-@click.option("--clipnorm", type=click.FloatRange(0), default=5.0, show_default=True, help="Clip the global gradient norm (0: off).")
-@click.option("--input-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--cell", type=click.Choice(list(CELLS)), default=ModelConfig.cell, show_default=True, help="Recurrent cell.")
+@click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=ModelConfig.layers, show_default=True,
+              help="Stacked recurrent layers.")
+@click.option("--units", type=click.IntRange(1, MAX_UNITS), default=ModelConfig.units, show_default=True,
+              help="Units per recurrent layer.")
+@click.option("--embedding", type=click.IntRange(1, MAX_EMBEDDING), default=ModelConfig.embedding, show_default=True,
+              help="Character embedding size.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=ModelConfig.dropout, show_default=True,
+              help="Dropout between layers.")
+@click.option("--seq-len", type=click.IntRange(1), default=TrainSettings.seq_len, show_default=True,
+              help="Characters per window (truncated BPTT length).")
+@click.option("--batch-size", type=click.IntRange(1), default=TrainSettings.batch_size, show_default=True,
+              help="Windows per batch, over all devices together.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=TrainSettings.lr, show_default=True,
+              help="Adam learning rate.")
+@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=TrainSettings.lr_decay, show_default=True,
+              help="Learning-rate factor per epoch.")
+@click.option("--clipnorm", type=click.FloatRange(0), default=TrainSettings.clipnorm, show_default=True,
+              help="Clip the global gradient norm (0: off).")
+@click.option("--input-dropout", type=click.FloatRange(0, 1, max_open=True), default=Recipe.input_dropout, show_default=True,
               help="Dropout on the character embeddings' output (locked with --locked).")
-@click.option("--output-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--output-dropout", type=click.FloatRange(0, 1, max_open=True), default=Recipe.output_dropout, show_default=True,
               help="Dropout on the last layer's output, before the logits (locked with --locked).")
-@click.option("--embedding-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--embedding-dropout", type=click.FloatRange(0, 1, max_open=True), default=Recipe.embedding_dropout,
+              show_default=True,
               help="Share of positions whose character embedding is zeroed.")
-@click.option("--weight-drop", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--weight-drop", type=click.FloatRange(0, 1, max_open=True), default=Recipe.weight_drop, show_default=True,
               help="DropConnect on each layer's recurrent kernel, one mask per batch (AWD-LSTM's weight drop).")
-@click.option("--locked/--no-locked", default=False, show_default=True,
+@click.option("--locked/--no-locked", default=Recipe.locked, show_default=True,
               help="One dropout mask per window, shared by its time steps (variational dropout), for --dropout, "
                    "--input-dropout and --output-dropout.")
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--weight-decay", type=click.FloatRange(0), default=Recipe.weight_decay, show_default=True,
               help="AdamW's decoupled weight decay (biases excluded); 0: Adam.")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="exponential", show_default=True,
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=Recipe.schedule, show_default=True,
               help="Learning rate after --warmup: exponential (--lr-decay per epoch), or cosine or linear decay to "
                    "--min-lr at the run's last step, or constant.")
-@click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, metavar="STEPS",
+@click.option("--warmup", type=click.IntRange(0), default=Recipe.warmup, show_default=True, metavar="STEPS",
               help="Steps of linear learning-rate warm-up.")
-@click.option("--min-lr", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+@click.option("--min-lr", type=click.FloatRange(0, 1), default=Recipe.min_lr, show_default=True,
               help="The cosine and linear schedules' last learning rate, a fraction of --lr.")
-@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=Recipe.ema, show_default=True,
               help="Decay per step of a moving average of the weights (0: off; e.g. 0.999); each evaluation scores "
                    "it and the raw weights, and keeps the better for validation and the artifact.")
-@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Most epochs (one epoch covers the training text once).")
+@click.option("--epochs", type=click.IntRange(1), default=TrainSettings.epochs, show_default=True,
+              help="Most epochs (one epoch covers the training text once).")
 @click.option("--max-steps", type=click.IntRange(1), default=None, help="Most optimizer steps (batches).")
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None,
               help="Time budget of this invocation: preparing, training, validating and saving (a --resume gets it "
                    "anew).")
 @click.option("--eval-every", type=click.IntRange(1), default=None, metavar="STEPS",
               help="Evaluate and checkpoint every STEPS steps (default: once an epoch).")
-@click.option("--eval-chars", type=_EvalChars(), default="1000000", show_default=True,
+@click.option("--eval-chars", type=_EvalChars(), default=str(TrainSettings.eval_chars), show_default=True,
               help="Validation characters an evaluation scores: a fixed sample when the validation text is longer "
                    "(the best model is scored on all of it at the end), or 'all'.")
-@click.option("--sample-chars", type=click.IntRange(0, 2_000), default=200, show_default=True, metavar="N",
+@click.option("--sample-chars", type=click.IntRange(0, MAX_SAMPLE_CHARS), default=TrainSettings.sample_chars,
+              show_default=True, metavar="N",
               help="After each evaluation, print and keep in the history N characters sampled at temperatures 0.5, 0.8 "
                    "and 1.0, with their novelty (the share of 20-character substrings not in the training text); 0: none.")
-@click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
+@click.option("--patience", type=click.IntRange(0), default=TrainSettings.patience, show_default=True,
               help="Early stopping: evaluations without improvement (0: off).")
-@click.option("--validation", "validation_fraction", type=click.FloatRange(0, 0.5, min_open=True), default=0.1, show_default=True,
+@click.option("--validation", "validation_fraction", type=click.FloatRange(0, MAX_VALIDATION_FRACTION, min_open=True),
+              default=TrainSettings.validation_fraction, show_default=True,
               help="Fraction at the end of the corpus kept for validation.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1234, show_default=True, help="Random seed (weights, batches, dropout).")
-@click.option("--precision", type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]), default="float32", show_default=True,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=TrainSettings.seed, show_default=True,
+              help="Random seed (weights, batches, dropout).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=TrainSettings.precision, show_default=True,
               help="Compute precision of training (mixed: for GPUs and TPUs); artifacts are float32 always.")
 @click.option("--devices", type=click.IntRange(1), default=None,
               help="Devices to train on, data-parallel (default: every GPU or TPU, else one CPU; "
@@ -218,8 +235,7 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
     """Train a model on CORPUS; the best checkpoint is kept as OUT/best."""
     _require_keras("train")
     from model.training.distribute import Cluster
-    from model.records.config import ModelConfig
-    from model.training.train import RESUMABLE, TrainingError, TrainSettings, train as run  # Keras comes after its checks
+    from model.training.train import TrainingError, train as run  # Keras comes after its checks
 
     try:  # what the click types let through (--dropout nan) is caught here
         config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
@@ -529,17 +545,19 @@ def serve(bind, host, port, workers, artifact_path):
         given = " ".join(f"--{name} {value}" for name, value in (("host", host), ("port", port)) if value is not None)
     # Before gunicorn starts: a port in use would be retried and logged by gunicorn for seconds, and
     # a wrong artifact (a missing or damaged model.onnx included) found by each worker. The address
-    # first: the artifact's check imports onnx, which takes longer than the rest of the command.
-    # The workers still load the network itself into ONNX Runtime.
+    # first: the artifact's check loads ONNX Runtime, which takes longer than the rest of the command.
     _check_bind(bind or settings.bind, given)
     for source in models.sources:
         _check_artifact(source.path)
     import gunicorn.app.wsgiapp
 
-    # gunicorn's master runs in this process (signals and exit status are its own), so the workers
-    # it forks inherit what the check imported (onnx: most of a second each, otherwise). argv as
-    # `python -m gunicorn` has it. (Its SIGUSR2 re-exec runs that script by path, where gunicorn's
-    # own `http` package hides the standard library's: its workers fail to boot. Reload with SIGHUP.)
+    # gunicorn's master runs in this process, not in a child of it: signals reach it directly (a
+    # supervisor's SIGTERM, SIGHUP to reload, Ctrl-C) and its exit status is the command's, with no
+    # process in between to pass them on. The workers it forks inherit the modules the check
+    # imported; its ONNX Runtime session ran on one thread and is closed, so none crosses the fork.
+    # argv as `python -m gunicorn` has it. (Its SIGUSR2 re-exec runs that script by path, where
+    # gunicorn's own `http` package hides the standard library's: its workers fail to boot. Reload
+    # with SIGHUP.)
     sys.argv = [str(Path(gunicorn.__file__).parent / "__main__.py"), "-c", "python:service.gunicorn_conf"]
     if bind:
         sys.argv += ["--bind", bind]

@@ -2,9 +2,9 @@
 
 Read by the gunicorn config in the master (bind, workers, threads) and by `create_app()` in every
 worker (everything). Values arrive as strings and are converted and checked here, so a typo such as
-CHARGEN_MAX_QUEUE=lots stops start-up with a message naming the variable. This module imports no
-Flask and no TensorFlow (model/records/defaults.py imports nothing): the gunicorn master reads it before
-forking.
+CHARGEN_MAX_QUEUE=lots stops start-up with a message naming the variable. The gunicorn master
+reads it before forking, so it imports no Flask and none of the runtime: of the model's code, only
+the plain records (model/records/).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.records.defaults import DEFAULTS, MAX_TEMPERATURE, MAX_TOP_K
+from model.records.meta import artifact_in
 
 PREFIX = "CHARGEN_"
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,12 +278,11 @@ def _listed(directory: str) -> list[ModelSource]:
     if not root.is_dir():
         raise SettingsError(f"invalid configuration: {where}: no such directory (an entry without '=' is a directory "
                             "whose subdirectories are artifacts; name a single artifact as NAME=PATH)")
-    if (root / "meta.json").is_file() or (root / "best" / "meta.json").is_file():
+    if artifact_in(root) is not None:
         raise SettingsError(f"invalid configuration: {where}: is an artifact itself, not a directory of artifacts; "
                             f"name it: NAME={directory}")
     try:
-        found = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()
-                       and ((p / "meta.json").is_file() or (p / "best" / "meta.json").is_file()))
+        found = sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir() and artifact_in(p) is not None)
     except OSError as e:
         raise SettingsError(f"invalid configuration: {where}: cannot list it: {e.strerror or e}") from None
     if not found:

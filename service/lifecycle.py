@@ -15,7 +15,8 @@ in its docstring.
 The snapshot directory (a fresh temporary directory per server) holds the copies (1/NAME, 2/NAME,
 ...), the number of the latest reload (`reloads`) and one empty file per worker that has loaded its
 models after a reload (`ready/RELOAD-PID`): that is how an old worker learns that its successor is
-ready. This module imports no Flask, TensorFlow or model code at the top: the master imports it.
+ready. The gunicorn master imports this module: at the top it imports no Flask, and of the model's
+code only model/records/files.py (standard library only).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+from model.records.files import write_atomic
 from service.config import Models, ModelSource, Settings, SettingsError
 
 # How long the master waits for `take --check` (import, load, one short generation) before it gives
@@ -104,9 +106,7 @@ class Snapshots:
     def begin_reload(self) -> None:
         """Workers forked from now on belong to a new reload; SIGTERM then tells older ones to hand over."""
         self.reloads += 1
-        tmp = self.root / "reloads.tmp"
-        tmp.write_text(str(self.reloads))
-        os.replace(tmp, self.root / "reloads")
+        write_atomic(self.root / "reloads", str(self.reloads))  # a worker reads the old number or the new
 
     def forget(self, pid: int) -> None:
         for marker in (self.root / "ready").glob(f"*-{pid}"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from flask import Blueprint, jsonify
 
@@ -32,6 +32,16 @@ def _usage(result: Result) -> dict:
 
 def _include_usage(req) -> bool:
     return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+
+def _ending(result: Result, head: dict, include_usage: bool, finished: Callable[[int, str], bytes]) -> Iterator[bytes]:
+    """How an OpenAI stream ends: a chunk with each choice's finish_reason (`finished` writes it in
+    the endpoint's shape), the usage when the request asked for it, then [DONE]."""
+    for k, c in enumerate(result.choices):
+        yield finished(k, c.finish_reason)
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": _usage(result)})
+    yield sse("[DONE]")
 
 
 # ---------------------------------------------------------------- /v1/completions
@@ -98,11 +108,7 @@ def _events(gen: Generation, head: dict, echo: list[str], include_usage: bool) -
             yield chunk(item.index, item.text, _logprobs(item.logprobs, offsets[item.index]) if gen.logprobs else None)
             offsets[item.index] += len(item.text)
         else:
-            for k, c in enumerate(item.choices):
-                yield chunk(k, "", None, c.finish_reason)
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": _usage(item)})
-            yield sse("[DONE]")
+            yield from _ending(item, head, include_usage, lambda k, reason: chunk(k, "", None, reason))
 
 
 def _logprobs(lps: list, offset: int) -> dict:
@@ -168,11 +174,7 @@ def _chat_events(gen: Generation, head: dict, top: int, include_usage: bool) -> 
         if isinstance(item, Chunk):
             yield chunk(item.index, {"content": item.text}, _chat_logprobs(item.logprobs, top) if gen.logprobs else None)
         else:
-            for k, c in enumerate(item.choices):
-                yield chunk(k, {}, None, c.finish_reason)
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": _usage(item)})
-            yield sse("[DONE]")
+            yield from _ending(item, head, include_usage, lambda k, reason: chunk(k, {}, None, reason))
 
 
 def _chat_logprobs(lps: list, top: int) -> dict:

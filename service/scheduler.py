@@ -21,13 +21,14 @@ at most every `interval` seconds (and at its end): one thread wake-up, one write
 interval instead of per character. interval = max(stream_interval, streams / stream_chunk_rate),
 so however many streams run, the HTTP threads wake at most stream_chunk_rate times a second in
 all: every wake-up takes the GIL from the engine loop, and per-character wake-ups of 32 streams
-halved the characters a worker generated (bench/load.py). A reader sees 50 updates a second at
-low load, fewer and larger ones with many streams.
+halved the characters a worker generated (bench/README.md, "Service"). A reader sees 50 updates a
+second at low load, fewer and larger ones with many streams.
 
-The model loads in this thread too (TensorFlow is imported here, after gunicorn forked the worker),
-so /health can answer 503 while it loads. The thread starts with start() (gunicorn's
-post_worker_init calls it) or on first use (ready, wait_ready, submit, on_failure), so building an
-application, for a test or a tool that only reads /openapi.json, starts nothing and loads nothing.
+The model loads in this thread too (ONNX Runtime is imported and its sessions made here, after
+gunicorn forked the worker: a session's threads would not survive the fork), so /health can answer
+503 while it loads. The thread starts with start() (gunicorn's post_worker_init calls it) or on
+first use (ready, wait_ready, submit, on_failure), so building an application, for a test or a tool
+that only reads /openapi.json, starts nothing and loads nothing.
 """
 
 from __future__ import annotations

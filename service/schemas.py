@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from pydantic_core import PydanticCustomError
 
 from model.records.defaults import MAX_TEMPERATURE, MAX_TOP_K
-from model.runtime.sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_REPETITION_WINDOW, REPETITION_WINDOW
+from model.runtime.sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_REPETITION_WINDOW, OFF
 
 if TYPE_CHECKING:
     from service.config import Models, Settings
@@ -38,9 +38,10 @@ BOUNDS = {"max_temperature": MAX_TEMPERATURE, "max_openai_temperature": MAX_OPEN
           "max_logprobs": MAX_LOGPROBS, "max_stop": MAX_STOP, "max_stop_chars": MAX_STOP_CHARS, "max_seed": MAX_SEED, "max_penalty": MAX_PENALTY,
           "max_repetition_penalty": MAX_REPETITION_PENALTY, "max_repetition_window": MAX_REPETITION_WINDOW,
           "max_logit_bias": MAX_BIAS, "max_logit_bias_entries": MAX_LOGIT_BIAS, "max_messages": MAX_MESSAGES}
-# The fields of the sampling adjustments, with the values that turn them off (the defaults).
-ADJUSTMENTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-               "repetition_window": REPETITION_WINDOW, "min_p": 0.0, "logit_bias": {}}
+# The fields of the sampling adjustments, at the sampler's values that turn them off (their defaults;
+# logit_bias is a JSON object here).
+ADJUSTMENTS = {**{name: OFF[name] for name in ("presence_penalty", "frequency_penalty", "repetition_penalty",
+                                                 "repetition_window", "min_p")}, "logit_bias": {}}
 # OpenAI request fields that null leaves at their defaults (OpenAI's API reads null as "not given").
 DEFAULTED = {"max_tokens", "temperature", "top_p", "top_k", "n", *ADJUSTMENTS}
 CHAT_DEFAULTED = DEFAULTED | {"max_completion_tokens", "logprobs", "top_logprobs"}
@@ -60,9 +61,10 @@ def _whole_float(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-Whole = Annotated[int, BeforeValidator(_whole_float)]  # an integer; 1.5 is refused, 3.0 is 3
+WHOLE = BeforeValidator(_whole_float)
+Whole = Annotated[int, WHOLE]  # an integer; 1.5 is refused, 3.0 is 3
 # (not `Whole | None`: pydantic would write its bounds as ge/le into the document, not as minimum/maximum)
-WholeOrNull = Annotated[int | None, BeforeValidator(_whole_float)]
+WholeOrNull = Annotated[int | None, WHOLE]
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)]
 
@@ -80,6 +82,16 @@ LOGIT_BIAS_DOC = (f"Added to the logits of characters before sampling, -{MAX_BIA
                   "whose characters gets the bias (outside the vocabulary: the prompt's rule, replaced by the base form or "
                   "dropped). Ids at or beyond the vocabulary size and dropped characters change nothing (as llama.cpp); "
                   f"biases of one character add up, within ±{MAX_BIAS:g}.")
+# The sampling fields of the three generation requests (/v1/generate, /v1/completions,
+# /v1/chat/completions); each request gives the default (the application's) and, where it says
+# more, its own description. The OpenAI endpoints bound the temperature as OpenAI does. (Bounds stand
+# before WHOLE: after it, pydantic would write them as ge/le, as for `Whole | None`.)
+Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description=TEMPERATURE_DOC)]
+OpenAITemperature = Annotated[float, Field(ge=0, le=MAX_OPENAI_TEMPERATURE, allow_inf_nan=False, description=OPENAI_TEMPERATURE_DOC)]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K, description=TOP_K_DOC), WHOLE]
+TopP = Annotated[float, Field(gt=0, le=1, description="Sample from the smallest set of characters whose probability reaches p (1: off).")]
+Seed = Annotated[int | None, Field(ge=0, le=MAX_SEED), WHOLE]
+StopOrNull = Annotated[Stop | None, Field(description=STOP_DOC)]
 BiasKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BIAS_KEY)]
 Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]
 
@@ -89,19 +101,19 @@ class Adjusting(BaseModel):
     in this order: logit_bias, repetition_penalty, presence and frequency, then the temperature and
     min_p, top_k, top_p)."""
 
-    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False, description=(
+    presence_penalty: float = Field(OFF["presence_penalty"], ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False, description=(
         "OpenAI's: subtracted from the logit of every character generated at least once so far (the prompt does "
         "not count); positive values discourage repeating, negative ones encourage it."))
-    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False, description=(
+    frequency_penalty: float = Field(OFF["frequency_penalty"], ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False, description=(
         "OpenAI's: subtracted from a character's logit once per time it was generated so far (the prompt does not count)."))
-    repetition_penalty: float = Field(1.0, gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False, description=(
+    repetition_penalty: float = Field(OFF["repetition_penalty"], gt=0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False, description=(
         "llama.cpp's repeat_penalty: the logit of every character among the last repetition_window characters (the "
         "prompt's included) is divided by it when positive and multiplied by it when not; 1: off, above 1 discourages "
         "repeating."))
-    repetition_window: Whole = Field(REPETITION_WINDOW, ge=0, le=MAX_REPETITION_WINDOW, description=(
+    repetition_window: Whole = Field(OFF["repetition_window"], ge=0, le=MAX_REPETITION_WINDOW, description=(
         "llama.cpp's repeat_last_n: how many of the last characters, the prompt's included, repetition_penalty looks "
         "at (0: off)."))
-    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description=(
+    min_p: float = Field(OFF["min_p"], ge=0, le=1, allow_inf_nan=False, description=(
         "Drop characters whose probability (after the temperature) is below min_p times the most likely one's (0: off)."))
     logit_bias: dict[BiasKey, Bias] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS, description=LOGIT_BIAS_DOC)
 
@@ -185,12 +197,12 @@ class Schemas:
             model: str | None = model_field(models)
             prompt: str = Field("", max_length=s.max_prompt_chars, description=PROMPT_DOC)
             max_chars: Whole = Field(s.default_max_chars, ge=1, le=s.max_chars, description="Characters to generate per choice (at most).")
-            temperature: float = Field(s.default_temperature, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description=TEMPERATURE_DOC)
-            top_k: Whole = Field(s.default_top_k, ge=0, le=MAX_TOP_K, description=TOP_K_DOC)
-            top_p: float = Field(s.default_top_p, gt=0, le=1, description="Sample from the smallest set of characters whose probability reaches p (1: off).")
-            seed: WholeOrNull = Field(None, ge=0, le=MAX_SEED, description="Random seed; the same seed and settings give the same text. "
-                                       "Omitted: the server draws one and returns it. Choice i uses seed + i.")
-            stop: Stop | None = Field(None, description=STOP_DOC)
+            temperature: Temperature = s.default_temperature
+            top_k: TopK = s.default_top_k
+            top_p: TopP = s.default_top_p
+            seed: Seed = Field(None, description="Random seed; the same seed and settings give the same text. "
+                               "Omitted: the server draws one and returns it. Choice i uses seed + i.")
+            stop: StopOrNull = None
             n: Whole = Field(1, ge=1, le=s.max_n, description="Number of choices (independent continuations).")
             stream: bool = Field(False, description="Stream the text as server-sent events (plain text: chunked text) as it is generated.")
             logprobs: Whole = Field(0, ge=0, le=MAX_LOGPROBS, description="Return the log-probability of each generated character "
@@ -211,13 +223,12 @@ class Schemas:
                                  Field(min_length=1, max_length=s.max_n)]) = Field("", description=PROMPT_DOC)
             max_tokens: Whole = Field(s.default_max_chars, ge=0, le=s.max_chars, description=(
                 "Characters to generate; 0 generates nothing (with echo and logprobs: the prompt is scored only)."))
-            temperature: float = Field(s.default_temperature, ge=0, le=MAX_OPENAI_TEMPERATURE, allow_inf_nan=False,
-                                       description=OPENAI_TEMPERATURE_DOC)
-            top_p: float = Field(s.default_top_p, gt=0, le=1)
-            top_k: Whole = Field(s.default_top_k, ge=0, le=MAX_TOP_K, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
+            temperature: OpenAITemperature = s.default_temperature
+            top_p: TopP = s.default_top_p
+            top_k: TopK = Field(s.default_top_k, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
             n: Whole = Field(1, ge=1, le=s.max_n, description=f"Choices per prompt; prompts x n is at most {s.max_n}.")
-            stop: Stop | None = Field(None, description=STOP_DOC)
-            seed: WholeOrNull = Field(None, ge=0, le=MAX_SEED)
+            stop: StopOrNull = None
+            seed: Seed = None
             logprobs: WholeOrNull = Field(None, ge=0, le=MAX_LOGPROBS, description=(
                 "Return each character's log-probability and this many most likely alternatives (0 or null: none). With "
                 "echo, the prompt's characters too: every one but the first (null: nothing predicts it) from the ones "
@@ -329,13 +340,12 @@ class Schemas:
             max_completion_tokens: WholeOrNull = Field(None, ge=1, le=s.max_chars, description=(
                 f"Characters to generate (default: max_tokens, else {s.default_max_chars})."))
             max_tokens: WholeOrNull = Field(None, ge=1, le=s.max_chars, description="The older name of max_completion_tokens.")
-            temperature: float = Field(s.default_temperature, ge=0, le=MAX_OPENAI_TEMPERATURE, allow_inf_nan=False,
-                                       description=OPENAI_TEMPERATURE_DOC)
-            top_p: float = Field(s.default_top_p, gt=0, le=1)
-            top_k: Whole = Field(s.default_top_k, ge=0, le=MAX_TOP_K, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
+            temperature: OpenAITemperature = s.default_temperature
+            top_p: TopP = s.default_top_p
+            top_k: TopK = Field(s.default_top_k, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
             n: Whole = Field(1, ge=1, le=s.max_n, description="Choices (replies).")
-            stop: Stop | None = Field(None, description=STOP_DOC + " The reply also ends where the next message would begin.")
-            seed: WholeOrNull = Field(None, ge=0, le=MAX_SEED, description="Choice i uses seed + i.")
+            stop: StopOrNull = Field(None, description=STOP_DOC + " The reply also ends where the next message would begin.")
+            seed: Seed = Field(None, description="Choice i uses seed + i.")
             logprobs: bool | None = Field(False, description="Return each character's log-probability (choices[].logprobs.content).")
             top_logprobs: WholeOrNull = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per character (needs logprobs).")
             stream: bool | None = False

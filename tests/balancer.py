@@ -17,11 +17,13 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from polling import wait_for
+from server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_DIR = ROOT / "deploy" / "nginx"
@@ -84,19 +86,13 @@ class Nginx:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running_nginx(replicas: list[str], environ: dict[str, str] | None = None) -> Iterator[Nginx]:
     binary = nginx_binary()
     if binary is None:
         raise FileNotFoundError("nginx is not installed (Debian: apt-get install nginx; scripts/test does it as root)")
     prefix = Path(tempfile.mkdtemp(prefix="chargen-nginx-"))
-    port = _free_port()
+    port = free_port()
     server, upstream = render(port, replicas, environ)
     (prefix / "chargen").mkdir()
     (prefix / "chargen" / "upstream.conf").write_text(upstream)
@@ -117,18 +113,19 @@ def running_nginx(replicas: list[str], environ: dict[str, str] | None = None) ->
         raise RuntimeError(f"nginx rejects the rendered configuration:\n{check.stderr}")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     nginx = Nginx(f"http://127.0.0.1:{port}", process, prefix)
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"nginx exited with {process.returncode}:\n{nginx.error_log()[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"nginx exited with {process.returncode}:\n{nginx.error_log()[-3000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"nginx did not listen within 20 s:\n{nginx.error_log()[-3000:]}") from None
-                time.sleep(0.05)
+        if not wait_for(listening, timeout=20):
+            raise RuntimeError(f"nginx did not listen within 20 s:\n{nginx.error_log()[-3000:]}")
         yield nginx
     finally:
         if process.poll() is None:

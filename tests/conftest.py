@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np
 import pytest
+
+from model.records.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
@@ -18,7 +22,22 @@ PERIODIC = "the quick brown fox jumps over the lazy dog.\n"
 OTHER = "pack my box with five dozen liquor jugs.\n"  # what a second model learns (other_artifact)
 
 
+def words(n_chars: int, seed: int = 0) -> str:
+    """Pseudo-text: random words from a small list, in lines."""
+    rng = np.random.default_rng(seed)
+    vocabulary = "the of and to a in that is was he for it with as his on be at by had".split()
+    lines, size = [], 0
+    while size < n_chars:
+        line = " ".join(rng.choice(vocabulary, 8)) + "\n"
+        lines.append(line)
+        size += len(line)
+    return "".join(lines)[:n_chars]
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real gunicorn, Chromium, nginx, podman or schemathesis, or training "
+                            "beyond a few seconds; `scripts/test -m 'not slow'` is the quick tier for the inner loop "
+                            "and the whole suite (CI) runs them")
     config.addinivalue_line("markers", "images: builds and runs the container images with podman "
                             "(tests/test_images.py: minutes; `-m 'not images'` leaves them out)")
 
@@ -93,11 +112,40 @@ def client(app):
     return app.test_client()
 
 
+def events(response) -> list:
+    """The JSON (or [DONE]) payloads of a server-sent-events body."""
+    body = response.get_data(as_text=True)
+    out = []
+    for block in body.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            payload = block[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def assert_error(response, status: int, code: str, param=None):
+    """`response` is the service's one error shape, with this status, code and param."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    error = response.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code, error
+    assert error["param"] == param, error
+    assert error["message"]
+    assert "Traceback" not in error["message"]
+    return error
+
+
+# ---------------------------------------------------------------- networks with random weights
+
+VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")  # random_artifact's
+
+
 def random_network(cell: str, layers: int, vocab_size: int, units: int = 24, seed: int = 0):
     """A chargen network with random weights scaled so its predictions are peaked and its state
     matters (the exactness tests of the engine and of the ONNX graph compare on it)."""
     import keras
-    import numpy as np
 
     from model.records.config import ModelConfig
     from model.training.network import build_model
@@ -119,3 +167,18 @@ def random_network(cell: str, layers: int, vocab_size: int, units: int = 24, see
             w = w * 3.0  # input kernels: inputs drive the gates hard
         v.assign(w.astype("float32"))
     return model
+
+
+def with_graph(model, path: Path, vocab: Vocab = VOCAB):
+    """An artifact of the Keras `model` in directory `path`, holding its graph as model.onnx."""
+    from model.runtime.artifact import Artifact
+    from model.training.onnx_graph import build_graph
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.onnx").write_bytes(build_graph(model).SerializeToString())
+    return Artifact(path, model, vocab, {}, path / "model.onnx")
+
+
+def random_artifact(cell: str, layers: int, path: Path, units: int = 24, seed: int = 0):
+    """An artifact (in `path`) of random_network over VOCAB."""
+    return with_graph(random_network(cell, layers, len(VOCAB), units, seed), path)

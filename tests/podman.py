@@ -39,8 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import requests
-
+import polling
 from server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,17 +255,13 @@ def running(image: str, *args: str, env: dict | None = None) -> Iterator[Contain
 def wait_healthy(container: Container, timeout: float = 120) -> float:
     """Seconds from `podman run` until /health answers 200; raises with the log when it does not
     within `timeout` seconds (the image's start period is 120 s)."""
-    while time.monotonic() - container.started < timeout:
-        try:
-            if requests.get(container.url + "/health", timeout=5).status_code == 200:
-                return time.monotonic() - container.started
-        except requests.ConnectionError:
-            pass
+    def ended() -> str | None:
         state = container.state()
-        if not state.get("Running"):
-            raise RuntimeError(f"the container exited with {state.get('ExitCode')}:\n{container.logs()[-4000:]}")
-        time.sleep(0.1)
-    raise RuntimeError(f"no healthy container within {timeout:g} s:\n{container.logs()[-4000:]}")
+        return None if state.get("Running") else f"the container exited with {state.get('ExitCode')}"
+
+    polling.wait_healthy(container.url, ended=ended, log=container.logs,
+                         timeout=timeout - (time.monotonic() - container.started))
+    return time.monotonic() - container.started
 
 
 @contextmanager

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,11 @@ from typing import Iterator
 
 import requests
 
+import polling
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT = 30  # seconds, for every request made through Server
-START_TIMEOUT = 180  # seconds for gunicorn + TensorFlow import + artifact load on a busy machine
+START_TIMEOUT = 180  # seconds for gunicorn, ONNX Runtime's import and the artifact's load on a busy machine
 
 
 @dataclass
@@ -43,6 +44,19 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def ended(self) -> str | None:
+        """How the server process ended, or None while it runs."""
+        return None if self.process.poll() is None else f"the server exited with status {self.process.returncode}"
+
+    def wait_healthy(self, workers_ready: int = 1) -> None:
+        """Wait until /health is 200 and `workers_ready` workers have loaded the model (the
+        chargen_workers_ready gauge); with 0, only until the port answers HTTP (a server that is
+        still loading answers 503)."""
+        def ready(health: requests.Response) -> bool:
+            return not workers_ready or (health.status_code == 200 and self.metric("chargen_workers_ready") >= workers_ready)
+
+        polling.wait_healthy(self.url, ended=self.ended, log=self.log, timeout=START_TIMEOUT, ready=ready)
 
     def worker_pids(self) -> list[int]:
         """The gunicorn workers now alive (children of the master)."""
@@ -123,28 +137,11 @@ def running_server(artifact: Path | str, *, workers: int = 1, env: dict | None =
     log_file.close()
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     try:
-        _wait_until_up(server, workers if wait_healthy else 0)
+        server.wait_healthy(workers if wait_healthy else 0)
         yield server
     finally:
         stop(server)
         log_path.unlink(missing_ok=True)
-
-
-def _wait_until_up(server: Server, workers_ready: int) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with status {server.process.returncode} during start-up:\n{server.log()[-4000:]}")
-        try:
-            r = server.get("/health", timeout=5)
-            if not workers_ready:
-                return
-            if r.status_code == 200 and server.metric("chargen_workers_ready") >= workers_ready:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server did not become ready within {START_TIMEOUT} s:\n{server.log()[-4000:]}")
 
 
 def stop(server: Server, timeout: float = 20) -> int:

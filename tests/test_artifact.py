@@ -177,14 +177,16 @@ def test_missing_graph_says_how_to_add_it(copy):
 def damaged_graphs(saved) -> dict[str, bytes]:
     data = (saved[0] / "model.onnx").read_bytes()
     other = build_model(ModelConfig(cell="gru", layers=2, units=24, embedding=8), len(VOCAB))
-    model = onnx.load_model_from_string(data)
-    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT  # ids as float
+    int32_ids, float_ids = onnx.load_model_from_string(data), onnx.load_model_from_string(data)
+    int32_ids.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT32  # which the graph still runs
+    float_ids.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT  # which its Gather refuses
     return {
         "empty": b"",
         "truncated": data[: len(data) // 2],
         "not ONNX": b"definitely not a protobuf" * 10,
         "another network": build_graph(other).SerializeToString(),
-        "another signature": model.SerializeToString(),
+        "another signature": int32_ids.SerializeToString(),
+        "refused by ONNX Runtime": float_ids.SerializeToString(),
     }
 
 
@@ -193,7 +195,8 @@ def damaged_graphs(saved) -> dict[str, bytes]:
     ("truncated", "not an ONNX model"),
     ("not ONNX", "not an ONNX model"),
     ("another network", "does not match meta.json (a 2-layer gru network of 16 units and 10 characters): metadata units is '24'"),
-    ("another signature", "input 'ids' is float, expected int64"),
+    ("another signature", "input 'ids' is int32, expected int64"),
+    ("refused by ONNX Runtime", "damaged ONNX graph: "),
 ])
 def test_damaged_graph_names_the_file_and_how_to_rebuild_it(saved, copy, kind, problem):
     (copy / "model.onnx").write_bytes(damaged_graphs(saved)[kind])

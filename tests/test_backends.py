@@ -80,6 +80,7 @@ def other_artifact(tmp_path_factory) -> Path:
     return tmp / "run" / "best"
 
 
+@pytest.mark.slow
 def test_artifacts_cross_backends_with_the_same_logits(tiny_artifact, other_artifact):
     assert artifact.load(tiny_artifact).meta.versions.backend == HERE
     assert artifact.load(other_artifact).meta.versions.backend == OTHER

@@ -9,8 +9,7 @@ import pytest
 from server import REQUEST_TIMEOUT, running_server
 from service.chat import ChatTemplate
 from service.config import CHAT_NAMES, CHAT_TEMPLATE, Settings, chat_names
-from test_service import assert_error, events
-from conftest import loaded_app
+from conftest import assert_error, events, loaded_app
 
 # The tiny model knows lowercase text only: a template it can continue, speakers without names.
 PLAIN = {"CHAT_TEMPLATE": "{name}{content}\\n", "CHAT_NAMES": "system=,developer=,user=,assistant="}
@@ -144,6 +143,7 @@ def test_the_accepted_neutral_values(client):
 # ---------------------------------------------------------------- the official openai client, real gunicorn
 
 
+@pytest.mark.slow
 def test_the_openai_client_chats_streamed_and_not(tiny_artifact):
     openai = pytest.importorskip("openai")
     with running_server(tiny_artifact, env={f"CHARGEN_{k}": v for k, v in PLAIN.items()}) as server:

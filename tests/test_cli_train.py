@@ -8,14 +8,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import PERIODIC
+from conftest import PERIODIC, words
+from polling import wait_for
 
 from model.runtime import artifact
 from chargen.cli import main
@@ -206,18 +205,7 @@ def test_defaults_are_the_library_defaults(tmp_path, corpus):
 # ---------------------------------------------------------------- kill -9, then --resume
 
 
-def words(n_chars: int, seed: int = 0) -> str:
-    """Pseudo-text: random words from a small list, in lines."""
-    rng = np.random.default_rng(seed)
-    vocabulary = "the of and to a in that is was he for it with as his on be at by had".split()
-    lines, size = [], 0
-    while size < n_chars:
-        line = " ".join(rng.choice(vocabulary, 8)) + "\n"
-        lines.append(line)
-        size += len(line)
-    return "".join(lines)[:n_chars]
-
-
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_completed_epoch(tmp_path):
     corpus = tmp_path / "words.txt"
     corpus.write_text(words(20_000))
@@ -232,12 +220,11 @@ def test_killed_run_resumes_from_its_last_completed_epoch(tmp_path):
     with open(tmp_path / "first.log", "wb") as log:
         first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and first.poll() is None:
+            def past_epoch_2() -> bool:
                 state = run / "state.json"
-                if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
-                    break
-                time.sleep(0.02)
+                return first.poll() is not None or (state.exists() and json.loads(state.read_text())["epoch"] >= 2)
+
+            wait_for(past_epoch_2, timeout=180, interval=0.02)
             assert first.poll() is None, f"the run ended before it could be killed:\n{(tmp_path / 'first.log').read_text()}"
             first.send_signal(signal.SIGKILL)
         finally:

@@ -10,8 +10,7 @@ import pytest
 from model.runtime.artifact import load
 from model.runtime.engine import Engine, GenerationRequest
 from model.runtime.sampling import SamplingSettings
-from test_service import events
-from conftest import loaded_app
+from conftest import events, loaded_app
 
 CONTROLS = {"presence_penalty": 0.6, "frequency_penalty": 0.3, "repetition_penalty": 1.3, "repetition_window": 32,
             "min_p": 0.05, "logit_bias": {"e": -2.0}}

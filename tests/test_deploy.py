@@ -11,73 +11,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from server import ROOT, START_TIMEOUT, Server, free_port, server_env, stop
+from dockerfile import COMPOSE, DOCKERFILE, env_of, healthcheck_command, instructions, only, stage
+from server import ROOT, Server, free_port, server_env, stop
 
-DOCKERFILE = ROOT / "Dockerfile"
-COMPOSE = ROOT / "docker-compose.yml"
 NGINX_UPSTREAM = ROOT / "deploy" / "nginx" / "upstream.conf"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.33.0"  # the schemas the manifests are validated against (kubernetes-validate bundles them)
 VENV_BIN = Path(sys.executable).parent
-
-
-def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
-    """(KEYWORD, arguments) for each instruction, continuation lines joined, comments dropped."""
-    lines, current = [], ""
-    for line in path.read_text().splitlines():
-        if not current and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        if line.rstrip().endswith("\\"):
-            current += line.rstrip()[:-1] + " "
-            continue
-        lines.append(current + line)
-        current = ""
-    return [(keyword.upper(), rest.strip()) for keyword, _, rest in (line.strip().partition(" ") for line in lines)]
-
-
-def stage(target: str, dockerfile: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-    """The instructions an image built with `--target target` runs: those of the stages it is built
-    FROM (their FROM lines dropped but the first), then its own."""
-    stages, name = {}, None
-    for keyword, args in dockerfile or instructions():
-        if keyword == "FROM":
-            image, name = re.fullmatch(r"(\S+)(?:\s+as\s+(\S+))?", args, re.I).groups()
-            stages[name] = list(stages[image]) if image in stages else [("FROM", image)]
-        else:
-            stages[name].append((keyword, args))
-    return stages[target]
-
-
-def env_of(dockerfile: list[tuple[str, str]]) -> dict[str, str]:
-    env = {}
-    for keyword, args in dockerfile:
-        if keyword == "ENV":
-            for pair in shlex.split(args):
-                name, _, value = pair.partition("=")
-                env[name] = value
-    return env
-
-
-def only(dockerfile, keyword: str) -> str:
-    found = [args for k, args in dockerfile if k == keyword]
-    assert len(found) == 1, f"expected one {keyword} in the Dockerfile, found {len(found)}"
-    return found[0]
-
-
-def healthcheck_command(dockerfile) -> list[str]:
-    args = only(dockerfile, "HEALTHCHECK")
-    assert " CMD " in f" {args} ", args
-    return json.loads(args.split("CMD", 1)[1])
 
 
 def test_the_image_is_slim_runs_as_a_user_and_checks_its_health():
@@ -111,6 +58,7 @@ def test_two_targets_api_serves_without_the_training_stack_and_train_has_it():
 # ---------------------------------------------------------------- the container's command, outside Docker
 
 
+@pytest.mark.slow  # real gunicorn
 def test_the_containers_command_starts_the_service_outside_docker(tiny_artifact, tmp_path):
     dockerfile = stage("api")
     command = json.loads(only(dockerfile, "CMD"))
@@ -132,18 +80,7 @@ def test_the_containers_command_starts_the_service_outside_docker(tiny_artifact,
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     health = healthcheck_command(dockerfile)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"the command exited with {process.returncode}:\n{server.log()[-3000:]}"
-            try:
-                if server.get("/health", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"no healthy server within {START_TIMEOUT} s:\n{server.log()[-3000:]}")
-
+        server.wait_healthy()
         check = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stderr
         r = server.post("/v1/generate", json={"prompt": "the quick", "max_chars": 20, "temperature": 0})

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_cli_train import words
+from conftest import words
 
 from chargen.cli import main
 from model.runtime import artifact
@@ -90,6 +90,7 @@ def jax_one_device(tmp_path_factory, corpus) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
 def test_two_devices_follow_one_device(backend, jax_one_device, corpus, tmp_path):
     if backend == "jax":
@@ -113,6 +114,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_on_loopback_follow_one_process(jax_one_device, corpus, tmp_path):
     """Two processes of one CPU device each, joined through a coordinator on 127.0.0.1 (bound there
     only: JAX would listen on every interface by default) and JAX's gloo collectives; process 0

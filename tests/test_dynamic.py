@@ -66,6 +66,7 @@ def measured(tiny_artifact) -> dict[str, dict]:
     return figures
 
 
+@pytest.mark.slow  # `measured`: dynamic evaluation in a process per backend
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 @pytest.mark.parametrize("network", ["lstm", "gru"])
 def test_adapting_lowers_the_loss_and_lr_0_is_the_static_score(measured, backend, network):
@@ -78,6 +79,7 @@ def test_adapting_lowers_the_loss_and_lr_0_is_the_static_score(measured, backend
     assert m["unchanged"]  # the network given keeps its weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["lstm", "gru"])
 def test_both_backends_take_the_same_steps(measured, network):
     """The same update on TensorFlow and JAX (TensorFlow hands the embedding's gradient over as
@@ -97,6 +99,7 @@ def digests(path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
 
 
+@pytest.mark.slow
 def test_the_command_prints_static_and_dynamic_and_leaves_the_artifact_alone(tiny_artifact, tmp_path):
     text = tmp_path / "other.txt"
     text.write_text(TEXT)

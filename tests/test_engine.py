@@ -25,28 +25,18 @@ from model.runtime import network_step
 from model.runtime.artifact import Artifact
 from model.runtime.engine import CharLogprob, Engine, EngineFull, GenerationRequest, Stream
 from model.runtime.network_step import NetworkStep
-from model.training.onnx_graph import build_graph
-from model.runtime.onnx_step import MIN_ROWS_PER_THREAD
+from model.runtime.onnx_step import OrtStep
 from model.runtime.sampling import GREEDY, SamplingSettings, log_softmax, next_ids
 from model.records.vocab import Vocab
-from conftest import random_network
+from conftest import VOCAB, random_artifact
 
-VOCAB = Vocab("\n abcdefghijklmnopqrstuvw.,")
 STEPS = 1000
 TOLERANCE = 1e-4  # absolute, on natural-log probabilities
 T1 = SamplingSettings(temperature=1.0)  # what a test's requests sample at unless it says otherwise
 CASES = [(cell, layers) for cell in ("lstm", "gru", "rnn") for layers in (1, 2, 3)]
-
-
-def with_graph(model: keras.Model, path: Path, vocab: Vocab = VOCAB) -> Artifact:
-    """An artifact of `model` in directory `path`, holding its graph as model.onnx."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "model.onnx").write_bytes(build_graph(model).SerializeToString())
-    return Artifact(path, model, vocab, {}, path / "model.onnx")
-
-
-def random_artifact(cell: str, layers: int, path: Path, units: int = 24, seed: int = 0) -> Artifact:
-    return with_graph(random_network(cell, layers, len(VOCAB), units, seed), path)
+# From this many rows the tests' networks step on several threads: their own threshold (from their
+# size) is above any batch a test runs.
+ROWS_PER_THREAD = 8
 
 
 @pytest.fixture(scope="session")
@@ -309,9 +299,11 @@ def test_streams_joining_and_leaving_give_the_same_text_as_each_run_alone(artifa
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_a_large_batch_on_several_threads_matches_streams_run_alone(artifact_for, cell):
     art = artifact_for(cell, 2)
-    streams = MIN_ROWS_PER_THREAD + 8
+    streams = ROWS_PER_THREAD + 8
     requests = [GenerationRequest(f"stream {i}", max_chars=60, sampling=T1, seed=i, logprobs=len(VOCAB)) for i in range(streams)]
-    batch = run_collecting(Engine(art, max_batch=streams, threads=2), [(0, r) for r in requests])
+    engine = Engine(art, max_batch=streams, threads=2)
+    engine.network.min_rows_per_thread = ROWS_PER_THREAD
+    batch = run_collecting(engine, [(0, r) for r in requests])
     for request, (stream, rows) in zip(requests, batch):
         ((alone, alone_rows),) = run_collecting(Engine(art, max_batch=1), [(0, request)])
         assert stream.text == alone.text
@@ -338,7 +330,8 @@ def test_the_network_step_keeps_each_slots_state_through_what_the_engine_does_wi
     import onnxruntime
 
     art = artifact_for("lstm", 2)
-    network = network_step.load(art, max_batch=MIN_ROWS_PER_THREAD + 8, threads=2)
+    network = network_step.load(art, max_batch=ROWS_PER_THREAD + 8, threads=2)
+    network.min_rows_per_thread = ROWS_PER_THREAD
     whole = onnxruntime.InferenceSession(str(art.onnx_path), providers=["CPUExecutionProvider"])
     zero = {n: np.zeros((2, 1, 24), np.float32) for n in ("h", "c")}
     rng = np.random.default_rng(0)
@@ -378,7 +371,17 @@ def test_the_network_step_keeps_each_slots_state_through_what_the_engine_does_wi
         if k % 30 == 29:
             check()
     check()
-    assert max(map(len, history)) > 100 and min(sizes) < 4 and max(sizes) >= MIN_ROWS_PER_THREAD  # one thread and several
+    assert max(map(len, history)) > 100 and min(sizes) < 4 and max(sizes) >= ROWS_PER_THREAD  # one thread and several
+
+
+def test_a_network_with_more_work_per_character_takes_several_threads_at_fewer_rows(artifact_for):
+    """The shipped 3x384 LSTM gains from a second thread at a few rows, a small network only at many
+    (bench/README.md, "Threads per step"); below its threshold a step stays on one thread."""
+    shipped = OrtStep(Path(__file__).resolve().parents[1] / "artifacts" / "default" / "model.onnx", 64, threads=2)
+    tiny = OrtStep(artifact_for("lstm", 2).onnx_path, 64, threads=2)
+    assert 2 <= shipped.min_rows_per_thread <= 8 < 64 < tiny.min_rows_per_thread
+    rows = shipped.min_rows_per_thread
+    assert [shipped._binding(n, 0)[0] is shipped._large for n in (rows - 1, rows)] == [False, True]
 
 
 class InterfaceOnly:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import random_network
+from polling import wait_for
 from model.runtime.artifact import Artifact
 from model.runtime.engine import UNREAD, Engine, GenerationRequest
 from model.training.onnx_graph import build_graph
@@ -128,9 +129,7 @@ def test_the_service_streams_unchecked_text_as_it_is_generated(tiny_artifact):
                 break
         assert not job.done and len(received) < 10**5  # far from a million characters: it streamed
         events.close()  # the consumer leaves: the job is cancelled
-        deadline = time.monotonic() + 10
-        while not job.done and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_for(lambda: job.done, interval=0.01)
         (stream,) = job.streams
         assert stream.finish_reason == "cancelled" and stream.text.startswith(received)
     finally:

@@ -153,6 +153,7 @@ def test_the_window_option(tiny_artifact, tmp_path):
         "(768 characters predicted, windows of 256 from a fresh state, as nanoGPT estimates)")
 
 
+@pytest.mark.slow  # dynamic evaluation of the shipped 3x384 model over 20,000 characters
 def test_the_shipped_model_on_shakespeare(shakespeare, tmp_path):
     """The three measures on the first 20,000 characters of tinyshakespeare's validation split (its
     last 10%), scored by the shipped model: a window from a fresh state knows less than a carried

@@ -35,6 +35,8 @@ from service.openapi import document  # noqa: E402
 from service.reading import MAX_JSON_DEPTH  # noqa: E402
 from service.schemas import Schemas  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real gunicorn, and thousands of generated requests
+
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection, positive_data_acceptance]
 SEED = 20261201

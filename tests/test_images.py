@@ -30,10 +30,10 @@ import requests
 import podman
 from balancer import nginx_binary, running_nginx
 from conftest import PERIODIC
+from dockerfile import COMPOSE, env_of, healthcheck_command, stage
 from server import REQUEST_TIMEOUT
-from test_deploy import COMPOSE, env_of, healthcheck_command, stage
 
-pytestmark = pytest.mark.images
+pytestmark = [pytest.mark.images, pytest.mark.slow]
 
 RUN_ID = uuid.uuid4().hex[:8]  # each run its own tags: runs at once do not replace each other's images
 API_TAG = f"localhost/chargen-test-api:{RUN_ID}"

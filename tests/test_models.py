@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import OTHER, PERIODIC
+from polling import wait_for
 from server import ROOT, chargen_command, continuation, free_port, running_server, server_env
 from service.app import create_app
 from service.config import Settings, SettingsError
@@ -186,10 +186,7 @@ def test_each_model_has_its_own_slots_and_queue(app, client):
         assert busy.status_code == 429 and busy.get_json()["error"]["code"] == "queue_full"
     finally:
         long.close()
-    deadline = time.monotonic() + 5
-    while chargen.served("fox").engine.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert chargen.served("fox").engine.active == 0
+    assert wait_for(lambda: chargen.served("fox").engine.active == 0, interval=0.01)
 
 
 # ---------------------------------------------------------------- configuration
@@ -241,6 +238,7 @@ def test_a_bad_models_setting_stops_start_up_naming_the_variable(models_dir, tin
 # ---------------------------------------------------------------- a real gunicorn
 
 
+@pytest.mark.slow
 def test_a_real_server_routes_by_model_and_labels_its_metrics(tiny_artifact, other_artifact):
     """CHARGEN_ARTIFACT (the default, `run`) plus CHARGEN_MODELS' `jugs`, two workers: every answer
     comes from the model named whichever worker takes it, and /metrics adds the workers up per model."""

@@ -1,4 +1,5 @@
-"""The ONNX graph against the Keras model it was built from, and the graph check against meta.json.
+"""The ONNX graph against the Keras model it was built from, and the graph check against meta.json
+(model/runtime/graph.py: ONNX Runtime's view of the graph, no onnx).
 
 Exactness runs on tiny networks with random weights, scaled as in test_engine.py: states and
 predictions far from trivial, recurrent weights left orthogonal so the dynamics are not chaotic.
@@ -17,7 +18,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from model.training.onnx_graph import GRAPH_FORMAT, OPSET, build_graph, check_graph
+from model.runtime.graph import GRAPH_FORMAT, check_graph
+from model.training.onnx_graph import OPSET, build_graph
 from model.runtime.sampling import log_softmax
 from model.records.vocab import Vocab
 from conftest import random_network
@@ -210,8 +212,8 @@ def test_check_graph_accepts_the_graph_from_a_path_and_from_bytes(tmp_path):
     graph = case("lstm", 2)[1]
     path = tmp_path / "model.onnx"
     path.write_bytes(graph)
-    assert check_graph(path, **lstm_meta()).graph.name == "chargen_lstm"
-    assert check_graph(graph, **lstm_meta()).graph.name == "chargen_lstm"
+    check_graph(path, **lstm_meta())
+    check_graph(graph, **lstm_meta())
     for cell, layers in [("gru", 3), ("rnn", 1)]:
         check_graph(case(cell, layers)[1], cell=cell, layers=layers, units=UNITS, vocab_size=V)
 
@@ -221,7 +223,7 @@ def test_check_graph_accepts_the_graph_from_a_path_and_from_bytes(tmp_path):
                                    f"output 'logits' has shape (batch, seq, {V}), expected (batch, seq, {V + 1})"]),
     (lstm_meta(units=64), ["metadata units", f"input 'h' has shape (2, batch, {UNITS}), expected (2, batch, 64)",
                            "input 'c' has shape", "output 'h_out' has shape"]),
-    (lstm_meta(layers=3), ["metadata layers", f"expected (3, batch, {UNITS})", "recurrent operators are [LSTM, LSTM], expected 3 x LSTM"]),
+    (lstm_meta(layers=3), ["metadata layers", f"input 'h' has shape (2, batch, {UNITS}), expected (3, batch, {UNITS})"]),
     (lstm_meta(cell="gru"), ["metadata cell is 'lstm', meta.json says 'gru'", "unexpected input 'c'", "unexpected output 'c_out'"]),
 ])
 def test_check_graph_refuses_a_graph_of_another_network(tmp_path, meta, words):
@@ -236,11 +238,31 @@ def test_check_graph_refuses_a_graph_of_another_network(tmp_path, meta, words):
 
 
 def test_check_graph_refuses_an_lstm_graph_without_its_c_input():
+    """A graph ONNX Runtime runs (its c a constant) that lacks an input of the signature."""
     model = onnx.load_model_from_string(case("lstm", 1)[1])
     (c,) = [i for i in model.graph.input if i.name == "c"]
     model.graph.input.remove(c)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, 1, UNITS), np.float32), "c"))
     with pytest.raises(ValueError, match=r"^art/model.onnx: does not match meta.json .*: missing input 'c'$"):
         check_graph(model.SerializeToString(), name="art/model.onnx", **lstm_meta(layers=1))
+
+
+def test_check_graph_refuses_an_input_of_unknown_shape():
+    model = onnx.load_model_from_string(case("gru", 1)[1])
+    model.graph.input[1].type.tensor_type.ClearField("shape")
+    with pytest.raises(ValueError, match=rf"^model.onnx: does not match meta.json .*: input 'h' has shape unknown, expected \(1, batch, {UNITS}\)$"):
+        check_graph(model.SerializeToString(), cell="gru", layers=1, units=UNITS, vocab_size=V)
+
+
+def test_check_graph_refuses_a_graph_of_another_format_or_without_its_metadata():
+    model = onnx.load_model_from_string(case("gru", 1)[1])
+    (version,) = [p for p in model.metadata_props if p.key == "chargen_graph_format"]
+    version.value = "2"
+    with pytest.raises(ValueError, match=r"chargen_graph_format '2' is not supported \(this chargen reads 1\)$"):
+        check_graph(model.SerializeToString(), cell="gru", layers=1, units=UNITS, vocab_size=V)
+    del model.metadata_props[:]
+    with pytest.raises(ValueError, match=r"no chargen metadata \(not made by `chargen export`, or truncated\)$"):
+        check_graph(model.SerializeToString(), cell="gru", layers=1, units=UNITS, vocab_size=V)
 
 
 def test_check_graph_refuses_wrong_types_and_fixed_dims():
@@ -288,12 +310,30 @@ def test_check_graph_refuses_a_damaged_graph_that_matches_the_signature():
         check_graph(model.SerializeToString(), **lstm_meta(layers=1))
 
 
-def test_checking_imports_neither_keras_nor_tensorflow(tmp_path):
+def test_check_graph_refuses_a_graph_onnx_runtime_refuses():
+    """ids as float: the graph's Gather takes integer indices only."""
+    model = onnx.load_model_from_string(case("lstm", 1)[1])
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    with pytest.raises(ValueError, match=r"^model.onnx: damaged ONNX graph: .*tensor\(float\)"):
+        check_graph(model.SerializeToString(), **lstm_meta(layers=1))
+
+
+def test_checking_needs_neither_onnx_nor_keras(tmp_path):
+    """As in a serving install, where neither is installed: importing either fails."""
     path = tmp_path / "model.onnx"
     path.write_bytes(case("gru", 2)[1])
     code = (
-        "import sys; from model.training.onnx_graph import check_graph; "
-        f"check_graph({str(path)!r}, cell='gru', layers=2, units={UNITS}, vocab_size={V}); "
-        "bad = [m for m in ('keras', 'tensorflow', 'jax') if m in sys.modules]; assert not bad, bad"
+        "import sys\n"
+        "for name in ('onnx', 'keras', 'tensorflow', 'jax'):\n"
+        "    sys.modules[name] = None\n"
+        "from model.runtime.graph import check_graph\n"
+        f"check_graph({str(path)!r}, cell='gru', layers=2, units={UNITS}, vocab_size={V})\n"
+        f"check_graph({str(path)!r}, cell='gru', layers=2, units={UNITS + 1}, vocab_size={V})\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ValueError: {path}: does not match meta.json (a 2-layer gru network of {UNITS + 1} units and {V} characters): "
+        f"metadata units is '{UNITS}', meta.json says '{UNITS + 1}'; input 'h' has shape (2, batch, {UNITS}), "
+        f"expected (2, batch, {UNITS + 1}); output 'h_out' has shape (2, batch, {UNITS}), expected (2, batch, {UNITS + 1})")

@@ -14,7 +14,6 @@ import json
 import math
 import re
 import threading
-import time
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,6 +21,7 @@ import pytest
 
 from browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, TIMEOUT_MS, Tab, screenshots
 from conftest import OTHER, PERIODIC
+from polling import wait_for
 from server import ROOT, continuation, running_server
 from service.app import create_app
 from service.config import SettingsError
@@ -160,7 +160,7 @@ def test_a_bad_frame_ancestor_stops_start_up_naming_the_variable(tiny_artifact, 
         create_app({"ARTIFACT": str(tiny_artifact), "FRAME_ANCESTORS": value})
 
 
-# ---------------------------------------------------------------- in the browser
+# ---------------------------------------------------------------- in the browser (Chromium, real gunicorn: slow)
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +227,7 @@ def tab(browser, server):
     t.close()
 
 
+@pytest.mark.slow
 def test_the_page_loads_without_console_errors_and_names_the_model(tab):
     page = tab.page
     assert page.title().startswith("chargen")
@@ -249,6 +250,7 @@ RECORD = """() => {
 }"""
 
 
+@pytest.mark.slow
 def test_the_answer_streams_in_and_ends_with_a_finish_reason(tab):
     tab.page.evaluate(RECORD)
     tab.send("the quick", temperature=0, max_chars=1500)
@@ -269,31 +271,24 @@ def test_the_answer_streams_in_and_ends_with_a_finish_reason(tab):
     assert tab.page.evaluate("navigator.clipboard.readText()") == "the quick" + text
 
 
+@pytest.mark.slow
 def test_stop_ends_a_long_generation_and_the_server_frees_its_slot(tab, server):
     page = tab.page
     tab.send("the", temperature=0, max_chars=LONG)
     page.wait_for_function("() => document.querySelector('.turn:last-child .generated').textContent.length > 200")
     assert page.is_visible("#stop") and page.is_hidden("#send")
-    assert poll(lambda: server.metric("chargen_active_streams") == 1), "the stream never showed in the gauge"
+    assert wait_for(lambda: server.metric("chargen_active_streams") == 1), "the stream never showed in the gauge"
     page.click("#stop")
     assert tab.wait_ended() == "stopped"
     stopped_at = len(tab.generated())
     assert 200 < stopped_at < LONG
-    assert poll(lambda: server.metric("chargen_active_streams") == 0, seconds=10), "the server kept generating after Stop"
+    assert wait_for(lambda: server.metric("chargen_active_streams") == 0), "the server kept generating after Stop"
     assert len(tab.generated()) == stopped_at  # nothing more arrived
     assert "stopped" in tab.turn().locator(".finish").text_content()
     assert page.is_visible("#send") and page.is_hidden("#stop")
 
 
-def poll(condition, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("control, value, field", [("#top-p", "1.5", "top_p"), ("#max-chars", str(LONG + 1), "max_chars")])
 def test_an_out_of_range_setting_shows_the_servers_message_and_the_page_keeps_working(tab, server, control, value, field):
     body = {"prompt": "the", "temperature": 0, "max_chars": 20, field: json.loads(value)}
@@ -330,6 +325,7 @@ DONE = {"done": True, "id": "gen-x", "model": "run", "seed": 7, "choices": [{"in
         "timings": {"queue_ms": 0, "prompt_ms": 0, "generation_ms": 1, "chars_per_second": 6000}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure, words", [
     ("busy", "The server is busy (every generation slot is taken). Try again in 3 s."),
     ("gone", "The server cannot be reached."),
@@ -364,6 +360,7 @@ def test_a_busy_gone_or_failing_server_is_explained_and_the_page_recovers(tab, f
 EVIL = "<img src=x onerror=alert(1)>"
 
 
+@pytest.mark.slow
 def test_markup_in_prompts_and_in_model_text_is_shown_as_text(tab):
     page = tab.page
     tab.send(EVIL, temperature=0, max_chars=20)
@@ -397,6 +394,7 @@ def alpha(color: str) -> float:
     return 1.0 if color.startswith("rgb(") else 0.0
 
 
+@pytest.mark.slow
 def test_probabilities_shade_each_character_and_show_alternatives_on_hover(tab, server):
     settings = {"temperature": 1.4, "seed": 11, "max_chars": 60}
     reference = server.post("/v1/generate", json={"prompt": "the quick", "logprobs": 5, **settings}).json()["choices"][0]
@@ -450,6 +448,7 @@ def test_probabilities_shade_each_character_and_show_alternatives_on_hover(tab, 
 SHADED = "spans => spans.map(s => [s.textContent, Number(s.dataset.p), getComputedStyle(s).backgroundColor])"
 
 
+@pytest.mark.slow
 def test_ticking_probabilities_shades_the_answers_on_screen_and_unticking_unshades_them(tab, server):
     settings = {"temperature": 1.4, "seed": 11, "max_chars": 60}
     asks = [("the quick", settings), ("", {**settings, "seed": 12})]  # an empty prompt starts after a newline
@@ -496,6 +495,7 @@ def test_ticking_probabilities_shades_the_answers_on_screen_and_unticking_unshad
     assert tab.console_errors == []
 
 
+@pytest.mark.slow
 def test_keyboard_alone_sends_regenerates_and_continues(tab):
     page, keyboard = tab.page, tab.page.keyboard
     for _ in range(10):  # from the top of the page to the prompt
@@ -552,6 +552,7 @@ def sent(tab: Tab, prompt: str = "the quick") -> dict:
     return request.value.post_data_json
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path, query, expected", [
     ("/", "", DEFAULTS),
     ("/embed", "", {"temperature": 0.3}),  # no other controls: the server's defaults apply
@@ -574,6 +575,7 @@ def test_the_page_starts_from_the_servers_defaults_unless_the_query_string_prese
         t.close()
 
 
+@pytest.mark.slow
 def test_the_embed_works_in_an_iframe_of_an_allowed_site_and_is_refused_elsewhere(browser, server, sites):
     allowed, other = sites
     context = browser.new_context(viewport=DESKTOP)
@@ -599,6 +601,7 @@ def test_the_embed_works_in_an_iframe_of_an_allowed_site_and_is_refused_elsewher
         context.close()
 
 
+@pytest.mark.slow
 def test_screenshots_at_desktop_and_phone_width_in_light_and_dark(browser, tiny_artifact, tmp_path):
     """What scripts/screenshots does with the shipped model, with the tiny one into tmp_path (tests
     never write into the tree); checks the layout fits a phone's width and the colour schemes."""
@@ -627,6 +630,7 @@ def answer(tab: Tab, max_chars: int | None = 30) -> tuple[str, dict]:
     return tab.generated(), request.value.post_data_json
 
 
+@pytest.mark.slow
 def test_the_model_picker_shows_each_model_and_the_answer_comes_from_the_one_picked(browser, two_models):
     cards = {c["id"]: c for c in two_models.get("/v1/models").json()["data"]}
     t = Tab(browser, two_models.url + "/")
@@ -666,6 +670,7 @@ def test_the_model_picker_shows_each_model_and_the_answer_comes_from_the_one_pic
         phone.close()
 
 
+@pytest.mark.slow
 def test_the_embed_presets_the_model_from_its_query_string(browser, two_models):
     t = Tab(browser, two_models.url + "/embed?model=jugs&max_chars=30")
     try:

@@ -11,6 +11,8 @@ import pytest
 from browser import CHROMIUM, CHROMIUM_ARGS, Tab
 from server import continuation, running_server
 
+pytestmark = pytest.mark.slow  # Chromium and real gunicorn
+
 CONTROLS = {"#min-p": "min_p", "#repetition-penalty": "repetition_penalty", "#repetition-window": "repetition_window",
             "#presence-penalty": "presence_penalty", "#frequency-penalty": "frequency_penalty"}
 

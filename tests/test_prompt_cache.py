@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_engine import T1, VOCAB, random_artifact
+from conftest import VOCAB, random_artifact
 
 from model.runtime.engine import Engine, GenerationRequest
 from model.runtime.network_step import State
 from model.runtime.prompt_cache import MIN_CHARS, PromptCache
 from model.runtime.sampling import GREEDY, SamplingSettings
+
+T1 = SamplingSettings(temperature=1.0)
 
 
 @pytest.fixture(scope="module")

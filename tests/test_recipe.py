@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_cli_train import words
+from conftest import words
 
 from chargen.cli import main
 from model.runtime import artifact
@@ -29,6 +29,7 @@ from model.records.config import ModelConfig
 from model.training.network import build_model, cell_layer, copy_weights, trainable_weights
 from model.records.config import Recipe
 from model.training.recipe import _classes, averaged_weights, custom_objects, optimizer
+from model.training.settings import read_run
 from model.training.train import RUN_FILE, TrainingError, TrainSettings, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,6 +223,7 @@ def test_weight_decay_leaves_biases_alone():
                 np.testing.assert_allclose(numpy(v), w * (1 - 0.1 * 1.0), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_fit_keeps_the_raw_weights_and_the_optimizer_the_average():
     """fit() calls (a run makes one per evaluation): the weights go on from where the last step left
     them, and the average is the moving average of the weights after each step: the first step's
@@ -271,6 +273,7 @@ def run(tmp_path_factory, corpus) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_the_artifact_has_the_better_of_the_average_and_the_raw_weights(run):
     history = json.loads((run / "history.json").read_text())
     assert [row["step"] for row in history] == [6] and os.readlink(run / "best") == "artifacts/step-00000006"
@@ -311,6 +314,7 @@ def test_validation_scores_the_average_and_the_raw_weights(run, corpus, tmp_path
         assert StreamScorer().loss(loaded.model, ids).nats == pytest.approx(recorded[column], abs=2e-5)
 
 
+@pytest.mark.slow
 def test_the_whole_validation_at_the_end_scores_the_weights_the_artifact_kept(tmp_path, corpus):
     """Evaluations scored a sample (--eval-chars), so the best artifact is scored on the whole
     validation text at the end: with the weights it holds, the raw ones when the evaluation kept
@@ -351,6 +355,7 @@ print(json.dumps({"layers": sorted({type(layer).__name__ for layer in model.laye
 """
 
 
+@pytest.mark.slow
 def test_the_artifact_is_a_plain_network(run, tmp_path):
     """Its model.keras loads in a process that never imports chargen (no custom classes), its
     model.onnx passes the serving load's checks; the checkpoint, which has the recipe's classes,
@@ -382,6 +387,7 @@ def test_the_artifact_is_a_plain_network(run, tmp_path):
     np.testing.assert_allclose(logits, numpy(loaded.model.predict_on_batch(ids[None])), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_weight_drop_alone_scores_and_publishes_the_plain_network(tmp_path, corpus):
     """Without --ema (nor several devices) evaluations may score the training network itself; with
     weight drop it is not a plain one, so the samples' ONNX graph and the artifact are made from
@@ -401,7 +407,7 @@ def test_weight_drop_alone_scores_and_publishes_the_plain_network(tmp_path, corp
 def test_run_json_and_meta_json_record_the_recipe(run):
     saved = json.loads((run / RUN_FILE).read_text())
     assert saved["recipe"] == ALL_RECIPE.to_dict()
-    assert TrainSettings.from_dict(saved).recipe == ALL_RECIPE
+    assert read_run(run / RUN_FILE)[0].recipe == ALL_RECIPE
     meta = json.loads((run / "best" / "meta.json").read_text())
     assert meta["training"]["recipe"] == ALL_RECIPE.to_dict()
     assert artifact.load(run).meta.training.recipe == ALL_RECIPE
@@ -409,7 +415,7 @@ def test_run_json_and_meta_json_record_the_recipe(run):
 
 def test_records_written_before_recipes_load_as_todays_recipe(run, corpus, tmp_path):
     saved = json.loads((run / RUN_FILE).read_text())
-    del saved["recipe"]
+    del saved["recipe"], saved["command"]  # the command is run.json's own, beside the settings
     assert TrainSettings.from_dict(saved).recipe == Recipe()
     with pytest.raises(ValueError, match="unknown recipe keys: dropconnect"):
         Recipe.from_dict({"dropconnect": 0.5})
@@ -441,6 +447,7 @@ def test_records_written_before_recipes_load_as_todays_recipe(run, corpus, tmp_p
         prepare(changed, True, frozenset({"ema"}))
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_recipe_and_refuses_a_changed_one(run, corpus, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy, symlinks=True)
@@ -483,6 +490,7 @@ def test_resume_keeps_the_recipe_and_refuses_a_changed_one(run, corpus, tmp_path
 # ---------------------------------------------------------------- --preset and bad values
 
 
+@pytest.mark.slow
 def test_a_preset_sets_its_values(tmp_path, corpus):
     out = tmp_path / "run"
     result = invoke("train", "--preset", "tiny", "--corpus", str(corpus), "--out", str(out), "--max-steps", "1")
@@ -493,6 +501,7 @@ def test_a_preset_sets_its_values(tmp_path, corpus):
     assert saved["recipe"] == Recipe().to_dict()
 
 
+@pytest.mark.slow
 def test_flags_given_override_the_preset(tmp_path, corpus):
     out = tmp_path / "run"
     # the medium preset's recipe on a tiny network; --no-locked and --ema 0 (the options' own defaults) override it too
@@ -507,6 +516,7 @@ def test_flags_given_override_the_preset(tmp_path, corpus):
                                      weight_decay=0.1, schedule="cosine", warmup=200, ema=0.0).to_dict()
 
 
+@pytest.mark.slow
 def test_resume_with_a_preset_checks_its_values_against_the_run(tmp_path, corpus):
     """The same command line again with --resume continues; another preset's values are refused like flags."""
     out = tmp_path / "run"
@@ -521,6 +531,7 @@ def test_resume_with_a_preset_checks_its_values_against_the_run(tmp_path, corpus
     assert json.loads((out / "state.json").read_text())["step"] == 4
 
 
+@pytest.mark.slow
 def test_resume_with_a_preset_keeps_the_runs_own_epochs(tmp_path, corpus):
     """A setting a resumed run may change (--epochs) keeps the run's value when only the preset names
     it: `--preset tiny --epochs 1`, resumed with `--preset tiny` alone, does not train to tiny's 10."""
@@ -590,6 +601,7 @@ def test_bad_recipe_values_are_one_line_before_keras_loads(tmp_path, corpus):
 # ---------------------------------------------------------------- both backends
 
 
+@pytest.mark.slow
 def test_every_recipe_flag_trains_on_jax(tmp_path, corpus):
     """`chargen --backend jax train` with every recipe flag (the `run` fixture is the same on
     TensorFlow, this process's backend); its checkpoint loads here with the recipe's classes."""

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from conftest import PERIODIC
+from conftest import PERIODIC, assert_error, events
+from polling import wait_for
 from server import ROOT, continuation, server_env
 from service.app import create_app
 from service.config import SettingsError
@@ -43,30 +44,6 @@ def app(tiny_artifact):
 @pytest.fixture
 def client(app):
     return app.test_client()
-
-
-def events(response) -> list:
-    """The JSON (or [DONE]) payloads of a server-sent-events body."""
-    body = response.get_data(as_text=True)
-    out = []
-    for block in body.split("\n\n"):
-        if block.strip():
-            assert block.startswith("data: "), block
-            payload = block[len("data: "):]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
-def assert_error(response, status: int, code: str, param=None):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    error = response.get_json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == code, error
-    assert error["param"] == param, error
-    assert error["message"]
-    assert "Traceback" not in error["message"]
-    return error
 
 
 # ---------------------------------------------------------------- /v1/generate: JSON
@@ -288,10 +265,8 @@ def test_the_loop_hands_over_one_chunk_per_choice(app):
     now = time.perf_counter()
     job = Job(requests, incremental=True, deadline=now + 60, arrived=now)
     scheduler.submit(job)
-    deadline = time.monotonic() + 30
-    while not job.done and time.monotonic() < deadline:  # every hand-over waits unread
-        time.sleep(0.01)
-    assert job.done and job.events.qsize() >= 3  # two hand-overs or more, and DONE
+    assert wait_for(lambda: job.done, timeout=30, interval=0.01)  # every hand-over waits unread
+    assert job.events.qsize() >= 3  # two hand-overs or more, and DONE
     (chunks,) = list(scheduler.events(job))
     assert [c.index for c in chunks] == [0, 1]
     assert [c.text for c in chunks] == [s.text for s in job.streams]
@@ -697,10 +672,7 @@ def test_queue_full_is_429_and_a_dropped_stream_frees_its_slot(tight_app):
     assert_error(busy, 429, "queue_full")
     assert int(busy.headers["Retry-After"]) >= 1
     long.close()  # the client goes away: the generator is closed, the job cancelled
-    deadline = time.monotonic() + 5
-    while scheduler.engine.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert scheduler.engine.active == 0
+    assert wait_for(lambda: scheduler.engine.active == 0, interval=0.01)
     assert REGISTRY.get_sample_value("chargen_active_streams", {"model": "run"}) == 0
     assert c.post("/v1/generate", json={"prompt": "the", "max_chars": 5}).status_code == 200
 

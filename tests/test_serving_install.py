@@ -1,9 +1,11 @@
-"""Serving without the training stack: the base install (no Keras, no TensorFlow) serves a model.
+"""Serving without the training stack: the base install (no Keras, no TensorFlow, no onnx) serves a
+model, its graph checked against meta.json by ONNX Runtime alone.
 
-Each test hides Keras, TensorFlow and JAX from Python (a sitecustomize that makes importing them
-fail, as in a serving install), then serves: an import of any of them anywhere on the serving path
-fails the test, instead of passing silently on this machine where they are installed.
-(bench/serving.py measures a real serving-only virtual environment.)
+Each test hides Keras, TensorFlow, JAX and onnx from Python (a sitecustomize that makes importing
+them fail, as in a serving install, which has none of them), then serves: an import of any of them
+anywhere on the serving path, at start or at run time, fails the test instead of passing silently on
+this machine where they are installed. (bench/serving.py measures a real serving-only virtual
+environment.)
 """
 
 from __future__ import annotations
@@ -12,21 +14,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import PERIODIC
 from server import ROOT, running_server, server_env
 
-TRAINING_STACK = ("keras", "tensorflow", "jax")
+NOT_INSTALLED = ("keras", "tensorflow", "jax", "onnx")  # in a serving install (pyproject.toml's base dependencies)
 
 
 def without_training_stack(tmp_path: Path) -> dict:
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(
-        "import sys\n" + "".join(f"sys.modules[{m!r}] = None  # as in a serving install\n" for m in TRAINING_STACK))
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None  # as in a serving install\n" for m in NOT_INSTALLED))
     return {"PYTHONPATH": str(shim)}
 
 
-def test_the_app_and_engine_load_and_generate_without_keras(tiny_artifact, tmp_path):
+def test_the_app_and_engine_load_and_generate_without_keras_or_onnx(tiny_artifact, tmp_path):
     code = (
         "import sys\n"
         "from service.app import create_app\n"
@@ -37,7 +41,7 @@ def test_the_app_and_engine_load_and_generate_without_keras(tiny_artifact, tmp_p
         "r = app.test_client().post('/v1/generate', json={'prompt': 'the quick ', 'max_chars': 30, 'temperature': 0})\n"
         "assert r.status_code == 200, r.get_data(as_text=True)\n"
         "print(repr(r.get_json()['choices'][0]['text']), scheduler.artifact.model, scheduler.artifact.onnx_path.name)\n"
-        f"print(sorted(m for m in {TRAINING_STACK!r} if sys.modules.get(m) is not None))\n"
+        f"print(sorted(m for m in {NOT_INSTALLED!r} if sys.modules.get(m) is not None))\n"
         "scheduler.close()\n"
     )
     env = server_env(tiny_artifact, without_training_stack(tmp_path))
@@ -48,9 +52,10 @@ def test_the_app_and_engine_load_and_generate_without_keras(tiny_artifact, tmp_p
     assert imported == "[]"
 
 
-def test_chargen_serve_serves_without_keras(tiny_artifact, tmp_path):
-    """The real server (`chargen serve`: gunicorn and its worker) with the training stack hidden;
-    no TensorFlow library is mapped into the worker."""
+@pytest.mark.slow  # real gunicorn
+def test_chargen_serve_serves_without_keras_or_onnx(tiny_artifact, tmp_path):
+    """The real server (`chargen serve`: its check of the artifact, gunicorn and its worker) with the
+    training stack and onnx hidden; no TensorFlow, JAX or onnx library is mapped into the worker."""
     with running_server(tiny_artifact, env=without_training_stack(tmp_path)) as server:
         r = server.post("/v1/generate", json={"prompt": "the quick ", "max_chars": 20, "temperature": 0}, timeout=30)
         assert r.status_code == 200, r.text
@@ -58,4 +63,5 @@ def test_chargen_serve_serves_without_keras(tiny_artifact, tmp_path):
         for pid in server.worker_pids():
             maps = Path(f"/proc/{pid}/maps").read_text()
             assert "tensorflow" not in maps and "jaxlib" not in maps, f"worker {pid} mapped the training stack"
+            assert "/onnx/" not in maps, f"worker {pid} mapped onnx"
             assert "onnxruntime" in maps  # what it runs instead

@@ -21,6 +21,7 @@ def corpus(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_train_on_a_terminal_shows_the_bar_the_epoch_lines_and_the_samples(tmp_path, corpus):
     run = tmp_path / "run"
     screen = run_on_terminal([CHARGEN, "train", "--corpus", str(corpus), "--out", str(run), "--layers", "1",
@@ -39,6 +40,7 @@ def test_train_on_a_terminal_shows_the_bar_the_epoch_lines_and_the_samples(tmp_p
     assert artifact.load(run).meta.training.epochs in (1, 2)
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_continue_and_the_artifact_records_each_command(tmp_path, corpus):
     """Ctrl-C during training prints the command that continues the run (the one typed, with
     --resume); running it finishes the run, and meta.json keeps how the model was made: the command
@@ -76,6 +78,7 @@ def test_sample_on_a_terminal_ends_its_text_with_a_newline(tiny_artifact):
     assert stopped.raw == "the quick brown fox jumps over the \r\n"
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_terminal(tmp_path, tiny_artifact):
     text = tmp_path / "text.txt"
     text.write_text(PERIODIC * 10)

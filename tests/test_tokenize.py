@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_service import assert_error
-from conftest import loaded_app
+from conftest import assert_error, loaded_app
 
 
 @pytest.fixture(scope="module")

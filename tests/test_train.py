@@ -15,13 +15,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import PERIODIC, train_tiny
-from test_cli_train import words
+from conftest import PERIODIC, train_tiny, words
 
 from model.runtime import artifact
 from model.training import artifacts
 from model.records.config import ModelConfig
-from model.training.train import TrainSettings, _Budget, train
+from model.training.budget import Budget
+from model.training.train import TrainSettings, train
 
 
 def greedy(loaded: artifact.Artifact, prompt: str, max_chars: int) -> str:
@@ -61,6 +61,7 @@ def cells(tmp_path_factory, tiny_artifact) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow  # `cells` trains a network of each other cell
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_each_cell_learns_a_periodic_text(cells, cell):
     loaded = artifacts.load_keras(cells[cell])
@@ -107,7 +108,9 @@ def test_run_directory_files(tiny_artifact):
 
 def test_max_minutes_stops_mid_epoch_with_a_valid_artifact(tmp_path, capsys):
     text = PERIODIC * 60  # 2,430 training characters: 7 batches of 8 windows of 40
-    best = train_tiny(tmp_path / "run", text, max_minutes=1e-4)  # 6 ms: over before the first batch ends
+    # a budget shorter than the time kept for saving: the training deadline has passed before the
+    # first batch ends, however fast this machine is (each invocation still trains one batch)
+    best = train_tiny(tmp_path / "run", text, max_minutes=Budget.SAVING_GUESS / 2 / 60)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history) == 1 and history[0]["partial"] is True
     checkpoint = keras.saving.load_model(tmp_path / "run" / "checkpoint.keras", compile=True, safe_mode=True)
@@ -127,10 +130,10 @@ def test_a_cut_short_evaluation_is_recorded_as_partial_and_never_chosen(tmp_path
     from chargen.cli import main
     from click.testing import CliRunner
 
-    from model.training.train import _Validation
+    from model.training.validation import Validation
 
-    monkeypatch.setattr(_Budget, "validate_until", lambda self: 0.0)
-    monkeypatch.setattr(_Validation, "CALL_BYTES", 1)  # one stream a network call: 64 calls an evaluation
+    monkeypatch.setattr(Budget, "validate_until", lambda self: 0.0)
+    monkeypatch.setattr(Validation, "CALL_BYTES", 1)  # one stream a network call: 64 calls an evaluation
     run = tmp_path / "run"
     text = words(20_000, seed=5)
     (tmp_path / "words.txt").write_text(text)
@@ -158,14 +161,14 @@ def test_a_cut_short_evaluation_is_recorded_as_partial_and_never_chosen(tmp_path
 
 
 def test_budget_keeps_room_for_validation_and_saving():
-    budget = _Budget(1000.0, 100 / 60)  # 100 s from t=1000
-    assert not _Budget(1000.0, None) and budget
-    assert _Budget(1000.0, None).train_until() == _Budget(1000.0, None).validate_until() == math.inf
-    assert budget.train_until() == 1100 - _Budget.SAVING_GUESS  # nothing known about validation yet
+    budget = Budget(1000.0, 100 / 60)  # 100 s from t=1000
+    assert not Budget(1000.0, None) and budget
+    assert Budget(1000.0, None).train_until() == Budget(1000.0, None).validate_until() == math.inf
+    assert budget.train_until() == 1100 - Budget.SAVING_GUESS  # nothing known about validation yet
     budget.validated(seconds=1.0, scored=10, whole=100)  # a tenth took 1 s: all of it takes 10 s
     assert budget.validation == 10.0
-    assert budget.train_until() == 1100 - _Budget.SAVING_GUESS - 10
-    assert budget.validate_until() == 1100 - _Budget.SAVING_GUESS
+    assert budget.train_until() == 1100 - Budget.SAVING_GUESS - 10
+    assert budget.validate_until() == 1100 - Budget.SAVING_GUESS
     budget.saved(3.0)
     budget.saved(1.0)  # the slowest saving so far is kept
     assert budget.train_until() == 1100 - 3 - 10
@@ -191,6 +194,7 @@ def settings(tmp_path: Path, text: str, **kw) -> TrainSettings:
     return TrainSettings(corpus=str(corpus), out=str(tmp_path / "run"), **{**defaults, **kw})
 
 
+@pytest.mark.slow
 def test_early_stopping_then_resume_does_not_train_more(tmp_path, capsys):
     # Train on a periodic text, validate on its words in random order: the validation loss improves
     # while the network learns the words, then gets worse as it grows sure of their order.
@@ -270,6 +274,7 @@ def killing_at(at: int, monkeypatch):
     monkeypatch.setattr(training, "_callbacks", callbacks)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_with_the_batches_it_would_have_had(tmp_path, monkeypatch):
     """Evaluations (and checkpoints) every 4 steps of 13-step epochs: killed at step 10, the run goes
     back to its checkpoint at step 8, in the middle of epoch 1, and finishes with the same weights
@@ -300,6 +305,7 @@ def test_a_run_killed_mid_epoch_resumes_with_the_batches_it_would_have_had(tmp_p
     assert os.readlink(run / "best") == os.readlink(whole.parent / "best")
 
 
+@pytest.mark.slow
 def test_max_steps_and_a_resumed_run_that_raises_it(tmp_path):
     given = step_settings(tmp_path, max_steps=6, eval_every=None)  # evaluations at epoch ends, and at the stop
     train(given, verbose=0)
@@ -317,6 +323,7 @@ def test_max_steps_and_a_resumed_run_that_raises_it(tmp_path):
     assert loaded.meta.training.epochs == loaded.meta.validation.epoch == math.ceil(step / 13)
 
 
+@pytest.mark.slow
 def test_a_long_validation_text_is_sampled_then_scored_whole_at_the_end(tmp_path, capsys):
     given = step_settings(tmp_path, validation_fraction=0.5, eval_chars=1_000, max_steps=4, epochs=1)
     train(given, verbose=0)
@@ -339,11 +346,11 @@ def test_a_cut_short_whole_validation_is_not_recorded_and_resume_scores_it(tmp_p
     """Evaluations score a sample of the validation text; at the end the best model is scored on all
     of it within what is left of --max-minutes. When the budget cuts that short, the prefix's loss is
     not recorded as the whole text's; --resume scores it."""
-    from model.training.train import _Validation
+    from model.training.validation import Validation
 
     with monkeypatch.context() as patched:
-        patched.setattr(_Budget, "validate_until", lambda self: 0.0)
-        patched.setattr(_Validation, "CALL_BYTES", 1)  # one stream a network call
+        patched.setattr(Budget, "validate_until", lambda self: 0.0)
+        patched.setattr(Validation, "CALL_BYTES", 1)  # one stream a network call
         train(step_settings(tmp_path, validation_fraction=0.5, eval_chars=1_000, max_steps=4, epochs=1, max_minutes=60),
               verbose=0)
     state = json.loads((tmp_path / "run" / "state.json").read_text())
@@ -368,6 +375,7 @@ def test_mixed_precision_trains_and_publishes_float32(tmp_path):
     assert loaded.onnx_path is not None and loaded.meta.validation.nats_per_char > 0
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_the_token_file_and_a_changed_corpus_is_noticed(tmp_path, capsys):
     data = tmp_path / "shared-data"
     train(step_settings(tmp_path, max_steps=2, epochs=1, data=str(data)), verbose=0)

@@ -10,6 +10,11 @@ from dataclasses import asdict, dataclass, fields
 
 # cell name -> the Keras layer class that runs it (model/training/network.py)
 CELLS = {"lstm": "LSTM", "gru": "GRU", "rnn": "SimpleRNN"}
+# The largest network a config may describe (the command line's bounds too): far beyond what a
+# character model needs, low enough that a typo (--units 40960) is refused rather than allocated.
+MAX_LAYERS = 16
+MAX_UNITS = 8192
+MAX_EMBEDDING = 4096
 
 
 
@@ -28,8 +33,9 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {value!r}")
-        if self.layers > 16:
-            raise ValueError(f"layers must be at most 16, got {self.layers}")
+        for name, most in (("layers", MAX_LAYERS), ("units", MAX_UNITS), ("embedding", MAX_EMBEDDING)):
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -4,8 +4,7 @@ for: the one table of them.
 `chargen sample`'s options and the service's built-in CHARGEN_DEFAULT_* values (service/config.py)
 start from DEFAULTS; the HTTP schemas (service/schemas.py) and the command line refuse a temperature
 above MAX_TEMPERATURE. The model's own records (GenerationRequest, SamplingSettings) have no
-defaults for what a user sets. This module imports nothing, so the command line reads it before
-any heavy import.
+defaults for what a user sets.
 """
 
 from __future__ import annotations

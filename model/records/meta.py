@@ -21,12 +21,22 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime
+from pathlib import Path
 
 from model.records.config import ModelConfig, Recipe
 
 FORMAT_VERSION = 1
 GRAPH = "model.onnx"
 FILES = ("model.keras", GRAPH, "vocab.json", "meta.json")
+
+
+def artifact_in(path: Path) -> Path | None:
+    """The artifact directory `path` names: `path` itself when it holds meta.json, its best/ when it
+    is a training run's directory; None when neither (the loader's checks then say what is missing)."""
+    for found in (path, path / "best"):
+        if (found / "meta.json").is_file():
+            return found
+    return None
 
 
 class ArtifactError(Exception):

@@ -1,5 +1,5 @@
 """Reading an artifact (model/records/meta.py says what one holds), as a server worker and `chargen
-sample` do: `check(path)` finds what is wrong with one before anything heavy loads (the command
+sample` do: `check(path)` finds what is wrong with one before its network is loaded (the command
 line calls it first), `load(path)` reads model.onnx, vocab.json and meta.json. Writing artifacts
 and loading their Keras network is the training side's (model/training/artifacts.py).
 
@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.records.config import ModelConfig
+# the records and errors a reader of artifacts uses, also as artifact.NAME
 from model.records.meta import (FILES, FORMAT_VERSION, GRAPH, ArtifactError, ArtifactMeta, ArtifactNotFound, BadMeta, BadVocab,  # noqa: F401
-                                CorruptGraph, CorruptModel, MissingFile, MissingGraph, UnsupportedFormat, VocabMismatch)
+                                CorruptGraph, CorruptModel, MissingFile, MissingGraph, UnsupportedFormat, VocabMismatch,
+                                artifact_in)
 from model.records.vocab import Vocab
+from model.runtime.graph import check_graph
 
 if TYPE_CHECKING:
     import keras
@@ -45,9 +48,7 @@ def resolve(path: str | Path) -> Path:
         raise ArtifactNotFound(f"{path}: no such artifact directory")
     if not path.is_dir():
         raise ArtifactNotFound(f"{path}: is a file; an artifact is a directory holding {', '.join(FILES)}")
-    if not (path / "meta.json").exists() and (path / "best" / "meta.json").exists():
-        return path / "best"
-    return path
+    return artifact_in(path) or path
 
 
 def export_command(path: Path) -> str:
@@ -88,8 +89,6 @@ def _check_files(path: str | Path, keras: bool) -> tuple[Path, ArtifactMeta, Voc
 
 
 def _check_graph(graph_path: Path, meta: ArtifactMeta, data: bytes | None = None) -> None:
-    from model.training.onnx_graph import check_graph  # onnx, not Keras; only when a graph is checked
-
     config = meta.config
     try:
         check_graph(graph_path if data is None else data, cell=config.cell, layers=config.layers,

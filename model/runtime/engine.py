@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.runtime import network_step
-from model.runtime.network_step import PROMPT_CHUNK, State
 from model.runtime.prompt_cache import PromptCache
 from model.runtime.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, pick
+from model.runtime.state import PROMPT_CHUNK, State
 from model.runtime.streams import CharLogprob, Delta, Deltas, GenerationRequest, PromptScore, Stream, whole_number
 from model.records.vocab import Vocab
 

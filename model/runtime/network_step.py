@@ -3,36 +3,22 @@
 A network step holds the recurrent state of `max_batch` slots in buffers allocated up front, and
 each slot's prediction for its next character (`logits`). The engine keeps the streams it steps in
 slots 0..n-1 (it moves them there with `swap` and fills a freed slot with `copy`), so a step works
-on the first n rows. A prompt's state can also live outside any slot (`State`: what `prompt` returns
-and `restore` puts into a slot), so the engine can keep it (the prompt cache) or score a text
-without taking a slot (`predict`). How the step is computed (ONNX Runtime today, on the CPU or a GPU) stays
-behind this interface: the engine does not know which implementation it runs.
+on the first n rows. A prompt's state can also live outside any slot (model/runtime/state.py's
+`State`: what `prompt` returns and `restore` puts into a slot), so the engine can keep it (the
+prompt cache) or score a text without taking a slot (`predict`). How the step is computed (ONNX
+Runtime today, on the CPU or a GPU) stays behind this interface: the engine does not know which
+implementation it runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from model.runtime.artifact import Artifact
-
-PROMPT_CHUNK = 16_384  # positions per runtime call: longer prompts are fed in calls of this many
-
-
-@dataclass(frozen=True, eq=False)
-class State:
-    """A recurrent state outside the slots, and its prediction for the next character. Opaque to
-    the engine but for its size; made by `prompt`/`predict` of the same network step."""
-
-    arrays: tuple[np.ndarray, ...]  # the network step's own layout, one array per recurrent state
-    logits: np.ndarray  # (V,) float32: the prediction for the character after the state
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays) + self.logits.nbytes
+from model.runtime.artifact import Artifact, export_command
+from model.runtime.onnx_step import OrtStep
+from model.runtime.state import State
 
 
 class NetworkStep(Protocol):
@@ -78,9 +64,6 @@ class NetworkStep(Protocol):
 def load(artifact: Artifact, max_batch: int, threads: int | None = None, device: str = "cpu") -> NetworkStep:
     """The artifact's network (its model.onnx) as a step over `max_batch` slots on ONNX Runtime,
     using at most `threads` threads (default: one per core), on `device` ("cpu" or "cuda")."""
-    from model.runtime.artifact import export_command
-    from model.runtime.onnx_step import OrtStep
-
     if artifact.onnx_path is None:
         raise ValueError(f"{artifact.path}: no model.onnx, the graph the engine runs; add it with: {export_command(artifact.path)}")
     return OrtStep(artifact.onnx_path, max_batch, threads, device)

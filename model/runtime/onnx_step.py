@@ -1,4 +1,4 @@
-"""The network step on ONNX Runtime: the artifact's `model.onnx` (model.training.onnx_graph) run one
+"""The network step on ONNX Runtime: the artifact's `model.onnx` (model/runtime/graph.py) run one
 character at a time over a batch of slots, and over a whole prompt in one call.
 
 How a step is arranged:
@@ -8,40 +8,40 @@ How a step is arranged:
   - Rows 0..n-1 of a (layers, max_batch, units) buffer are not one block of memory, so a step
     works on a copy of them that is: two staging buffers, read and written in turn, where the rows
     stay while the engine steps the same n rows (the usual case); they go back to the state
-    buffers when anything else touches the state. Copying them in and out at every step cost up
-    to 10% at 128 streams.
+    buffers when anything else touches the state (copying them in and out at every step cost
+    time at large batches).
   - The inputs and outputs of a step of n rows are bound once (IOBinding, kept per n): a step
-    allocates nothing and converts nothing (run() with numpy arrays measured 5-9% slower at 1 to 8
-    streams).
+    allocates nothing and converts nothing (run() with numpy arrays was slower at small batches).
   - A prompt is one call over its whole length (up to PROMPT_CHUNK positions a call): the
     recurrent operators loop in C++. It runs outside the slots, from a given State or the zero
     state, and its State goes into a slot with `restore` (or into the engine's prompt cache); the
     graph predicts at every position, which `predict` returns for scoring.
   - ORT's threads do not spin-wait for work: spinning threads collapse when other work shares the
-    cores (the HTTP threads, other workers, a training run). Steps of fewer than
-    MIN_ROWS_PER_THREAD rows, and prompts, run on one thread (more gained nothing there, or lost);
-    larger steps use `threads` (bench/README.md has the figures).
+    cores (the HTTP threads, other workers, a training run). Prompts, and steps with too little
+    work for two threads (`min_rows_per_thread`, from the network's size), run on one thread;
+    larger steps use `threads`. bench/README.md ("Threads per step") has the figures for all of these.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from model.runtime.network_step import PROMPT_CHUNK, State
+from model.runtime.state import PROMPT_CHUNK, State
 
 log = logging.getLogger(__name__)
 
 F32 = np.float32
-# Below this many rows a step runs on one thread: ONNX Runtime's recurrent operators split a batch
-# over threads only from about here (a 2x256 LSTM took the same time on 1 and 2 threads
-# up to 48 rows, 1.45x less on 2 from 56), and idle threads woken for nothing cost time when other
-# work shares the cores.
-MIN_ROWS_PER_THREAD = 56
+# A step goes on several threads only when it has at least this much work (floating-point
+# operations: rows x flops_per_char): with less, waking the threads costs about what they save, so
+# a small network needs many rows and a large one few (bench/README.md, "Threads per step", has the
+# measurements on three networks, and bench/threads.py makes them).
+THREADED_STEP_FLOPS = 30e6
 DEVICES = ("cpu", "cuda")
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
@@ -85,7 +85,7 @@ class OrtStep:
         chosen = providers(device)
         source = graph if isinstance(graph, bytes) else str(graph)
         self.threads = max(1, min(threads or _cores(), _cores()))
-        self._small = make_session(source, 1, chosen)  # steps of fewer than MIN_ROWS_PER_THREAD rows, and prompts
+        self._small = make_session(source, 1, chosen)  # prompts, and steps of fewer than min_rows_per_thread rows
         self._large = make_session(source, self.threads, chosen) if self.threads > 1 else self._small
         if device == "cuda" and "CUDAExecutionProvider" in chosen and "CUDAExecutionProvider" not in self._small.get_providers():
             log.warning("device 'cuda': ONNX Runtime could not start its CUDA provider (see its log above): running on the CPU")
@@ -94,8 +94,9 @@ class OrtStep:
         self.names = [n for n in ("h", "c") if n in inputs]  # the recurrent states; c for an LSTM only
         self.depth, _, self.units = inputs["h"]
         self.vocab_size = self._small.get_outputs()[0].shape[-1]
-        about = self._small.get_modelmeta().custom_metadata_map  # model.training.onnx_graph's metadata
+        about = self._small.get_modelmeta().custom_metadata_map  # model.runtime.graph.metadata
         self.cell, self.embedding = about["cell"], int(about["embedding"])
+        self.min_rows_per_thread = max(1, math.ceil(THREADED_STEP_FLOPS / self.flops_per_char()))
         self.max_batch = B = max_batch
         L, H, V = self.depth, self.units, self.vocab_size
         self._states = [np.zeros((L, B, H), F32) for _ in self.names]
@@ -173,7 +174,7 @@ class OrtStep:
         buffer `which`, written to the other), made once."""
         key = (n, which)
         if key not in self._bindings:
-            session = self._small if n < MIN_ROWS_PER_THREAD else self._large
+            session = self._small if n < self.min_rows_per_thread else self._large
             value = ort.OrtValue.ortvalue_from_numpy  # on the CPU: wraps the array's memory, no copy
             binding = session.io_binding()
             binding.bind_ortvalue_input("ids", value(self._ids[:n]))

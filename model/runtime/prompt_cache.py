@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.runtime.network_step import State
+from model.runtime.state import State
 
 MIN_CHARS = 16  # shorter prompts cost one runtime call either way: not worth an entry
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so invertible mod 2^64

@@ -38,7 +38,7 @@ order, so a row's weights and its pick do not depend on the other rows of its ba
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -107,6 +107,10 @@ class SamplingSettings:
 
 
 GREEDY = SamplingSettings(temperature=0.0)
+# Every setting but the temperature at the value that turns it off: SamplingSettings' defaults (the
+# window, the repetition penalty's span, changes nothing while the penalty is 1). The HTTP schemas'
+# defaults and /info's are these.
+OFF = {f.name: f.default for f in fields(SamplingSettings) if f.default is not MISSING}
 
 
 @dataclass

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model.records.files import fsync, write_atomic
 from model.records.meta import GRAPH, ArtifactMeta, BadMeta, CorruptModel, VocabMismatch
 from model.records.vocab import Vocab
 from model.runtime.artifact import Artifact, _check_files, _check_graph
@@ -89,7 +90,8 @@ def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         (tmp / "meta.json").write_text(text, encoding="utf-8")
-        _fsync_dir(tmp)
+        for child in tmp.iterdir():  # on the disk before the rename publishes them
+            fsync(child)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -101,23 +103,14 @@ def add_graph(path: str | Path) -> tuple[Path, bool]:
     """Give an existing artifact (or a run's best) the model.onnx built from its model.keras, as
     `chargen export` does for one made before training wrote it. Returns the graph's path and
     whether it was written: a graph that is already the one built is left alone, so running it
-    again changes nothing, and a damaged one is replaced. The graph is written to a temporary file
-    beside it and renamed, so a reader sees the old graph or the new one, never part of one."""
+    again changes nothing, and a damaged one is replaced. The graph is replaced atomically, so a
+    reader sees the old graph or the new one, never part of one."""
     path, meta, vocab = _check_files(path, keras=True)  # not the graph: a damaged one is replaced
     target = path / GRAPH
     data = _graph_bytes(_keras_model(path, meta, vocab), meta, target)
     if target.is_file() and target.read_bytes() == data:
         return target, False
-    tmp = target.with_name(f".{GRAPH}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(target, data)
     return target, True
 
 
@@ -141,9 +134,3 @@ def point(link: str | Path, target: str | Path) -> None:
         tmp.unlink()
     os.symlink(os.path.relpath(target, link.parent), tmp)
     os.replace(tmp, link)
-
-
-def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir():
-        with open(child, "rb") as f:
-            os.fsync(f.fileno())

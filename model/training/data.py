@@ -41,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from model.records.files import replacing, write_atomic
 from model.records.vocab import Vocab, normalize_newlines
+from model.training.corpora import PrepareError, fetch, load_manifest
 
 MIN_CORPUS_CHARS = 200  # below this there is nothing to learn and nothing to validate on
 CHUNK_BYTES = 4 * 2**20  # read at a time: memory stays flat whatever the size of a file
@@ -264,6 +266,18 @@ def _few(names: list[str], one: str, several: str, most: int = 3) -> str:
     return f"{len(names)} {one if len(names) == 1 else several} ({shown})"
 
 
+@dataclass
+class _Given:
+    """A --corpus argument and the files it names."""
+
+    arg: str
+    label: str
+    files: list[SourceFile]
+    directory: bool = False
+    links: tuple[SourceFile, ...] = ()  # a directory's files that are links
+    binary: tuple[str, ...] = ()  # a directory's binary files, left out (as named inside it)
+
+
 def find_sources(corpus: list[str] | tuple[str, ...], *, include=(), exclude=(), validation_files=(),
                  downloads: Path, skip=(), manifest=None, drop_control: bool = False) -> Sources:
     """The files a corpus is made of, checked to exist (a directory's files are only glanced at).
@@ -282,48 +296,72 @@ def find_sources(corpus: list[str] | tuple[str, ...], *, include=(), exclude=(),
     if not corpus:
         raise CorpusError("no corpus given")
     skip = {os.path.realpath(p) for p in (*skip, downloads)}
-    given: list[tuple[str, str, bool, list[SourceFile]]] = []  # (argument, label, a directory?, its files)
-    links: set[SourceFile] = set()  # the files found in a directory as links
-    binary: dict[str, list[str]] = {}  # directory argument -> its binary files, as named inside it
+    given: list[_Given] = []
     for arg in corpus:
         path = Path(arg)
         if path.is_dir():
-            found = []
-            for rel, p in _walk(path, skip):
-                if include and not _matches(rel, include) or _matches(rel, exclude):
-                    continue
-                if _sniff_binary(p, f"{arg.rstrip('/')}/{rel}"):
-                    binary.setdefault(arg, []).append(rel)
-                    continue
-                found.append(SourceFile(p, f"{arg.rstrip('/')}/{rel}"))
-                if p.is_symlink():
-                    links.add(found[-1])
-            given.append((arg, f"{path.name or arg}/", True, found))
+            given.append(_directory(arg, skip, include, exclude))
         elif path.exists():
-            given.append((arg, path.name, False, [SourceFile(path, arg)]))
+            given.append(_Given(arg, path.name, [SourceFile(path, arg)]))
         else:
             if manifest is None:
-                from model.training.prepare import PrepareError, load_manifest  # prepare imports this module
-
                 try:
                     manifest = load_manifest()
                 except PrepareError as e:
                     raise CorpusError(str(e)) from None
-            known = manifest.get(arg)
-            if known is None:
-                names = ", ".join(sorted(manifest)) or "none"
-                raise CorpusError(f"{arg}: no such file or directory (nor the name of a known corpus: {names})")
-            local = Path(known.file)
-            if local.is_file():
-                file = SourceFile(local, known.file, sha256=known.sha256)
-            else:
-                file = SourceFile(Path(downloads) / known.file, known.file, url=known.url, sha256=known.sha256)
-            given.append((arg, known.file, False, [file]))
+            given.append(_known(arg, manifest, downloads))
+    seen, dropped = _read_once(given)
+    files: list[SourceFile] = []
+    labels, skipped = [], []
+    for g in given:
+        found = [f for f in g.files if seen[os.path.realpath(f.path)] == f.name]
+        if g.directory:
+            skipped += _left_out(g, dropped.get(g.arg, []), found, include or exclude)
+        files += found
+        labels.append(f"{g.label} ({len(found)} files)" if g.directory else g.label)
+    if validation_files:
+        files = _held_out(files, validation_files)
+    label = labels[0] if len(labels) == 1 else " + ".join(labels)
+    return Sources(tuple(files), label if len(label) <= 200 else label[:199] + "…", drop_control, tuple(skipped))
 
-    # the files that are not links first, so that a link is what gives way whichever comes first
-    seen: dict[str, str] = {}  # real path -> the name it is read under
-    dropped: dict[str, list[str]] = {}  # directory argument -> "link -> target" of its links left out
-    everything = [(arg, f) for arg, _, _, found in given for f in found]
+
+def _directory(arg: str, skip: set[str], include, exclude) -> _Given:
+    """A directory's files: those the globs choose, its binary files left out."""
+    found, links, binary = [], [], []
+    for rel, p in _walk(Path(arg), skip):
+        if include and not _matches(rel, include) or _matches(rel, exclude):
+            continue
+        if _sniff_binary(p, f"{arg.rstrip('/')}/{rel}"):
+            binary.append(rel)
+            continue
+        found.append(SourceFile(p, f"{arg.rstrip('/')}/{rel}"))
+        if p.is_symlink():
+            links.append(found[-1])
+    return _Given(arg, f"{Path(arg).name or arg}/", found, True, tuple(links), tuple(binary))
+
+
+def _known(arg: str, manifest: dict, downloads: Path) -> _Given:
+    """A corpus of the manifest: its file here, or where it is downloaded to."""
+    known = manifest.get(arg)
+    if known is None:
+        names = ", ".join(sorted(manifest)) or "none"
+        raise CorpusError(f"{arg}: no such file or directory (nor the name of a known corpus: {names})")
+    local = Path(known.file)
+    if local.is_file():
+        file = SourceFile(local, known.file, sha256=known.sha256)
+    else:
+        file = SourceFile(Path(downloads) / known.file, known.file, url=known.url, sha256=known.sha256)
+    return _Given(arg, known.file, [file])
+
+
+def _read_once(given: list[_Given]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(real path -> the name it is read under, directory argument -> "link -> target" of its links
+    left out). The files that are not links come first, so that a link is what gives way whichever
+    comes first; the same file given twice otherwise is an error."""
+    links = {f for g in given for f in g.links}
+    seen: dict[str, str] = {}
+    dropped: dict[str, list[str]] = {}
+    everything = [(g.arg, f) for g in given for f in g.files]
     for arg, f in sorted(everything, key=lambda af: af[1] in links):
         key = os.path.realpath(f.path)
         if key not in seen:
@@ -333,40 +371,36 @@ def find_sources(corpus: list[str] | tuple[str, ...], *, include=(), exclude=(),
             dropped.setdefault(arg, []).append(f"{f.name.removeprefix(inside)} -> {seen[key].removeprefix(inside)}")
         else:
             raise CorpusError(f"{f.name}: given twice (also as {seen[key]}); each file is read once")
+    return seen, dropped
 
-    files: list[SourceFile] = []
-    labels, skipped = [], []
-    for arg, label, is_dir, found in given:
-        found = [f for f in found if seen[os.path.realpath(f.path)] == f.name]
-        if not is_dir:
-            files += found
-            labels.append(label)
-            continue
-        if arg in dropped:
-            skipped.append(f"{arg}: skipped " + _few(dropped[arg], "link to a file already in the corpus",
-                                                      "links to files already in the corpus"))
-        if arg in binary:
-            skipped.append(f"{arg}: skipped {_few(binary[arg], 'binary file', 'binary files')}")
-        if not found:
-            chosen = " matching --include/--exclude" if include or exclude else ""
-            if arg in binary:
-                raise CorpusError(f"{arg}: a directory with no non-empty text files{chosen} (hidden files are "
-                                  f"skipped; it has {_few(binary[arg], 'binary file', 'binary files')})")
-            raise CorpusError(f"{arg}: a directory with no non-empty files{chosen} (hidden files are skipped)")
-        files += found
-        labels.append(f"{label} ({len(found)} files)")
 
-    if validation_files:
-        files = [SourceFile(f.path, f.name, _matches(f.name, validation_files), f.url, f.sha256) for f in files]
-        held = sum(f.held_out for f in files)
-        if held == 0:
-            raise CorpusError(f"--validation-files {' '.join(validation_files)}: matches none of the {len(files)} corpus files")
-        if held == len(files):
-            raise CorpusError(f"--validation-files {' '.join(validation_files)}: matches all {len(files)} corpus files, "
-                              "leaving none to train on")
-        files = [f for f in files if not f.held_out] + [f for f in files if f.held_out]
-    label = labels[0] if len(labels) == 1 else " + ".join(labels)
-    return Sources(tuple(files), label if len(label) <= 200 else label[:199] + "…", drop_control, tuple(skipped))
+def _left_out(g: _Given, dropped: list[str], found: list[SourceFile], globs: bool) -> list[str]:
+    """The lines saying what a directory had that was left out; an error when nothing is left."""
+    skipped = []
+    if dropped:
+        skipped.append(f"{g.arg}: skipped " + _few(dropped, "link to a file already in the corpus",
+                                                    "links to files already in the corpus"))
+    if g.binary:
+        skipped.append(f"{g.arg}: skipped {_few(list(g.binary), 'binary file', 'binary files')}")
+    if not found:
+        chosen = " matching --include/--exclude" if globs else ""
+        if g.binary:
+            raise CorpusError(f"{g.arg}: a directory with no non-empty text files{chosen} (hidden files are "
+                              f"skipped; it has {_few(list(g.binary), 'binary file', 'binary files')})")
+        raise CorpusError(f"{g.arg}: a directory with no non-empty files{chosen} (hidden files are skipped)")
+    return skipped
+
+
+def _held_out(files: list[SourceFile], validation_files) -> list[SourceFile]:
+    """The files with those matching a `validation_files` glob held out, and last."""
+    files = [SourceFile(f.path, f.name, _matches(f.name, validation_files), f.url, f.sha256) for f in files]
+    held = sum(f.held_out for f in files)
+    if held == 0:
+        raise CorpusError(f"--validation-files {' '.join(validation_files)}: matches none of the {len(files)} corpus files")
+    if held == len(files):
+        raise CorpusError(f"--validation-files {' '.join(validation_files)}: matches all {len(files)} corpus files, "
+                          "leaving none to train on")
+    return [f for f in files if not f.held_out] + [f for f in files if f.held_out]
 
 
 def _sniff_binary(path: Path, name: str) -> bool:
@@ -485,17 +519,13 @@ class _FileText:
 
 
 def _download(file: SourceFile) -> None:
-    from model.training.prepare import PrepareError, fetch
-
     print(f"fetching {file.url} ...", flush=True)
     try:
         data = fetch(file.url)
     except PrepareError as e:
         raise CorpusError(str(e)) from None
     file.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.path.with_name(f".{file.path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)  # its sha256 is checked as it is read, like any copy of a known corpus
-    os.replace(tmp, file.path)
+    write_atomic(file.path, data)  # its sha256 is checked as it is read, like any copy of a known corpus
 
 
 class _Alphabet:
@@ -641,8 +671,7 @@ def write_tokens(sources: Sources, corpus: CorpusScan, directory: Path) -> None:
     (directory / SOURCES).unlink(missing_ok=True)
     dtype = token_dtype(len(corpus.vocabulary))
     encoder = _Encoder(corpus.vocabulary, dtype)
-    tmp = directory / f".{TOKENS}.tmp"
-    try:
+    with replacing(directory / TOKENS) as tmp:
         with open(tmp, "wb") as out:
             for i, (file, info) in enumerate(zip(sources.files, corpus.sources)):
                 reader = _FileText(file, corpus.drop_control)
@@ -652,18 +681,10 @@ def write_tokens(sources: Sources, corpus: CorpusScan, directory: Path) -> None:
                     raise CorpusError(f"{file.name}: changed while the corpus was being prepared; start again")
                 if i < len(corpus.sources) - 1:
                     out.write(encoder.encode(separator(info.ends_with_newline)).data)
-            out.flush()
-            os.fsync(out.fileno())
         if tmp.stat().st_size != corpus.length * dtype.itemsize:
             raise CorpusError(f"{corpus.label}: the token file has {tmp.stat().st_size // dtype.itemsize:,} ids, "
                               f"expected {corpus.length:,}; a file changed while the corpus was being prepared")
-        os.replace(tmp, directory / TOKENS)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    record = directory / f".{SOURCES}.tmp"
-    record.write_text(json.dumps(corpus.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(record, directory / SOURCES)
+    write_atomic(directory / SOURCES, json.dumps(corpus.to_dict(), indent=1, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------- reading the ids
@@ -676,19 +697,26 @@ class Split:
     validation_fraction: float
 
 
+def train_length(length: int, validation_fraction: float) -> int:
+    """How many of `length` characters train in the conventional char-rnn / nanoGPT split: the first
+    part trains, the last `validation_fraction` of the text validates."""
+    return int(length * (1.0 - validation_fraction))
+
+
 def split_ids(ids: np.ndarray, validation_fraction: float) -> Split:
-    """The conventional char-rnn / nanoGPT split: the first part trains, the last part validates."""
+    """`ids` cut where `train_length` says."""
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation fraction must be between 0 and 1, got {validation_fraction}")
-    n_train = int(len(ids) * (1.0 - validation_fraction))
+    n_train = train_length(len(ids), validation_fraction)
     return Split(ids[:n_train], ids[n_train:], validation_fraction)
 
 
 def split_lengths(corpus: CorpusScan, validation_fraction: float) -> tuple[int, int]:
-    """(training, validation) characters of the split `TokenCorpus.split` makes."""
+    """(training, validation) characters of the split `TokenCorpus.split` makes: held-out files
+    validate when the corpus has them, else the last `validation_fraction` of the text."""
     if corpus.validation_start is not None:
         return corpus.validation_start, corpus.length - corpus.validation_start
-    n_train = int(corpus.length * (1.0 - validation_fraction))
+    n_train = train_length(corpus.length, validation_fraction)
     return n_train, corpus.length - n_train
 
 

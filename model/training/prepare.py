@@ -17,38 +17,16 @@ Nothing here imports Keras: `chargen prepare` runs in a second.
 from __future__ import annotations
 
 import hashlib
-import http.client
-import json
 import os
-import socket
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from model.training.data import CONTROL_CHARACTERS, CorpusError, decode_corpus, show_control
-
-# corpora/ sits beside the package in the source tree (an editable install imports from there)
-MANIFEST = Path(__file__).resolve().parents[2] / "corpora" / "manifest.json"
-DEFAULT_TIMEOUT = 30.0  # seconds without a byte from the server before giving up
-DEFAULT_MAX_BYTES = 512 * 2**20
-
-
-class PrepareError(ValueError):
-    """A source that cannot be prepared; the message names it and says why."""
-
-
-@dataclass(frozen=True)
-class KnownCorpus:
-    name: str
-    file: str
-    url: str
-    sha256: str
-    size_bytes: int
-    license: str = ""
-    description: str = ""
+from model.records.files import write_atomic
+from model.training.corpora import (DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT, MANIFEST, KnownCorpus, PrepareError,  # noqa: F401
+                                    fetch, load_manifest)
+from model.training.data import CONTROL_CHARACTERS, CorpusError, decode_corpus, show_control, train_length
 
 
 @dataclass
@@ -77,53 +55,8 @@ class Summary:
         return d
 
 
-def load_manifest(path: str | Path = MANIFEST) -> dict[str, KnownCorpus]:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        wanted = {f.name for f in fields(KnownCorpus)} - {"name"}  # other keys are for people reading it
-        return {name: KnownCorpus(name=name, **{k: v for k, v in entry.items() if k in wanted})
-                for name, entry in data["corpora"].items()}
-    except FileNotFoundError:
-        raise PrepareError(f"{path}: corpus manifest not found (it ships in the source tree; install with pip install -e .)") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise PrepareError(f"{path}: invalid corpus manifest: {type(e).__name__}: {e}") from None
-
-
 def is_url(source: str) -> bool:
     return urllib.parse.urlsplit(source).scheme.lower() in ("http", "https")
-
-
-# ---------------------------------------------------------------- fetching
-
-
-def fetch(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The body of an http(s) URL, at most `max_bytes`; every failure is a PrepareError naming the URL."""
-    request = urllib.request.Request(url, headers={"User-Agent": "chargen-prepare"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise PrepareError(f"{url}: {int(declared):,} bytes, more than the limit of {max_bytes:,} bytes (raise --max-mb)")
-            chunks, size = [], 0
-            while chunk := response.read(1 << 16):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PrepareError(f"{url}: more than the limit of {max_bytes:,} bytes (raise --max-mb)")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except PrepareError:
-        raise
-    except urllib.error.HTTPError as e:
-        raise PrepareError(f"{url}: the server answered HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, (TimeoutError, socket.timeout)):
-            raise PrepareError(f"{url}: no answer within {timeout:g} s") from None
-        raise PrepareError(f"{url}: cannot be fetched: {e.reason}") from None
-    except (TimeoutError, socket.timeout):
-        raise PrepareError(f"{url}: no answer within {timeout:g} s") from None
-    except (OSError, ValueError, http.client.HTTPException) as e:  # reset, malformed URL, truncated body...
-        raise PrepareError(f"{url}: cannot be fetched: {type(e).__name__}: {e}") from None
 
 
 def _url_file_name(url: str) -> str:
@@ -231,16 +164,7 @@ def _write(out: Path, data: bytes, *, force: bool, same_as: Path | None) -> tupl
             raise PrepareError(f"--out {out}: already exists with other content; pass --force to replace it")
     if not out.parent.exists():
         raise PrepareError(f"--out {out}: directory {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(out, data)
     return str(out), False
 
 
@@ -262,7 +186,7 @@ def report(summary: Summary, validation_fraction: float = 0.1) -> str:
     else:
         newlines = "already \\n only"
     frequent = ", ".join(f"{show_char(c)} {100 * n / s.chars:.1f}%" for c, n in s.most_frequent)
-    n_val = s.chars - int(s.chars * (1.0 - validation_fraction))  # as model.training.data.split_ids cuts it
+    n_val = s.chars - train_length(s.chars, validation_fraction)
     vocab = "".join(show_char(c) if c in "\n\t" or not c.isprintable() else c for c in s.vocabulary)
     control = (f"{sum(n for _, n in s.control):,} characters that are not printable text, newline or tab: "
                f"{show_control(s.control)} (`chargen train --drop-control` leaves them out)" if s.control else "none")

@@ -44,72 +44,91 @@ def custom_objects() -> dict:
 
 @functools.cache
 def _classes() -> dict:
+    """The recipe's Keras classes by name, made (and registered) once, on first use: defining them
+    needs Keras, which importing this module does not import."""
+    import keras
+
+    made = [_warmup_decay(), _averaged(keras.optimizers.Adam), _averaged(keras.optimizers.AdamW)]
+    made += [_weight_dropped(base) for base in (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)]
+    return {cls.__name__: cls for cls in made}
+
+
+def _register(cls: type) -> type:
+    import keras
+
+    return keras.saving.register_keras_serializable(package="chargen")(cls)
+
+
+def _weight_dropped(base: type) -> type:
+    import keras
+
+    class WeightDropped(base):
+        """`base` (LSTM, GRU, SimpleRNN) with DropConnect on its recurrent kernel while training."""
+
+        def __init__(self, *args, weight_drop: float = 0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.weight_drop = weight_drop
+            self.weight_seed = keras.random.SeedGenerator(kwargs.get("seed"))
+
+        def inner_loop(self, sequences, initial_state, mask, training=False):
+            if not (training and self.weight_drop):
+                return super().inner_loop(sequences, initial_state, mask, training=training)
+            kernel = self.cell.recurrent_kernel
+            dropped = keras.random.dropout(kernel.value, self.weight_drop, seed=self.weight_seed)
+            # every step of the loop reads the cell's attribute: point it at the masked copy for
+            # this call (object.__setattr__: Keras would track the tensor as a new weight)
+            object.__setattr__(self.cell, "recurrent_kernel", dropped)
+            try:
+                return super().inner_loop(sequences, initial_state, mask, training=training)
+            finally:
+                object.__setattr__(self.cell, "recurrent_kernel", kernel)
+
+        def get_config(self):
+            return {**super().get_config(), "weight_drop": self.weight_drop}
+
+    WeightDropped.__name__ = WeightDropped.__qualname__ = f"WeightDropped{base.__name__}"
+    return _register(WeightDropped)
+
+
+def _averaged(base: type) -> type:
+    from keras import ops
+
+    class Averaged(base):
+        """`base` whose moving average of the weights (use_ema) stays in the optimizer: fit()
+        would copy it into the weights when it returns, and a run calls fit() once per
+        evaluation. Biases are excluded from weight decay."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.weight_decay:
+                self.exclude_from_weight_decay(var_names=["bias"])
+
+        def finalize_variable_values(self, var_list):
+            pass
+
+        def _update_model_variables_moving_average(self, trainable_variables):
+            # TensorFlow's ExponentialMovingAverage(num_updates=step): the decay ramps up to
+            # ema_momentum as (1 + t) / (10 + t), so the average forgets the initial weights
+            # (Keras' own keeps 0.999 of them at the first steps) and in a run of a few
+            # thousand steps averages the last few hundred; the first step copies the weights
+            if not self.use_ema:
+                return
+            t = ops.cast(self.iterations, "float32")
+            ramp = ops.where(ops.equal(t, 0.0), 0.0, (1.0 + t) / (10.0 + t))
+            momentum = ops.minimum(ramp, self.ema_momentum)
+            for var, average in zip(trainable_variables, self._model_variables_moving_average):
+                if average is not None:
+                    m = ops.cast(momentum, var.dtype)
+                    average.assign(m * average + (1.0 - m) * var)
+
+    Averaged.__name__ = Averaged.__qualname__ = f"Averaged{base.__name__}"
+    return _register(Averaged)
+
+
+def _warmup_decay() -> type:
     import keras
     from keras import ops
 
-    register = keras.saving.register_keras_serializable(package="chargen")
-
-    def weight_dropped(base: type) -> type:
-        class WeightDropped(base):
-            """`base` (LSTM, GRU, SimpleRNN) with DropConnect on its recurrent kernel while training."""
-
-            def __init__(self, *args, weight_drop: float = 0.0, **kwargs):
-                super().__init__(*args, **kwargs)
-                self.weight_drop = weight_drop
-                self.weight_seed = keras.random.SeedGenerator(kwargs.get("seed"))
-
-            def inner_loop(self, sequences, initial_state, mask, training=False):
-                if not (training and self.weight_drop):
-                    return super().inner_loop(sequences, initial_state, mask, training=training)
-                kernel = self.cell.recurrent_kernel
-                dropped = keras.random.dropout(kernel.value, self.weight_drop, seed=self.weight_seed)
-                # every step of the loop reads the cell's attribute: point it at the masked copy for
-                # this call (object.__setattr__: Keras would track the tensor as a new weight)
-                object.__setattr__(self.cell, "recurrent_kernel", dropped)
-                try:
-                    return super().inner_loop(sequences, initial_state, mask, training=training)
-                finally:
-                    object.__setattr__(self.cell, "recurrent_kernel", kernel)
-
-            def get_config(self):
-                return {**super().get_config(), "weight_drop": self.weight_drop}
-
-        WeightDropped.__name__ = WeightDropped.__qualname__ = f"WeightDropped{base.__name__}"
-        return register(WeightDropped)
-
-    def averaged(base: type) -> type:
-        class Averaged(base):
-            """`base` whose moving average of the weights (use_ema) stays in the optimizer: fit()
-            would copy it into the weights when it returns, and a run calls fit() once per
-            evaluation. Biases are excluded from weight decay."""
-
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                if self.weight_decay:
-                    self.exclude_from_weight_decay(var_names=["bias"])
-
-            def finalize_variable_values(self, var_list):
-                pass
-
-            def _update_model_variables_moving_average(self, trainable_variables):
-                # TensorFlow's ExponentialMovingAverage(num_updates=step): the decay ramps up to
-                # ema_momentum as (1 + t) / (10 + t), so the average forgets the initial weights
-                # (Keras' own keeps 0.999 of them at the first steps) and in a run of a few
-                # thousand steps averages the last few hundred; the first step copies the weights
-                if not self.use_ema:
-                    return
-                t = ops.cast(self.iterations, "float32")
-                ramp = ops.where(ops.equal(t, 0.0), 0.0, (1.0 + t) / (10.0 + t))
-                momentum = ops.minimum(ramp, self.ema_momentum)
-                for var, average in zip(trainable_variables, self._model_variables_moving_average):
-                    if average is not None:
-                        m = ops.cast(momentum, var.dtype)
-                        average.assign(m * average + (1.0 - m) * var)
-
-        Averaged.__name__ = Averaged.__qualname__ = f"Averaged{base.__name__}"
-        return register(Averaged)
-
-    @register
     class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         """Linear warm-up over `warmup` steps to `lr`, then the decay `shape` (see the module)."""
 
@@ -137,11 +156,7 @@ def _classes() -> dict:
             return {"lr": self.lr, "warmup": self.warmup, "shape": self.shape, "decay_steps": self.decay_steps,
                     "floor": self.floor, "per_epoch": self.per_epoch, "rate": self.rate}
 
-    classes = {cls.__name__: cls for cls in (WarmupDecay, averaged(keras.optimizers.Adam), averaged(keras.optimizers.AdamW))}
-    for base in (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN):
-        cls = weight_dropped(base)
-        classes[cls.__name__] = cls
-    return classes
+    return _register(WarmupDecay)
 
 
 def recurrent_layer(cell_class: type, recipe: Recipe) -> type:

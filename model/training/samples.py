@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from model.runtime.onnx_step import OrtStep
 from model.runtime.sampling import SamplingSettings, next_ids
 from model.records.vocab import Vocab
 
@@ -197,8 +198,7 @@ def samples(model: keras.Model, vocab: Vocab, *, temperatures: Sequence[float] =
     agree wherever the prediction is confident, and an untrained network's rows are one text).
     Rows {"temperature", "text", "novelty"} (novelty None without a Novelty, or for a sample
     shorter than its n); the prime is not part of the text."""
-    from model.training.onnx_graph import build_graph  # here: importing this module loads neither onnx nor the runtime
-    from model.runtime.onnx_step import OrtStep
+    from model.training.onnx_graph import build_graph  # here, for speed: `chargen train` checks its corpus before onnx loads
 
     settings = [SamplingSettings(temperature=float(t)) for t in temperatures]
     if not settings or length < 0:
