@@ -210,7 +210,7 @@ def test_serve_refuses_a_missing_artifact_before_gunicorn_starts():
 
 
 def test_serve_refuses_a_port_in_use_in_one_line():
-    """Before it reads the artifact (onnx is the slow import of `chargen serve`'s checks), from
+    """Before it reads the artifact (ONNX Runtime and numpy, which the artifact's check loads), from
     --bind, --port, --host or CHARGEN_BIND."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
