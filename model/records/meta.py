@@ -177,7 +177,7 @@ class ArtifactMeta:
             raise UnsupportedFormat(
                 f"{where}: format_version {version!r} is not supported (this chargen reads version {FORMAT_VERSION})"
             )
-        meta = _record(cls, data, where, "")
+        meta = read_record(cls, data, where, "")
         if meta.training is not None and meta.training.recipe is not None:
             try:
                 meta.training.recipe.check()
@@ -194,8 +194,9 @@ class ArtifactMeta:
 _KINDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
-def _record(cls: type, data, where: str, prefix: str):
-    """An instance of the dataclass `cls` from a JSON object, every field of its declared type."""
+def read_record(cls: type, data, where: str, prefix: str):
+    """An instance of the dataclass `cls` from a JSON object, every field of its declared type: the one
+    strict reader of meta.json and of a training run's state.json (model/training/run_state.py)."""
     if not isinstance(data, dict):
         raise BadMeta(f"{where}: field {prefix.rstrip('.')!r} must be an object, got {data!r:.60}")
     known = [f.name for f in fields(cls)]
@@ -232,7 +233,7 @@ def _value(kind, value, where: str, name: str):
         except (TypeError, ValueError) as e:
             raise BadMeta(f"{where}: invalid config: {e}") from None
     if is_dataclass(kind):
-        return _record(kind, value, where, name + ".")
+        return read_record(kind, value, where, name + ".")
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is float:

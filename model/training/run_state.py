@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from model.records.meta import BadMeta, _record
+from model.records.meta import BadMeta, read_record
 from model.training.history import SAMPLES_KEPT, Evaluation
 from model.training.settings import TrainingError
 
@@ -81,7 +81,7 @@ class RunState:
         if missing:
             raise TrainingError(f"{where}: missing field {missing[0]!r}")
         try:
-            return _record(cls, data, where, "")
+            return read_record(cls, data, where, "")
         except BadMeta as e:  # the message names the file and the field
             raise TrainingError(str(e)) from None
 
