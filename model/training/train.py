@@ -41,7 +41,9 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -500,7 +502,7 @@ def _train_stretch(run: _Run) -> _Stretch:
     deadline = run.callbacks[0]
     deadline.hit = False
     interval = step // data.eval_every
-    with run.placement.scope():
+    with run.placement.scope(), _ctrl_c_stops(deadline):
         fit = run.model.fit(
             _batches(data.windows, step, end - step, run.placement.rows(settings.batch_size)),
             epochs=interval + 1, initial_epoch=interval, shuffle=False, verbose=run.verbose, callbacks=run.callbacks,
@@ -509,6 +511,29 @@ def _train_stretch(run: _Run) -> _Stretch:
     done = _steps(run.model) - step
     run.state.step += done
     return _Stretch(seconds, float(fit.history["loss"][-1]), deadline.hit, done * settings.batch_size * settings.seq_len)
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(deadline):
+    """Ctrl-C during fit() stops it at the end of the batch and interrupts the run once fit() has
+    returned: a KeyboardInterrupt raised in the middle of TensorFlow's ops could abort the process
+    (glibc's "malloc_consolidate(): invalid chunk size"). A second Ctrl-C interrupts at once."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+
+    def stop(signum, frame):
+        deadline.interrupted = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if deadline.interrupted:
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -745,8 +770,12 @@ def _callbacks(budget: Budget, placement: Placement, verbose: int, tensorboard: 
         def __init__(self):
             super().__init__()
             self.hit = False
+            self.interrupted = False  # Ctrl-C during fit(): see _ctrl_c_stops
 
         def on_train_batch_end(self, batch, logs=None):
+            if self.interrupted:
+                self.model.stop_training = True
+                return
             if not budget:
                 return
             over = time.monotonic() > budget.train_until()
