@@ -60,7 +60,12 @@ _EOS = b"<|end|>"  # the tokenizer's end token (llguidance needs one); never sam
 class ConstraintError(ValueError):
     """A constraint that cannot be used, with a message fit for a client (HTTP 422): malformed (where),
     too big or too slow to compile, needing characters the vocabulary lacks (named), or admitting no
-    text at all."""
+    text at all. `reason` says which in one word: "malformed", "too_large", "too_complex",
+    "missing_chars" or "empty"."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 # ------------------------------------------------------------------------------------- tokenizer
@@ -254,7 +259,7 @@ def canonical(kind: str, source) -> str:
     if kind == "json_schema":
         if isinstance(source, str):
             if len(source) > MAX_SOURCE_CHARS:
-                raise ConstraintError(f"json_schema is too long: {len(source)} characters, at most {MAX_SOURCE_CHARS}")
+                raise ConstraintError(f"json_schema is too long: {len(source)} characters, at most {MAX_SOURCE_CHARS}", "too_large")
             try:
                 source = json.loads(source)
             except (json.JSONDecodeError, RecursionError) as e:
@@ -270,7 +275,7 @@ def canonical(kind: str, source) -> str:
             raise ConstraintError(f"{kind} must be a string, got {type(source).__name__}")
         text = source
     if len(text) > MAX_SOURCE_CHARS:
-        raise ConstraintError(f"{kind} is too long: {len(text)} characters, at most {MAX_SOURCE_CHARS}")
+        raise ConstraintError(f"{kind} is too long: {len(text)} characters, at most {MAX_SOURCE_CHARS}", "too_large")
     if kind == "regex" and not text:
         raise ConstraintError("regex is empty")
     return text
@@ -305,7 +310,7 @@ def _grammar(kind: str, text: str) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=JSON_LAYOUT)
         return llguidance.LLMatcher.grammar_from_lark(any_to_lark(text))
     except RecursionError:
-        raise ConstraintError(f"{kind} is nested too deeply") from None
+        raise ConstraintError(f"{kind} is nested too deeply", "too_large") from None
     except Exception as e:  # the GBNF translator raises whatever its parser meets
         raise ConstraintError(f"{kind} is malformed: {e}") from None
 
@@ -317,19 +322,21 @@ def _compile(kind: str, text: str, chars: tuple[str, ...]) -> Constraint:
     error = llguidance.LLMatcher.validate_grammar(grammar, tok, limits=limits)
     if error and not error.startswith("WARNING"):
         reason = _first_line(error)
-        raise ConstraintError(f"{kind} is malformed: {reason}" if reason.startswith("invalid regex")
-                              else f"{kind} is malformed or too big: {reason}")
+        if reason.startswith("invalid regex"):
+            raise ConstraintError(f"{kind} is malformed: {reason}")
+        big = any(w in reason.lower() for w in ("too many", "too large", "too big", "limit", "fuel"))
+        raise ConstraintError(f"{kind} is {'too big' if big else 'malformed'}: {reason}", "too_large" if big else "malformed")
     constraint = Constraint(kind, text, chars, grammar, tok)
     try:
         found = _admits_text(constraint)
     except ConstraintError as e:
-        raise ConstraintError(f"{kind} is too complex: {e}") from None
+        raise ConstraintError(f"{kind} is too complex: {e}", "too_complex") from None
     if found is False:
         missing = _missing_chars(kind, text, grammar, chars)
         if missing:
             raise ConstraintError(f"{kind} needs characters the model's vocabulary lacks: "
-                                  + ", ".join(repr(c) for c in missing))
-        raise ConstraintError(f"{kind} admits no text made of the model's characters")
+                                  + ", ".join(repr(c) for c in missing), "missing_chars")
+        raise ConstraintError(f"{kind} admits no text made of the model's characters", "empty")
     return constraint
 
 

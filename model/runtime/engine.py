@@ -32,6 +32,22 @@ batch and of a single row round differently); the sampler works in float64 so th
 pick only when a draw lands within ~1e-6 of a boundary. Same seed and same batch composition:
 same text, always.
 
+A request with a constraint (model.runtime.constraints) carries its matcher on its stream; the
+engine keeps each constrained slot's mask (`_allowed`: the characters that continue the match, or all
+of them where the text so far is already a complete match) and hands the constrained rows' masks to
+the sampler, which removes the other characters before anything else (so the draw is still one
+number per pick). After the pick the stream's matcher advances by the character; a run of
+characters the constraint then forces (one possible character, repeatedly) is fed to the network
+in one prompt call and emitted with the picked one, counting toward max_chars. A constrained stream
+ends with "stop" when its match is complete and no character of the vocabulary extends it, and, at
+a complete match that could go on, when the model picks a character that cannot continue it
+(accept-and-stop: the characters outside the continuations together stand for "end here"; the one
+picked is not emitted); it ends at a dead end (the constraint could go on only with characters the
+vocabulary lacks) with "stop" too, marked incomplete, and at max_chars with "length", incomplete
+unless its text happens to be a complete match. The logprobs and rank sums of a constrained
+stream are those of the masked distribution (the allowed characters' softmax); a forced
+character's is 0. Streams without a constraint cost nothing for any of this.
+
 The engine is not thread-safe: exactly one thread calls it.
 """
 
@@ -45,7 +61,7 @@ import numpy as np
 
 from model.runtime import network_step
 from model.runtime.prompt_cache import PromptCache
-from model.runtime.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, pick
+from model.runtime.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, mask_out, pick
 from model.runtime.state import PROMPT_CHUNK, State
 from model.runtime.streams import CharLogprob, Delta, Deltas, GenerationRequest, PromptScore, Stream, whole_number
 from model.records.vocab import Vocab
@@ -101,6 +117,19 @@ class SlotAdjustments:
         self.ring[slot, : len(last)] = last
         self.seen[slot] = len(last)
         np.add.at(self.recent[slot], last, 1)
+
+    def extend(self, slot: int, ids: list[int]) -> None:
+        """Slot `slot` produced ids (a constraint's forced run) besides its step's pick."""
+        for i in ids:
+            self.generated[slot, i] += 1
+            w = self.window[slot]
+            if w:
+                t = self.seen[slot]
+                if t >= w:
+                    self.recent[slot, self.ring[slot, (t - w) % MAX_REPETITION_WINDOW]] -= 1
+                self.ring[slot, t % MAX_REPETITION_WINDOW] = i
+                self.recent[slot, i] += 1
+                self.seen[slot] += 1
 
     def view(self, n: int) -> Adjustments:
         return Adjustments(self.bias[:n], self.repetition[:n], self.recent[:n], self.presence[:n], self.frequency[:n],
@@ -204,7 +233,10 @@ class Engine:
         self._logprob_sum = np.zeros(self.max_batch)
         self._ranking = 0
         self._unread = UnreadIds(self.max_batch)
-        self._checking = 0  # active slots whose streams check each character (stop sequences, logprobs)
+        self._checking = 0  # active slots whose streams check each character (stop sequences, logprobs, constraints)
+        self._constrained = np.zeros(self.max_batch, bool)  # the slot's request has a constraint
+        self._allowed: np.ndarray | None = None  # (max_batch, V) bool: each constrained slot's mask, made with the first constraint
+        self._constraining = 0
         self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
         # An empty prompt starts from the zero state as if after a newline (after the first
         # vocabulary character when the vocabulary has no newline).
@@ -227,6 +259,8 @@ class Engine:
             raise ValueError(f"expected a GenerationRequest, got {type(request).__name__}")
         if max(request.logprobs, request.prompt_logprobs or 0) > len(self.vocab):
             raise ValueError(f"logprobs must be at most {len(self.vocab)} (the vocabulary size), got {request.logprobs}")
+        if request.constraint is not None and request.constraint.chars != tuple(self.vocab.chars):
+            raise ValueError("the request's constraint was compiled for another vocabulary")
         if self.active >= self.max_batch:
             raise EngineFull(f"all {self.max_batch} generation slots are busy")
         ids, dropped, boundaries = self._encode(request)
@@ -250,6 +284,12 @@ class Engine:
         if self._adjustments is not None:  # a slot's arrays are always its own stream's (neutral when it adjusts nothing)
             self._adjustments.set(slot, settings, ids)
         self._adjusting += settings.adjusts
+        self._constrained[slot] = stream._matcher is not None
+        if stream._matcher is not None:
+            if self._allowed is None:
+                self._allowed = np.ones((self.max_batch, len(self.vocab)), bool)
+            self._allowed[slot] = stream._matcher.allowed | stream._matcher.accepting
+            self._constraining += 1
         try:
             self.network.restore(slot, self._read(request, stream, ids, boundaries))
         except BaseException:
@@ -257,6 +297,7 @@ class Engine:
             raise
         if request.max_chars == 0:
             stream.finish_reason = "length"
+            stream.incomplete = stream._matcher is not None and not stream._matcher.accepting
             self._release(stream)
         return stream
 
@@ -338,6 +379,12 @@ class Engine:
         n = len(ordered)
         logits = self.network.logits[:n]
         adjustments = self._adjustments.view(n) if self._adjusting else None
+        allowed = None
+        if self._constraining:
+            rows = np.flatnonzero(self._constrained[:n])
+            if len(rows):
+                allowed = (rows, self._allowed[rows])
+                logits = mask_out(logits.astype(np.float64), *allowed)  # what is sampled from, logprobs included
         ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
@@ -353,7 +400,11 @@ class Engine:
         made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
         if self._checking:
             for b in np.flatnonzero(self._unread.counting[:n] == 0).tolist():  # the checked streams
-                made[b] = ordered[b].emit(chars[ids[b]], lps.get(b) if self._wanting else None)
+                s = ordered[b]
+                if s._matcher is None:
+                    made[b] = s.emit(chars[ids[b]], lps.get(b) if self._wanting else None)
+                else:
+                    made[b] = self._advance(b, s, int(ids[b]), lps.get(b) if self._wanting else None)
         for b in due:  # unchecked streams whose slots are full or at max_chars
             s = ordered[b]
             self._flush(s)
@@ -363,6 +414,36 @@ class Engine:
             self._release(ordered[b])
         self._unread.settle(self.active)
         return Deltas(ordered, ids, chars, made, order)
+
+    def _advance(self, b: int, s: Stream, picked: int, logprob: CharLogprob | None) -> Delta:
+        """A constrained stream in slot b picked `picked`: advance its matcher, feed the run the
+        constraint forces after it to the network in one call, and end the stream where the
+        constraint says (the module docstring)."""
+        m, chars = s._matcher, self.vocab.chars
+        if not m.allowed[picked]:  # a complete match, and the model picked "end here"
+            s.incomplete = False
+            return s.end("stop")
+        run = m.advance(picked, s.request.max_chars - s._generated - 1)
+        if run:
+            network = self.network
+            network.restore(b, network.prompt(np.asarray(run, np.int64), network.state(b)))
+            if self._adjustments is not None:
+                self._adjustments.extend(b, run)
+        lps = None
+        if logprob is not None:
+            lps = [logprob] + [CharLogprob(chars[i], 0.0, [(chars[i], 0.0)]) for i in run]
+        delta = s.emit_run([chars[picked]] + [chars[i] for i in run], lps)
+        if delta.finish_reason == "stop":  # a stop sequence: the text is the generated text cut before it
+            s.incomplete = not s.request.constraint.matches(s.text)
+        elif delta.finish_reason == "length":
+            s.incomplete = not m.accepting
+        elif m.complete or m.dead:
+            s.incomplete = m.dead
+            end = s.end("stop")
+            delta = Delta(s, delta.text + end.text, delta.logprobs + end.logprobs, "stop")
+        else:
+            self._allowed[b] = m.allowed | m.accepting
+        return delta
 
     def _flush(self, s: Stream) -> None:
         """Give an unchecked stream the characters its slot holds for it."""
@@ -374,7 +455,8 @@ class Engine:
         logp = log_softmax(logits)
         top = np.argsort(-logp, kind="stable")[:k]
         chars = self.vocab.chars
-        return CharLogprob(chars[chosen], float(logp[chosen]), [(chars[i], float(logp[i])) for i in top])
+        # a constraint's disallowed characters (-inf) are no alternatives
+        return CharLogprob(chars[chosen], float(logp[chosen]), [(chars[i], float(logp[i])) for i in top if logp[i] > -np.inf])
 
     def _uniforms(self, ordered: list[Stream]) -> np.ndarray:
         """The next draw of every sampling stream in slots 0..n-1 (a greedy one's is stale: pick ignores it)."""
@@ -395,6 +477,8 @@ class Engine:
         if stream.finish_reason is None:
             stream.finish_reason = "cancelled"
             self._release(stream)
+            if stream._matcher is not None:
+                stream.incomplete = not stream.request.constraint.matches(stream.text)
 
     def generate(self, request: GenerationRequest) -> Stream:
         """Run one stream to completion."""
@@ -428,7 +512,9 @@ class Engine:
 
     def _per_slot(self) -> list[np.ndarray]:
         arrays = [self._temperature, self._top_k, self._top_p, self._min_p, self._samples, self._draws, self._next_draw,
-                  self._logprobs, self._ranked, self._logprob_sum, *self._unread.arrays()]
+                  self._logprobs, self._ranked, self._logprob_sum, self._constrained, *self._unread.arrays()]
+        if self._allowed is not None:
+            arrays.append(self._allowed)
         return arrays if self._adjustments is None else arrays + self._adjustments.arrays()
 
     def _release(self, s: Stream) -> None:
@@ -448,4 +534,5 @@ class Engine:
         self._adjusting -= s.request.sampling.adjusts
         self._ranking -= s.request.rank
         self._checking -= s.request.checked
+        self._constraining -= s._matcher is not None
         s._slot = -1

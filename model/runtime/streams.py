@@ -140,6 +140,7 @@ class Stream:
         self._emitted: list[str] = []
         self._held = ""  # generated characters that may begin a stop sequence
         self._held_logprobs: list[CharLogprob] = []
+        self._matcher = request.constraint.start() if request.constraint is not None else None  # the engine advances it
         self._stop_prefixes = {s[:k] for s in request.stop for k in range(1, len(s))}
         self._longest_prefix = max((len(s) for s in request.stop), default=1) - 1
 
@@ -186,6 +187,31 @@ class Stream:
             self._emitted.append(text)
         self.finish_reason = finish
         return Delta(self, text, lps, finish)
+
+    def emit_run(self, chars: list[str], logprobs: list[CharLogprob] | None) -> Delta:
+        """emit() each character in turn (the picked one and a forced run after it) as one Delta;
+        stops at the character that finishes the stream."""
+        first = self.emit(chars[0], logprobs[0] if logprobs else None)
+        if len(chars) == 1 or first.finish_reason:
+            return first
+        text, lps = [first.text], list(first.logprobs)
+        for k in range(1, len(chars)):
+            d = self.emit(chars[k], logprobs[k] if logprobs else None)
+            text.append(d.text)
+            lps += d.logprobs
+            if d.finish_reason:
+                break
+        return Delta(self, "".join(text), lps, self.finish_reason)
+
+    def end(self, reason: str) -> Delta:
+        """Finish now (a constraint's match is complete): what is held back for a possible stop
+        sequence is released, as no stop sequence completed."""
+        text, lps = self._held, self._held_logprobs
+        self._held, self._held_logprobs = "", []
+        if text:
+            self._emitted.append(text)
+        self.finish_reason = reason
+        return Delta(self, text, lps, reason)
 
     def take(self, text: str) -> None:
         """Take generated characters of a request with no stop sequences and no logprobs (nothing to
