@@ -31,6 +31,7 @@ the punctuation.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import unicodedata
@@ -369,14 +370,18 @@ def _admits_text(constraint: Constraint) -> bool | None:
 
 def _missing_chars(kind: str, text: str, grammar: str, chars: tuple[str, ...]) -> list[str]:
     """The characters outside the vocabulary that a constraint admitting no text of the vocabulary
-    needs: along one path of the same constraint over the vocabulary plus every character the
-    source names and printable ASCII, the characters it reaches first where the vocabulary has none
-    it could use (visible characters before spaces), at most 16."""
+    needs, at most 16: along one path of the same constraint over the vocabulary plus every
+    character the source names and printable ASCII, the ones it meets where the vocabulary has none
+    it could use, and the ones the source names where the path could take them."""
     have = set(chars)
     extra = sorted({c for c in text if c not in have and unicodedata.category(c)[0] != "C"}
                    | {chr(i) for i in range(32, 127) if chr(i) not in have} | ({"\n"} - have))[:512]
     wide = chars + tuple(extra)
     constraint = Constraint(kind, text, wide, grammar, _tokenizer(wide))
+    # the characters the source names outside character classes (and a grammar's comments)
+    named_text = re.sub(r"\[(?:\\.|[^\]\\])*\]", "", text)
+    if kind == "grammar":
+        named_text = re.sub(r"#[^\n]*", "", named_text)
     m = constraint.start()
     missing: list[str] = []
     for _ in range(SEARCH_DEPTH):
@@ -385,12 +390,16 @@ def _missing_chars(kind: str, text: str, grammar: str, chars: tuple[str, ...]) -
         allowed = [wide[i] for i in np.flatnonzero(m.allowed).tolist()]
         usable = [c for c in allowed if c in have]
         lacking = [c for c in allowed if c not in have]
-        if usable and not lacking:
-            pick = usable[0]
+        named = [c for c in lacking if c in named_text]
+        if not usable:  # the vocabulary stops here: these are needed
+            missing += [c for c in lacking if c not in missing][:4]
+            pick = min(lacking, key=lambda c: (c not in named_text, c.isspace(), c))
+        elif named:  # a character the source names, which the vocabulary lacks: follow it
+            pick = min(named)
+            if pick not in missing:
+                missing.append(pick)
         else:
-            if not usable:
-                missing += [c for c in lacking if c not in missing][:4]
-            pick = min(lacking, key=lambda c: (c.isspace(), c))
+            pick = usable[0]
         m.advance(wide.index(pick), 0)
         if len(missing) >= 16:
             break
