@@ -299,14 +299,23 @@ def test_the_openai_client_gets_json_valid_under_its_schema(json_server):
         jsonschema.validate(json.loads(text), PERSON)
         assert text == json.dumps(json.loads(text))  # json.dumps's layout, as the model learned it
     assert complete >= 3  # the model knows how such a record ends; max_completion_tokens is plenty
-    # streamed, and json_object: any JSON object
-    stream = client.chat.completions.create(model="run", messages=ask, response_format={"type": "json_object"},
-                                            temperature=0, max_completion_tokens=120, stream=True)
+    # streamed (greedy: the model's own record, under the schema)
+    stream = client.chat.completions.create(model="run", messages=ask, response_format=fmt, temperature=0,
+                                            max_completion_tokens=120, stream=True)
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     last = chunks[-1].choices[0]
     assert last.finish_reason == "stop" and last.model_extra["incomplete"] is False
-    assert isinstance(json.loads(text), dict)
+    jsonschema.validate(json.loads(text), PERSON)
+    # json_object: any JSON object
+    objects = 0
+    for seed in range(4):
+        choice = client.chat.completions.create(model="run", messages=ask, response_format={"type": "json_object"},
+                                                temperature=1.0, seed=seed, max_completion_tokens=120).choices[0]
+        if not choice.model_extra["incomplete"]:
+            objects += 1
+            assert isinstance(json.loads(choice.message.content), dict)
+    assert objects >= 2
     # the completions endpoint takes llama.cpp's json_schema (extra_body: the client has no such argument)
     done = client.completions.create(model="run", prompt="", max_tokens=120, temperature=0, extra_body={"json_schema": PERSON})
     if not done.choices[0].model_extra["incomplete"]:
