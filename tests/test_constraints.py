@@ -250,7 +250,8 @@ def test_a_gbnf_grammar_with_every_feature_is_followed(artifact):
     assert constraint.matches("abc said the quick.") and constraint.matches("bbb saida b,\n")
     assert not constraint.matches("a said b.") and not constraint.matches("abc said  b.")
     engine = Engine(artifact, max_batch=8)
-    requests = [GenerationRequest("the ", 60, T1, seed=seed, constraint=constraint) for seed in range(6)]
+    # a high temperature: the random network's favourite letters do not drown the ends of lines
+    requests = [GenerationRequest("the ", 80, SamplingSettings(2.0), seed=seed, constraint=constraint) for seed in range(8)]
     streams, texts = run_all(engine, requests)
     for stream, text in zip(streams, texts):
         assert_matches_or_prefix(GRAMMAR_RE, stream, text)

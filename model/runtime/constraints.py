@@ -49,7 +49,8 @@ MAX_SOURCE_CHARS = 65_536  # the longest pattern, grammar or schema (its JSON te
 CACHE_SIZE = 128  # compiled constraints kept (by kind, source and vocabulary)
 # What one compile may cost: the search for a text the constraint admits (each node one mask), and
 # llguidance's own limits on the grammar, the lexer and each step.
-SEARCH_NODES = 2_000
+SEARCH_WALKS = 16  # random walks first (they find a text fast where one exists)...
+SEARCH_NODES = 1_000  # ...then a depth-first search (it proves that none exists where none does)
 SEARCH_DEPTH = 256  # characters
 SEARCH_SECONDS = 1.0  # a backstop only: the search gives up (the answer is unknown, not an error)
 LIMITS = dict(max_grammar_size=100_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
@@ -181,12 +182,13 @@ class Matcher:
             self._settle()
         return run
 
-    def advance(self, char_id: int, limit: int) -> list[int]:
+    def advance(self, char_id: int, limit: int, min_run: int = 1) -> list[int]:
         """Take the picked character (one of `allowed`), then the forced run after it (at most
-        `limit` characters); returns the forced run's ids."""
+        `limit` characters) when at least `min_run` characters are known to be forced; returns the
+        forced run's ids (empty: the next character is picked, forced or not)."""
         self._m.consume_token(char_id)  # a refusal (a limit reached) leaves the matcher in error: a dead end
         self._settle()
-        return self.forced(limit)
+        return self.forced(limit) if len(self._forced) >= min_run else []
 
     def _settle(self) -> None:
         """Work out allowed, accepting and the forced run at the current state.
@@ -282,6 +284,12 @@ def canonical(kind: str, source) -> str:
     return text
 
 
+def clear_cache() -> None:
+    """Forget every compiled constraint (the benchmark's compile times start from nothing)."""
+    with _lock:
+        _cache.clear()
+
+
 def compile_constraint(kind: str, source, vocab: Vocab) -> Constraint:
     """`source` (a regex; a GBNF grammar; a JSON schema as a dict or its JSON text) compiled over the
     vocabulary's characters. Raises ConstraintError with the reason when it is malformed, too big,
@@ -343,9 +351,24 @@ def _compile(kind: str, text: str, chars: tuple[str, ...]) -> Constraint:
 
 def _admits_text(constraint: Constraint) -> bool | None:
     """Whether some text of the vocabulary's characters is a complete match: True (one was found),
-    False (every way was tried and none is), None (the search stopped at its bounds: unknown). A
-    depth-first search over the characters each state allows, most constrained first."""
-    budget, deadline = SEARCH_NODES, time.monotonic() + SEARCH_SECONDS
+    False (every way was tried and none is), None (the search stopped at its bounds: unknown).
+    Seeded random walks first (a depth-first search alone loops in the first `x*` it meets), then a
+    depth-first search over the characters each state allows."""
+    deadline = time.monotonic() + SEARCH_SECONDS
+    rng = np.random.default_rng(0)
+    for _ in range(SEARCH_WALKS):
+        m = constraint.start()
+        walked = len(m.forced(SEARCH_DEPTH))
+        while walked < SEARCH_DEPTH and not m.accepting and m.allowed.any() and not m.error:
+            choices = np.flatnonzero(m.allowed)
+            walked += 1 + len(m.advance(int(choices[rng.integers(len(choices))]), SEARCH_DEPTH - walked))
+        if m.error:
+            raise ConstraintError(m.error)
+        if m.accepting:
+            return True
+        if time.monotonic() > deadline:
+            return None
+    budget = SEARCH_NODES
     root = constraint.start()
     stack = [(root, len(root.forced(SEARCH_DEPTH)))]
     exhaustive = True

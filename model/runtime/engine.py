@@ -37,8 +37,9 @@ engine keeps each constrained slot's mask (`_allowed`: the characters that conti
 of them where the text so far is already a complete match) and hands the constrained rows' masks to
 the sampler, which removes the other characters before anything else (so the draw is still one
 number per pick). After the pick the stream's matcher advances by the character; a run of
-characters the constraint then forces (one possible character, repeatedly) is fed to the network
-in one prompt call and emitted with the picked one, counting toward max_chars. A constrained stream
+characters the constraint then forces (one possible character, repeatedly), when it is at least
+FORCED_RUN_CALL long, is fed to the network in one prompt call and emitted with the picked one,
+counting toward max_chars (a shorter one is picked a character a step, each the only one allowed). A constrained stream
 ends with "stop" when its match is complete and no character of the vocabulary extends it, and, at
 a complete match that could go on, when the model picks a character that cannot continue it
 (accept-and-stop: the characters outside the continuations together stand for "end here"; the one
@@ -73,6 +74,10 @@ __all__ = ["CharLogprob", "Delta", "Deltas", "Engine", "EngineFull", "Generation
 
 DRAWS_AHEAD = 64  # uniform draws taken from a stream's generator at a time
 UNREAD = 256  # ids a slot keeps for a stream without checks before the stream takes them
+# A forced run at least this long is fed to the network in one prompt call; a shorter one is picked
+# a character a step (the mask allows one): a prompt call of one row costs about as much as a step
+# of the whole batch, so it pays for long runs only.
+FORCED_RUN_CALL = 8
 
 _slot_of = operator.attrgetter("_slot")
 
@@ -423,7 +428,7 @@ class Engine:
         if not m.allowed[picked]:  # a complete match, and the model picked "end here"
             s.incomplete = False
             return s.end("stop")
-        run = m.advance(picked, s.request.max_chars - s._generated - 1)
+        run = m.advance(picked, s.request.max_chars - s._generated - 1, FORCED_RUN_CALL)
         if run:
             network = self.network
             network.restore(b, network.prompt(np.asarray(run, np.int64), network.state(b)))
