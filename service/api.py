@@ -251,7 +251,11 @@ def constraint_for(req, served):
     try:
         return compile_constraint(kind, source, served.engine.vocab)
     except ConstraintError as e:
-        raise bad_field(field, f"{field}: {e}", "invalid_constraint") from None
+        # the message starts with the kind compiled; a response_format is named as the client wrote it
+        label = field if field == kind else f"{field} {req.response_format.type}"
+        message = str(e)
+        message = label + message[len(kind):] if message.startswith(kind + " ") else f"{label}: {message}"
+        raise bad_field(field, message, "invalid_constraint") from None
 
 
 def logit_bias(biases: dict[str, float], vocab) -> tuple[tuple[int, float], ...]:
