@@ -112,7 +112,7 @@ class Constraint:
     """A compiled constraint over one vocabulary; `start()` gives each stream its own Matcher."""
 
     kind: str  # "regex" | "grammar" | "json_schema"
-    source: str  # canonical text (a JSON schema: sorted keys, compact)
+    source: str  # canonical text (a JSON schema: compact, keys in their order)
     chars: tuple[str, ...]  # the vocabulary's characters, by id
     _grammar: str = field(repr=False)  # llguidance's grammar text
     _tokenizer: llguidance.LLTokenizer = field(repr=False)
@@ -255,8 +255,8 @@ _cache: OrderedDict[tuple, Constraint] = OrderedDict()
 
 
 def canonical(kind: str, source) -> str:
-    """The text a constraint is cached by: the pattern or grammar itself, a JSON schema's sorted
-    compact JSON."""
+    """The text a constraint is cached by: the pattern or grammar itself, a JSON schema's compact
+    JSON (keys in their order, which is the order its properties are written in)."""
     if kind not in KINDS:
         raise ConstraintError(f"constraint kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "json_schema":
@@ -270,7 +270,8 @@ def canonical(kind: str, source) -> str:
         if not isinstance(source, (dict, bool)):
             raise ConstraintError(f"json_schema must be a JSON object, got {type(source).__name__}")
         try:
-            text = json.dumps(source, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            # keys in the schema's order: the properties are written in it
+            text = json.dumps(source, separators=(",", ":"), ensure_ascii=False)
         except (TypeError, ValueError, RecursionError) as e:
             raise ConstraintError(f"json_schema cannot be written as JSON: {e}") from None
     else:
