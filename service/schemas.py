@@ -111,7 +111,8 @@ ENDING_DOC = ("A constrained choice ends with finish_reason stop when its text i
               "character is left out: the model chose to end there), or at a stop sequence; with length at max_chars. "
               "Its `incomplete` says whether the text stopped short of a whole match (then it is the start of one).")
 REGEX_DOC = ("Constrain the generated text (not the prompt) to match this regular expression as a whole. "
-             "Its characters must be in the model's vocabulary (else a 422 naming them). " + ENDING_DOC)
+             "Rust's regex syntax (Python's re without lookaround and backreferences); the characters it needs must "
+             "be in the model's vocabulary (else a 422 naming them). " + ENDING_DOC)
 GRAMMAR_DOC = ("Constrain the generated text to this grammar, in llama.cpp's GBNF (rules `name ::= ...`, the start "
                "rule `root`, alternation `|`, grouping, \"literals\" with escapes, [character classes] with ranges "
                "and negation, ?, *, +, {m,n}, # comments). " + ENDING_DOC)
