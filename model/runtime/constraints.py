@@ -6,7 +6,7 @@ the vocabulary at each step: no token boundaries, no partial UTF-8. `compile_con
 pattern into a `Constraint` (cached, bounded); `Constraint.start()` gives a stream its `Matcher`,
 which says which characters may come next (`allowed`), whether the text so far is a complete match
 (`accepting`), and takes the character picked (`advance`) together with the run of characters the
-constraint then forces (only one character possible, repeatedly), which the engine feeds to the
+constraint then forces (only one character possible, repeatedly), which the engine can feed to the
 network in one call.
 
 The compiling is llguidance's (guidance-ai's Rust library, no torch): regexes (Rust's `regex`
@@ -16,10 +16,12 @@ a lexer built lazily from regex derivatives and an Earley parser, with limits on
 build and of each step ("fuel"). outlines-core was the other candidate: it compiles a regex or a JSON
 schema (through a regex) into a full index of states by tokens up front, which is what it is good at
 for large BPE vocabularies, but it has no grammars at all (GBNF would have had to be written here),
-and building the whole DFA up front is where nested quantifiers and large counts explode
-(`(a|b){1000}` is a thousand states before the first character); llguidance builds states as the
-text reaches them. A vocabulary of single characters is a valid tokenizer for it (each character is
-the token of its UTF-8 bytes). What is written here: the tokenizer, the bounded check that a
+and building the whole DFA up front is where patterns explode: `(a|b){1000}` is a thousand states
+before the first character, and `[a-c]*a[a-c]{20}` (a DFA of about a million states) did not finish
+within any bound a request could be given, where llguidance answers at once, as it builds states
+only as the text reaches them (xgrammar, the third, needs torch). A vocabulary of single characters
+is a valid tokenizer for llguidance (each character is the token of its UTF-8 bytes). What is
+written here: the tokenizer, the bounded check that a
 constraint admits a text of the model's characters (and which missing characters it needs), the
 forced runs, and the cache.
 
@@ -54,7 +56,7 @@ SEARCH_NODES = 1_000  # ...then a depth-first search (it proves that none exists
 SEARCH_DEPTH = 256  # characters
 SEARCH_SECONDS = 1.0  # a backstop only: the search gives up (the answer is unknown, not an error)
 LIMITS = dict(max_grammar_size=100_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
-              max_lexer_states=50_000, max_items_in_row=2_000)
+              max_lexer_states=20_000, max_items_in_row=2_000)
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _EOS = b"<|end|>"  # the tokenizer's end token (llguidance needs one); never sampled, never allowed
 
@@ -116,12 +118,20 @@ class Constraint:
     chars: tuple[str, ...]  # the vocabulary's characters, by id
     _grammar: str = field(repr=False)  # llguidance's grammar text
     _tokenizer: llguidance.LLTokenizer = field(repr=False)
+    # A matcher at the start, never advanced: each stream's is a copy (a copy shares the compiled
+    # grammar; a new matcher would compile it again).
+    _root: llguidance.LLMatcher | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self._root is None:
+            limits = llguidance.LLParserLimits(**LIMITS)
+            object.__setattr__(self, "_root", llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0, limits=limits))
 
     def start(self) -> Matcher:
         return Matcher(self)
 
     def _matcher(self) -> llguidance.LLMatcher:
-        return llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0, limits=llguidance.LLParserLimits(**LIMITS))
+        return self._root.deep_copy()
 
     def matches(self, text: str) -> bool:
         """Whether `text` is a complete match (the checker the tests use beside Python's own)."""
@@ -312,21 +322,32 @@ def compile_constraint(kind: str, source, vocab: Vocab) -> Constraint:
     return constraint
 
 
-def _grammar(kind: str, text: str) -> str:
+def _grammar(kind: str, text: str, chars: tuple[str, ...]) -> str:
+    """llguidance's grammar for the constraint. A regex is intersected with the vocabulary's
+    characters (one lexeme, `pattern & [chars]*`), so its masks never lead where only characters the
+    vocabulary lacks go on: a regex stream meets no dead end."""
     try:
         if kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(text)
+            alone = llguidance.LLMatcher.grammar_from_regex(text)
+            error = llguidance.LLMatcher.validate_grammar(alone)
+            if error and not error.startswith("WARNING"):
+                raise ConstraintError(f"regex is malformed: {_first_line(error)}")
+            have = "".join(f"\\x{{{ord(c):x}}}" for c in chars)
+            return llguidance.LLMatcher.grammar_from_lark(
+                f"start: PATTERN\nPATTERN: /(?:{llguidance.regex_to_lark(text, '')})/ & /[{have}]*/\n")
         if kind == "json_schema":
             return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=JSON_LAYOUT)
         return llguidance.LLMatcher.grammar_from_lark(any_to_lark(text))
     except RecursionError:
         raise ConstraintError(f"{kind} is nested too deeply", "too_large") from None
+    except ConstraintError:
+        raise
     except Exception as e:  # the GBNF translator raises whatever its parser meets
         raise ConstraintError(f"{kind} is malformed: {e}") from None
 
 
 def _compile(kind: str, text: str, chars: tuple[str, ...]) -> Constraint:
-    grammar = _grammar(kind, text)
+    grammar = _grammar(kind, text, chars)
     limits = llguidance.LLParserLimits(**LIMITS)
     tok = _tokenizer(chars)
     error = llguidance.LLMatcher.validate_grammar(grammar, tok, limits=limits)
@@ -342,7 +363,7 @@ def _compile(kind: str, text: str, chars: tuple[str, ...]) -> Constraint:
     except ConstraintError as e:
         raise ConstraintError(f"{kind} is too complex: {e}", "too_complex") from None
     if found is False:
-        missing = _missing_chars(kind, text, grammar, chars)
+        missing = _missing_chars(kind, text, chars)
         if missing:
             raise ConstraintError(f"{kind} needs characters the model's vocabulary lacks: "
                                   + ", ".join(repr(c) for c in missing), "missing_chars")
@@ -392,7 +413,7 @@ def _admits_text(constraint: Constraint) -> bool | None:
     return False if exhaustive else None
 
 
-def _missing_chars(kind: str, text: str, grammar: str, chars: tuple[str, ...]) -> list[str]:
+def _missing_chars(kind: str, text: str, chars: tuple[str, ...]) -> list[str]:
     """The characters outside the vocabulary that a constraint admitting no text of the vocabulary
     needs, at most 16: along one path of the same constraint over the vocabulary plus every
     character the source names and printable ASCII, the ones it meets where the vocabulary has none
@@ -401,7 +422,7 @@ def _missing_chars(kind: str, text: str, grammar: str, chars: tuple[str, ...]) -
     extra = sorted({c for c in text if c not in have and unicodedata.category(c)[0] != "C"}
                    | {chr(i) for i in range(32, 127) if chr(i) not in have} | ({"\n"} - have))[:512]
     wide = chars + tuple(extra)
-    constraint = Constraint(kind, text, wide, grammar, _tokenizer(wide))
+    constraint = Constraint(kind, text, wide, _grammar(kind, text, wide), _tokenizer(wide))
     # the characters the source names outside character classes (and a grammar's comments)
     named_text = re.sub(r"\[(?:\\.|[^\]\\])*\]", "", text)
     if kind == "grammar":
