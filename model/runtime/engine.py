@@ -43,8 +43,8 @@ counting toward max_chars (a shorter one is picked a character a step, each the 
 ends with "stop" when its match is complete and no character of the vocabulary extends it, and, at
 a complete match that could go on, when the model picks a character that cannot continue it
 (accept-and-stop: the characters outside the continuations together stand for "end here"; the one
-picked is not emitted); it ends at a dead end (the constraint could go on only with characters the
-vocabulary lacks) with "stop" too, marked incomplete, and at max_chars with "length", incomplete
+picked is not emitted); it ends at a dead end (a grammar or schema that could go on only with
+characters the vocabulary lacks; a regex's masks never lead there) with "stop" too, marked incomplete, and at max_chars with "length", incomplete
 unless its text happens to be a complete match. The logprobs and rank sums of a constrained
 stream are those of the masked distribution (the allowed characters' softmax); a forced
 character's is 0. Streams without a constraint cost nothing for any of this.
