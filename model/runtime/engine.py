@@ -36,7 +36,8 @@ A request with a constraint (model.runtime.constraints) carries its matcher on i
 engine keeps each constrained slot's mask (`_allowed`: the characters that continue the match, or all
 of them where the text so far is already a complete match) and hands the constrained rows' masks to
 the sampler, which removes the other characters before anything else (so the draw is still one
-number per pick). After the pick the stream's matcher advances by the character; a run of
+number per pick). After the pick the stream's matcher advances by the character (three calls into
+the matcher for the usual stream, the masks of all of them unpacked at once); a run of
 characters the constraint then forces (one possible character, repeatedly), when it is at least
 FORCED_RUN_CALL long, is fed to the network in one prompt call and emitted with the picked one,
 counting toward max_chars (a shorter one is picked a character a step, each the only one allowed). A constrained stream
@@ -404,12 +405,15 @@ class Engine:
         due = self._unread.record(n, ids)
         made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
         if self._checking:
+            constrained = []
             for b in np.flatnonzero(self._unread.counting[:n] == 0).tolist():  # the checked streams
                 s = ordered[b]
                 if s._matcher is None:
                     made[b] = s.emit(chars[ids[b]], lps.get(b) if self._wanting else None)
                 else:
-                    made[b] = self._advance(b, s, int(ids[b]), lps.get(b) if self._wanting else None)
+                    constrained.append(b)
+            if constrained:
+                self._advance(constrained, ordered, ids, lps if self._wanting else {}, made)
         for b in due:  # unchecked streams whose slots are full or at max_chars
             s = ordered[b]
             self._flush(s)
@@ -420,15 +424,45 @@ class Engine:
         self._unread.settle(self.active)
         return Deltas(ordered, ids, chars, made, order)
 
-    def _advance(self, b: int, s: Stream, picked: int, logprob: CharLogprob | None) -> Delta:
-        """A constrained stream in slot b picked `picked`: advance its matcher, feed the run the
-        constraint forces after it to the network in one call, and end the stream where the
-        constraint says (the module docstring)."""
+    def _advance(self, rows: list[int], ordered: list[Stream], ids: np.ndarray, lps: dict, made: dict) -> None:
+        """The constrained streams in slots `rows` picked ids[rows]: advance their matchers, and put
+        each one's Delta in made[b]. The usual row costs three calls into the matcher, and the masks
+        of all rows are unpacked at once; a row whose matcher forces characters, reaches a dead end or
+        fails takes the matcher's own step (`_settle`) in `_follow`."""
+        V = len(self.vocab)
+        chars = self.vocab.chars
+        moving, masks = [], []
+        for b in rows:
+            s, picked = ordered[b], int(ids[b])
+            m = s._matcher
+            if not m.allowed[picked]:  # a complete match, and the model picked "end here"
+                s.incomplete = False
+                made[b] = s.end("stop")
+            elif not m._m.consume_token(picked) or m._m.compute_ff_bytes():
+                m._settle()
+                made[b] = self._follow(b, s, picked, lps.get(b))
+            else:
+                moving.append(b)
+                masks.append(m._m.compute_bitmask())
+        if not moving:
+            return
+        bits = np.unpackbits(np.frombuffer(b"".join(masks), np.uint8).reshape(len(moving), -1), axis=1, count=V + 1,
+                             bitorder="little").view(bool)  # (k, V + 1): the characters, then the end token
+        allowed, accepting = bits[:, :V], bits[:, V]  # the end token is allowed exactly at a complete match
+        counts = allowed.sum(axis=1)
+        self._allowed[moving] = allowed | accepting[:, None]
+        for j, b in enumerate(moving):
+            s = ordered[b]
+            m = s._matcher
+            m.allowed, m.accepting, m.error = allowed[j], bool(accepting[j]), ""
+            m._forced = [int(allowed[j].argmax())] if counts[j] == 1 and not accepting[j] else []
+            made[b] = self._emitted(s, s.emit(chars[ids[b]], lps.get(b)), m, counts[j] == 0)
+
+    def _follow(self, b: int, s: Stream, picked: int, logprob: CharLogprob | None) -> Delta:
+        """After the stream's matcher took `picked` and settled: feed a long forced run to the network
+        in one call, emit, and end where the constraint says (the module docstring)."""
         m, chars = s._matcher, self.vocab.chars
-        if not m.allowed[picked]:  # a complete match, and the model picked "end here"
-            s.incomplete = False
-            return s.end("stop")
-        run = m.advance(picked, s.request.max_chars - s._generated - 1, FORCED_RUN_CALL)
+        run = m.forced(s.request.max_chars - s._generated - 1) if len(m._forced) >= FORCED_RUN_CALL else []
         if run:
             network = self.network
             network.restore(b, network.prompt(np.asarray(run, np.int64), network.state(b)))
@@ -437,17 +471,20 @@ class Engine:
         lps = None
         if logprob is not None:
             lps = [logprob] + [CharLogprob(chars[i], 0.0, [(chars[i], 0.0)]) for i in run]
-        delta = s.emit_run([chars[picked]] + [chars[i] for i in run], lps)
+        self._allowed[b] = m.allowed | m.accepting
+        return self._emitted(s, s.emit_run([chars[picked]] + [chars[i] for i in run], lps), m, not m.allowed.any())
+
+    def _emitted(self, s: Stream, delta: Delta, m, stuck: bool) -> Delta:
+        """A constrained stream's Delta, ended where the constraint says: `stuck` (no character of
+        the vocabulary goes on) at a complete match or at a dead end."""
         if delta.finish_reason == "stop":  # a stop sequence: the text is the generated text cut before it
             s.incomplete = not s.request.constraint.matches(s.text)
         elif delta.finish_reason == "length":
             s.incomplete = not m.accepting
-        elif m.complete or m.dead:
-            s.incomplete = m.dead
+        elif stuck:
+            s.incomplete = not m.accepting
             end = s.end("stop")
             delta = Delta(s, delta.text + end.text, delta.logprobs + end.logprobs, "stop")
-        else:
-            self._allowed[b] = m.allowed | m.accepting
         return delta
 
     def _flush(self, s: Stream) -> None:
