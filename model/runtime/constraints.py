@@ -173,15 +173,6 @@ class Matcher:
         other.allowed, other.accepting, other.error, other._forced = self.allowed.copy(), self.accepting, self.error, list(self._forced)
         return other
 
-    @property
-    def complete(self) -> bool:
-        """A complete match that no character of the vocabulary extends: the stream ends here."""
-        return self.accepting and not self._forced and not self.allowed.any()
-
-    @property
-    def dead(self) -> bool:
-        return not self.accepting and not self.allowed.any()
-
     def forced(self, limit: int) -> list[int]:
         """Consume the run of characters forced from here (at most `limit`), returning their ids."""
         run: list[int] = []
