@@ -27,7 +27,7 @@ from model.records.vocab import Vocab
 from model.runtime.artifact import load
 from model.runtime.constraints import MAX_SOURCE_CHARS, ConstraintError, compile_constraint
 from model.runtime.engine import Engine
-from model.runtime.sampling import GREEDY, SamplingSettings, log_softmax
+from model.runtime.sampling import GREEDY, SamplingSettings, log_softmax, probabilities
 from model.runtime.streams import GenerationRequest
 from conftest import VOCAB, random_artifact
 
@@ -232,6 +232,25 @@ def test_a_regex_never_leads_where_only_missing_characters_go_on(artifact):
                              [GenerationRequest("the ", 10, SamplingSettings(2.0), seed=seed, constraint=constraint) for seed in range(8)])
     for stream, text in zip(streams, texts):
         assert re.fullmatch("b[a-c]{2}", text) and stream.finish_reason == "stop" and not stream.incomplete
+
+
+def test_the_mask_comes_before_biases_penalties_and_filters(engine):
+    # a +100 bias on "q" would force it unconstrained; the mask removes it first
+    settings = SamplingSettings(1.0, top_k=2, repetition_penalty=2.0, logit_bias=((VOCAB.index["q"], 100.0),))
+    assert engine.generate(GenerationRequest("the ", 20, settings, seed=4)).text == "q" * 20
+    constraint = compile_constraint("regex", "[ab]{20}", VOCAB)
+    stream = engine.generate(GenerationRequest("the ", 20, settings, seed=4, constraint=constraint))
+    assert re.fullmatch("[ab]{20}", stream.text) and not stream.incomplete
+
+
+def test_probabilities_with_a_mask_are_the_allowed_characters_renormalized():
+    logits = np.random.default_rng(0).normal(size=len(VOCAB))
+    allowed = np.zeros(len(VOCAB), bool)
+    allowed[[2, 5, 7]] = True
+    p = probabilities(logits, T1, allowed=allowed)
+    assert p[~allowed].sum() == 0 and p.sum() == pytest.approx(1.0)
+    expected = np.exp(logits[[2, 5, 7]]) / np.exp(logits[[2, 5, 7]]).sum()
+    assert p[[2, 5, 7]] == pytest.approx(expected)
 
 
 def test_a_constraint_from_another_vocabulary_is_refused(engine):

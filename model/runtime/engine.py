@@ -40,7 +40,8 @@ number per pick). After the pick the stream's matcher advances by the character 
 the matcher for the usual stream, the masks of all of them unpacked at once); a run of
 characters the constraint then forces (one possible character, repeatedly), when it is at least
 FORCED_RUN_CALL long, is fed to the network in one prompt call and emitted with the picked one,
-counting toward max_chars (a shorter one is picked a character a step, each the only one allowed). A constrained stream
+counting toward max_chars and taking no draw (a shorter one is picked a character a step, each the
+only one allowed, a draw each as usual). A constrained stream
 ends with "stop" when its match is complete and no character of the vocabulary extends it, and, at
 a complete match that could go on, when the model picks a character that cannot continue it
 (accept-and-stop: the characters outside the continuations together stand for "end here"; the one
