@@ -431,20 +431,21 @@ class Engine:
         of all rows are unpacked at once; a row whose matcher forces characters, reaches a dead end or
         fails takes the matcher's own step (`_settle`) in `_follow`."""
         V = len(self.vocab)
-        chars = self.vocab.chars
+        chars, picks = self.vocab.chars, ids.tolist()
         moving, masks = [], []
         for b in rows:
-            s, picked = ordered[b], int(ids[b])
+            s, picked = ordered[b], picks[b]
             m = s._matcher
+            matcher = m._m
             if not m.allowed[picked]:  # a complete match, and the model picked "end here"
                 s.incomplete = False
                 made[b] = s.end("stop")
-            elif not m._m.consume_token(picked) or m._m.compute_ff_bytes():
+            elif not matcher.consume_token(picked) or matcher.compute_ff_bytes():
                 m._settle()
                 made[b] = self._follow(b, s, picked, lps.get(b))
             else:
                 moving.append(b)
-                masks.append(m._m.compute_bitmask())
+                masks.append(matcher.compute_bitmask())
         if not moving:
             return
         bits = np.unpackbits(np.frombuffer(b"".join(masks), np.uint8).reshape(len(moving), -1), axis=1, count=V + 1,
@@ -452,12 +453,14 @@ class Engine:
         allowed, accepting = bits[:, :V], bits[:, V]  # the end token is allowed exactly at a complete match
         counts = allowed.sum(axis=1)
         self._allowed[moving] = allowed | accepting[:, None]
+        stuck, single, accepting = (counts == 0).tolist(), ((counts == 1) & ~accepting).tolist(), accepting.tolist()
         for j, b in enumerate(moving):
             s = ordered[b]
             m = s._matcher
-            m.allowed, m.accepting, m.error = allowed[j], bool(accepting[j]), ""
-            m._forced = [int(allowed[j].argmax())] if counts[j] == 1 and not accepting[j] else []
-            made[b] = self._emitted(s, s.emit(chars[ids[b]], lps.get(b)), m, counts[j] == 0)
+            m.allowed, m.accepting, m.error = allowed[j], accepting[j], ""
+            m._forced = [int(allowed[j].argmax())] if single[j] else []
+            delta = s.emit(chars[picks[b]], lps.get(b) if lps else None)
+            made[b] = delta if delta.finish_reason is None and not stuck[j] else self._emitted(s, delta, m, stuck[j])
 
     def _follow(self, b: int, s: Stream, picked: int, logprob: CharLogprob | None) -> Delta:
         """After the stream's matcher took `picked` and settled: feed a long forced run to the network
