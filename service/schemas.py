@@ -181,40 +181,46 @@ def constraint_of(req) -> tuple[str, str, str | dict] | None:
 
 
 def _one_constraint(cls, value, info):
-    """At most one constraint per request, and none on a request that only scores (echo, max_tokens 0).
+    """At most one constraint per request, and no constraint field on a request that only scores
+    (echo, max_tokens 0; response_format {"type": "text"} too, as the document's rule is by presence).
     Checked on each constraint field, which sees the fields declared before it (info.data)."""
     name = info.field_name
-    if not _is_constraint(name, value):
+    if value is None:
         return value
-    for other in CONSTRAINT_FIELDS:
-        if other != name and _is_constraint(other, info.data.get(other)):
-            raise PydanticCustomError("invalid_value", f"{other} and {name} cannot be combined: a request takes at most one "
-                                      "constraint (regex, grammar, json_schema or response_format)")
+    if _is_constraint(name, value):
+        for other in CONSTRAINT_FIELDS:
+            if other != name and _is_constraint(other, info.data.get(other)):
+                raise PydanticCustomError("invalid_value", f"{other} and {name} cannot be combined: a request takes at most "
+                                          "one constraint (regex, grammar, json_schema or response_format)")
     if info.data.get("echo"):
         raise PydanticCustomError("invalid_value", f"{name} cannot be combined with echo: the echoed prompt is not written "
-                                  "under the constraint")
+                                  "under a constraint")
     if info.data.get("max_tokens") == 0:
         raise PydanticCustomError("invalid_value", f"{name} cannot be combined with max_tokens 0: nothing is generated "
                                   "to constrain")
     return value
 
 
-def _given(name: str) -> dict:
-    """The JSON Schema of a constraint field that constrains (for the document's rules)."""
-    if name == "response_format":
-        return {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}
-    return {"not": {"type": "null"}}
+# What the document says of a request with a constraint (_one_constraint enforces it). The constraint
+# fields take no null on the endpoints with rules across them, so that a field's presence is what a
+# rule looks at: the rules are then dependentSchemas, which the fuzzer's generator (tests/test_fuzz.py)
+# can still model beside CompletionRequest's other rules (it gives up when three if/then rules are
+# added to them).
+_TEXT_OR_NULL = {"properties": {"type": {"const": "text"}}}  # a response_format that constrains nothing ("properties" holds for null)
+_NOT_SCORING = {"echo": {"enum": [False, None]}, "max_tokens": {"minimum": 1}}  # null passes "minimum"
 
 
-def constraint_rules(names: tuple[str, ...], *, scoring: bool = False) -> list[dict]:
-    """The document's statement of _one_constraint for a request with the constraint fields `names`."""
-    rules = [{"not": {"required": [a, b], "properties": {a: _given(a), b: _given(b)}}}
-             for i, a in enumerate(names) for b in names[i + 1:]]
-    if scoring:
-        for name in names:
-            rules.append({"not": {"required": ["echo", name], "properties": {"echo": {"const": True}, name: _given(name)}}})
-            rules.append({"not": {"required": ["max_tokens", name], "properties": {"max_tokens": {"const": 0}, name: _given(name)}}})
-    return rules
+def constraint_document(names: tuple[str, ...], *, scoring: bool = False) -> dict:
+    """The document's statement of _one_constraint for a request with the constraint fields `names`
+    (response_format, if there, last): a field present leaves the later ones absent (response_format:
+    absent or text); with `scoring`, any of them present needs echo off and max_tokens above 0."""
+    off = _NOT_SCORING if scoring else {}
+    dependent = {}
+    for i, name in enumerate(names):
+        later = {n: _TEXT_OR_NULL if n == "response_format" else False for n in names[i + 1:]}
+        if later or off:
+            dependent[name] = {"properties": {**later, **off}}
+    return {"dependentSchemas": dependent}
 
 
 class Adjusting(BaseModel):
@@ -265,11 +271,11 @@ def completion_document(max_n: int):
                "then": {"properties": {"best_of": {"minimum": k}}}} for k in range(2, max_n + 1)]
     rules.append({"not": {"required": ["stream", "best_of"],
                           "properties": {"stream": {"const": True}, "best_of": {"type": "integer", "minimum": 2}}}})
-    rules += constraint_rules(("grammar", "json_schema", "response_format"), scoring=True)
 
     def amend(schema: dict) -> None:
         _nullable(schema, DEFAULTED)
         schema["allOf"] = rules
+        schema.update(constraint_document(("grammar", "json_schema", "response_format"), scoring=True))
 
     return amend
 
@@ -317,7 +323,7 @@ class Schemas:
             """POST /v1/generate as JSON, or as plain text with these fields in the query string (but logit_bias)."""
 
             model_config = ConfigDict(extra="forbid", strict=True, title="GenerateRequest",
-                                      json_schema_extra={"allOf": constraint_rules(("regex", "grammar", "json_schema"))})
+                                      json_schema_extra=constraint_document(("regex", "grammar", "json_schema")))
             model: str | None = model_field(models)
             prompt: str = Field("", max_length=s.max_prompt_chars, description=PROMPT_DOC)
             max_chars: Whole = Field(s.default_max_chars, ge=1, le=s.max_chars, description="Characters to generate per choice (at most).")
@@ -331,9 +337,9 @@ class Schemas:
             stream: bool = Field(False, description="Stream the text as server-sent events (plain text: chunked text) as it is generated.")
             logprobs: Whole = Field(0, ge=0, le=MAX_LOGPROBS, description="Return the log-probability of each generated character "
                                     "and of this many most likely alternatives (0: none)." + MASK_DOC)
-            regex: Pattern | None = Field(None, description=REGEX_DOC)
-            grammar: Pattern | None = Field(None, description=GRAMMAR_DOC)
-            json_schema: JsonSchema | None = Field(None, description=JSON_SCHEMA_DOC + " Only in a JSON body.")
+            regex: Pattern = Field(None, description=REGEX_DOC)
+            grammar: Pattern = Field(None, description=GRAMMAR_DOC)
+            json_schema: JsonSchema = Field(None, description=JSON_SCHEMA_DOC + " Only in a JSON body.")
 
             _one_constraint = field_validator("grammar", "json_schema")(_one_constraint)
 
@@ -371,9 +377,10 @@ class Schemas:
                 f"character; at least n, prompts x best_of at most {s.max_n}, not with stream."))
             user: str | None = Field(None, description="Accepted and ignored.")
             suffix: str | None = _neutral("suffix")
-            grammar: Pattern | None = Field(None, description="llama.cpp's. " + GRAMMAR_DOC)
-            json_schema: JsonSchema | None = Field(None, description="llama.cpp's. " + JSON_SCHEMA_DOC)
-            response_format: ResponseFormat | None = Field(None, description=RESPONSE_FORMAT_DOC)
+            grammar: Pattern = Field(None, description="llama.cpp's. " + GRAMMAR_DOC)
+            json_schema: JsonSchema = Field(None, description="llama.cpp's. " + JSON_SCHEMA_DOC)
+            response_format: ResponseFormat = Field(None, description=RESPONSE_FORMAT_DOC + " Not with echo or "
+                                                    "max_tokens 0 (which only score), whatever its type.")
 
             _defaults = _null_is_default(DEFAULTED)
             _one_constraint = field_validator("grammar", "json_schema", "response_format")(_one_constraint)

@@ -69,6 +69,14 @@ def generate(client, **fields):
     ("/v1/generate", {"regex": ""}, "regex", "out_of_range", "at least 1 character"),
     ("/v1/generate", {"grammar": "x" * (MAX_SOURCE_CHARS + 1)}, "grammar", "out_of_range", f"at most {MAX_SOURCE_CHARS} characters"),
     ("/v1/generate", {"json_schema": [PERSON]}, "json_schema", "wrong_type", "valid dictionary"),
+    # where constraints have rules across fields, a constraint field is given or left out, never null (the
+    # document's rules look at which fields are there)
+    ("/v1/generate", {"regex": None}, "regex", "wrong_type", "valid string"),
+    ("/v1/completions", {"grammar": None}, "grammar", "wrong_type", "valid string"),
+    ("/v1/completions", {"response_format": None}, "response_format", "wrong_type", "valid dictionary"),
+    # a scoring request takes no response_format at all, text too (the document's rule is by presence)
+    ("/v1/completions", {"response_format": {"type": "text"}, "echo": True}, "response_format", "invalid_value",
+     "response_format cannot be combined with echo"),
 ])
 def test_constraints_combined_or_misshapen_are_a_422_naming_the_fields(client, path, fields, param, code, says):
     body = {"messages": ASK, **fields} if path == "/v1/chat/completions" else {"prompt": "the", **fields}
@@ -226,11 +234,17 @@ def test_the_document_states_the_constraint_fields_and_their_rules(client):
     assert "after the constraint's mask" in components["GenerateRequest"]["properties"]["logprobs"]["description"]
     assert valid("GenerateRequest", {"prompt": "a", "regex": "a+"})
     assert not valid("GenerateRequest", {"prompt": "a", "regex": "a+", "grammar": GRAMMAR})
-    assert valid("GenerateRequest", {"prompt": "a", "regex": None, "grammar": GRAMMAR})
+    assert not valid("GenerateRequest", {"prompt": "a", "regex": None, "grammar": GRAMMAR})
+    assert not valid("GenerateRequest", {"prompt": "a", "grammar": GRAMMAR, "json_schema": {}})
     assert valid("CompletionRequest", {"prompt": "a", "grammar": GRAMMAR, "response_format": {"type": "text"}})
     assert not valid("CompletionRequest", {"prompt": "a", "grammar": GRAMMAR, "response_format": {"type": "json_object"}})
     assert not valid("CompletionRequest", {"prompt": "a", "grammar": GRAMMAR, "echo": True})
     assert not valid("CompletionRequest", {"prompt": "a", "json_schema": PERSON, "max_tokens": 0})
+    assert not valid("CompletionRequest", {"prompt": "a", "json_schema": PERSON, "response_format": {"type": "json_object"}})
+    assert not valid("CompletionRequest", {"prompt": "a", "response_format": {"type": "text"}, "echo": True})
+    assert valid("CompletionRequest", {"prompt": "a", "json_schema": PERSON, "response_format": {"type": "text"}, "echo": False,
+                                       "max_tokens": None})
+    assert valid("ChatRequest", {"messages": ASK, "response_format": None})
     assert valid("ChatRequest", {"messages": ASK, "response_format": {"type": "json_schema",
                                                                       "json_schema": {"name": "person", "schema": PERSON, "strict": True}}})
     assert "incomplete" in doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["description"]
