@@ -253,6 +253,16 @@ def test_probabilities_with_a_mask_are_the_allowed_characters_renormalized():
     assert p[[2, 5, 7]] == pytest.approx(expected)
 
 
+def test_a_constraint_nothing_can_begin_ends_the_stream_at_once(engine):
+    # compile_constraint refuses such a constraint; one built around it still never samples from nothing
+    from model.runtime.constraints import Constraint, _grammar, _tokenizer
+
+    chars = tuple(VOCAB.chars)
+    empty = Constraint("regex", "x", chars, _grammar("regex", "x", chars), _tokenizer(chars))
+    stream = engine.start(GenerationRequest("the ", 10, T1, seed=1, constraint=empty))
+    assert (stream.finish_reason, stream.incomplete, stream.text) == ("stop", True, "")
+
+
 def test_a_constraint_from_another_vocabulary_is_refused(engine):
     other = compile_constraint("regex", "a+", Vocab("ab"))
     with pytest.raises(ValueError, match="another vocabulary"):

@@ -48,7 +48,10 @@ from model.records.vocab import Vocab
 
 KINDS = ("regex", "grammar", "json_schema")
 MAX_SOURCE_CHARS = 65_536  # the longest pattern, grammar or schema (its JSON text) accepted
-CACHE_SIZE = 128  # compiled constraints kept (by kind, source and vocabulary)
+# Compiled constraints kept (by kind, source and vocabulary). A compiled constraint's lexer, shared by
+# all its streams, grows as texts reach new states, up to LIMITS' max_lexer_states (llguidance puts
+# a state at one to two kilobytes): this many of them bound a worker's memory for constraints.
+CACHE_SIZE = 32
 # What one compile may cost: the search for a text the constraint admits (each node one mask), and
 # llguidance's own limits on the grammar, the lexer and each step.
 SEARCH_WALKS = 16  # random walks first (they find a text fast where one exists)...
@@ -56,7 +59,7 @@ SEARCH_NODES = 1_000  # ...then a depth-first search (it proves that none exists
 SEARCH_DEPTH = 256  # characters
 SEARCH_SECONDS = 1.0  # a backstop only: the search gives up (the answer is unknown, not an error)
 LIMITS = dict(max_grammar_size=100_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
-              max_lexer_states=20_000, max_items_in_row=2_000)
+              max_lexer_states=10_000, max_items_in_row=2_000)
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _EOS = b"<|end|>"  # the tokenizer's end token (llguidance needs one); never sampled, never allowed
 
@@ -201,10 +204,11 @@ class Matcher:
         self.allowed = np.zeros(V, bool)
         self.accepting = False
         self._forced = []
-        self.error = _first_line(m.get_error()) if m.is_error() else ""
-        if self.error:  # a limit on the work of a step was reached: a dead end
-            return
+        self.error = ""
         forced = m.compute_ff_bytes()
+        if _failed(m):  # a limit on the work was reached (now or before): a dead end
+            self.error = _first_line(m.get_error()) or "a limit on the constraint's work was reached"
+            return
         if forced:
             self.accepting = False
             text, whole = _whole_chars(forced)
@@ -221,10 +225,22 @@ class Matcher:
                         self.allowed[i] = True
             return
         bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), np.uint8), bitorder="little")
+        if _failed(m):
+            self.error = _first_line(m.get_error()) or "a limit on the constraint's work was reached"
+            return
         self.allowed[:] = bits[:V].astype(bool)
         self.accepting = m.is_accepting()
         if not self.accepting and self.allowed.sum() == 1:  # one character possible: forced too
             self._forced = [int(np.flatnonzero(self.allowed)[0])]
+
+
+def _failed(m: llguidance.LLMatcher) -> bool:
+    """Whether the matcher stopped on a limit or an internal error (an end of the text it allows,
+    which llguidance also reports as an error, is not one)."""
+    if not m.is_error():
+        return False
+    ends = ("NoExtension", "NoExtensionBias", "EndOfSentence")
+    return m.stop_reason() not in ends and m.get_error().strip().split("\n")[0] not in ends
 
 
 def _whole_chars(data: bytes) -> tuple[str, bool]:
@@ -284,6 +300,14 @@ def canonical(kind: str, source) -> str:
     if kind == "regex" and not text:
         raise ConstraintError("regex is empty")
     return text
+
+
+def forget(constraint: Constraint) -> None:
+    """Drop a compiled constraint from the cache: its streams share its lexer, and one that reached a
+    limit leaves the next ones stuck, so the next request compiles it afresh."""
+    with _lock:
+        for key in [k for k, v in _cache.items() if v is constraint]:
+            del _cache[key]
 
 
 def clear_cache() -> None:
@@ -367,6 +391,11 @@ def _admits_text(constraint: Constraint) -> bool | None:
     False (every way was tried and none is), None (the search stopped at its bounds: unknown).
     Seeded random walks first (a depth-first search alone loops in the first `x*` it meets), then a
     depth-first search over the characters each state allows."""
+    root = constraint.start()
+    if root.error:
+        raise ConstraintError(root.error)
+    if not root.accepting and not root.allowed.any():  # nothing at all can begin
+        return False
     deadline = time.monotonic() + SEARCH_SECONDS
     rng = np.random.default_rng(0)
     for _ in range(SEARCH_WALKS):

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.runtime import network_step
+from model.runtime.constraints import forget
 from model.runtime.prompt_cache import PromptCache
 from model.runtime.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, mask_out, pick
 from model.runtime.state import PROMPT_CHUNK, State
@@ -306,6 +307,9 @@ class Engine:
             stream.finish_reason = "length"
             stream.incomplete = stream._matcher is not None and not stream._matcher.accepting
             self._release(stream)
+        elif stream._matcher is not None and not self._allowed[slot].any():  # a constraint nothing can begin (a compile refuses those)
+            stream.finish_reason, stream.incomplete = "stop", True
+            self._release(stream)
         return stream
 
     def _encode(self, request: GenerationRequest) -> tuple[np.ndarray, int, list[int]]:
@@ -442,6 +446,8 @@ class Engine:
                 made[b] = s.end("stop")
             elif not matcher.consume_token(picked) or matcher.compute_ff_bytes():
                 m._settle()
+                if m.error:  # a limit of the constraint's shared lexer: compile it afresh next time
+                    forget(s.request.constraint)
                 made[b] = self._follow(b, s, picked, lps.get(b))
             else:
                 moving.append(b)
