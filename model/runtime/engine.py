@@ -33,23 +33,25 @@ pick only when a draw lands within ~1e-6 of a boundary. Same seed and same batch
 same text, always.
 
 A request with a constraint (model.runtime.constraints) carries its matcher on its stream; the
-engine keeps each constrained slot's mask (`_allowed`: the characters that continue the match, or all
-of them where the text so far is already a complete match) and hands the constrained rows' masks to
-the sampler, which removes the other characters before anything else (so the draw is still one
-number per pick). After the pick the stream's matcher advances by the character (three calls into
-the matcher for the usual stream, the masks of all of them unpacked at once); a run of
-characters the constraint then forces (one possible character, repeatedly), when it is at least
-FORCED_RUN_CALL long, is fed to the network in one prompt call and emitted with the picked one,
-counting toward max_chars and taking no draw (a shorter one is picked a character a step, each the
-only one allowed, a draw each as usual). A constrained stream
-ends with "stop" when its match is complete and no character of the vocabulary extends it, and, at
-a complete match that could go on, when the model picks a character that cannot continue it
-(accept-and-stop: the characters outside the continuations together stand for "end here"; the one
-picked is not emitted); it ends at a dead end (a grammar or schema that could go on only with
-characters the vocabulary lacks; a regex's masks never lead there) with "stop" too, marked incomplete, and at max_chars with "length", incomplete
-unless its text happens to be a complete match. The logprobs and rank sums of a constrained
-stream are those of the masked distribution (the allowed characters' softmax); a forced
-character's is 0. Streams without a constraint cost nothing for any of this.
+engine keeps each constrained slot's mask (`_allowed`: the characters that continue the match, or
+all of them where the text so far is already a complete match) and removes the other characters
+from the constrained rows' logits before the sampler's adjustments and filters (so the draw is
+still one number per pick). After the pick the stream's matcher advances by the character (three
+calls into the matcher for the usual stream, the masks of all of them unpacked at once). A run of
+characters the constraint then forces (one possible character, repeatedly) at least
+FORCED_RUN_CALL long is fed to the network in one prompt call and emitted with the picked one,
+counting toward max_chars and taking no draw; a shorter one is picked a character a step, each the
+only one allowed, with a draw each as usual.
+
+A constrained stream ends with "stop" when its match is complete and no character of the
+vocabulary extends it, and, at a complete match that could go on, when the model picks a character
+that cannot continue it (accept-and-stop: the characters outside the continuations together stand
+for "end here"; the one picked is not emitted). It ends at a dead end (a grammar or schema that
+could go on only with characters the vocabulary lacks; a regex's masks never lead there) with
+"stop" too, marked incomplete, and at max_chars with "length", incomplete unless its text happens
+to be a complete match. The logprobs and rank sums of a constrained stream are those of the masked
+distribution (the allowed characters' softmax); a forced character's is 0. Streams without a
+constraint cost nothing for any of this.
 
 The engine is not thread-safe: exactly one thread calls it.
 """
@@ -390,12 +392,10 @@ class Engine:
         n = len(ordered)
         logits = self.network.logits[:n]
         adjustments = self._adjustments.view(n) if self._adjusting else None
-        allowed = None
         if self._constraining:
             rows = np.flatnonzero(self._constrained[:n])
-            if len(rows):
-                allowed = (rows, self._allowed[rows])
-                logits = mask_out(logits.astype(np.float64), *allowed)  # what is sampled from, logprobs included
+            if len(rows):  # what is sampled from, logprobs included
+                logits = mask_out(logits.astype(np.float64), rows, self._allowed[rows])
         ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
