@@ -188,6 +188,25 @@ def test_constrained_and_unconstrained_streams_batched_together_give_each_its_te
     assert texts == [s.text for s in together]
 
 
+def test_constrained_streams_stepped_out_of_slot_order_keep_their_masks(artifact):
+    """Streams given to step() in another order than their slots move slots (their masks with them)."""
+    engine = Engine(artifact, max_batch=8)
+    patterns = ["[a-c]{3,9}\\.", "[m-p ]{4,12},", "(ab|cd){2,5}"]
+    requests = [GenerationRequest("the ", 20, T1, seed=20 + k, constraint=compile_constraint("regex", p, VOCAB))
+                for k, p in enumerate(patterns)] + [GenerationRequest("the ", 20, T1, seed=30)]
+    streams = [engine.start(r) for r in requests]
+    for k in range(21):
+        running = [s for s in streams if s.finish_reason is None]
+        if not running:
+            break
+        engine.step(running[::-1] if k % 2 else running[1:] + running[:1])
+    for request, stream, pattern in zip(requests, streams, patterns + [None]):
+        alone = Engine(artifact, max_batch=8).generate(request)
+        assert (stream.text, stream.finish_reason) == (alone.text, alone.finish_reason)
+        if pattern and not stream.incomplete:
+            assert re.fullmatch(pattern, stream.text)
+
+
 def test_the_same_seed_gives_the_same_constrained_text(engine):
     constraint = compile_constraint("regex", "[a-w ]{5,30}\\.", VOCAB)
     texts = {engine.generate(GenerationRequest("the ", 40, T1, seed=11, constraint=constraint)).text for _ in range(3)}
