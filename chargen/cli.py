@@ -478,21 +478,43 @@ def _finite(ctx, param, value):
 @click.option("--no-prompt", is_flag=True, help="Print only the continuation.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, envvar="CHARGEN_DEVICE",
               help="Where the network runs: cuda needs onnxruntime-gpu (without it: the CPU, with a warning).")
-def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, stop, no_prompt, device):
-    """Print the prompt and a sampled continuation, character by character as it is generated."""
+@click.option("--regex", default=None, metavar="PATTERN",
+              help="The continuation must match PATTERN, whole (Rust regex syntax: Python's re without lookaround "
+                   "or backreferences).")
+@click.option("--grammar", default=None, metavar="FILE|TEXT",
+              help="The continuation must match this GBNF grammar (llama.cpp's syntax, start rule root): a file's "
+                   "path when such a file exists, else the grammar's text.")
+@click.option("--json-schema", default=None, metavar="FILE|JSON",
+              help="The continuation must be JSON valid under this schema, laid out as Python's json.dumps writes "
+                   "it: a file's path when such a file exists, else the schema's JSON text.")
+def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, stop, no_prompt, device, regex, grammar,
+           json_schema):
+    """Print the prompt and a sampled continuation, character by character as it is generated.
+
+    With --regex, --grammar or --json-schema (at most one) every character is picked among those
+    that keep the text a match; the text ends when the match is complete (or when the model, at a
+    complete match that could go on, picks a character that would not continue it), and a note on
+    stderr says when --max-chars cut it before its match was complete (exit status 0 still)."""
     from model.runtime.sampling import SamplingSettings
 
     settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p)  # the options checked them
+    given = [(kind, value) for kind, value in (("regex", regex), ("grammar", grammar), ("json_schema", json_schema))
+             if value is not None]
+    if len(given) > 1:
+        raise click.UsageError("give at most one of --regex, --grammar and --json-schema")
     _check_artifact(artifact_path)
 
     from model.runtime.engine import Engine
     from model.runtime.streams import GenerationRequest
 
+    artifact = _load_artifact(artifact_path)
+    constraint = _constraint(*given[0], artifact.vocab) if given else None
     try:
-        engine = Engine(_load_artifact(artifact_path), max_batch=1, device=device)
+        engine = Engine(artifact, max_batch=1, device=device)
     except ValueError as e:  # a network the engine cannot run
         raise click.ClickException(f"{artifact_path}: {e}") from None
-    stream = engine.start(GenerationRequest(prompt, max_chars=max_chars, sampling=settings, seed=seed, stop=stop))
+    stream = engine.start(GenerationRequest(prompt, max_chars=max_chars, sampling=settings, seed=seed, stop=stop,
+                                            constraint=constraint))
     if stream.dropped_chars:
         click.echo(f"note: dropped {stream.dropped_chars} prompt character(s) that are not in the model's vocabulary", err=True)
     if seed is None and not settings.greedy:
@@ -510,6 +532,28 @@ def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, st
         sys.exit(130)
     if sys.stdout.isatty():
         click.echo()
+    if stream.incomplete and stream.finish_reason == "length":
+        click.echo(f"note: --max-chars {max_chars} ended the text before its match was complete", err=True)
+    elif stream.incomplete:
+        click.echo("note: the text ended before its match was complete: the pattern goes on only with characters "
+                   "the model's vocabulary lacks", err=True)
+
+
+def _constraint(kind: str, value: str, vocab):
+    """--regex's pattern, or --grammar's/--json-schema's file (when a file of that name exists) or
+    text, compiled over the vocabulary; a ConstraintError is the command's error message."""
+    from model.runtime.constraints import ConstraintError, compile_constraint
+
+    option = "--" + kind.replace("_", "-")
+    if kind != "regex" and os.path.isfile(value):
+        try:
+            value = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"cannot read {value}: {e}", param_hint=option) from None
+    try:
+        return compile_constraint(kind, value, vocab)
+    except ConstraintError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
 
 
 # ---------------------------------------------------------------- serve

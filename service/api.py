@@ -8,6 +8,11 @@ a Chunk per choice as text arrives, then the Result. The formatters below write 
 text and server-sent events; service/openai_api.py writes OpenAI's shapes. A new endpoint is a new
 formatter over run(). Scoring is the same pipeline: a choice that reads its prompt with
 prompt_logprobs and generates nothing (max_chars 0).
+
+A request's constraint (regex, grammar, json_schema, response_format: service/schemas.py) is compiled
+over the model's vocabulary by constraint_for() before its Generation is submitted, so a pattern the
+model cannot write is a 422 (the HTTP status, streamed requests too) before anything is generated.
+Each choice of a constrained request says whether its text is a whole match (Choice.incomplete).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from typing import Callable, Iterable, Iterator
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from service import metrics
-from service.errors import ApiError, deadline_exceeded, loading, queue_full
+from model.runtime.constraints import ConstraintError, compile_constraint
+from service.errors import ApiError, bad_field, deadline_exceeded, loading, queue_full
 from service.reading import read_generate, read_json
 from service.scheduler import Chunk, ClientGone, Job, NotReady, QueueFull
+from service.schemas import constraint_of
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 log = logging.getLogger("chargen")
@@ -108,6 +115,7 @@ class Choice:
     finish_reason: str
     logprobs: list  # [CharLogprob] of every character when asked for; empty for streamed answers (the chunks had them)
     prompt_score: object = None  # model.runtime.streams.PromptScore of the choice's prompt, when asked for (prompt_logprobs)
+    incomplete: bool | None = None  # constrained: whether the text stopped short of a whole match; None: unconstrained
 
 
 @dataclass
@@ -127,12 +135,13 @@ class Generation:
     best_of choices per prompt are sampled (candidate k = i * best_of + j uses seed + k) and the n
     with the highest mean log-probability per character are the answer, best first. The first
     choice of each prompt scores it when `prompt_logprobs` is given (k alternatives per character);
-    `cache_at` gives each prompt's positions for the prompt cache (a chat's turn ends).
+    `cache_at` gives each prompt's positions for the prompt cache (a chat's turn ends); every choice
+    keeps to `constraint` (constraint_for), when given.
     """
 
     def __init__(self, prompts: list[str], n: int, *, served, max_chars: int, sampling, seed: int | None,
                  stop: str | list[str] | tuple[str, ...] | None, logprobs: int, stream: bool, prompt_logprobs: int | None = None,
-                 best_of: int | None = None, cache_at: list[tuple[int, ...]] | None = None):
+                 best_of: int | None = None, cache_at: list[tuple[int, ...]] | None = None, constraint=None):
         from model.runtime.engine import GenerationRequest
 
         served.require_ready()
@@ -142,6 +151,7 @@ class Generation:
         self.seed = secrets.randbits(32) if seed is None else seed
         self.logprobs = min(logprobs, vocab_size)
         self.stream, self.n = stream, n
+        self.constrained = constraint is not None
         self.candidates = max(n, best_of or 1)  # sampled per prompt
         self.request_id, self.model = g.request_id, served.name
         stop = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
@@ -149,7 +159,7 @@ class Generation:
         per_prompt = self.candidates
         requests = [GenerationRequest(prompt, max_chars=max_chars, sampling=sampling, seed=self.seed + i * per_prompt + j,
                                       stop=stop, logprobs=self.logprobs, prompt_logprobs=scored if j == 0 else None,
-                                      cache_at=cache_at[i] if cache_at else (), rank=per_prompt > n)
+                                      cache_at=cache_at[i] if cache_at else (), rank=per_prompt > n, constraint=constraint)
                     for i, prompt in enumerate(prompts) for j in range(per_prompt)]
         sock = request.environ.get("gunicorn.socket")
         self.job = Job(requests, incremental=stream or self.logprobs > 0, deadline=g.arrived + st.settings.request_timeout,
@@ -191,7 +201,8 @@ class Generation:
             candidates = list(range(i, i + per_prompt))
             if per_prompt > self.n:  # best_of: the highest mean logprob per character first (OpenAI's "best")
                 candidates.sort(key=lambda k: -streams[k].logprob_sum / max(streams[k].generated, 1))
-            choices += [Choice(streams[k].text, streams[k].finish_reason, kept[k], scored) for k in candidates[: self.n]]
+            choices += [Choice(streams[k].text, streams[k].finish_reason, kept[k], scored,
+                               streams[k].incomplete if self.constrained else None) for k in candidates[: self.n]]
         return choices
 
     def result(self) -> Result:
@@ -226,6 +237,25 @@ def sampling_of(req, served):
                             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                             repetition_penalty=req.repetition_penalty, repetition_window=req.repetition_window,
                             logit_bias=logit_bias(req.logit_bias, served.engine.vocab))
+
+
+def constraint_for(req, served):
+    """The request's constraint compiled over the vocabulary of the model `served` (compile_constraint
+    bounds the work and caches by text), or None. What cannot be compiled (malformed, too large,
+    characters the vocabulary lacks, no string at all) is a 422 naming the field."""
+    found = constraint_of(req)
+    if found is None:
+        return None
+    field, kind, source = found
+    served.require_ready()
+    try:
+        return compile_constraint(kind, source, served.engine.vocab)
+    except ConstraintError as e:
+        # the message starts with the kind compiled; a response_format is named as the client wrote it
+        label = field if field == kind else f"{field} {req.response_format.type}"
+        message = str(e)
+        message = label + message[len(kind):] if message.startswith(kind + " ") else f"{label}: {message}"
+        raise bad_field(field, message, "invalid_constraint") from None
 
 
 def logit_bias(biases: dict[str, float], vocab) -> tuple[tuple[int, float], ...]:
@@ -313,7 +343,7 @@ def generate():
     req, plain = read_generate()
     served = state().served(req.model)
     gen = Generation([req.prompt], req.n, served=served, max_chars=req.max_chars, sampling=sampling_of(req, served),
-                     seed=req.seed, stop=req.stop, logprobs=req.logprobs, stream=req.stream)
+                     seed=req.seed, stop=req.stop, logprobs=req.logprobs, stream=req.stream, constraint=constraint_for(req, served))
     gen_id = "gen-" + secrets.token_hex(12)
     headers = {"X-Seed": str(gen.seed)}
     if req.stream:
@@ -325,8 +355,10 @@ def generate():
         usage = result.usage
         headers.update({"X-Finish-Reason": result.choices[0].finish_reason, "X-Prompt-Chars": str(usage["prompt_chars"]),
                         "X-Completion-Chars": str(usage["completion_chars"]), "X-Dropped-Chars": str(usage["dropped_chars"])})
+        if gen.constrained:
+            headers["X-Incomplete"] = "true" if result.choices[0].incomplete else "false"
         return Response(result.choices[0].text + PLAIN_END, mimetype="text/plain", headers=headers)
-    choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason} for i, c in enumerate(result.choices)]
+    choices = [{"index": i, "text": c.text, "finish_reason": c.finish_reason, **incomplete(c)} for i, c in enumerate(result.choices)]
     if gen.logprobs:
         for choice, c in zip(choices, result.choices):
             choice["logprobs"] = _logprobs(c.logprobs)
@@ -343,8 +375,14 @@ def _events(gen: Generation, gen_id: str) -> Iterator[bytes]:
             yield sse(event)
         else:
             yield sse({"done": True, "id": gen_id, "model": gen.model, "seed": item.seed,
-                       "choices": [{"index": i, "finish_reason": c.finish_reason} for i, c in enumerate(item.choices)],
+                       "choices": [{"index": i, "finish_reason": c.finish_reason, **incomplete(c)} for i, c in enumerate(item.choices)],
                        "usage": item.usage, "timings": item.timings})
+
+
+def incomplete(choice: Choice) -> dict:
+    """The field a choice of a constrained request has (every endpoint): whether its text stopped short
+    of a whole match; none for unconstrained requests."""
+    return {} if choice.incomplete is None else {"incomplete": choice.incomplete}
 
 
 def _text(gen: Generation) -> Iterator[bytes]:

@@ -5,7 +5,9 @@ Only the adaptation lives here: how a request maps onto a Generation (one token 
 several prompts x n choices; a chat's messages written into a transcript, service/chat.py), and the
 shapes of OpenAI's answers, chunks and model cards. With stream_options.include_usage a stream
 ends with a chunk holding the usage (choices empty) and every other chunk has "usage": null, as
-OpenAI's reference says; without it no chunk has a usage field.
+OpenAI's reference says; without it no chunk has a usage field. A choice of a constrained request
+(grammar, json_schema, response_format) has `incomplete` beside its finish_reason, in the answer and
+in the stream's chunk that carries the finish_reason.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Iterator
 
 from flask import Blueprint, jsonify
 
-from service.api import Generation, Result, authorize, reading, require_ready, sampling_of, sse, state
+from service.api import Choice, Generation, Result, authorize, constraint_for, incomplete, reading, require_ready, sampling_of, sse, state
 from service.chat import ChatTemplate
 from service.reading import read_json
 from service.scheduler import Chunk
@@ -34,11 +36,11 @@ def _include_usage(req) -> bool:
     return bool(req.stream and req.stream_options and req.stream_options.include_usage)
 
 
-def _ending(result: Result, head: dict, include_usage: bool, finished: Callable[[int, str], bytes]) -> Iterator[bytes]:
+def _ending(result: Result, head: dict, include_usage: bool, finished: Callable[[int, Choice], bytes]) -> Iterator[bytes]:
     """How an OpenAI stream ends: a chunk with each choice's finish_reason (`finished` writes it in
     the endpoint's shape), the usage when the request asked for it, then [DONE]."""
     for k, c in enumerate(result.choices):
-        yield finished(k, c.finish_reason)
+        yield finished(k, c)
     if include_usage:
         yield sse({**head, "choices": [], "usage": _usage(result)})
     yield sse("[DONE]")
@@ -56,7 +58,8 @@ def completions():
     logprobs = req.logprobs or 0
     gen = Generation(prompts, req.n, served=served, max_chars=req.max_tokens, sampling=sampling_of(req, served),
                      seed=req.seed, stop=req.stop, logprobs=logprobs, stream=bool(req.stream),
-                     prompt_logprobs=logprobs if req.echo and logprobs else None, best_of=req.best_of)
+                     prompt_logprobs=logprobs if req.echo and logprobs else None, best_of=req.best_of,
+                     constraint=constraint_for(req, served))
     head = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()), "model": gen.model}
     echo = [prompt if req.echo else "" for prompt in prompts for _ in range(req.n)]
     headers = {"X-Seed": str(gen.seed)}
@@ -64,7 +67,7 @@ def completions():
         return gen.respond(_events(gen, head, echo, _include_usage(req)), "text/event-stream", headers)
     result = gen.result()
     choices = [{"text": echo[k] + c.text, "index": k, "logprobs": _choice_logprobs(gen, echo[k], c) if gen.logprobs else None,
-                "finish_reason": c.finish_reason} for k, c in enumerate(result.choices)]
+                "finish_reason": c.finish_reason, **incomplete(c)} for k, c in enumerate(result.choices)]
     return jsonify({**head, "choices": choices, "usage": _usage(result)}), 200, headers
 
 
@@ -91,9 +94,9 @@ def _joined(first: dict, second: dict) -> dict:
 def _events(gen: Generation, head: dict, echo: list[str], include_usage: bool) -> Iterator[bytes]:
     usage = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, text: str, logprobs=None, finish_reason=None) -> bytes:
-        return sse({**head, "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}],
-                    **usage})
+    def chunk(index: int, text: str, logprobs=None, finish_reason=None, ended: dict | None = None) -> bytes:
+        return sse({**head, "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason,
+                                         **(ended or {})}], **usage})
 
     offsets = [len(text) for text in echo]  # text_offset counts in the whole text: echo, then the completion
     echoed = False
@@ -108,7 +111,7 @@ def _events(gen: Generation, head: dict, echo: list[str], include_usage: bool) -
             yield chunk(item.index, item.text, _logprobs(item.logprobs, offsets[item.index]) if gen.logprobs else None)
             offsets[item.index] += len(item.text)
         else:
-            yield from _ending(item, head, include_usage, lambda k, reason: chunk(k, "", None, reason))
+            yield from _ending(item, head, include_usage, lambda k, c: chunk(k, "", None, c.finish_reason, incomplete(c)))
 
 
 def _logprobs(lps: list, offset: int) -> dict:
@@ -142,7 +145,8 @@ def chat_completions():
     top = req.top_logprobs or 0
     gen = Generation([transcript.text], req.n, served=served, sampling=sampling_of(req, served), seed=req.seed, stop=stop,
                      max_chars=req.max_completion_tokens or req.max_tokens or st.settings.default_max_chars,
-                     logprobs=max(top, 1) if req.logprobs else 0, stream=bool(req.stream), cache_at=[transcript.cache_at])
+                     logprobs=max(top, 1) if req.logprobs else 0, stream=bool(req.stream), cache_at=[transcript.cache_at],
+                     constraint=constraint_for(req, served))
     head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": gen.model}
     headers = {"X-Seed": str(gen.seed)}
     if req.stream:
@@ -150,8 +154,8 @@ def chat_completions():
                            "text/event-stream", headers)
     result = gen.result()
     choices = [{"index": k, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": _chat_logprobs(c.logprobs, top) if gen.logprobs else None, "finish_reason": c.finish_reason}
-               for k, c in enumerate(result.choices)]
+                "logprobs": _chat_logprobs(c.logprobs, top) if gen.logprobs else None, "finish_reason": c.finish_reason,
+                **incomplete(c)} for k, c in enumerate(result.choices)]
     return jsonify({**head, "object": "chat.completion", "choices": choices, "usage": _usage(result)}), 200, headers
 
 
@@ -164,9 +168,9 @@ def _content(content) -> str:
 def _chat_events(gen: Generation, head: dict, top: int, include_usage: bool) -> Iterator[bytes]:
     usage = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> bytes:
-        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-                    **usage})
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, ended: dict | None = None) -> bytes:
+        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                                         **(ended or {})}], **usage})
 
     for k in range(gen.n):
         yield chunk(k, {"role": "assistant", "content": ""})
@@ -174,7 +178,7 @@ def _chat_events(gen: Generation, head: dict, top: int, include_usage: bool) -> 
         if isinstance(item, Chunk):
             yield chunk(item.index, {"content": item.text}, _chat_logprobs(item.logprobs, top) if gen.logprobs else None)
         else:
-            yield from _ending(item, head, include_usage, lambda k, reason: chunk(k, {}, None, reason))
+            yield from _ending(item, head, include_usage, lambda k, c: chunk(k, {}, None, c.finish_reason, incomplete(c)))
 
 
 def _chat_logprobs(lps: list, top: int) -> dict:

@@ -14,7 +14,10 @@ ERRORS = {
     "404": "`model` names no model of this server (code model_not_found; the message lists them).",
     "413": "The body is larger than CHARGEN_MAX_BODY_BYTES.",
     "414": "The request line (the URL with its query string) is longer than the server reads (4094 bytes).",
-    "422": "A field is wrong (type, range, unknown field, a rule across fields); `param` names it.",
+    "422": ("A field is wrong (type, range, unknown field, a rule across fields); `param` names it. A constraint "
+            "(regex, grammar, json_schema, response_format) that cannot be compiled for the model (malformed, too large "
+            "once compiled, too slow to compile, characters the model's vocabulary lacks, no string at all) is code "
+            "invalid_constraint, answered before anything is generated, streamed requests too."),
     "429": "Every batch slot and queue place is taken; retry after `Retry-After` seconds.",
     "503": "The model is still loading; retry after `Retry-After` seconds.",
     "504": "The request passed its deadline (CHARGEN_REQUEST_TIMEOUT).",
@@ -24,6 +27,13 @@ ERRORS = {
 def _events(data: str) -> dict:
     # The schema of a text/event-stream describes one event (OpenAPI 3.1; 3.2 calls it itemSchema).
     return {"schema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string", "description": data}}}}
+
+
+# Structured output, said once for the three generating endpoints' answers.
+CONSTRAINED = (" A choice of a constrained request (regex, grammar, json_schema, response_format) has `incomplete` "
+               "(boolean) beside its finish_reason, streamed in the event or chunk that carries the finish_reason: false "
+               "when the text is a whole match, true when it is only the start of one (finish_reason length, a stop "
+               "sequence, cancelled).")
 
 
 def document(schemas: Schemas, version: str) -> dict:
@@ -48,14 +58,15 @@ def document(schemas: Schemas, version: str) -> dict:
                 "chunk and a last `data: {\"done\": true, ...}` event with finish reasons, usage and timings. "
                 "A body that is not JSON (or Content-Type text/plain) is the prompt itself; the answer is then text/plain, "
                 "the text followed by one newline (streamed as it is generated with stream=1), and the settings come from the query string: GenerateRequest's "
-                "fields but prompt, with the same names, limits and defaults, n only 1 and logprobs only 0. With a JSON "
+                "fields but prompt, with the same names, limits and defaults, n only 1, logprobs only 0 and json_schema only in a "
+                "JSON body (the header X-Incomplete says whether a constrained answer not streamed is a whole match). With a JSON "
                 "body the query string must be empty. (OpenAPI cannot tie parameters to one body type, so they are "
                 "described here rather than listed as parameters.)"),
             "requestBody": {"required": False, "content": {
                 "application/json": {"schema": ref["GenerateRequest"]},
                 "text/plain": {"schema": {"type": "string", "maxLength": schemas.settings.max_prompt_chars,
                                           "description": "The prompt"}}}},
-            "responses": {"200": {"description": "The continuation(s)", "content": {
+            "responses": {"200": {"description": "The continuation(s)." + CONSTRAINED, "content": {
                 "application/json": {"schema": {"type": "object"}},
                 "text/event-stream": _events('JSON: {"index", "text"} (and "logprobs") per chunk; last {"done": true, ...}; '
                                             'or {"error": {...}} if generation fails after the first chunk'),
@@ -65,7 +76,7 @@ def document(schemas: Schemas, version: str) -> dict:
             "summary": "OpenAI-compatible completions (one token is one character)",
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref["CompletionRequest"]}}},
             "responses": {"200": {"description": "A text_completion object, or with `stream: true` server-sent events "
-                                                 "ending with `data: [DONE]`",
+                                                 "ending with `data: [DONE]`." + CONSTRAINED,
                                   "content": {"application/json": {"schema": {"type": "object"}},
                                               "text/event-stream": _events("JSON: a text_completion chunk; last [DONE]")}},
                           **errors, **not_json},
@@ -74,11 +85,12 @@ def document(schemas: Schemas, version: str) -> dict:
             "summary": "OpenAI-compatible chat completions (one token is one character)",
             "description": ("The messages are written into a transcript (CHARGEN_CHAT_TEMPLATE, by default `NAME:\\ncontent\\n\\n` "
                             "with each role's speaker name from CHARGEN_CHAT_NAMES) ending with the assistant's name; the reply "
-                            "is the model's continuation, up to where the next message would begin. Tools, functions, audio, "
-                            "content parts other than text and response formats other than text are refused (422)."),
+                            "is the model's continuation, up to where the next message would begin (and, with response_format "
+                            "json_object or json_schema, JSON that keeps to it). Tools, functions, audio and content parts "
+                            "other than text are refused (422)."),
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref["ChatRequest"]}}},
             "responses": {"200": {"description": "A chat.completion object, or with `stream: true` server-sent events of "
-                                                 "chat.completion.chunk objects ending with `data: [DONE]`",
+                                                 "chat.completion.chunk objects ending with `data: [DONE]`." + CONSTRAINED,
                                   "content": {"application/json": {"schema": {"type": "object"}},
                                               "text/event-stream": _events("JSON: a chat.completion.chunk; last [DONE]")}},
                           **errors, **not_json},

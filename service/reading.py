@@ -120,6 +120,9 @@ def read_generate():
                                   "(the query string is read for plain-text prompts only)", "unexpected_query")
         return _validate(schema, data, strict=True), False
     data = _query()
+    if "json_schema" in data:  # a JSON Schema is a JSON object: the query string has text only
+        raise bad_field("json_schema", "json_schema is read from a JSON body only (Content-Type: application/json); "
+                                       "the query string takes regex and grammar", "unsupported")
     if body:
         if "prompt" in data:
             raise bad_field("prompt", "the prompt is given twice: in the body and in the query string", "duplicate_prompt")

@@ -11,12 +11,13 @@ so that a request valid by /openapi.json is accepted (tests/test_fuzz.py holds t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from model.records.defaults import MAX_TEMPERATURE, MAX_TOP_K
+from model.runtime.constraints import MAX_SOURCE_CHARS as MAX_CONSTRAINT_CHARS
 from model.runtime.sampling import MAX_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_REPETITION_WINDOW, OFF
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ MAX_OPENAI_TEMPERATURE = 2.0
 BOUNDS = {"max_temperature": MAX_TEMPERATURE, "max_openai_temperature": MAX_OPENAI_TEMPERATURE, "max_top_k": MAX_TOP_K,
           "max_logprobs": MAX_LOGPROBS, "max_stop": MAX_STOP, "max_stop_chars": MAX_STOP_CHARS, "max_seed": MAX_SEED, "max_penalty": MAX_PENALTY,
           "max_repetition_penalty": MAX_REPETITION_PENALTY, "max_repetition_window": MAX_REPETITION_WINDOW,
-          "max_logit_bias": MAX_BIAS, "max_logit_bias_entries": MAX_LOGIT_BIAS, "max_messages": MAX_MESSAGES}
+          "max_logit_bias": MAX_BIAS, "max_logit_bias_entries": MAX_LOGIT_BIAS, "max_messages": MAX_MESSAGES,
+          "max_constraint_chars": MAX_CONSTRAINT_CHARS}
 # The fields of the sampling adjustments, at the sampler's values that turn them off (their defaults;
 # logit_bias is a JSON object here).
 ADJUSTMENTS = {**{name: OFF[name] for name in ("presence_penalty", "frequency_penalty", "repetition_penalty",
@@ -47,7 +49,7 @@ DEFAULTED = {"max_tokens", "temperature", "top_p", "top_k", "n", *ADJUSTMENTS}
 CHAT_DEFAULTED = DEFAULTED | {"max_completion_tokens", "logprobs", "top_logprobs"}
 # OpenAI fields this server cannot honour, with the one value (besides null) it accepts for each.
 NEUTRAL = {"suffix": ""}
-# OpenAI chat fields for what a character model does not do (tools, audio, structured output):
+# OpenAI chat fields for what a character model does not do (tools, audio, predicted outputs, search):
 # accepted only as null, so a request that needs them is refused by name instead of being
 # answered as if they had been honoured.
 CHAT_UNSUPPORTED = {"tools": "this server calls no tools", "tool_choice": "this server calls no tools",
@@ -95,6 +97,131 @@ StopOrNull = Annotated[Stop | None, Field(description=STOP_DOC)]
 BiasKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BIAS_KEY)]
 Bias = Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]
 
+# ---------------------------------------------------------------- structured output
+# A constraint makes the generated text match a pattern exactly (model.runtime.constraints compiles it
+# over the model's vocabulary when the request arrives). The document states the shape of each field;
+# whether a pattern compiles for the model at hand (its characters, its size once compiled) the
+# server says with a 422 naming the field, which no JSON Schema can state.
+CONSTRAINT_FIELDS = ("regex", "grammar", "json_schema", "response_format")
+MASK_DOC = (" With a constraint (regex, grammar, json_schema, response_format) they are of the distribution the "
+            "character was drawn from: after the constraint's mask, renormalized over the characters it allows (a "
+            "character it forces has log-probability 0).")
+ENDING_DOC = ("A constrained choice ends with finish_reason stop when its text is a whole match that no character "
+              "continues, or a whole match where the model picked a character that does not continue it (that "
+              "character is left out: the model chose to end there), or at a stop sequence; with length at max_chars. "
+              "Its `incomplete` says whether the text stopped short of a whole match (then it is the start of one).")
+REGEX_DOC = ("Constrain the generated text (not the prompt) to match this regular expression as a whole. "
+             "Rust's regex syntax (Python's re without lookaround and backreferences); the characters it needs must "
+             "be in the model's vocabulary (else a 422 naming them). " + ENDING_DOC)
+GRAMMAR_DOC = ("Constrain the generated text to this grammar, in llama.cpp's GBNF (rules `name ::= ...`, the start "
+               "rule `root`, alternation `|`, grouping, \"literals\" with escapes, [character classes] with ranges "
+               "and negation, ?, *, +, {m,n}, # comments). " + ENDING_DOC)
+JSON_SCHEMA_DOC = ("Constrain the generated text to JSON valid under this JSON Schema (the model's vocabulary must "
+                   "have the characters JSON needs, such as { and \", else a 422 naming them). " + ENDING_DOC)
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONSTRAINT_CHARS)]  # a regex or a GBNF grammar
+JsonSchema = dict[str, Any]
+
+
+class TextFormat(BaseModel):
+    """No constraint."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="TextFormat")
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    """Any JSON object."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="JsonObjectFormat")
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, title="JsonSchemaSpec")
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(description="The schema's name (OpenAI's rule: "
+                                                                                     "letters, digits, _ and -, at most 64).")
+    description: str | None = Field(None, description="Accepted and ignored (the model reads no instructions).")
+    schema_: JsonSchema | None = Field(None, alias="schema", description="The JSON Schema the text must be valid "
+                                       "under; omitted: any JSON object.")
+    strict: bool | None = Field(None, description="Accepted; the schema is always kept exactly, whatever its value.")
+
+
+class JsonSchemaFormat(BaseModel):
+    """JSON valid under a JSON Schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="JsonSchemaFormat")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+RESPONSE_FORMAT_DOC = ("OpenAI's: {\"type\": \"text\"} (no constraint), {\"type\": \"json_object\"} (any JSON object) or "
+                       "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}. The JSON formats "
+                       "need a model whose vocabulary has JSON's characters (else a 422 naming them). " + ENDING_DOC)
+ANY_OBJECT = {"type": "object"}  # what json_object means, as a JSON Schema
+
+
+def _is_constraint(name: str, value) -> bool:
+    return value is not None and not (name == "response_format" and value.type == "text")
+
+
+def constraint_of(req) -> tuple[str, str, str | dict] | None:
+    """The request's constraint as (field, kind, source) for model.runtime.constraints.compile_constraint,
+    or None; the schemas have made sure there is at most one."""
+    for name in CONSTRAINT_FIELDS:
+        value = getattr(req, name, None)
+        if not _is_constraint(name, value):
+            continue
+        if name != "response_format":
+            return name, name, value
+        if value.type == "json_object" or value.json_schema.schema_ is None:
+            return name, "json_schema", ANY_OBJECT
+        return name, "json_schema", value.json_schema.schema_
+    return None
+
+
+def _one_constraint(cls, value, info):
+    """At most one constraint per request, and no constraint field on a request that only scores
+    (echo, max_tokens 0; response_format {"type": "text"} too, as the document's rule is by presence).
+    Checked on each constraint field, which sees the fields declared before it (info.data)."""
+    name = info.field_name
+    if value is None:
+        return value
+    if _is_constraint(name, value):
+        for other in CONSTRAINT_FIELDS:
+            if other != name and _is_constraint(other, info.data.get(other)):
+                raise PydanticCustomError("invalid_value", f"{other} and {name} cannot be combined: a request takes at most "
+                                          "one constraint (regex, grammar, json_schema or response_format)")
+    if info.data.get("echo"):
+        raise PydanticCustomError("invalid_value", f"{name} cannot be combined with echo: the echoed prompt is not written "
+                                  "under a constraint")
+    if info.data.get("max_tokens") == 0:
+        raise PydanticCustomError("invalid_value", f"{name} cannot be combined with max_tokens 0: nothing is generated "
+                                  "to constrain")
+    return value
+
+
+# What the document says of a request with a constraint (_one_constraint enforces it). The constraint
+# fields take no null on the endpoints with rules across them, so that a field's presence is what a
+# rule looks at: the rules are then dependentSchemas, which the fuzzer's generator (tests/test_fuzz.py)
+# can still model beside CompletionRequest's other rules (it gives up when three if/then rules are
+# added to them).
+_TEXT_OR_NULL = {"properties": {"type": {"const": "text"}}}  # a response_format that constrains nothing ("properties" holds for null)
+_NOT_SCORING = {"echo": {"enum": [False, None]}, "max_tokens": {"minimum": 1}}  # null passes "minimum"
+
+
+def constraint_document(names: tuple[str, ...], *, scoring: bool = False) -> dict:
+    """The document's statement of _one_constraint for a request with the constraint fields `names`
+    (response_format, if there, last): a field present leaves the later ones absent (response_format:
+    absent or text); with `scoring`, any of them present needs echo off and max_tokens above 0."""
+    off = _NOT_SCORING if scoring else {}
+    dependent = {}
+    for i, name in enumerate(names):
+        later = {n: _TEXT_OR_NULL if n == "response_format" else False for n in names[i + 1:]}
+        if later or off:
+            dependent[name] = {"properties": {**later, **off}}
+    return {"dependentSchemas": dependent}
+
 
 class Adjusting(BaseModel):
     """The sampling adjustments every generation endpoint takes (model/runtime/sampling.py applies them,
@@ -137,7 +264,8 @@ def _nullable(schema: dict, names) -> None:
 def completion_document(max_n: int):
     """What CompletionRequest's JSON Schema says beyond its fields' types, for /openapi.json: null
     is accepted where it means the default, prompts x n and prompts x best_of are at most max_n,
-    best_of is at least n and does not stream. The validators below enforce the same."""
+    best_of is at least n and does not stream, at most one constraint and none with echo or
+    max_tokens 0. The validators below enforce the same."""
     rules = _per_prompt(max_n, "n") + _per_prompt(max_n, "best_of")
     rules += [{"if": {"required": ["n", "best_of"], "properties": {"n": {"type": "integer", "minimum": k}, "best_of": {"type": "integer"}}},
                "then": {"properties": {"best_of": {"minimum": k}}}} for k in range(2, max_n + 1)]
@@ -147,6 +275,7 @@ def completion_document(max_n: int):
     def amend(schema: dict) -> None:
         _nullable(schema, DEFAULTED)
         schema["allOf"] = rules
+        schema.update(constraint_document(("grammar", "json_schema", "response_format"), scoring=True))
 
     return amend
 
@@ -193,7 +322,8 @@ class Schemas:
         class GenerateRequest(Adjusting):
             """POST /v1/generate as JSON, or as plain text with these fields in the query string (but logit_bias)."""
 
-            model_config = ConfigDict(extra="forbid", strict=True, title="GenerateRequest")
+            model_config = ConfigDict(extra="forbid", strict=True, title="GenerateRequest",
+                                      json_schema_extra=constraint_document(("regex", "grammar", "json_schema")))
             model: str | None = model_field(models)
             prompt: str = Field("", max_length=s.max_prompt_chars, description=PROMPT_DOC)
             max_chars: Whole = Field(s.default_max_chars, ge=1, le=s.max_chars, description="Characters to generate per choice (at most).")
@@ -206,7 +336,12 @@ class Schemas:
             n: Whole = Field(1, ge=1, le=s.max_n, description="Number of choices (independent continuations).")
             stream: bool = Field(False, description="Stream the text as server-sent events (plain text: chunked text) as it is generated.")
             logprobs: Whole = Field(0, ge=0, le=MAX_LOGPROBS, description="Return the log-probability of each generated character "
-                                    "and of this many most likely alternatives (0: none).")
+                                    "and of this many most likely alternatives (0: none)." + MASK_DOC)
+            regex: Pattern = Field(None, description=REGEX_DOC)
+            grammar: Pattern = Field(None, description=GRAMMAR_DOC)
+            json_schema: JsonSchema = Field(None, description=JSON_SCHEMA_DOC + " Only in a JSON body.")
+
+            _one_constraint = field_validator("grammar", "json_schema")(_one_constraint)
 
         class StreamOptions(BaseModel):
             model_config = ConfigDict(extra="forbid", strict=True)
@@ -232,7 +367,7 @@ class Schemas:
             logprobs: WholeOrNull = Field(None, ge=0, le=MAX_LOGPROBS, description=(
                 "Return each character's log-probability and this many most likely alternatives (0 or null: none). With "
                 "echo, the prompt's characters too: every one but the first (null: nothing predicts it) from the ones "
-                "before it."))
+                "before it." + MASK_DOC))
             stream: bool | None = False
             stream_options: StreamOptions | None = Field(None, description="With stream: include_usage adds a last chunk "
                                                          "with the usage (and usage: null in every other chunk).")
@@ -242,8 +377,13 @@ class Schemas:
                 f"character; at least n, prompts x best_of at most {s.max_n}, not with stream."))
             user: str | None = Field(None, description="Accepted and ignored.")
             suffix: str | None = _neutral("suffix")
+            grammar: Pattern = Field(None, description="llama.cpp's. " + GRAMMAR_DOC)
+            json_schema: JsonSchema = Field(None, description="llama.cpp's. " + JSON_SCHEMA_DOC)
+            response_format: ResponseFormat = Field(None, description=RESPONSE_FORMAT_DOC + " Not with echo or "
+                                                    "max_tokens 0 (which only score), whatever its type.")
 
             _defaults = _null_is_default(DEFAULTED)
+            _one_constraint = field_validator("grammar", "json_schema", "response_format")(_one_constraint)
 
             # The rules across fields are checked on the later field, which sees the earlier ones
             # (info.data, in declaration order), so the error names it.
@@ -314,17 +454,6 @@ class Schemas:
                                                       "(a character model reads text only)")
                 return content
 
-        class ResponseFormat(BaseModel):
-            model_config = ConfigDict(extra="forbid", strict=True, title="ChatResponseFormat")
-            type: Literal["text"]
-
-            @field_validator("type", mode="before")
-            @classmethod
-            def _text_only(cls, kind):
-                if isinstance(kind, str) and kind != "text":
-                    raise PydanticCustomError("unsupported", f"response_format {kind[:40]!r} is not supported (text only)")
-                return kind
-
         def _unsupported(name: str):
             return Field(None, description=f"Not supported ({CHAT_UNSUPPORTED[name]}): accepted only as null.",
                          json_schema_extra={"enum": [None]})
@@ -346,12 +475,13 @@ class Schemas:
             n: Whole = Field(1, ge=1, le=s.max_n, description="Choices (replies).")
             stop: StopOrNull = Field(None, description=STOP_DOC + " The reply also ends where the next message would begin.")
             seed: Seed = Field(None, description="Choice i uses seed + i.")
-            logprobs: bool | None = Field(False, description="Return each character's log-probability (choices[].logprobs.content).")
+            logprobs: bool | None = Field(False, description="Return each character's log-probability (choices[].logprobs.content)."
+                                          + MASK_DOC)
             top_logprobs: WholeOrNull = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per character (needs logprobs).")
             stream: bool | None = False
             stream_options: StreamOptions | None = Field(None, description="With stream: include_usage adds a last chunk "
                                                          "with the usage (and usage: null in every other chunk).")
-            response_format: ResponseFormat | None = Field(None, description="Only {\"type\": \"text\"}.")
+            response_format: ResponseFormat | None = Field(None, description=RESPONSE_FORMAT_DOC)
             modalities: Annotated[list[Literal["text"]], Field(max_length=1)] | None = Field(None, description='Only ["text"].')
             user: str | None = Field(None, description="Accepted and ignored.")
             store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")

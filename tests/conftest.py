@@ -70,6 +70,25 @@ def other_artifact(tmp_path_factory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("other") / "run", OTHER * 60)
 
 
+def json_records(n_chars: int, seed: int = 0) -> str:
+    """JSON-like text: one record per line as json.dumps writes it ({"name": "ann", "age": 31}), so a
+    model trained on it has JSON's characters and the layout model.runtime.constraints writes."""
+    rng = np.random.default_rng(seed)
+    names = "ann bob cy dora eve finn gus hal ivy jo".split()
+    lines, size = [], 0
+    while size < n_chars:
+        line = json.dumps({"name": str(rng.choice(names)), "age": int(rng.integers(1, 99))}) + "\n"
+        lines.append(line)
+        size += len(line)
+    return "".join(lines)
+
+
+@pytest.fixture(scope="session")
+def json_artifact(tmp_path_factory) -> Path:
+    """A tiny model trained on json_records (seconds of training: for slow tests)."""
+    return train_tiny(tmp_path_factory.mktemp("json") / "run", json_records(3000))
+
+
 @pytest.fixture
 def models_dir(tmp_path, tiny_artifact, other_artifact) -> Path:
     """A CHARGEN_MODELS directory of two models: `fox` (tiny_artifact) and `jugs` (other_artifact),

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages written into a transcript by the chat template
 (service/chat.py), the reply up to where the next message would begin, OpenAI's shapes streamed and
-not, the unsupported fields refused by name, and the official openai client against real gunicorn."""
+not, the unsupported fields refused by name, and the official openai client against real gunicorn.
+(response_format's json_object and json_schema: tests/test_structured_api.py.)"""
 
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def test_streamed_as_openai_streams_chat(client):
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported", "calls no tools"),
     ({"tool_choice": "auto"}, "tool_choice", "unsupported", "calls no tools"),
     ({"functions": [{"name": "f"}]}, "functions", "unsupported", "not supported"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported", "'json_object' is not supported"),
+    ({"response_format": {"type": "xml"}}, "response_format", "wrong_type", "tag 'xml'"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "unsupported", "audio"),
     ({"modalities": ["text", "audio"]}, "modalities", "out_of_range", "modalities"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},

@@ -32,6 +32,27 @@ batch and of a single row round differently); the sampler works in float64 so th
 pick only when a draw lands within ~1e-6 of a boundary. Same seed and same batch composition:
 same text, always.
 
+A request with a constraint (model.runtime.constraints) carries its matcher on its stream; the
+engine keeps each constrained slot's mask (`_allowed`: the characters that continue the match, or
+all of them where the text so far is already a complete match) and removes the other characters
+from the constrained rows' logits before the sampler's adjustments and filters (so the draw is
+still one number per pick). After the pick the stream's matcher advances by the character (three
+calls into the matcher for the usual stream, the masks of all of them unpacked at once). A run of
+characters the constraint then forces (one possible character, repeatedly) at least
+FORCED_RUN_CALL long is fed to the network in one prompt call and emitted with the picked one,
+counting toward max_chars and taking no draw; a shorter one is picked a character a step, each the
+only one allowed, with a draw each as usual.
+
+A constrained stream ends with "stop" when its match is complete and no character of the
+vocabulary extends it, and, at a complete match that could go on, when the model picks a character
+that cannot continue it (accept-and-stop: the characters outside the continuations together stand
+for "end here"; the one picked is not emitted). It ends at a dead end (a grammar or schema that
+could go on only with characters the vocabulary lacks; a regex's masks never lead there) with
+"stop" too, marked incomplete, and at max_chars with "length", incomplete unless its text happens
+to be a complete match. The logprobs and rank sums of a constrained stream are those of the masked
+distribution (the allowed characters' softmax); a forced character's is 0. Streams without a
+constraint cost nothing for any of this.
+
 The engine is not thread-safe: exactly one thread calls it.
 """
 
@@ -44,8 +65,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.runtime import network_step
+from model.runtime.constraints import forget
 from model.runtime.prompt_cache import PromptCache
-from model.runtime.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, pick
+from model.runtime.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, mask_out, pick
 from model.runtime.state import PROMPT_CHUNK, State
 from model.runtime.streams import CharLogprob, Delta, Deltas, GenerationRequest, PromptScore, Stream, whole_number
 from model.records.vocab import Vocab
@@ -57,6 +79,10 @@ __all__ = ["CharLogprob", "Delta", "Deltas", "Engine", "EngineFull", "Generation
 
 DRAWS_AHEAD = 64  # uniform draws taken from a stream's generator at a time
 UNREAD = 256  # ids a slot keeps for a stream without checks before the stream takes them
+# A forced run at least this long is fed to the network in one prompt call; a shorter one is picked
+# a character a step (the mask allows one): a prompt call of one row costs about as much as a step
+# of the whole batch, so it pays for long runs only.
+FORCED_RUN_CALL = 8
 
 _slot_of = operator.attrgetter("_slot")
 
@@ -101,6 +127,19 @@ class SlotAdjustments:
         self.ring[slot, : len(last)] = last
         self.seen[slot] = len(last)
         np.add.at(self.recent[slot], last, 1)
+
+    def extend(self, slot: int, ids: list[int]) -> None:
+        """Slot `slot` produced ids (a constraint's forced run) besides its step's pick."""
+        for i in ids:
+            self.generated[slot, i] += 1
+            w = self.window[slot]
+            if w:
+                t = self.seen[slot]
+                if t >= w:
+                    self.recent[slot, self.ring[slot, (t - w) % MAX_REPETITION_WINDOW]] -= 1
+                self.ring[slot, t % MAX_REPETITION_WINDOW] = i
+                self.recent[slot, i] += 1
+                self.seen[slot] += 1
 
     def view(self, n: int) -> Adjustments:
         return Adjustments(self.bias[:n], self.repetition[:n], self.recent[:n], self.presence[:n], self.frequency[:n],
@@ -204,7 +243,10 @@ class Engine:
         self._logprob_sum = np.zeros(self.max_batch)
         self._ranking = 0
         self._unread = UnreadIds(self.max_batch)
-        self._checking = 0  # active slots whose streams check each character (stop sequences, logprobs)
+        self._checking = 0  # active slots whose streams check each character (stop sequences, logprobs, constraints)
+        self._constrained = np.zeros(self.max_batch, bool)  # the slot's request has a constraint
+        self._allowed: np.ndarray | None = None  # (max_batch, V) bool: each constrained slot's mask, made with the first constraint
+        self._constraining = 0
         self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
         # An empty prompt starts from the zero state as if after a newline (after the first
         # vocabulary character when the vocabulary has no newline).
@@ -227,6 +269,8 @@ class Engine:
             raise ValueError(f"expected a GenerationRequest, got {type(request).__name__}")
         if max(request.logprobs, request.prompt_logprobs or 0) > len(self.vocab):
             raise ValueError(f"logprobs must be at most {len(self.vocab)} (the vocabulary size), got {request.logprobs}")
+        if request.constraint is not None and request.constraint.chars != tuple(self.vocab.chars):
+            raise ValueError("the request's constraint was compiled for another vocabulary")
         if self.active >= self.max_batch:
             raise EngineFull(f"all {self.max_batch} generation slots are busy")
         ids, dropped, boundaries = self._encode(request)
@@ -250,6 +294,12 @@ class Engine:
         if self._adjustments is not None:  # a slot's arrays are always its own stream's (neutral when it adjusts nothing)
             self._adjustments.set(slot, settings, ids)
         self._adjusting += settings.adjusts
+        self._constrained[slot] = stream._matcher is not None
+        if stream._matcher is not None:
+            if self._allowed is None:
+                self._allowed = np.ones((self.max_batch, len(self.vocab)), bool)
+            self._allowed[slot] = stream._matcher.allowed | stream._matcher.accepting
+            self._constraining += 1
         try:
             self.network.restore(slot, self._read(request, stream, ids, boundaries))
         except BaseException:
@@ -257,6 +307,10 @@ class Engine:
             raise
         if request.max_chars == 0:
             stream.finish_reason = "length"
+            stream.incomplete = stream._matcher is not None and not stream._matcher.accepting
+            self._release(stream)
+        elif stream._matcher is not None and not self._allowed[slot].any():  # a constraint nothing can begin (a compile refuses those)
+            stream.finish_reason, stream.incomplete = "stop", True
             self._release(stream)
         return stream
 
@@ -338,6 +392,10 @@ class Engine:
         n = len(ordered)
         logits = self.network.logits[:n]
         adjustments = self._adjustments.view(n) if self._adjusting else None
+        if self._constraining:
+            rows = np.flatnonzero(self._constrained[:n])
+            if len(rows):  # what is sampled from, logprobs included
+                logits = mask_out(logits.astype(np.float64), rows, self._allowed[rows])
         ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
@@ -352,8 +410,15 @@ class Engine:
         due = self._unread.record(n, ids)
         made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
         if self._checking:
+            constrained = []
             for b in np.flatnonzero(self._unread.counting[:n] == 0).tolist():  # the checked streams
-                made[b] = ordered[b].emit(chars[ids[b]], lps.get(b) if self._wanting else None)
+                s = ordered[b]
+                if s._matcher is None:
+                    made[b] = s.emit(chars[ids[b]], lps.get(b) if self._wanting else None)
+                else:
+                    constrained.append(b)
+            if constrained:
+                self._advance(constrained, ordered, ids, lps if self._wanting else {}, made)
         for b in due:  # unchecked streams whose slots are full or at max_chars
             s = ordered[b]
             self._flush(s)
@@ -363,6 +428,74 @@ class Engine:
             self._release(ordered[b])
         self._unread.settle(self.active)
         return Deltas(ordered, ids, chars, made, order)
+
+    def _advance(self, rows: list[int], ordered: list[Stream], ids: np.ndarray, lps: dict, made: dict) -> None:
+        """The constrained streams in slots `rows` picked ids[rows]: advance their matchers, and put
+        each one's Delta in made[b]. The usual row costs three calls into the matcher, and the masks
+        of all rows are unpacked at once; a row whose matcher forces characters, reaches a dead end or
+        fails takes the matcher's own step (`_settle`) in `_follow`."""
+        V = len(self.vocab)
+        chars, picks = self.vocab.chars, ids.tolist()
+        moving, masks = [], []
+        for b in rows:
+            s, picked = ordered[b], picks[b]
+            m = s._matcher
+            matcher = m._m
+            if not m.allowed[picked]:  # a complete match, and the model picked "end here"
+                s.incomplete = False
+                made[b] = s.end("stop")
+            elif not matcher.consume_token(picked) or matcher.compute_ff_bytes():
+                m._settle()
+                if m.error:  # a limit of the constraint's shared lexer: compile it afresh next time
+                    forget(s.request.constraint)
+                made[b] = self._follow(b, s, picked, lps.get(b))
+            else:
+                moving.append(b)
+                masks.append(matcher.compute_bitmask())
+        if not moving:
+            return
+        bits = np.unpackbits(np.frombuffer(b"".join(masks), np.uint8).reshape(len(moving), -1), axis=1, count=V + 1,
+                             bitorder="little").view(bool)  # (k, V + 1): the characters, then the end token
+        allowed, accepting = bits[:, :V], bits[:, V]  # the end token is allowed exactly at a complete match
+        counts = allowed.sum(axis=1)
+        self._allowed[moving] = allowed | accepting[:, None]
+        stuck, single, accepting = (counts == 0).tolist(), ((counts == 1) & ~accepting).tolist(), accepting.tolist()
+        for j, b in enumerate(moving):
+            s = ordered[b]
+            m = s._matcher
+            m.allowed, m.accepting, m.error = allowed[j], accepting[j], ""
+            m._forced = [int(allowed[j].argmax())] if single[j] else []
+            delta = s.emit(chars[picks[b]], lps.get(b) if lps else None)
+            made[b] = delta if delta.finish_reason is None and not stuck[j] else self._emitted(s, delta, m, stuck[j])
+
+    def _follow(self, b: int, s: Stream, picked: int, logprob: CharLogprob | None) -> Delta:
+        """After the stream's matcher took `picked` and settled: feed a long forced run to the network
+        in one call, emit, and end where the constraint says (the module docstring)."""
+        m, chars = s._matcher, self.vocab.chars
+        run = m.forced(s.request.max_chars - s._generated - 1) if len(m._forced) >= FORCED_RUN_CALL else []
+        if run:
+            network = self.network
+            network.restore(b, network.prompt(np.asarray(run, np.int64), network.state(b)))
+            if self._adjustments is not None:
+                self._adjustments.extend(b, run)
+        lps = None
+        if logprob is not None:
+            lps = [logprob] + [CharLogprob(chars[i], 0.0, [(chars[i], 0.0)]) for i in run]
+        self._allowed[b] = m.allowed | m.accepting
+        return self._emitted(s, s.emit_run([chars[picked]] + [chars[i] for i in run], lps), m, not m.allowed.any())
+
+    def _emitted(self, s: Stream, delta: Delta, m, stuck: bool) -> Delta:
+        """A constrained stream's Delta, ended where the constraint says: `stuck` (no character of
+        the vocabulary goes on) at a complete match or at a dead end."""
+        if delta.finish_reason == "stop":  # a stop sequence: the text is the generated text cut before it
+            s.incomplete = not s.request.constraint.matches(s.text)
+        elif delta.finish_reason == "length":
+            s.incomplete = not m.accepting
+        elif stuck:
+            s.incomplete = not m.accepting
+            end = s.end("stop")
+            delta = Delta(s, delta.text + end.text, delta.logprobs + end.logprobs, "stop")
+        return delta
 
     def _flush(self, s: Stream) -> None:
         """Give an unchecked stream the characters its slot holds for it."""
@@ -374,7 +507,8 @@ class Engine:
         logp = log_softmax(logits)
         top = np.argsort(-logp, kind="stable")[:k]
         chars = self.vocab.chars
-        return CharLogprob(chars[chosen], float(logp[chosen]), [(chars[i], float(logp[i])) for i in top])
+        # a constraint's disallowed characters (-inf) are no alternatives
+        return CharLogprob(chars[chosen], float(logp[chosen]), [(chars[i], float(logp[i])) for i in top if logp[i] > -np.inf])
 
     def _uniforms(self, ordered: list[Stream]) -> np.ndarray:
         """The next draw of every sampling stream in slots 0..n-1 (a greedy one's is stale: pick ignores it)."""
@@ -395,6 +529,8 @@ class Engine:
         if stream.finish_reason is None:
             stream.finish_reason = "cancelled"
             self._release(stream)
+            if stream._matcher is not None:
+                stream.incomplete = not stream.request.constraint.matches(stream.text)
 
     def generate(self, request: GenerationRequest) -> Stream:
         """Run one stream to completion."""
@@ -428,7 +564,9 @@ class Engine:
 
     def _per_slot(self) -> list[np.ndarray]:
         arrays = [self._temperature, self._top_k, self._top_p, self._min_p, self._samples, self._draws, self._next_draw,
-                  self._logprobs, self._ranked, self._logprob_sum, *self._unread.arrays()]
+                  self._logprobs, self._ranked, self._logprob_sum, self._constrained, *self._unread.arrays()]
+        if self._allowed is not None:
+            arrays.append(self._allowed)
         return arrays if self._adjustments is None else arrays + self._adjustments.arrays()
 
     def _release(self, s: Stream) -> None:
@@ -448,4 +586,5 @@ class Engine:
         self._adjusting -= s.request.sampling.adjusts
         self._ranking -= s.request.rank
         self._checking -= s.request.checked
+        self._constraining -= s._matcher is not None
         s._slot = -1

@@ -44,6 +44,10 @@ class NetworkStep(Protocol):
     def restore(self, slot: int, state: State) -> None:
         """Give `slot` this state and its prediction."""
 
+    def state(self, slot: int) -> State:
+        """A copy of `slot`'s state and prediction (to feed it a run of characters with `prompt`
+        and `restore`)."""
+
     def advance(self, n: int, ids: np.ndarray) -> None:
         """Feed character ids[b] (n,) int64 to slot b for b < n; logits[:n] become the next
         predictions."""

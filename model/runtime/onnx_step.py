@@ -144,6 +144,10 @@ class OrtStep:
             buffer[:, slot] = array[:, 0]
         self._logits[slot, 0] = state.logits
 
+    def state(self, slot: int) -> State:
+        self._store()
+        return State(tuple(buffer[:, slot : slot + 1].copy() for buffer in self._states), self._logits[slot, 0].copy())
+
     def advance(self, n: int, ids: np.ndarray) -> None:
         if self._resident != n:
             self._store()

@@ -7,6 +7,8 @@ seeded `np.random.Generator`; a row's choice depends only on its own logits, set
 generator.
 
 Per row, in this order:
+    constraint   the characters a constraint (model.runtime.constraints) disallows are removed
+                 (their logits set to -inf), so they weigh nothing through everything below.
     logit_bias   added to the logits of the characters it names (OpenAI: -100 bans, +100 forces).
     repetition_penalty r (llama.cpp's repeat_penalty): each character among the row's last
                  repetition_window characters (the prompt's included) has its logit divided by r
@@ -164,13 +166,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def pick(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, u: np.ndarray,
-         min_p: np.ndarray | None = None, adjustments: Adjustments | None = None) -> np.ndarray:
+         min_p: np.ndarray | None = None, adjustments: Adjustments | None = None,
+         allowed: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The sampler's core, every row at once: (n,) int64 ids for logits (n, V) with per-row
     settings (n,) and draws u (n,) in [0, 1), and the adjustments of rows that have any. A row whose
     temperature is 0 (below GREEDY_BELOW) takes its argmax (lowest id on ties); any other row takes
     the first id whose running sum of weights exceeds u times their total. Every path that samples
     ends here."""
     z = np.asarray(logits).astype(np.float64)  # (n, V): the sampler's own copy
+    if allowed is not None:
+        mask_out(z, *allowed)
     if adjustments is not None:
         adjust(z, adjustments)
     if min_p is None:
@@ -193,6 +198,14 @@ def pick(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: 
         return chosen
     ids[rows] = chosen
     return ids
+
+
+def mask_out(z: np.ndarray, rows: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Rows `rows` of logits z (n, V) with the characters a constraint disallows at -inf (allowed:
+    (len(rows), V) bool, at least one True per row), in place: they then weigh 0 through the
+    adjustments, the temperature and the filters, and the draw falls among the others."""
+    z[rows] = np.where(allowed, z[rows], -np.inf)
+    return z
 
 
 def _weights(z: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> np.ndarray:
@@ -231,10 +244,13 @@ def _filter(w: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
 
 
 def probabilities(logits: np.ndarray, settings: SamplingSettings, recent: np.ndarray | None = None,
-                  generated: np.ndarray | None = None) -> np.ndarray:
+                  generated: np.ndarray | None = None, allowed: np.ndarray | None = None) -> np.ndarray:
     """The distribution one row is sampled from, (V,) float64 by id; one-hot for greedy. `recent`
-    and `generated` (V,) are the row's counts for the penalties (None: nothing produced yet)."""
+    and `generated` (V,) are the row's counts for the penalties (None: nothing produced yet);
+    `allowed` (V,) bool: the characters a constraint allows (None: all)."""
     z = np.asarray(logits, dtype=np.float64)[None].copy()
+    if allowed is not None:
+        mask_out(z, np.array([0]), np.asarray(allowed, bool)[None])
     if settings.adjusts:
         adjust(z, Adjustments.of([settings], z.shape[1], None if recent is None else recent[None],
                                  None if generated is None else generated[None]))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.runtime.constraints import Constraint
 from model.runtime.sampling import SamplingSettings
 
 
@@ -44,6 +45,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # None: the prompt is not scored; k >= 0: scored, with k alternatives per char
     cache_at: tuple[int, ...] = ()  # prompt positions (in characters) whose states the prompt cache should keep too
     rank: bool = False  # keep Stream.logprob_sum, the sum of the generated characters' logprobs
+    constraint: Constraint | None = None  # the text must match it (model.runtime.constraints); Stream.incomplete says if it does not yet
 
     def __post_init__(self):
         if not isinstance(self.prompt, str):
@@ -67,11 +69,13 @@ class GenerationRequest:
         self.cache_at = tuple(self.cache_at)
         if any(not whole_number(b) or not 0 < b < len(self.prompt) for b in self.cache_at) or list(self.cache_at) != sorted(set(self.cache_at)):
             raise ValueError(f"cache_at must be increasing positions inside the prompt, got {self.cache_at!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(f"constraint must be a Constraint (compile_constraint), got {type(self.constraint).__name__}")
 
     @property
     def checked(self) -> bool:
-        """Each generated character is checked (stop sequences) or reported (logprobs) as it comes."""
-        return bool(self.stop or self.logprobs)
+        """Each generated character is checked (stop sequences, a constraint) or reported (logprobs) as it comes."""
+        return bool(self.stop or self.logprobs or self.constraint is not None)
 
 
 @dataclass
@@ -123,6 +127,9 @@ class Stream:
         self.prompt_chars = prompt_chars  # prompt characters actually fed
         self.dropped_chars = dropped_chars  # prompt characters outside the vocabulary that were dropped
         self.finish_reason: str | None = None  # "length" | "stop" | "cancelled" once finished
+        # With a constraint: whether the text is not (yet) a complete match, once the stream has
+        # finished (then it is a prefix of one); False without a constraint.
+        self.incomplete = False
         self._generated = 0  # characters given to the stream so far (emitted, held back, or part of a stop sequence)
         self.logprob_sum = 0.0  # of the characters sampled so far, when the request asks (rank); set when it finishes
         self.prompt_score: PromptScore | None = None  # when the request asks (prompt_logprobs)
@@ -133,6 +140,7 @@ class Stream:
         self._emitted: list[str] = []
         self._held = ""  # generated characters that may begin a stop sequence
         self._held_logprobs: list[CharLogprob] = []
+        self._matcher = request.constraint.start() if request.constraint is not None else None  # the engine advances it
         self._stop_prefixes = {s[:k] for s in request.stop for k in range(1, len(s))}
         self._longest_prefix = max((len(s) for s in request.stop), default=1) - 1
 
@@ -179,6 +187,31 @@ class Stream:
             self._emitted.append(text)
         self.finish_reason = finish
         return Delta(self, text, lps, finish)
+
+    def emit_run(self, chars: list[str], logprobs: list[CharLogprob] | None) -> Delta:
+        """emit() each character in turn (the picked one and a forced run after it) as one Delta;
+        stops at the character that finishes the stream."""
+        first = self.emit(chars[0], logprobs[0] if logprobs else None)
+        if len(chars) == 1 or first.finish_reason:
+            return first
+        text, lps = [first.text], list(first.logprobs)
+        for k in range(1, len(chars)):
+            d = self.emit(chars[k], logprobs[k] if logprobs else None)
+            text.append(d.text)
+            lps += d.logprobs
+            if d.finish_reason:
+                break
+        return Delta(self, "".join(text), lps, self.finish_reason)
+
+    def end(self, reason: str) -> Delta:
+        """Finish now (a constraint's match is complete): what is held back for a possible stop
+        sequence is released, as no stop sequence completed."""
+        text, lps = self._held, self._held_logprobs
+        self._held, self._held_logprobs = "", []
+        if text:
+            self._emitted.append(text)
+        self.finish_reason = reason
+        return Delta(self, text, lps, reason)
 
     def take(self, text: str) -> None:
         """Take generated characters of a request with no stop sequences and no logprobs (nothing to

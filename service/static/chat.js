@@ -4,6 +4,7 @@
 
 import { ApiError, describe, generate, getInfo, score } from "./api.js";
 import { Answer, ProbabilityTips } from "./answer.js";
+import { clearFormatError, formatControls, formatSettings, offerExamples, showFormatError } from "./format.js";
 
 const $ = (id) => document.getElementById(id);
 const compact = document.body.classList.contains("embed");
@@ -30,7 +31,7 @@ const SETTINGS = {
   presence_penalty: ui.presencePenalty, frequency_penalty: ui.frequencyPenalty,
 };
 // The request field each control sets: a 422 naming the field marks the control.
-const FIELDS = { ...SETTINGS, seed: ui.seed, stop: ui.stopSequences, logit_bias: ui.logitBias, prompt: ui.prompt };
+const FIELDS = { ...SETTINGS, seed: ui.seed, stop: ui.stopSequences, logit_bias: ui.logitBias, prompt: ui.prompt, ...formatControls() };
 
 let info = null; // GET /info, once it has answered
 let running = null; // {controller, turn} of the generation in progress
@@ -89,7 +90,7 @@ function requestSettings() {
   if (biases) body.logit_bias = biases;
   if (ui.probabilities?.checked) body.logprobs = LOGPROBS;
   if (ui.modelPicker.value) body.model = ui.modelPicker.value;
-  return body;
+  return { ...body, ...formatSettings() };
 }
 
 // "CHARACTER=BIAS" per line ("\n" for a line break, as in stop sequences): the request's logit_bias.
@@ -179,6 +180,7 @@ function describeModel(m) {
     ui.modelDetails.textContent = corpus ? `${corpus}${chars}${bits}.` : "";
   }
   ui.model.title = `Vocabulary of ${m.vocab_size} characters`;
+  offerExamples(m.name, m.vocab_size);
 }
 
 // A picker entry: what the model learned from, its size and how well it predicts unseen text.
@@ -315,6 +317,11 @@ class Turn {
   async score() {
     const text = this.answer.text;
     if (text === "" || this.answer.complete || this.scoredFor === text || running?.turn === this) return;
+    if (this.formatted) {
+      // /v1/score knows no format: its figures would not be those the answer was drawn from (after the mask)
+      if (this.error.hidden) this.showError("Probabilities of a formatted answer are shown when asked for before it is written.", "note");
+      return;
+    }
     this.scoredFor = text;
     const context = Array.from(this.prompt === "" ? "\n" : this.prompt); // an empty prompt starts after a newline
     const whole = [...context, ...Array.from(text)];
@@ -370,7 +377,10 @@ class Turn {
     this.showError(describe(error));
     this.finish.dataset.reason = "error";
     this.end("error");
-    if (error instanceof ApiError && error.kind === "refused") markInvalid(FIELDS[error.param]);
+    if (error instanceof ApiError && error.kind === "refused") {
+      markInvalid(FIELDS[error.param]);
+      showFormatError(error);
+    }
     if (error instanceof SettingsError) markInvalid(error.control);
   }
 
@@ -433,6 +443,8 @@ async function start(turn, prompt, { fresh }) {
   const controller = new AbortController();
   running = { controller, turn };
   turn.model = settings.model;
+  turn.formatted = "regex" in settings || "grammar" in settings;
+  clearFormatError();
   setBusy(true);
   turn.begin(fresh);
   const apiKey = ui.apiKey?.value.trim() || undefined;

@@ -1,0 +1,471 @@
+"""Constraints on generated text: a regex, a grammar (llama.cpp's GBNF) or a JSON schema, compiled to
+an automaton over the model's characters, and each stream's state in it.
+
+Every step of a character model picks exactly one character, so a constraint is an exact mask over
+the vocabulary at each step: no token boundaries, no partial UTF-8. `compile_constraint` turns a
+pattern into a `Constraint` (cached, bounded); `Constraint.start()` gives a stream its `Matcher`,
+which says which characters may come next (`allowed`), whether the text so far is a complete match
+(`accepting`), and takes the character picked (`advance`) together with the run of characters the
+constraint then forces (only one character possible, repeatedly), which the engine can feed to the
+network in one call.
+
+The compiling is llguidance's (guidance-ai's Rust library, no torch): regexes (Rust's `regex`
+syntax, which Python's `re` shares for everything but lookaround and backreferences, which it
+refuses), Lark-like grammars (GBNF is translated by its own `gbnf_to_lark`) and JSON schemas, each to
+a lexer built lazily from regex derivatives and an Earley parser, with limits on the work of the
+build and of each step ("fuel"). outlines-core was the other candidate: it compiles a regex or a JSON
+schema (through a regex) into a full index of states by tokens up front, which is what it is good at
+for large BPE vocabularies, but it has no grammars at all (GBNF would have had to be written here),
+and building the whole DFA up front is where patterns explode: `(a|b){1000}` is a thousand states
+before the first character, and `[a-c]*a[a-c]{20}` (a DFA of about a million states) did not finish
+within any bound a request could be given, where llguidance answers at once, as it builds states
+only as the text reaches them (xgrammar, the third, needs torch). A vocabulary of single characters
+is a valid tokenizer for llguidance (each character is the token of its UTF-8 bytes). What is
+written here: the tokenizer, the bounded check that a
+constraint admits a text of the model's characters (and which missing characters it needs), the
+forced runs, and the cache.
+
+JSON is written as Python's `json.dumps` writes it by default (", " between items, ": " after keys,
+no other whitespace): a character model learns one layout, and a fixed one lets the schema force
+the punctuation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import llguidance
+import numpy as np
+from llguidance.gbnf_to_lark import any_to_lark
+
+from model.records.vocab import Vocab
+
+KINDS = ("regex", "grammar", "json_schema")
+MAX_SOURCE_CHARS = 65_536  # the longest pattern, grammar or schema (its JSON text) accepted
+# Compiled constraints kept (by kind, source and vocabulary). A compiled constraint's lexer, shared by
+# all its streams, grows as texts reach new states, up to LIMITS' max_lexer_states (llguidance puts
+# a state at one to two kilobytes): this many of them bound a worker's memory for constraints.
+CACHE_SIZE = 32
+# What one compile may cost: the search for a text the constraint admits (each node one mask), and
+# llguidance's own limits on the grammar, the lexer and each step.
+SEARCH_WALKS = 16  # random walks first (they find a text fast where one exists)...
+SEARCH_NODES = 1_000  # ...then a depth-first search (it proves that none exists where none does)
+SEARCH_DEPTH = 256  # characters
+SEARCH_SECONDS = 1.0  # a backstop only: the search gives up (the answer is unknown, not an error)
+LIMITS = dict(max_grammar_size=100_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
+              max_lexer_states=10_000, max_items_in_row=2_000)
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_EOS = b"<|end|>"  # the tokenizer's end token (llguidance needs one); never sampled, never allowed
+
+
+class ConstraintError(ValueError):
+    """A constraint that cannot be used, with a message fit for a client (HTTP 422): malformed (where),
+    too big or too slow to compile, needing characters the vocabulary lacks (named), or admitting no
+    text at all. `reason` says which in one word: "malformed", "too_large", "too_complex",
+    "missing_chars" or "empty"."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+
+
+class _Chars:
+    """A vocabulary of single characters as llguidance's tokenizer: token i is chars[i]'s UTF-8 bytes,
+    then the end token."""
+
+    def __init__(self, chars: list[str]):
+        self.tokens = [c.encode() for c in chars] + [_EOS]
+        self.eos_token_id = len(chars)
+        self.bos_token_id = None
+        self.special_token_ids = [len(chars)]
+        self._index = {c: i for i, c in enumerate(chars)}
+
+    def __call__(self, text) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        return [self._index[c] for c in text if c in self._index]
+
+
+_tokenizers: OrderedDict[tuple[str, ...], llguidance.LLTokenizer] = OrderedDict()
+
+
+def _tokenizer(chars: tuple[str, ...]) -> llguidance.LLTokenizer:
+    with _lock:
+        tok = _tokenizers.get(chars)
+        if tok is None:
+            tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Chars(list(chars))), slices=[])
+            _tokenizers[chars] = tok
+            while len(_tokenizers) > 16:
+                _tokenizers.popitem(last=False)
+        return tok
+
+
+# ------------------------------------------------------------------------------------- constraint
+
+
+@dataclass(frozen=True, eq=False)
+class Constraint:
+    """A compiled constraint over one vocabulary; `start()` gives each stream its own Matcher."""
+
+    kind: str  # "regex" | "grammar" | "json_schema"
+    source: str  # canonical text (a JSON schema: compact, keys in their order)
+    chars: tuple[str, ...]  # the vocabulary's characters, by id
+    _grammar: str = field(repr=False)  # llguidance's grammar text
+    _tokenizer: llguidance.LLTokenizer = field(repr=False)
+    # A matcher at the start, never advanced: each stream's is a copy (a copy shares the compiled
+    # grammar; a new matcher would compile it again).
+    _root: llguidance.LLMatcher | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self._root is None:
+            limits = llguidance.LLParserLimits(**LIMITS)
+            object.__setattr__(self, "_root", llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0, limits=limits))
+
+    def start(self) -> Matcher:
+        return Matcher(self)
+
+    def _matcher(self) -> llguidance.LLMatcher:
+        return self._root.deep_copy()
+
+    def matches(self, text: str) -> bool:
+        """Whether `text` is a complete match (the checker the tests use beside Python's own)."""
+        m = self._run(text)
+        return m is not None and m.accepting
+
+    def is_prefix(self, text: str) -> bool:
+        """Whether `text` can be continued into a match (or is one)."""
+        return self._run(text) is not None
+
+    def _run(self, text: str) -> Matcher | None:
+        index = {c: i for i, c in enumerate(self.chars)}
+        if any(c not in index for c in text):
+            return None
+        m = self.start()
+        for c in text:
+            if not m.allowed[index[c]]:
+                return None
+            m.advance(index[c], 0)
+        return m
+
+
+class Matcher:
+    """One stream's place in its constraint: which characters may come next (`allowed`, (V,) bool),
+    whether the text so far is a complete match (`accepting`). When neither holds, the stream is at a
+    dead end (the constraint goes on only with characters the vocabulary lacks)."""
+
+    __slots__ = ("constraint", "_m", "_ids", "allowed", "accepting", "error", "_forced")
+
+    def __init__(self, constraint: Constraint):
+        self.constraint = constraint
+        self._m = constraint._matcher()
+        self._ids = {c: i for i, c in enumerate(constraint.chars)}
+        self._settle()
+
+    def copy(self) -> Matcher:
+        other = Matcher.__new__(Matcher)
+        other.constraint, other._m, other._ids = self.constraint, self._m.deep_copy(), self._ids
+        other.allowed, other.accepting, other.error, other._forced = self.allowed.copy(), self.accepting, self.error, list(self._forced)
+        return other
+
+    def forced(self, limit: int) -> list[int]:
+        """Consume the run of characters forced from here (at most `limit`), returning their ids."""
+        run: list[int] = []
+        while self._forced and len(run) < limit:
+            take = self._forced[: limit - len(run)]
+            self._m.consume_tokens(take)  # a refusal (a limit reached) leaves the matcher in error: a dead end
+            run += take
+            self._settle()
+        return run
+
+    def advance(self, char_id: int, limit: int, min_run: int = 1) -> list[int]:
+        """Take the picked character (one of `allowed`), then the forced run after it (at most
+        `limit` characters) when at least `min_run` characters are known to be forced; returns the
+        forced run's ids (empty: the next character is picked, forced or not)."""
+        self._m.consume_token(char_id)  # a refusal (a limit reached) leaves the matcher in error: a dead end
+        self._settle()
+        return self.forced(limit) if len(self._forced) >= min_run else []
+
+    def _settle(self) -> None:
+        """Work out allowed, accepting and the forced run at the current state.
+
+        llguidance's mask assumes the bytes it forces will be fed first (a tokenizer with byte
+        tokens could always do so), so while it forces bytes the mask is not the next character's:
+        the forced bytes are read instead, and only a whole character of the vocabulary is allowed."""
+        m, V = self._m, len(self.constraint.chars)
+        self.allowed = np.zeros(V, bool)
+        self.accepting = False
+        self._forced = []
+        self.error = ""
+        forced = m.compute_ff_bytes()
+        if _failed(m):  # a limit on the work was reached (now or before): a dead end
+            self.error = _first_line(m.get_error()) or "a limit on the constraint's work was reached"
+            return
+        if forced:
+            self.accepting = False
+            text, whole = _whole_chars(forced)
+            ids = self._ids
+            for c in text:
+                if c not in ids:
+                    break
+                self._forced.append(ids[c])
+            if self._forced:
+                self.allowed[self._forced[0]] = True
+            elif not text and not whole:  # forced bytes end inside a character: try each character
+                for i in range(V):
+                    if m.validate_tokens([i]) == 1:
+                        self.allowed[i] = True
+            return
+        bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), np.uint8), bitorder="little")
+        if _failed(m):
+            self.error = _first_line(m.get_error()) or "a limit on the constraint's work was reached"
+            return
+        self.allowed[:] = bits[:V].astype(bool)
+        self.accepting = m.is_accepting()
+        if not self.accepting and self.allowed.sum() == 1:  # one character possible: forced too
+            self._forced = [int(np.flatnonzero(self.allowed)[0])]
+
+
+def _failed(m: llguidance.LLMatcher) -> bool:
+    """Whether the matcher stopped on a limit or an internal error (an end of the text it allows,
+    which llguidance also reports as an error, is not one)."""
+    if not m.is_error():
+        return False
+    ends = ("NoExtension", "NoExtensionBias", "EndOfSentence")
+    return m.stop_reason() not in ends and m.get_error().strip().split("\n")[0] not in ends
+
+
+def _whole_chars(data: bytes) -> tuple[str, bool]:
+    """The whole UTF-8 characters at the start of `data`, and whether that is all of it."""
+    for cut in range(len(data), max(len(data) - 4, -1), -1):
+        try:
+            return data[:cut].decode("utf-8"), cut == len(data)
+        except UnicodeDecodeError:
+            continue
+    return "", False
+
+
+def _first_line(message: str) -> str:
+    """llguidance's message without its debugging dump; a regex parse error as "at character N: why"."""
+    message = message.strip().split("\n<state>")[0].strip()
+    if "regex parse error:" in message:
+        lines = message.split("regex parse error:", 1)[1].split("\n")
+        why = next((line.split("error:", 1)[1].strip() for line in lines if line.strip().startswith("error:")), "")
+        caret = next((line for line in lines if line.strip() and set(line.strip()) <= {"^"}), "")
+        where = f" at character {len(caret) - len(caret.lstrip()) - 3}" if caret else ""
+        return f"invalid regex{where}: {why}" if why else message.split("\n")[0]
+    return message.split("\n")[0]
+
+
+# ------------------------------------------------------------------------------------- compiling
+
+_lock = threading.Lock()
+_cache: OrderedDict[tuple, Constraint] = OrderedDict()
+
+
+def canonical(kind: str, source) -> str:
+    """The text a constraint is cached by: the pattern or grammar itself, a JSON schema's compact
+    JSON (keys in their order, which is the order its properties are written in)."""
+    if kind not in KINDS:
+        raise ConstraintError(f"constraint kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "json_schema":
+        if isinstance(source, str):
+            if len(source) > MAX_SOURCE_CHARS:
+                raise ConstraintError(f"json_schema is too long: {len(source)} characters, at most {MAX_SOURCE_CHARS}", "too_large")
+            try:
+                source = json.loads(source)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ConstraintError(f"json_schema is not valid JSON: {e}") from None
+        if not isinstance(source, (dict, bool)):
+            raise ConstraintError(f"json_schema must be a JSON object, got {type(source).__name__}")
+        try:
+            # keys in the schema's order: the properties are written in it
+            text = json.dumps(source, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise ConstraintError(f"json_schema cannot be written as JSON: {e}") from None
+    else:
+        if not isinstance(source, str):
+            raise ConstraintError(f"{kind} must be a string, got {type(source).__name__}")
+        text = source
+    if len(text) > MAX_SOURCE_CHARS:
+        raise ConstraintError(f"{kind} is too long: {len(text)} characters, at most {MAX_SOURCE_CHARS}", "too_large")
+    if kind == "regex" and not text:
+        raise ConstraintError("regex is empty")
+    return text
+
+
+def forget(constraint: Constraint) -> None:
+    """Drop a compiled constraint from the cache: its streams share its lexer, and one that reached a
+    limit leaves the next ones stuck, so the next request compiles it afresh."""
+    with _lock:
+        for key in [k for k, v in _cache.items() if v is constraint]:
+            del _cache[key]
+
+
+def clear_cache() -> None:
+    """Forget every compiled constraint (the benchmark's compile times start from nothing)."""
+    with _lock:
+        _cache.clear()
+
+
+def compile_constraint(kind: str, source, vocab: Vocab) -> Constraint:
+    """`source` (a regex; a GBNF grammar; a JSON schema as a dict or its JSON text) compiled over the
+    vocabulary's characters. Raises ConstraintError with the reason when it is malformed, too big,
+    needs characters the vocabulary lacks or admits no text. Cached (by kind, canonical source and
+    vocabulary), so a pattern used again costs a dictionary look-up."""
+    text = canonical(kind, source)
+    chars = tuple(vocab.chars)
+    key = (kind, text, chars)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    constraint = _compile(kind, text, chars)
+    with _lock:
+        _cache[key] = constraint
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return constraint
+
+
+def _grammar(kind: str, text: str, chars: tuple[str, ...]) -> str:
+    """llguidance's grammar for the constraint. A regex is intersected with the vocabulary's
+    characters (one lexeme, `pattern & [chars]*`), so its masks never lead where only characters the
+    vocabulary lacks go on: a regex stream meets no dead end."""
+    try:
+        if kind == "regex":
+            alone = llguidance.LLMatcher.grammar_from_regex(text)
+            error = llguidance.LLMatcher.validate_grammar(alone)
+            if error and not error.startswith("WARNING"):
+                raise ConstraintError(f"regex is malformed: {_first_line(error)}")
+            have = "".join(f"\\x{{{ord(c):x}}}" for c in chars)
+            return llguidance.LLMatcher.grammar_from_lark(
+                f"start: PATTERN\nPATTERN: /(?:{llguidance.regex_to_lark(text, '')})/ & /[{have}]*/\n")
+        if kind == "json_schema":
+            return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=JSON_LAYOUT)
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(text))
+    except RecursionError:
+        raise ConstraintError(f"{kind} is nested too deeply", "too_large") from None
+    except ConstraintError:
+        raise
+    except Exception as e:  # the GBNF translator raises whatever its parser meets
+        raise ConstraintError(f"{kind} is malformed: {e}") from None
+
+
+def _compile(kind: str, text: str, chars: tuple[str, ...]) -> Constraint:
+    grammar = _grammar(kind, text, chars)
+    limits = llguidance.LLParserLimits(**LIMITS)
+    tok = _tokenizer(chars)
+    error = llguidance.LLMatcher.validate_grammar(grammar, tok, limits=limits)
+    if error and not error.startswith("WARNING"):
+        reason = _first_line(error)
+        if reason.startswith("invalid regex"):
+            raise ConstraintError(f"{kind} is malformed: {reason}")
+        big = any(w in reason.lower() for w in ("too many", "too large", "too big", "limit", "fuel"))
+        raise ConstraintError(f"{kind} is {'too big' if big else 'malformed'}: {reason}", "too_large" if big else "malformed")
+    constraint = Constraint(kind, text, chars, grammar, tok)
+    try:
+        found = _admits_text(constraint)
+    except ConstraintError as e:
+        raise ConstraintError(f"{kind} is too complex: {e}", "too_complex") from None
+    if found is False:
+        missing = _missing_chars(kind, text, chars)
+        if missing:
+            raise ConstraintError(f"{kind} needs characters the model's vocabulary lacks: "
+                                  + ", ".join(repr(c) for c in missing), "missing_chars")
+        raise ConstraintError(f"{kind} admits no text made of the model's characters", "empty")
+    return constraint
+
+
+def _admits_text(constraint: Constraint) -> bool | None:
+    """Whether some text of the vocabulary's characters is a complete match: True (one was found),
+    False (every way was tried and none is), None (the search stopped at its bounds: unknown).
+    Seeded random walks first (a depth-first search alone loops in the first `x*` it meets), then a
+    depth-first search over the characters each state allows."""
+    root = constraint.start()
+    if root.error:
+        raise ConstraintError(root.error)
+    if not root.accepting and not root.allowed.any():  # nothing at all can begin
+        return False
+    deadline = time.monotonic() + SEARCH_SECONDS
+    rng = np.random.default_rng(0)
+    for _ in range(SEARCH_WALKS):
+        m = constraint.start()
+        walked = len(m.forced(SEARCH_DEPTH))
+        while walked < SEARCH_DEPTH and not m.accepting and m.allowed.any() and not m.error:
+            choices = np.flatnonzero(m.allowed)
+            walked += 1 + len(m.advance(int(choices[rng.integers(len(choices))]), SEARCH_DEPTH - walked))
+        if m.error:
+            raise ConstraintError(m.error)
+        if m.accepting:
+            return True
+        if time.monotonic() > deadline:
+            return None
+    budget = SEARCH_NODES
+    root = constraint.start()
+    stack = [(root, len(root.forced(SEARCH_DEPTH)))]
+    exhaustive = True
+    while stack:
+        m, depth = stack.pop()
+        if m.error:
+            raise ConstraintError(m.error)
+        if m.accepting:
+            return True
+        if depth >= SEARCH_DEPTH:
+            exhaustive = False
+            continue
+        for i in np.flatnonzero(m.allowed)[::-1].tolist():
+            if budget <= 0 or time.monotonic() > deadline:
+                return None
+            budget -= 1
+            child = m.copy()
+            run = child.advance(i, SEARCH_DEPTH - depth)
+            stack.append((child, depth + 1 + len(run)))
+    return False if exhaustive else None
+
+
+def _missing_chars(kind: str, text: str, chars: tuple[str, ...]) -> list[str]:
+    """The characters outside the vocabulary that a constraint admitting no text of the vocabulary
+    needs, at most 16: along one path of the same constraint over the vocabulary plus every
+    character the source names and printable ASCII, the ones it meets where the vocabulary has none
+    it could use, and the ones the source names where the path could take them."""
+    have = set(chars)
+    extra = sorted({c for c in text if c not in have and unicodedata.category(c)[0] != "C"}
+                   | {chr(i) for i in range(32, 127) if chr(i) not in have} | ({"\n"} - have))[:512]
+    wide = chars + tuple(extra)
+    constraint = Constraint(kind, text, wide, _grammar(kind, text, wide), _tokenizer(wide))
+    # the characters the source names outside character classes (and a grammar's comments)
+    named_text = re.sub(r"\[(?:\\.|[^\]\\])*\]", "", text)
+    if kind == "grammar":
+        named_text = re.sub(r"#[^\n]*", "", named_text)
+    m = constraint.start()
+    missing: list[str] = []
+    for _ in range(SEARCH_DEPTH):
+        if m.accepting or not m.allowed.any():
+            break
+        allowed = [wide[i] for i in np.flatnonzero(m.allowed).tolist()]
+        usable = [c for c in allowed if c in have]
+        lacking = [c for c in allowed if c not in have]
+        named = [c for c in lacking if c in named_text]
+        if not usable:  # the vocabulary stops here: these are needed
+            missing += [c for c in lacking if c not in missing][:4]
+            pick = min(lacking, key=lambda c: (c not in named_text, c.isspace(), c))
+        elif named:  # a character the source names, which the vocabulary lacks: follow it
+            pick = min(named)
+            if pick not in missing:
+                missing.append(pick)
+        else:
+            pick = usable[0]
+        m.advance(wide.index(pick), 0)
+        if len(missing) >= 16:
+            break
+    return missing[:16]

@@ -1,0 +1,98 @@
+"""The page's Format control (service/static/format.js) in headless Chromium against the real gunicorn
+and conftest's tiny model: the ready examples offered are those the model's vocabulary can write, an
+example gives an answer that matches it, a grammar works as a regex does, the probabilities shown are
+those after the mask, and a pattern the server refuses shows its message under the box."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from browser import CHROMIUM, CHROMIUM_ARGS, Tab
+from conftest import PERIODIC
+from server import running_server
+
+pytestmark = pytest.mark.slow  # Chromium and a real gunicorn
+
+OFFERED = "() => document.querySelectorAll('#format-example option').length > 1"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium; scripts/test does it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (pip install -e '.[test]')")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, browser):
+    with running_server(tiny_artifact) as s:
+        yield s
+
+
+@pytest.fixture
+def tab(browser, server):
+    t = Tab(browser, server.url + "/")
+    t.page.click("#format summary")
+    yield t
+    t.close()
+
+
+def test_an_example_the_model_can_write_gives_an_answer_that_matches_it(tab):
+    page = tab.page
+    page.wait_for_function(OFFERED)
+    offered = page.eval_on_selector_all("#format-example option", "options => options.map(o => o.value)")
+    # the tiny model writes lowercase text only: the examples that need capitals (a speaker, an
+    # acrostic, a name) are not offered
+    assert offered == ["", "fourteen"]
+    page.select_option("#format-example", "fourteen")
+    assert page.input_value("#format-kind") == "regex" and page.input_value("#format-pattern") == r"(.{10,60}\n){14}"
+    assert page.input_value("#max-chars") == "900"  # enough for a whole match
+    tab.send("", temperature=0)
+    assert tab.wait_ended() == "done"
+    text = tab.generated()
+    assert re.fullmatch(r"(.{10,60}\n){14}", text) and text == PERIODIC * 14  # greedy: the lines the model knows
+    assert tab.turn().locator(".finish").text_content().startswith("finish: stop")
+    assert tab.console_errors == []
+
+
+def test_a_grammar_and_the_probabilities_after_the_mask(tab):
+    page = tab.page
+    page.select_option("#format-kind", "grammar")
+    page.fill("#format-pattern", 'root ::= [aeiou]{6} "\\n"')
+    page.check("#probabilities")
+    tab.send("the quick", temperature=1)
+    assert tab.wait_ended() == "done"
+    assert re.fullmatch("[aeiou]{6}\n", tab.generated())
+    # every alternative the tooltip would show is one the grammar allowed there
+    alternatives = tab.turn().locator(".generated .ch").evaluate_all(
+        "spans => spans.map(s => (s.top || []).filter(a => a.logprob > -1e9).map(a => a.char).join(''))")
+    assert len(alternatives) == 7 and all(set(a) <= set("aeiou") for a in alternatives[:6]) and alternatives[6] == "\n"
+    assert tab.console_errors == []
+
+
+@pytest.mark.parametrize("kind, pattern, says", [
+    ("regex", "(a|b", "regex is malformed"),
+    ("regex", "[A-Z]+ dog", "needs characters the model's vocabulary lacks: 'A'"),
+    ("grammar", "root ::= missing", "grammar is malformed"),
+])
+def test_a_pattern_the_server_refuses_shows_its_message_under_the_box(tab, kind, pattern, says):
+    page = tab.page
+    page.select_option("#format-kind", kind)
+    page.fill("#format-pattern", pattern)
+    tab.send("the quick")
+    assert tab.wait_ended() == "error"
+    error = page.locator("#format-error")
+    assert error.is_visible() and says in error.text_content() and error.text_content().startswith(f"{kind} ")
+    assert page.get_attribute("#format-pattern", "aria-invalid") == "true"
+    assert tab.generated() == ""  # refused before anything was generated
+    page.fill("#format-pattern", "[a-z ]{3}")  # editing the pattern clears the message
+    assert page.is_hidden("#format-error") and page.get_attribute("#format-pattern", "aria-invalid") is None
+    page.select_option("#format-kind", "regex")
+    tab.send("the quick")
+    assert tab.wait_ended() == "done" and re.fullmatch("[a-z ]{3}", tab.generated())
