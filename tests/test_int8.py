@@ -188,6 +188,28 @@ def test_info_and_models_say_which_graph_serves(tiny_artifact, precision, graph)
         assert body["choices"][0]["text"] == PERIODIC[9:39]
 
 
+def test_scoring_comes_from_the_graph_that_serves(tiny_artifact):
+    """/v1/score's and echo's log-probabilities on an int8 server are the int8 graph's (run over the
+    text from the zero state, as `chargen evaluate --precision int8` runs it), not float32's."""
+    from model.runtime.sampling import log_softmax
+    from model.training.evaluate import GraphNetwork
+
+    text = "a lazy fox jumps over the quick dog. the end.\n" * 2
+    ids = artifact.load(tiny_artifact).vocab.encode(text).ids
+    want = {}
+    for precision in ("int8", "float32"):
+        logits = GraphNetwork(artifact.load(tiny_artifact, precision).graph).predict_on_batch(ids[None, :-1])[0]
+        want[precision] = np.take_along_axis(log_softmax(logits.astype(np.float64)), ids[1:, None], axis=1)[:, 0]
+    assert np.abs(want["int8"] - want["float32"]).max() > 1e-3  # the graphs are told apart at the bound below
+    with loaded_app(tiny_artifact) as app:
+        client = app.test_client()
+        scored = client.post("/v1/score", json={"text": text, "logprobs": True}).get_json()
+        echo = client.post("/v1/completions", json={"prompt": text, "echo": True, "logprobs": 1, "max_tokens": 0}).get_json()
+    got = np.array([c["logprob"] for c in scored["logprobs"][1:]])
+    assert np.abs(got - want["int8"]).max() < 1e-4
+    assert np.abs(np.array(echo["choices"][0]["logprobs"]["token_logprobs"][1:]) - want["int8"]).max() < 1e-4
+
+
 def test_sample_precision_from_the_option_and_the_environment(tiny_artifact, copy):
     for args, env in ((["--precision", "float32"], None), ([], {"CHARGEN_PRECISION": "int8"}), ([], None)):
         result = chargen("sample", "--artifact", str(tiny_artifact), "--prompt", "the quick", "--max-chars", "30",
