@@ -290,3 +290,15 @@ def test_shipped_model_int8_greedy_text_is_float32s_up_to_a_near_tie():
         first = differ[0]
         assert near_tie[first], f"the texts part at {first}, where float32's margin is {margin[first]:.4f} nats"
         assert first >= 30
+
+
+def test_the_thread_threshold_depends_on_the_graph(tiny_artifact):
+    """A step goes on a second thread from THREADED_STEP_FLOPS of work, which is set per precision."""
+    import math
+
+    from model.runtime.onnx_step import THREADED_STEP_FLOPS, OrtStep
+
+    for precision in ("float32", "int8"):
+        step = OrtStep(artifact.load(tiny_artifact, precision).graph, 4, threads=2)
+        assert step.precision == precision
+        assert step.min_rows_per_thread == math.ceil(THREADED_STEP_FLOPS[precision] / step.flops_per_char())
