@@ -32,7 +32,7 @@ batch and of a single row round differently); the sampler works in float64 so th
 pick only when a draw lands within ~1e-6 of a boundary. Same seed and same batch composition:
 same text, always. An int8 graph (model.int8.onnx) depends on the batch far more: ONNX Runtime's
 dynamic quantization gives each call's activations one scale for all its rows, so a stream's
-log-probabilities move with the streams it steps beside (bench/README.md's int8 section), and so
+log-probabilities move with the streams it steps beside (README.md, "Precision"), and so
 can its sampled text; alone, or beside the same streams, it is the same.
 
 The engine is not thread-safe: exactly one thread calls it.
