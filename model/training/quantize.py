@@ -32,7 +32,9 @@ from model.records.meta import MAX_INT8_LOSS_INCREASE, Int8Info
 from model.training.evaluate import GraphNetwork, Loss, window_loss
 
 WINDOW = 256
-MAX_CHARS = 2**19  # the most characters of a text the measure scores (its start): bounded time at export and at each save
+# The most characters of a text the measure scores (its start): bounded time at export and at each
+# save a training run makes (every new best is measured).
+MAX_CHARS = 2**17
 NO_INT8 = {
     "gru": "ONNX Runtime has no quantized GRU operator (quantize_dynamic leaves the recurrent products in float32, "
            "which measured no faster than float32)",
