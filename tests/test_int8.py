@@ -302,3 +302,22 @@ def test_the_thread_threshold_depends_on_the_graph(tiny_artifact):
         step = OrtStep(artifact.load(tiny_artifact, precision).graph, 4, threads=2)
         assert step.precision == precision
         assert step.min_rows_per_thread == math.ceil(THREADED_STEP_FLOPS[precision] / step.flops_per_char())
+
+
+@pytest.mark.slow
+def test_chargen_serve_runs_the_shipped_model_in_int8_by_default(copy):
+    """A real server of the shipped model: int8 by default, float32 with CHARGEN_PRECISION; a
+    recorded int8 graph that is missing stops `chargen serve` before gunicorn starts, naming it."""
+    import subprocess
+
+    from server import chargen_command, running_server, server_env
+
+    for env, precision in (({}, "int8"), ({"CHARGEN_PRECISION": "float32"}, "float32")):
+        with running_server(SHIPPED, env=env) as server:
+            card = server.get("/v1/models", timeout=30).json()["data"][0]
+            assert (card["precision"], card["graph"]) == (precision, "model.onnx" if precision == "float32" else INT8_GRAPH)
+            assert server.get("/info", timeout=30).json()["model"]["precision"] == precision
+    (copy / INT8_GRAPH).unlink()
+    done = subprocess.run([*chargen_command(), "serve", "--port", "0"], env=server_env(copy), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and f"{copy / INT8_GRAPH}: missing" in done.stderr, done.stderr

@@ -18,7 +18,7 @@ How a step is arranged:
     graph predicts at every position, which `predict` returns for scoring.
   - ORT's threads do not spin-wait for work: spinning threads collapse when other work shares the
     cores (the HTTP threads, other workers, a training run). Prompts, and steps with too little
-    work for two threads (`min_rows_per_thread`, from the network's size), run on one thread;
+    work for two threads (`min_rows_per_thread`, from the network's size and the graph's precision), run on one thread;
     larger steps use `threads`. bench/README.md ("Threads per step") has the figures for all of these.
 """
 
