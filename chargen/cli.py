@@ -442,7 +442,7 @@ def export_command(artifact_path, int8, corpus_path, text_path, int8_max_increas
     gate = MAX_INT8_LOSS_INCREASE if int8_max_increase is None else int8_max_increase
     try:
         _, info, written = artifacts.add_int8(path, ids, described, gate)
-    except artifact.ArtifactError as e:
+    except (artifact.ArtifactError, ValueError) as e:  # ValueError: a text too short to score
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"{path}: cannot be written: {e.strerror or e}") from None

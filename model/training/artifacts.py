@@ -22,7 +22,7 @@ from model.records.files import fsync, write_atomic
 from model.records.meta import (GRAPH, INT8_GRAPH, MAX_INT8_LOSS_INCREASE, ArtifactMeta, BadMeta, CorruptModel,
                                 Int8Info, VocabMismatch)
 from model.records.vocab import Vocab
-from model.runtime.artifact import Artifact, _check_files, _check_graph
+from model.runtime.artifact import Artifact, _check_files, _check_graph, check
 from model.training.network import build_model, config_of, copy_weights, trainable_weights
 
 if TYPE_CHECKING:
@@ -135,9 +135,7 @@ def add_int8(path: str | Path, ids: np.ndarray, text: str,
     (for a GRU or RNN: why there is no int8 graph). Returns the artifact's path, the record, and
     whether anything was written: running it again on the same text changes nothing. The graph is
     written before meta.json, each atomically; `max_increase` is the quality gate (tests lower it)."""
-    from model.runtime.artifact import check  # the float32 graph is checked as serving checks it
-
-    path, meta, _ = check(path, precision="float32")
+    path, meta, _ = check(path, precision="float32")  # the float32 graph is checked as serving checks it
     graph = (path / GRAPH).read_bytes()
     int8, info = _int8(graph, meta, path, ids, text, max_increase)
     written = False
