@@ -8,10 +8,11 @@ table; activations are quantized on the fly at every step. The signature and the
 stay the graph's (model/runtime/graph.py), plus metadata precision "int8".
 
 GRU and vanilla RNN artifacts get none: ONNX Runtime has no quantized GRU or RNN operator, so
-quantize_dynamic quantizes only their output layer and embedding, which measured no faster than
-float32 (the recurrent products are most of the work). A GRU written out of quantizable MatMuls
-would need the recurrence as an ONNX Loop or one runtime call per character: not tried. Those
-artifacts record `NO_INT8[cell]` and serve float32.
+quantize_dynamic quantizes only their output layer and embedding, and the recurrent products, most
+of the work, stay float32; bench/int8_cells.py measured such graphs within noise of float32 (a
+quantized graph whose batch changes its results, for nothing clear). A GRU written out of
+quantizable MatMuls would need the recurrence as an ONNX Loop or one runtime call per character:
+not tried. Those artifacts record `NO_INT8[cell]` and serve float32.
 
 `measure` scores both graphs on the same text with ONNX Runtime, in consecutive windows of 256 from
 a fresh state (model/training/evaluate.py's window_loss, nanoGPT's measure): the figures meta.json
@@ -36,10 +37,10 @@ WINDOW = 256
 # save a training run makes (every new best is measured).
 MAX_CHARS = 2**17
 NO_INT8 = {
-    "gru": "ONNX Runtime has no quantized GRU operator (quantize_dynamic leaves the recurrent products in float32, "
-           "which measured no faster than float32)",
-    "rnn": "ONNX Runtime has no quantized RNN operator (quantize_dynamic leaves the recurrent products in float32, "
-           "which measured no faster than float32)",
+    "gru": "ONNX Runtime has no quantized GRU operator: quantize_dynamic leaves the recurrent products in float32, "
+           "and the graph it makes measured no clear gain over float32 (bench/int8_cells.py)",
+    "rnn": "ONNX Runtime has no quantized RNN operator: quantize_dynamic leaves the recurrent products in float32, "
+           "and the graph it makes measured no clear gain over float32 (bench/int8_cells.py)",
 }
 
 
