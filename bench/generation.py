@@ -1,8 +1,10 @@
 """Generation speed, side by side in one run: the engine against the bare ONNX Runtime loop it is
-built on, naive windowed predict and TensorFlow's stateful OneStep; prompt consumption; memory.
-Prints one table and the goals; see bench/README.md.
+built on, for the float32 graph (model.onnx) and the int8 graph (model.int8.onnx) when the artifact
+has one; naive windowed predict and TensorFlow's stateful OneStep; OpenVINO's runtime on the same
+graphs; prompt consumption; memory. Prints one table and the goals; see bench/README.md.
 
     .venv/bin/python bench/generation.py [--artifact artifacts/default] [--seconds 6] [--rounds 3]
+    .venv/bin/python bench/generation.py --precision float32   # one graph only (default: float32,int8)
     .venv/bin/python bench/generation.py --sessions      # the bare loop under other session settings too
 
   f  the bare ONNX Runtime loop: session.run() on the artifact's graph, one character per call
@@ -11,6 +13,12 @@ Prints one table and the goals; see bench/README.md.
      (ONNX Runtime's threads not spinning; one thread below the engine's min_rows_per_thread rows
      (model/runtime/onnx_step.py), one per core from there)
   c  the engine, one stream; d  the engine, 8, 32 and 128 streams stepped together
+  Each of f, c and d runs once per graph: float32 and int8 (the engine given the artifact loaded
+     with that precision, as CHARGEN_PRECISION does); all four take turns.
+  o  OpenVINO's CPU runtime (PyPI `openvino`, the `bench` extra) running the same graph in the same
+     bare loop, at 1, 8, 32 and 128 streams, taking turns with f of that graph (one thread below the
+     engine's min_rows_per_thread rows, one per core from there, as f); left out, with a line
+     saying so, when openvino is not installed
   a  naive: model.predict on the last 40 characters, once per character (keras.io / textgenrnn)
   b  OneStep: a stateful one-step tf.function carrying the states (the TensorFlow text generation
      tutorial), one stream;  e  OneStep with a batch of 32 streams
@@ -19,9 +27,10 @@ Rates are total characters per second over all streams. f and the engine take tu
 count, in --rounds rounds; the table gives each one's median round and the median of the
 per-round ratios. Every method samples at
 temperature 0.8. Then: the time the engine takes to consume a 200- and a 4,000-character prompt
-(one runtime call) and to give the first character after it; the process's resident memory with
-the engine loaded, taken before Keras or TensorFlow is imported (a serving worker imports
-neither); last, with Keras loaded, a, b and e (fixed small numbers of characters, best of three).
+(one runtime call) and to give the first character after it, per graph; the resident memory of a
+fresh process that loads the engine of one graph (as a serving worker does: no Keras, no
+TensorFlow, no other graph) and generates 500 characters, per graph; last, with Keras loaded, a, b
+and e (fixed small numbers of characters, best of three).
 The share of the float32 rate counts the matrix-product FLOPs per character from the network's
 shapes and divides by the rate of a large float32 matrix product measured in the same run.
 
@@ -72,12 +81,6 @@ def attainable_gflops(n: int = 2048, seconds: float = 3.0) -> float:
     return best / 1e9
 
 
-def rss_mb() -> tuple[float, float]:
-    """(resident set, its peak) of this process in MB, from /proc."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
-
-
 def graph_path(artifact: Path) -> tuple[Path, str]:
     """The artifact's model.onnx, or one built from its model.keras in a subprocess (and a note)."""
     if (artifact / "model.onnx").is_file():
@@ -125,6 +128,53 @@ class BareLoop:
         elapsed = time.perf_counter() - t
         self.logits, self.state = logits, state
         return elapsed
+
+
+class OpenVinoSession:
+    """A graph compiled by OpenVINO for the CPU, with the one method of an ONNX Runtime session that
+    BareLoop calls, so (o) runs f's loop unchanged."""
+
+    def __init__(self, compiled):
+        self.request = compiled.create_infer_request()
+        self.names = [port.get_any_name() for port in compiled.outputs]
+
+    def run(self, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+        self.request.infer(feeds)
+        return [self.request.get_output_tensor(self.names.index(name)).data.copy() for name in outputs]
+
+
+def openvino_compiled(graph: Path, threads: set[int]) -> dict:
+    """{threads: the graph compiled by OpenVINO for the CPU}; {} when openvino is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return {}
+    core = ov.Core()
+    model = core.read_model(str(graph))
+    return {t: core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": t}) for t in threads}
+
+
+RSS_CODE = r"""
+import sys
+from pathlib import Path
+from model.runtime import artifact
+from model.runtime.engine import Engine, GenerationRequest
+from model.runtime.sampling import SamplingSettings
+engine = Engine(artifact.load(sys.argv[1], sys.argv[2]), max_batch=int(sys.argv[3]))
+engine.generate(GenerationRequest("ROMEO:\n", max_chars=500, sampling=SamplingSettings(0.8), seed=0))
+status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines() if ":" in l)
+print(int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024, "keras" in sys.modules)
+"""
+
+
+def serving_rss(path: Path, precision: str, max_batch: int) -> tuple[float, float]:
+    """(resident set, its peak) in MB of a fresh process that loads the engine of `precision`'s graph
+    and generates 500 characters."""
+    out = subprocess.run([sys.executable, "-c", RSS_CODE, str(path), precision, str(max_batch)], cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rss, peak, keras = out.stdout.split()
+    assert keras == "False", "the engine's load imported Keras"
+    return float(rss), float(peak)
 
 
 # ---------------------------------------------------------------- (c), (d) the engine
@@ -301,8 +351,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds of f and the engine (default: %(default)s)")
     parser.add_argument("--naive-chars", type=int, default=40, help="characters for (a) (default: %(default)s)")
     parser.add_argument("--onestep-chars", type=int, default=400, help="characters per stream for (b) and (e) (default: %(default)s)")
+    parser.add_argument("--precision", default="float32,int8", help="the graphs to run, comma separated (default: %(default)s)")
+    parser.add_argument("--no-openvino", action="store_true", help="leave out OpenVINO's rows (o)")
     parser.add_argument("--sessions", action="store_true", help="also run the bare loop under other session settings")
     args = parser.parse_args()
+    asked = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not asked or any(p not in ("float32", "int8") for p in asked):
+        parser.error(f"--precision: float32 and/or int8, comma separated; got {args.precision!r}")
 
     import onnxruntime as ort
 
@@ -316,44 +371,81 @@ def main() -> None:
     except artifact.ArtifactError as e:
         sys.exit(f"error: {e}")
     graph, note = graph_path(path)
-    art = artifacts.Artifact(path, None, vocab, meta, graph)
+    arts = {"float32": artifacts.Artifact(path, None, vocab, meta, graph)} if "float32" in asked else {}
+    if "int8" in asked:
+        try:
+            arts["int8"] = artifact.load(path, "int8")
+        except artifact.ArtifactError as e:
+            print(f"int8       left out: {e}")
+    if not arts:
+        sys.exit("error: no graph to run")
+    precisions = list(arts)
     config = meta.config
-    engine = Engine(art, max_batch=max(STREAMS))
+    engines = {p: Engine(a, max_batch=max(STREAMS)) for p, a in arts.items()}
     cores = len(os.sched_getaffinity(0))
     print(f"artifact   {path}: {config.layers}x{config.units} {config.cell}, embedding {config.embedding}, vocabulary {len(vocab)}{note}")
     print(f"machine    {platform.processor() or platform.machine()}, {cores} cores, load average {os.getloadavg()[0]:.2f}; "
           f"numpy {np.__version__}; onnxruntime {ort.__version__}")
-    flops = engine.network.flops_per_char()
+    first = engines[precisions[0]]
+    flops = first.network.flops_per_char()
     peak = attainable_gflops()
     print(f"float32    large matrix product: {peak:.1f} GFLOP/s; the network needs {flops / 1e6:.3f} MFLOP per character")
+    print("graphs     " + "; ".join(f"{p}: {a.graph.name} ({a.graph.stat().st_size / 1e6:.1f} MB), the engine's threshold for "
+                                    f"a second thread {engines[p].network.min_rows_per_thread} rows" for p, a in arts.items()))
 
-    # f and the engine, round-robin
+    # f and the engine of each graph, round-robin
     names = ["h", "c"] if config.cell == "lstm" else ["h"]
     prompt_ids = vocab.encode(PROMPT).ids
-    sessions = {t: make_session(str(graph), t, providers("cpu")) for t in {1, cores}}
-    loops = {}
-    for b in STREAMS:
-        sess = sessions[1 if b < engine.network.min_rows_per_thread else cores]
-        loops["f", b] = BareLoop(sess, names, config.layers, config.units, prompt_ids, b)
+
+    def threads_for(p: str, b: int) -> int:
+        return 1 if b < engines[p].network.min_rows_per_thread else cores
+
+    sessions = {(p, t): make_session(str(a.graph), t, providers("cpu")) for p, a in arts.items() for t in {1, cores}}
+    loops = {(p, b): BareLoop(sessions[p, threads_for(p, b)], names, config.layers, config.units, prompt_ids, b)
+             for p in precisions for b in STREAMS}
     rates: dict = {}
     for _ in range(args.rounds):
         for b in STREAMS:
-            engine_loop = EngineLoop(engine, b)
-            pair = {"f": loops["f", b], "engine": engine_loop}
-            for loop in pair.values():
+            engine_loops = {p: EngineLoop(engines[p], b) for p in precisions}
+            group = {}
+            for p in precisions:
+                group[("f", p)], group[("engine", p)] = loops[p, b], engine_loops[p]
+            for loop in group.values():
                 loop.run(3)  # warm up
-            for kind, rate in side_by_side(pair, b, args.seconds / args.rounds).items():
-                rates.setdefault((kind, b), []).append(rate)
-            engine_loop.close()
-    ratios = {b: [e / f for e, f in zip(rates["engine", b], rates["f", b])] for b in STREAMS}
+            for key, rate in side_by_side(group, b, len(precisions) * args.seconds / args.rounds).items():
+                rates.setdefault((*key, b), []).append(rate)
+            for loop in engine_loops.values():
+                loop.close()
     median = {key: statistics.median(values) for key, values in rates.items()}
 
-    prompts = {n: prompt_ms(engine, text_of(vocab, n), 15 if n == 200 else 5) for n in (200, 4000)}
-    per_stream = memory_per_stream(engine)
-    slot = engine.network.bytes_per_slot()
-    rss, peak_rss = rss_mb()
-    heavy = [m for m in ("keras", "tensorflow") if m in sys.modules]
-    assert not heavy, f"imported before the memory was read: {heavy}"
+    def ratio(top: tuple, bottom: tuple) -> list[float]:
+        return [x / y for x, y in zip(rates[top], rates[bottom])]
+
+    # (o) OpenVINO against f, graph by graph
+    openvino: dict = {}
+    if args.no_openvino:
+        print("openvino   left out (--no-openvino)")
+    else:
+        compiled = {p: openvino_compiled(a.graph, {1, cores}) for p, a in arts.items()}
+        if not any(compiled.values()):
+            print("openvino   not installed: its rows (o) are left out (pip install -e '.[bench]')")
+        else:
+            import openvino as ov
+
+            print(f"openvino   {ov.__version__}")
+            for _ in range(args.rounds):
+                for b in STREAMS:
+                    for p in precisions:
+                        pair = {"f": loops[p, b], "o": BareLoop(OpenVinoSession(compiled[p][threads_for(p, b)]), names,
+                                                                config.layers, config.units, prompt_ids, b)}
+                        pair["o"].run(3)
+                        for kind, rate in side_by_side(pair, b, 2 * args.seconds / args.rounds).items():
+                            openvino.setdefault((kind, p, b), []).append(rate)
+
+    prompts = {p: {n: prompt_ms(e, text_of(vocab, n), 15 if n == 200 else 5) for n in (200, 4000)} for p, e in engines.items()}
+    per_stream = memory_per_stream(first)
+    slot = first.network.bytes_per_slot()
+    rss = {p: serving_rss(path, p, max(STREAMS)) for p in precisions}
 
     # the Keras peers
     import keras
@@ -373,39 +465,79 @@ def main() -> None:
 
     def row(name, rate, share=True, extra=""):
         shown = f"{rate * flops / (peak * 1e9):7.1%}" if share else " " * 7
-        print(f"  {name:44s} {rate:12,.0f}   {shown}   {extra}")
+        print(f"  {name:52s} {rate:12,.0f}   {shown}   {extra}")
+
+    def streams(n: int) -> str:
+        return f"{n} stream{'s' if n > 1 else ''}"
 
     print(f"\n  (TensorFlow {tf.__version__}, Keras {keras.__version__}; f and the engine: median of {args.rounds} interleaved rounds, "
-          f"{args.seconds / args.rounds:g} s each)")
-    print(f"  {'method (temperature 0.8)':44s} {'chars/s':>12s}   {'of float32 rate':>7s}   engine / f")
+          f"{args.seconds / args.rounds:g} s each per graph)")
+    print(f"  {'method (temperature 0.8)':52s} {'chars/s':>12s}   {'of float32 rate':>7s}   engine / f")
     row("a  naive: predict on last 40 chars", a, False)
     row("b  OneStep tf.function, 1 stream", b1, False)
     row("e  OneStep tf.function, 32 streams (total)", e, False)
     for n in STREAMS:
-        row(f"f  bare ONNX Runtime loop, {n} stream{'s' if n > 1 else ''}", median["f", n])
-        row(f"{'c' if n == 1 else 'd'}  engine, {n} stream{'s' if n > 1 else ''}", median["engine", n],
-            extra=f"{statistics.median(ratios[n]):.0%} ({min(ratios[n]):.0%}-{max(ratios[n]):.0%})")
-    c = median["engine", 1]
-    goals = [(f"engine >= 95% of f at {n} stream{'s' if n > 1 else ''}: {statistics.median(ratios[n]):.1%}", statistics.median(ratios[n]) >= 0.95)
-             for n in STREAMS]
-    goals += [
-        (f"c / a = {c / a:.1f} (engine, 1 stream / naive predict; >= 3)", c / a >= 3),
-        (f"c / b = {c / b1:.1f} (engine, 1 stream / OneStep; >= 3)", c / b1 >= 3),
-        (f"d32 / e = {median['engine', 32] / e:.1f} (engine / OneStep, 32 streams; >= 2, issue 4's goal)", median["engine", 32] / e >= 2),
-        (f"4,000-character prompt consumed in {prompts[4000][0]:.1f} ms: {OLD_PROMPT_MS / prompts[4000][0]:.1f}x faster than "
-         f"{OLD_PROMPT_MS:.0f} ms (>= 3x)", OLD_PROMPT_MS / prompts[4000][0] >= 3),
-        (f"resident memory with the engine loaded, no Keras or TensorFlow imported: {rss:.0f} MB (peak {peak_rss:.0f} MB; <= 200 MB)", rss <= 200),
-    ]
+        for p in precisions:
+            row(f"f  bare ONNX Runtime loop, {p}, {streams(n)}", median["f", p, n])
+            r = ratio(("engine", p, n), ("f", p, n))
+            row(f"{'c' if n == 1 else 'd'}  engine, {p}, {streams(n)}", median["engine", p, n],
+                extra=f"{statistics.median(r):.0%} ({min(r):.0%}-{max(r):.0%})")
+    if openvino:
+        print(f"\n  {'OpenVINO against f, the same graph (taking turns)':52s} {'chars/s':>12s}   {'':>7s}   o / f")
+        for n in STREAMS:
+            for p in precisions:
+                r = [o / f for o, f in zip(openvino["o", p, n], openvino["f", p, n])]
+                row(f"o  bare OpenVINO loop, {p}, {streams(n)}", statistics.median(openvino["o", p, n]),
+                    extra=f"{statistics.median(r):.0%} ({min(r):.0%}-{max(r):.0%})")
+
+    goals = []
+    for p in precisions:
+        for n in STREAMS:
+            r = statistics.median(ratio(("engine", p, n), ("f", p, n)))
+            goals.append((f"{p} engine >= 95% of f at {streams(n)}: {r:.1%}", r >= 0.95))
+    if len(precisions) == 2:
+        for n, goal in ((1, 3.0), (8, None), (32, 1.8), (128, 1.3)):
+            r = statistics.median(ratio(("engine", "int8", n), ("engine", "float32", n)))
+            if goal is None:
+                print(f"  int8 / float32 engine at {streams(n)}: {r:.2f}")
+            else:
+                goals.append((f"int8 / float32 engine at {streams(n)}: {r:.2f} (>= {goal:g})", r >= goal))
+        faster = prompts["float32"][4000][0] / prompts["int8"][4000][0]
+        goals.append((f"4,000-character prompt: int8 {prompts['int8'][4000][0]:.1f} ms, float32 {prompts['float32'][4000][0]:.1f} ms: "
+                      f"{faster:.1f}x faster (>= 2.5x)", faster >= 2.5))
+    for p in precisions:
+        c = median["engine", p, 1]
+        goals += [
+            (f"{p}: c / a = {c / a:.1f} (engine, 1 stream / naive predict; >= 3)", c / a >= 3),
+            (f"{p}: c / b = {c / b1:.1f} (engine, 1 stream / OneStep; >= 3)", c / b1 >= 3),
+            (f"{p}: d32 / e = {median['engine', p, 32] / e:.1f} (engine / OneStep, 32 streams; >= 2, issue 4's goal)",
+             median["engine", p, 32] / e >= 2),
+            (f"{p}: 4,000-character prompt consumed in {prompts[p][4000][0]:.1f} ms: {OLD_PROMPT_MS / prompts[p][4000][0]:.1f}x "
+             f"faster than {OLD_PROMPT_MS:.0f} ms (>= 3x)", OLD_PROMPT_MS / prompts[p][4000][0] >= 3),
+            (f"{p}: resident memory of a process with the engine loaded and 500 characters generated, no Keras: "
+             f"{rss[p][0]:.0f} MB (peak {rss[p][1]:.0f} MB; <= 200 MB)", rss[p][0] <= 200),
+        ]
+    for n in STREAMS:
+        for p in precisions:
+            if openvino:
+                r = statistics.median([o / f for o, f in zip(openvino["o", p, n], openvino["f", p, n])])
+                if r > 1.2:
+                    print(f"  OpenVINO is more than 20% faster than ONNX Runtime: {p}, {streams(n)}: {r:.0%} of f")
     print()
     for text, met in goals:
         print(f"  [{'met' if met else 'NOT MET'}] {text}")
-    print(f"  prompt: 200 characters consumed in {prompts[200][0]:.1f} ms, first character after it at {prompts[200][1]:.1f} ms "
-          f"(OneStep {b_first200:.1f} ms); 4,000 characters: {prompts[4000][0]:.1f} ms and {prompts[4000][1]:.1f} ms")
-    print(f"  memory per added stream: {per_stream / 1024:.1f} KiB of Python objects and arrays, plus {slot / 1024:.1f} KiB "
-          f"of state and staging per batch slot, allocated up front ({engine.max_batch} slots: {slot * engine.max_batch / 2**20:.1f} MiB)")
+    for p in precisions:
+        print(f"  {p} prompt: 200 characters consumed in {prompts[p][200][0]:.1f} ms, first character after it at "
+              f"{prompts[p][200][1]:.1f} ms (OneStep {b_first200:.1f} ms); 4,000 characters: {prompts[p][4000][0]:.1f} ms "
+              f"and {prompts[p][4000][1]:.1f} ms")
+    print(f"  memory per added stream ({precisions[0]}): {per_stream / 1024:.1f} KiB of Python objects and arrays, plus "
+          f"{slot / 1024:.1f} KiB of state and staging per batch slot, allocated up front ({first.max_batch} slots: "
+          f"{slot * first.max_batch / 2**20:.1f} MiB)")
 
     if args.sessions:
-        session_study(graph, names, config.layers, config.units, prompt_ids, args.seconds, args.rounds)
+        for p, a in arts.items():
+            print(f"\n  {p}:", end="")
+            session_study(a.graph, names, config.layers, config.units, prompt_ids, args.seconds, args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What serving costs without the training stack: install size, time to healthy, worker memory.
 
     .venv/bin/python bench/serving.py [--artifact artifacts/default] [--starts 3] [--venv DIR] [--json]
+                                      [--precision float32,int8]
 
 1. A fresh virtual environment in a temporary directory, with the project installed into it as a
    user would (`pip install .`, no extras, not editable) from a copy of this working tree's
@@ -13,6 +14,9 @@
    (every worker has loaded the model).
 3. The resident memory (VmRSS, from /proc) of each worker, the children of the gunicorn master
    that `chargen serve` becomes, once healthy and again after one 500-character request.
+2 and 3 are measured for each --precision (CHARGEN_PRECISION: the float32 graph model.onnx, the
+int8 graph model.int8.onnx; issue 24), the starts taking turns so that both see the same machine;
+/info must say that the graph asked for is the one served.
 
 Goals (issue 11): the serving environment <= 350 MB, healthy <= 3 s, worker RSS <= 200 MB with the
 default model loaded. Times depend on what else the machine is doing: run it on an idle machine.
@@ -129,12 +133,14 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def start_once(venv: Path, artifact: Path, timeout: float, measure_rss: bool) -> dict:
-    """One `chargen serve`: seconds until /health is 200, and the workers' RSS if asked."""
+def start_once(venv: Path, artifact: Path, timeout: float, measure_rss: bool, precision: str = "auto") -> dict:
+    """One `chargen serve` of the graph for `precision`: seconds until /health is 200, and the
+    workers' RSS if asked."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHARGEN_", "PYTHON", "VIRTUAL_ENV"))}
-    env.update({"CHARGEN_ARTIFACT": str(artifact), "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"})
+    env.update({"CHARGEN_ARTIFACT": str(artifact), "CHARGEN_PRECISION": precision,
+                "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"})
     run_dir = Path(tempfile.mkdtemp(prefix="chargen-serve-"))  # nothing importable in the working directory
     log = open(run_dir / "server.log", "wb")
     started = time.monotonic()
@@ -152,6 +158,11 @@ def start_once(venv: Path, artifact: Path, timeout: float, measure_rss: bool) ->
         if healthy is None:
             raise RuntimeError(f"not healthy within {timeout} s:\n{(run_dir / 'server.log').read_text()[-3000:]}")
         result = {"healthy_s": healthy}
+        with urllib.request.urlopen(f"{base}/info", timeout=30) as r:
+            served = json.load(r)["model"].get("precision", "float32")
+        if precision != "auto" and served != precision:
+            raise RuntimeError(f"CHARGEN_PRECISION={precision}, but /info says the {served} graph serves")
+        result["precision"] = served
         if measure_rss:
             workers = children(process.pid)
             result["master_rss_mb"] = rss_mb(process.pid)
@@ -188,8 +199,13 @@ def main() -> None:
     parser.add_argument("--venv", type=Path, default=None, help="an environment made by an earlier run (kept)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one start may take")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--precision", default="float32,int8",
+                        help="CHARGEN_PRECISION values to start the server with, comma separated (default: %(default)s)")
     args = parser.parse_args()
     artifact = Path(args.artifact).resolve()
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not precisions or any(p not in ("auto", "float32", "int8") for p in precisions):
+        parser.error(f"--precision: auto, float32 or int8, comma separated; got {args.precision!r}")
 
     tmp = None
     if args.venv:
@@ -205,36 +221,45 @@ def main() -> None:
         if found["importable"]:
             raise SystemExit(f"{venv}: the serving environment can import {', '.join(found['importable'])}")
         sizes = sorted(((n, b / MB) for n, b in found["sizes"].items()), key=lambda x: -x[1])
-        starts = [start_once(venv, artifact, args.timeout, measure_rss=(i == 0)) for i in range(args.starts)]
+        starts = {p: [] for p in precisions}
+        for i in range(args.starts):  # the precisions take turns
+            for p in precisions:
+                starts[p].append(start_once(venv, artifact, args.timeout, measure_rss=(i == 0), precision=p))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    healthy = [s["healthy_s"] for s in starts]
-    first = starts[0]
-    worker = max(first["worker_rss_after_request_mb"])
     result = {
         "venv_mb": round(size, 1), "install_s": install_s and round(install_s, 1),
         "largest_mb": {n: round(mb, 1) for n, mb in sizes[:12]},
-        "healthy_s": [round(h, 2) for h in healthy],
-        "master_rss_mb": round(first["master_rss_mb"], 1),
-        "worker_rss_mb": [round(r, 1) for r in first["worker_rss_mb"]],
-        "worker_rss_after_request_mb": [round(r, 1) for r in first["worker_rss_after_request_mb"]],
-        "artifact": str(artifact), "goals": GOALS,
+        "artifact": str(artifact), "goals": GOALS, "precisions": {},
     }
+    for p, runs in starts.items():
+        first = runs[0]
+        result["precisions"][p] = {
+            "served": first["precision"],
+            "healthy_s": [round(r["healthy_s"], 2) for r in runs],
+            "master_rss_mb": round(first["master_rss_mb"], 1),
+            "worker_rss_mb": [round(r, 1) for r in first["worker_rss_mb"]],
+            "worker_rss_after_request_mb": [round(r, 1) for r in first["worker_rss_after_request_mb"]],
+        }
     if args.json:
         print(json.dumps(result))
         return
-    median = sorted(healthy)[len(healthy) // 2]
     took = f"; install took {install_s:.0f} s" if install_s else ""
     print(f"serving environment  {size:6.1f} MB on disk   goal <= {GOALS['venv_mb']:.0f} MB  {verdict(size, GOALS['venv_mb'])}"
           f"   (none of {', '.join(NOT_SERVED)} importable{took})")
     print("  largest: " + ", ".join(f"{n} {mb:.1f}" for n, mb in sizes[:10]) + " (MB)")
-    print(f"healthy after        {median:6.2f} s (median)   goal <= {GOALS['healthy_s']:.0f} s     {verdict(median, GOALS['healthy_s'])}"
-          f"   (starts: {', '.join(f'{h:.2f}' for h in healthy)} s)")
-    print(f"worker RSS           {worker:6.1f} MB           goal <= {GOALS['rss_mb']:.0f} MB  {verdict(worker, GOALS['rss_mb'])}"
-          f"   (healthy: {', '.join(f'{r:.1f}' for r in first['worker_rss_mb'])} MB; after a 500-character request: "
-          f"{', '.join(f'{r:.1f}' for r in first['worker_rss_after_request_mb'])} MB; master {first['master_rss_mb']:.1f} MB)")
+    for p, r in result["precisions"].items():
+        healthy = r["healthy_s"]
+        median = sorted(healthy)[len(healthy) // 2]
+        worker = max(r["worker_rss_after_request_mb"])
+        print(f"CHARGEN_PRECISION={p} (the {r['served']} graph serves)")
+        print(f"  healthy after      {median:6.2f} s (median)   goal <= {GOALS['healthy_s']:.0f} s     "
+              f"{verdict(median, GOALS['healthy_s'])}   (starts: {', '.join(f'{h:.2f}' for h in healthy)} s)")
+        print(f"  worker RSS         {worker:6.1f} MB           goal <= {GOALS['rss_mb']:.0f} MB  {verdict(worker, GOALS['rss_mb'])}"
+              f"   (healthy: {', '.join(f'{x:.1f}' for x in r['worker_rss_mb'])} MB; after a 500-character request: "
+              f"{', '.join(f'{x:.1f}' for x in r['worker_rss_after_request_mb'])} MB; master {r['master_rss_mb']:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -67,19 +67,20 @@ def _me() -> str:
     return shlex.quote(sys.argv[0]) if os.path.basename(sys.argv[0]) == "chargen" else "chargen"
 
 
-def _check_artifact(path: str, keras: bool = False):
+def _check_artifact(path: str, keras: bool = False, precision: str = "auto"):
     """The artifact's own check (model/runtime/artifact.py), without Keras: its path, meta and
-    vocabulary; `keras=True` for the commands that will load its Keras network."""
+    vocabulary; `keras=True` for the commands that will load its Keras network; `precision`: the
+    graph serving will run (auto, float32, int8)."""
     from model.runtime import artifact
 
     try:
-        return artifact.check(path, keras=keras)
+        return artifact.check(path, keras=keras, precision=precision)
     except artifact.ArtifactError as e:
         raise click.ClickException(str(e)) from None
 
 
-def _load_artifact(path: str, keras: bool = False):
-    """The serving load (no Keras), or with `keras=True` the Keras network too."""
+def _load_artifact(path: str, keras: bool = False, precision: str = "auto"):
+    """The serving load (no Keras) of the graph for `precision`, or with `keras=True` the Keras network too."""
     from model.records.meta import ArtifactError
 
     try:
@@ -89,7 +90,7 @@ def _load_artifact(path: str, keras: bool = False):
             return load_keras(path)
         from model.runtime.artifact import load
 
-        return load(path)
+        return load(path, precision)
     except ArtifactError as e:
         raise click.ClickException(str(e)) from None
 
@@ -215,7 +216,8 @@ def _preset(ctx, param, value):
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=TrainSettings.seed, show_default=True,
               help="Random seed (weights, batches, dropout).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=TrainSettings.precision, show_default=True,
-              help="Compute precision of training (mixed: for GPUs and TPUs); artifacts are float32 always.")
+              help="Compute precision of training (mixed: for GPUs and TPUs); artifacts hold float32 weights always "
+                   "(and an LSTM's int8 graph, made from them).")
 @click.option("--devices", type=click.IntRange(1), default=None,
               help="Devices to train on, data-parallel (default: every GPU or TPU, else one CPU; "
                    "without accelerators N virtual CPU devices, for testing).")
@@ -286,9 +288,13 @@ _DYNAMIC = DynamicSettings()  # dynamic evaluation's defaults; _finite is define
 @click.option("--dynamic-decay", type=click.FloatRange(0, 1), default=_DYNAMIC.decay, show_default=True,
               callback=lambda *a: _finite(*a),
               help="Dynamic evaluation: share of the way back to the trained weights taken at each update.")
+@click.option("--precision", "graph_precision", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
+              help="float32: the Keras network; int8: the artifact's int8 graph (model.int8.onnx) on ONNX Runtime, as "
+                   "serving runs it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of lines for people.")
 @click.pass_context
-def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dynamic_lr, dynamic_decay, as_json):
+def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dynamic_lr, dynamic_decay, graph_precision,
+             as_json):
     """Score a text: nats and bits per character.
 
     Prints the model's loss on the text in nats and bits per character (lower is better), measured
@@ -310,6 +316,8 @@ def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dy
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if given and not dynamic:
         raise click.UsageError(f"{', '.join(given)}: an option of dynamic evaluation, which runs only with --dynamic")
+    if dynamic and graph_precision == "int8":
+        raise click.UsageError("--dynamic adapts the Keras network's float32 weights; it does not run with --precision int8")
     settings = DynamicSettings(dynamic_segment, dynamic_lr, dynamic_decay)
     _require_keras("evaluate")
     try:  # everything that needs no model is checked before Keras loads
@@ -327,13 +335,18 @@ def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dy
     from model.training.evaluate import StreamScorer, window_loss
 
     loaded = _load_artifact(artifact_path, keras=True)
+    network = loaded.model
+    if graph_precision == "int8":  # the int8 graph, checked as serving checks it
+        from model.training.evaluate import GraphNetwork
+
+        network = GraphNetwork(_load_artifact(artifact_path, precision="int8").graph)
     scorer = StreamScorer()
-    loss = scorer.loss(loaded.model, encoded.ids)
+    loss = scorer.loss(network, encoded.ids)
     streams = scorer.rows(encoded.ids).shape[0]
     window = min(window, len(encoded.ids) - 1)  # a text shorter than one block is one shorter block
-    windowed = window_loss(loaded.model, encoded.ids, window)
+    windowed = window_loss(network, encoded.ids, window)
     result = {
-        "artifact": str(loaded.path), "text": text_path, "chars": len(text),
+        "artifact": str(loaded.path), "precision": graph_precision, "text": text_path, "chars": len(text),
         "outside_vocabulary": outside, "replaced": outside - encoded.dropped, "dropped": encoded.dropped,
         **loss.to_dict(), "streams": streams,  # the carried-state score
         "window": {"window": window, **windowed.to_dict()},
@@ -357,8 +370,9 @@ def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dy
         click.echo(f"{label:<9} {measured.nats:.4f} nats/char = {measured.bits:.4f} bits/char "
                    f"({measured.chars:,} characters predicted, {how})")
 
+    graph = "the int8 graph (model.int8.onnx)" if graph_precision == "int8" else "the Keras network (float32)"
     click.echo(f"artifact  {loaded.path}: {config.cell} {config.layers}x{config.units}, "
-               f"vocabulary {len(loaded.vocab)}, trained on {corpus}")
+               f"vocabulary {len(loaded.vocab)}, trained on {corpus}; scored with {graph}")
     click.echo(f"text      {text_path}: {len(text):,} characters, {outside:,} outside the vocabulary "
                f"({result['replaced']:,} replaced by their base form, {encoded.dropped:,} dropped)")
     line("carried", loss, f"state carried through each of {streams} stream{'s' * (streams > 1)}")
@@ -375,16 +389,37 @@ def evaluate(ctx, artifact_path, text_path, window, dynamic, dynamic_segment, dy
 @main.command("export")
 @click.option("--artifact", "artifact_path", required=True, type=click.Path(),
               help="Artifact directory (or a training run directory: its best/ is used).")
-def export_command(artifact_path):
-    """Add the ONNX graph (model.onnx) to an artifact made before training wrote one.
+@click.option("--int8", is_flag=True,
+              help="Also add model.int8.onnx, the graph with int8 weights (LSTM artifacts; a GRU or RNN records why it "
+                   "has none), scored beside model.onnx on the artifact's validation text (--corpus) or --text; serving "
+                   "runs it by default only if it is at most 0.005 nats/char worse.")
+@click.option("--corpus", "corpus_path", type=click.Path(dir_okay=False), default=None,
+              help="With --int8: the artifact's training corpus (checked against meta.json's sha256); both graphs are "
+                   "scored on its validation split, the last characters meta.json's split names.")
+@click.option("--text", "text_path", type=click.Path(dir_okay=False), default=None,
+              help="With --int8: score both graphs on this UTF-8 text instead (when the corpus is not at hand).")
+@click.option("--int8-max-increase", type=float, default=None, hidden=True,
+              help="Test-only: the quality gate in nats/char (default: model/records/meta.py's MAX_INT8_LOSS_INCREASE).")
+def export_command(artifact_path, int8, corpus_path, text_path, int8_max_increase):
+    """Add the ONNX graph (model.onnx) to an artifact made before training wrote one, and with --int8
+    its int8 graph (model.int8.onnx).
 
     The graph is built from the artifact's model.keras and checked against its meta.json. Serving
     runs it with ONNX Runtime, and so can anything else that runs ONNX (onnxruntime-web in a
     browser, for one). A damaged model.onnx is replaced; one that is up to date is left alone.
+
+    With --int8, the int8 graph is made from model.onnx by ONNX Runtime's dynamic quantization,
+    and both graphs are scored in windows of 256 on the same text; meta.json records both figures.
+    An int8 graph more than 0.005 nats/char worse than float32 is kept but not made the default.
     """
+    from model.records.meta import MAX_INT8_LOSS_INCREASE
     from model.runtime import artifact
     from model.training import artifacts
 
+    if not int8 and (corpus_path or text_path or int8_max_increase is not None):
+        raise click.UsageError("--corpus, --text: options of --int8, which measures the int8 graph on them")
+    if corpus_path and text_path:
+        raise click.UsageError("give either --corpus (the artifact's validation text) or --text, not both")
     _require_keras("export")
     try:  # the artifact is checked (without its graph, which may be damaged) before Keras loads
         graph, written = artifacts.add_graph(artifact_path)
@@ -393,12 +428,68 @@ def export_command(artifact_path):
     except OSError as e:  # a read-only directory, a full disk
         graph = artifact.resolve(artifact_path) / artifact.GRAPH
         raise click.ClickException(f"{graph}: cannot be written: {e.strerror or e}") from None
-    size = graph.stat().st_size
-    shown = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
     if written:
-        click.echo(f"wrote {graph} ({shown}): the ONNX graph of its model.keras, checked against meta.json")
+        click.echo(f"wrote {graph} ({_size(graph)}): the ONNX graph of its model.keras, checked against meta.json")
     else:
-        click.echo(f"{graph} is up to date ({shown}); nothing written")
+        click.echo(f"{graph} is up to date ({_size(graph)}); nothing written")
+    if not int8:
+        return
+    path, meta, vocab = _check_artifact(artifact_path, keras=True)
+    if meta.config.cell == "lstm":
+        ids, described = _int8_text(path, meta, vocab, corpus_path, text_path)
+    else:
+        ids, described = None, ""  # no int8 graph to score: meta.json records why
+    gate = MAX_INT8_LOSS_INCREASE if int8_max_increase is None else int8_max_increase
+    try:
+        _, info, written = artifacts.add_int8(path, ids, described, gate)
+    except (artifact.ArtifactError, ValueError) as e:  # ValueError: a text too short to score
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"{path}: cannot be written: {e.strerror or e}") from None
+    target = path / artifact.INT8_GRAPH
+    if info.sha256 is not None:
+        click.echo(f"{'wrote' if written else 'up to date:'} {target} ({_size(target)}) and its record in meta.json")
+    click.echo(info.verdict())
+    if info.sha256 is not None and not info.passed:
+        raise click.ClickException(f"{path}: int8 is not made the default: {info.verdict()}")
+
+
+def _size(path: Path) -> str:
+    size = path.stat().st_size
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
+
+
+def _int8_text(path: Path, meta, vocab, corpus_path: str | None, text_path: str | None):
+    """(ids, what they are) that export --int8 scores both graphs on: the artifact's validation text,
+    taken from its corpus, or another text."""
+    import hashlib
+
+    from model.training.data import CorpusError, read_text
+
+    if corpus_path is None and text_path is None:
+        named = f" (meta.json names {meta.corpus.name}, sha256 {meta.corpus.sha256[:12]}...)" if meta.corpus else ""
+        raise click.UsageError("--int8 scores both graphs on the artifact's validation text: give its training corpus "
+                               f"with --corpus FILE{named}, or another text with --text FILE")
+    source = corpus_path or text_path
+    try:
+        text = read_text(source)
+    except CorpusError as e:
+        raise click.ClickException(str(e)) from None
+    ids = vocab.encode(text).ids
+    if text_path:
+        return ids, f"{Path(text_path).name}"
+    if meta.corpus is None or meta.split is None:
+        raise click.ClickException(f"{path}: meta.json records no corpus or split to find the validation text in; "
+                                   "score another text with --text FILE")
+    digest = hashlib.sha256(Path(corpus_path).read_bytes()).hexdigest()
+    if digest != meta.corpus.sha256:
+        raise click.ClickException(f"{corpus_path}: not the corpus this artifact was trained on (its sha256 differs from "
+                                   f"meta.json's for {meta.corpus.name}); give that file, or another text with --text FILE")
+    n = meta.split.validation_chars
+    if len(ids) < n or n < 2:
+        raise click.ClickException(f"{corpus_path}: {len(ids):,} characters, fewer than the {n:,} validation characters "
+                                   "meta.json names; score another text with --text FILE")
+    return ids[len(ids) - n:], f"the validation text (the last {n:,} characters of {meta.corpus.name})"
 
 
 # ---------------------------------------------------------------- prepare
@@ -487,8 +578,12 @@ def _finite(ctx, param, value):
 @click.option("--json-schema", default=None, metavar="FILE|JSON",
               help="The continuation must be JSON valid under this schema, laid out as Python's json.dumps writes "
                    "it: a file's path when such a file exists, else the schema's JSON text.")
+@click.option("--precision", type=click.Choice(["auto", "int8", "float32"]), default="auto", show_default=True,
+              envvar="CHARGEN_PRECISION",
+              help="The graph that runs: auto is int8 (model.int8.onnx) where the artifact has one that passed its "
+                   "quality gate, float32 (model.onnx) otherwise.")
 def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, stop, no_prompt, device, regex, grammar,
-           json_schema):
+           json_schema, precision):
     """Print the prompt and a sampled continuation, character by character as it is generated.
 
     With --regex, --grammar or --json-schema (at most one) every character is picked among those
@@ -502,12 +597,12 @@ def sample(artifact_path, prompt, max_chars, temperature, top_k, top_p, seed, st
              if value is not None]
     if len(given) > 1:
         raise click.UsageError("give at most one of --regex, --grammar and --json-schema")
-    _check_artifact(artifact_path)
+    _check_artifact(artifact_path, precision=precision)
 
     from model.runtime.engine import Engine
     from model.runtime.streams import GenerationRequest
 
-    artifact = _load_artifact(artifact_path)
+    artifact = _load_artifact(artifact_path, precision=precision)
     constraint = _constraint(*given[0], artifact.vocab) if given else None
     try:
         engine = Engine(artifact, max_batch=1, device=device)
@@ -592,7 +687,7 @@ def serve(bind, host, port, workers, artifact_path):
     # first: the artifact's check loads ONNX Runtime, which takes longer than the rest of the command.
     _check_bind(bind or settings.bind, given)
     for source in models.sources:
-        _check_artifact(source.path)
+        _check_artifact(source.path, precision=settings.precision)
     import gunicorn.app.wsgiapp
 
     # gunicorn's master runs in this process, not in a child of it: signals reach it directly (a

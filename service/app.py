@@ -67,7 +67,8 @@ class Served:
                 "default": self.default, "corpus": meta.corpus.name if meta.corpus else None,
                 "corpus_chars": meta.corpus.chars if meta.corpus else None, "parameters": meta.parameters,
                 "bits_per_char": meta.validation.bits_per_char if meta.validation else None,
-                "cell": config.cell, "layers": config.layers, "units": config.units, "vocab_size": len(self.artifact.vocab)}
+                "cell": config.cell, "layers": config.layers, "units": config.units, "vocab_size": len(self.artifact.vocab),
+                "precision": self.artifact.precision, "graph": self.artifact.graph.name}
 
     def section(self) -> dict:
         """The model in /info (the model must be loaded)."""
@@ -77,7 +78,8 @@ class Served:
         return {"name": self.name, "default": self.default, "path": str(artifact.path), "cell": config.cell,
                 "layers": config.layers, "units": config.units, "embedding": config.embedding,
                 "parameters": meta.parameters, "vocab_size": len(artifact.vocab), "corpus": sections["corpus"],
-                "validation": sections["validation"], "training": sections["training"], "created": meta.created}
+                "validation": sections["validation"], "training": sections["training"], "created": meta.created,
+                "precision": artifact.precision, "graph": artifact.graph.name, "int8": sections.get("int8")}
 
 
 def model_not_found(name: str, available: list[str]) -> ApiError:

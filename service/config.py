@@ -91,6 +91,10 @@ class Settings(BaseModel):
     max_queue: int = Field(128, ge=0, description="Requests one worker holds waiting for slots; beyond that: 429.")
     device: str = Field("cpu", pattern="^(cpu|cuda)$", description="Where the network runs: cpu, or cuda (ONNX Runtime's "
                         "CUDA provider, from onnxruntime-gpu; without it the CPU, with a warning in the log).")
+    precision: str = Field("auto", pattern="^(auto|int8|float32)$", description="Which graph each model runs: auto "
+                           "(int8, model.int8.onnx, where the artifact has one that passed its quality gate; float32, "
+                           "model.onnx, otherwise), int8 (a model without a passing int8 graph fails to load, saying "
+                           "why) or float32. Scoring (/v1/score, echo logprobs) comes from the same graph.")
     stream_interval: float = Field(0.02, ge=0, le=1, description="Least seconds between the chunks of a stream (the first "
                                    "goes out at once); characters generated meanwhile are sent together.")
     stream_chunk_rate: float = Field(400.0, gt=0, description="Most chunks per second one worker sends over all its streams: "

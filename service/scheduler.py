@@ -294,7 +294,7 @@ class Scheduler:
         from model.runtime.engine import Engine, GenerationRequest
         from model.runtime.sampling import SamplingSettings
 
-        artifact = load(self.source.path)
+        artifact = load(self.source.path, self.settings.precision)
         engine = Engine(artifact, max_batch=self.settings.max_batch, device=self.settings.device,
                         prompt_cache_bytes=int(self.settings.prompt_cache_mb * 2**20))
         # One short generation so the first request does not pay for first-call costs.
@@ -302,9 +302,9 @@ class Scheduler:
         self.artifact, self.engine = artifact, engine
         self._ready.set()
         self._readiness.loaded()
-        log.info("worker %d: loaded %s from %s (%s %dx%d, %d characters) in %.1f s", os.getpid(), self.name, artifact.path,
-                 artifact.config.cell, artifact.config.layers, artifact.config.units, len(artifact.vocab),
-                 time.perf_counter() - started)
+        log.info("worker %d: loaded %s from %s (%s %dx%d, %d characters, %s graph %s) in %.1f s", os.getpid(), self.name,
+                 artifact.path, artifact.config.cell, artifact.config.layers, artifact.config.units, len(artifact.vocab),
+                 artifact.precision, artifact.graph.name, time.perf_counter() - started)
 
     def _fail(self, error: BaseException, loaded: bool) -> None:
         with self._cond:

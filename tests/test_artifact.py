@@ -359,7 +359,7 @@ def test_trained_artifact_describes_itself(tiny_artifact):
     assert meta["command"] == "test"  # what train_tiny passes
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["created"])
     assert sorted(p.name for p in tiny_artifact.iterdir()) == [
-        "history.csv", "history.json", "loss.png", "meta.json", "model.keras", "model.onnx", "vocab.json"]
+        "history.csv", "history.json", "loss.png", "meta.json", "model.int8.onnx", "model.keras", "model.onnx", "vocab.json"]
     loaded = artifact.load(tiny_artifact).meta
     assert loaded.to_dict() == meta and loaded.to_json() == (tiny_artifact / "meta.json").read_text()
     assert loaded.validation.nats_per_char == meta["validation"]["nats_per_char"] and loaded.corpus.name == corpus_file.name

@@ -19,7 +19,9 @@ AGREE = 1e-4  # nats per character, the issue's bound
 
 @pytest.fixture(scope="module")
 def app(tiny_artifact):
-    with loaded_app(tiny_artifact, MAX_PROMPT_CHARS=5000, MAX_BODY_BYTES=1 << 20) as app:
+    # the float32 graph, whose figures are the Keras network's (tests/test_int8.py: the int8 graph's are
+    # `chargen evaluate --precision int8`'s)
+    with loaded_app(tiny_artifact, MAX_PROMPT_CHARS=5000, MAX_BODY_BYTES=1 << 20, PRECISION="float32") as app:
         yield app
 
 

@@ -10,6 +10,7 @@ environment.)
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ def without_training_stack(tmp_path: Path) -> dict:
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(
         "import sys\n" + "".join(f"sys.modules[{m!r}] = None  # as in a serving install\n" for m in NOT_INSTALLED))
-    return {"PYTHONPATH": str(shim)}
+    # the caller's PYTHONPATH after the shim: a checkout run with itself on it is the code served
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)}
 
 
 def test_the_app_and_engine_load_and_generate_without_keras_or_onnx(tiny_artifact, tmp_path):

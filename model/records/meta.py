@@ -6,6 +6,10 @@ runtime reads artifacts (model/runtime/artifact.py), the training side writes th
 An artifact is a directory:
     model.keras   the network (Keras 3 zip format, loaded with safe_mode=True; no pickle)
     model.onnx    the same network as an ONNX graph (model/training/onnx_graph.py): what serving runs
+                  in float32
+    model.int8.onnx  (LSTM artifacts) the same graph with int8 weights (model/training/quantize.py),
+                  recorded in meta.json's `int8` with its sha256 and its loss beside model.onnx's;
+                  what serving runs by default when it passed its quality gate
     vocab.json    {"chars": [...]}: id -> character
     meta.json     an `ArtifactMeta`: format version, network config, corpus, split, validation loss,
                   training figures, versions and the command line that made it
@@ -27,7 +31,12 @@ from model.records.config import ModelConfig, Recipe
 
 FORMAT_VERSION = 1
 GRAPH = "model.onnx"
+INT8_GRAPH = "model.int8.onnx"
 FILES = ("model.keras", GRAPH, "vocab.json", "meta.json")
+PRECISIONS = ("float32", "int8")  # the graphs an artifact can serve: model.onnx, model.int8.onnx
+# How much worse (nats/char, in windows of 256 on the artifact's validation text) an int8 graph may
+# score than the float32 graph and still be what serving runs by default (issue 24).
+MAX_INT8_LOSS_INCREASE = 0.005
 
 
 def artifact_in(path: Path) -> Path | None:
@@ -61,6 +70,16 @@ class MissingGraph(ArtifactError):
 
 class CorruptGraph(ArtifactError):
     """A model.onnx that cannot be read, or is not the graph of the network meta.json describes."""
+
+
+class MissingInt8Graph(ArtifactError):
+    """meta.json records a model.int8.onnx that is not there, or int8 was asked of an artifact
+    without one (or whose int8 graph failed its quality gate)."""
+
+
+class CorruptInt8Graph(ArtifactError):
+    """A model.int8.onnx that cannot be read, is not the graph of the network meta.json describes,
+    or is not the file meta.json records (sha256)."""
 
 
 class BadVocab(ArtifactError):
@@ -109,6 +128,44 @@ class ValidationInfo:
 
 
 @dataclass(frozen=True)
+class Int8Info:
+    """meta.json's `int8`: the artifact's int8 graph, or why it has none, and the loss of both
+    graphs on the same text, measured when the int8 graph was made. Serving runs it by default only
+    when it `passed`: at most `max_increase` nats/char worse than the float32 graph."""
+
+    sha256: str | None  # of model.int8.onnx; None: the artifact has none (`reason` says why)
+    float32_sha256: str | None = None  # of the model.onnx it was made from
+    reason: str | None = None  # why there is no int8 graph (a GRU or RNN)
+    text: str | None = None  # what was scored: the artifact's validation text, or the file given
+    window: int | None = None  # the measure: consecutive windows of this many predictions from a fresh state
+    chars_scored: int | None = None
+    float32_nats_per_char: float | None = None  # model.onnx's loss on that text
+    int8_nats_per_char: float | None = None  # model.int8.onnx's
+    max_increase: float = MAX_INT8_LOSS_INCREASE  # the quality gate
+
+    @property
+    def increase(self) -> float | None:
+        if self.int8_nats_per_char is None or self.float32_nats_per_char is None:
+            return None
+        return self.int8_nats_per_char - self.float32_nats_per_char
+
+    @property
+    def passed(self) -> bool:
+        return self.sha256 is not None and self.increase is not None and self.increase <= self.max_increase
+
+    def verdict(self) -> str:
+        """One line: the figures and what they mean for serving."""
+        if self.sha256 is None:
+            return f"no int8 graph: {self.reason or 'not made'}; serving runs float32"
+        figures = (f"int8 {self.int8_nats_per_char:.4f} nats/char against float32 {self.float32_nats_per_char:.4f} "
+                   f"({self.increase:+.4f}; windows of {self.window} on {self.chars_scored:,} characters of {self.text})")
+        if self.passed:
+            return f"{figures}: within the gate of {self.max_increase:+g}, so serving runs int8 by default"
+        return (f"{figures}: above the gate of {self.max_increase:+g} nats/char, so int8 is not made the default; "
+                "serving runs float32")
+
+
+@dataclass(frozen=True)
 class TrainingInfo:
     epochs: int
     seconds: float
@@ -148,6 +205,26 @@ class ArtifactMeta:
     resumed: list[str] = field(default_factory=list)  # the command line of each --resume since, in order
     created: str | None = None  # ISO 8601, UTC
     vocab_size: int
+    int8: Int8Info | None = None  # the int8 graph (model.int8.onnx); absent from artifacts made before it
+
+    def precision(self, asked: str = "auto") -> str:
+        """The graph serving runs for `asked` ("auto", "float32" or "int8"): auto is int8 when the
+        artifact has an int8 graph that passed its quality gate, float32 otherwise. Asking for int8
+        of an artifact that has none, or whose graph failed the gate, is MissingInt8Graph."""
+        if asked not in ("auto", *PRECISIONS):
+            raise ValueError(f"precision must be auto, float32 or int8, got {asked!r}")
+        if asked == "float32":
+            return "float32"
+        if self.int8 is not None and self.int8.passed:
+            return "int8"
+        if asked == "auto":
+            return "float32"
+        if self.int8 is not None and self.int8.sha256 is not None:  # measured, and failed the gate
+            raise MissingInt8Graph(f"int8 was asked for, but this artifact's int8 graph failed its quality gate: "
+                                   f"{self.int8.verdict()}")
+        why = self.int8.verdict() if self.int8 is not None else "meta.json records no int8 graph"
+        raise MissingInt8Graph(f"int8 was asked for, but this artifact cannot serve it: {why}; add one with: "
+                               "chargen export --int8 --artifact DIR --corpus FILE, or serve float32")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -155,6 +232,8 @@ class ArtifactMeta:
             del d["training"]["recipe"]
         if not d["resumed"]:  # written only when there were resumes, for the same reason
             del d["resumed"]
+        if d["int8"] is None:  # written only when made: older artifacts read back unchanged
+            del d["int8"]
         if d["validation"] and not d["validation"]["sample"]:  # written only when true: older artifacts read back unchanged
             del d["validation"]["sample"]
         return d

@@ -30,7 +30,10 @@ the prediction at every position; `max_chars` 0 reads (and scores) the prompt an
 A stream's log-probabilities can differ by ~1e-6 depending on its batch (float32 products of a
 batch and of a single row round differently); the sampler works in float64 so that this flips a
 pick only when a draw lands within ~1e-6 of a boundary. Same seed and same batch composition:
-same text, always.
+same text, always. An int8 graph (model.int8.onnx) depends on the batch far more: ONNX Runtime's
+dynamic quantization gives each call's activations one scale for all its rows, so a stream's
+log-probabilities move with the streams it steps beside (README.md, "Precision"), and so
+can its sampled text; alone, or beside the same streams, it is the same.
 
 A request with a constraint (model.runtime.constraints) carries its matcher on its stream; the
 engine keeps each constrained slot's mask (`_allowed`: the characters that continue the match, or

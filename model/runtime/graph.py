@@ -12,7 +12,9 @@ One graph serves one-character steps and whole prompts (batch and sequence lengt
              h_out   float  (layers, batch, units)  the states after the last position
              c_out   float  (layers, batch, units)  (lstm only)
 
-Its metadata (strings): chargen_graph_format, cell, layers, units, embedding, vocab_size.
+Its metadata (strings): chargen_graph_format, cell, layers, units, embedding, vocab_size, and in an
+int8 graph (model.int8.onnx, model/training/quantize.py) precision "int8": the same signature, its
+weights stored in int8 (a graph without `precision` is float32).
 
 What the check sees is what ONNX Runtime reports: a graph it refuses is damaged; one it accepts is
 compared with meta.json by its metadata, inputs and outputs. The operators inside are not compared
@@ -54,11 +56,12 @@ def metadata(cell: str, layers: int, units: int, embedding: int, vocab_size: int
 
 
 def check_graph(source: str | Path | bytes, *, cell: str, layers: int, units: int, vocab_size: int,
-                name: str | None = None) -> None:
-    """Check that a graph (a path or its bytes) is the graph of the network meta.json describes.
-    Raises ValueError naming the file (`name`, else the path) and every mismatch found."""
+                name: str | None = None, precision: str = "float32") -> None:
+    """Check that a graph (a path or its bytes) is the graph of the network meta.json describes, in
+    `precision` (float32: model.onnx, int8: model.int8.onnx). Raises ValueError naming the file
+    (`name`, else the path) and every mismatch found."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        name, data = name or "model.onnx", bytes(source)
+        name, data = name or ("model.onnx" if precision == "float32" else "model.int8.onnx"), bytes(source)
     else:
         name = name or str(source)
         try:
@@ -74,7 +77,10 @@ def check_graph(source: str | Path | bytes, *, cell: str, layers: int, units: in
     except Exception as e:  # ONNX Runtime's error classes derive from Exception only
         raise ValueError(f"{name}: damaged ONNX graph: {_reason(e)}") from None
 
-    problems = _metadata_problems(session.get_modelmeta().custom_metadata_map, cell, layers, units, vocab_size)
+    props = session.get_modelmeta().custom_metadata_map
+    problems = _metadata_problems(props, cell, layers, units, vocab_size)
+    if not problems and props.get("precision", "float32") != precision:
+        problems.append(f"it is the {props.get('precision', 'float32')} graph, expected the {precision} one")
     expected_in, expected_out = signature(cell, layers, units, vocab_size)
     problems += _tensor_problems("input", session.get_inputs(), expected_in)
     problems += _tensor_problems("output", session.get_outputs(), expected_out)

@@ -66,8 +66,9 @@ class NetworkStep(Protocol):
 
 
 def load(artifact: Artifact, max_batch: int, threads: int | None = None, device: str = "cpu") -> NetworkStep:
-    """The artifact's network (its model.onnx) as a step over `max_batch` slots on ONNX Runtime,
-    using at most `threads` threads (default: one per core), on `device` ("cpu" or "cuda")."""
+    """The artifact's network (the graph it serves: model.onnx, or model.int8.onnx) as a step over
+    `max_batch` slots on ONNX Runtime, using at most `threads` threads (default: one per core), on
+    `device` ("cpu" or "cuda")."""
     if artifact.onnx_path is None:
         raise ValueError(f"{artifact.path}: no model.onnx, the graph the engine runs; add it with: {export_command(artifact.path)}")
-    return OrtStep(artifact.onnx_path, max_batch, threads, device)
+    return OrtStep(artifact.graph, max_batch, threads, device)

@@ -18,7 +18,7 @@ How a step is arranged:
     graph predicts at every position, which `predict` returns for scoring.
   - ORT's threads do not spin-wait for work: spinning threads collapse when other work shares the
     cores (the HTTP threads, other workers, a training run). Prompts, and steps with too little
-    work for two threads (`min_rows_per_thread`, from the network's size), run on one thread;
+    work for two threads (`min_rows_per_thread`, from the network's size and the graph's precision), run on one thread;
     larger steps use `threads`. bench/README.md ("Threads per step") has the figures for all of these.
 """
 
@@ -38,10 +38,15 @@ log = logging.getLogger(__name__)
 
 F32 = np.float32
 # A step goes on several threads only when it has at least this much work (floating-point
-# operations: rows x flops_per_char): with less, waking the threads costs about what they save, so
-# a small network needs many rows and a large one few (bench/README.md, "Threads per step", has the
-# measurements on three networks, and bench/threads.py makes them).
-THREADED_STEP_FLOPS = 30e6
+# operations: rows x flops_per_char), per precision of the graph: with less, waking the threads
+# costs about what they save, so a small network needs many rows and a large one few; an int8 graph
+# does the same work in less time, so it needs more (bench/README.md, "Threads per step", has the
+# float32 measurements on three networks; bench/threads.py makes them, --precision int8 too). The
+# int8 value is provisional: a first look on a shared machine, to be set from the idle run that
+# bench/README.md's int8 section records.
+THREADED_STEP_FLOPS = {"float32": 30e6, "int8": 300e6}
+# Prompts run on one thread in both precisions (the recurrence is sequential: a prompt of one
+# stream has one row of work per position); bench/threads.py times a long prompt on one and two.
 DEVICES = ("cpu", "cuda")
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
@@ -96,7 +101,8 @@ class OrtStep:
         self.vocab_size = self._small.get_outputs()[0].shape[-1]
         about = self._small.get_modelmeta().custom_metadata_map  # model.runtime.graph.metadata
         self.cell, self.embedding = about["cell"], int(about["embedding"])
-        self.min_rows_per_thread = max(1, math.ceil(THREADED_STEP_FLOPS / self.flops_per_char()))
+        self.precision = about.get("precision", "float32")
+        self.min_rows_per_thread = max(1, math.ceil(THREADED_STEP_FLOPS[self.precision] / self.flops_per_char()))
         self.max_batch = B = max_batch
         L, H, V = self.depth, self.units, self.vocab_size
         self._states = [np.zeros((L, B, H), F32) for _ in self.names]

@@ -3,21 +3,26 @@
 
 Directories are written under a temporary name beside the target and renamed into place, so a crash
 never leaves half an artifact under the real name. A published artifact is never rewritten, except
-by `add_graph`, which gives an artifact made before model.onnx existed its graph.
+by `add_graph`, which gives an artifact made before model.onnx existed its graph, and `add_int8`,
+which gives an LSTM artifact its int8 graph (model.int8.onnx) and meta.json its `int8` record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from model.records.files import fsync, write_atomic
-from model.records.meta import GRAPH, ArtifactMeta, BadMeta, CorruptModel, VocabMismatch
+from model.records.meta import (GRAPH, INT8_GRAPH, MAX_INT8_LOSS_INCREASE, ArtifactMeta, BadMeta, CorruptModel,
+                                Int8Info, VocabMismatch)
 from model.records.vocab import Vocab
-from model.runtime.artifact import Artifact, _check_files, _check_graph
+from model.runtime.artifact import Artifact, _check_files, _check_graph, check
 from model.training.network import build_model, config_of, copy_weights, trainable_weights
 
 if TYPE_CHECKING:
@@ -63,12 +68,14 @@ def _keras_model(path: Path, meta: ArtifactMeta, vocab: Vocab) -> keras.Model:
 
 
 def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
-         extra_files: dict[str, bytes] | None = None) -> Path:
+         extra_files: dict[str, bytes] | None = None, int8_text: tuple[np.ndarray, str] | None = None) -> Path:
     """Write a new artifact directory at `path` (which must not exist) atomically, with
     `extra_files` (name -> contents) beside the four files of an artifact.
 
     The network is saved without optimizer state or dropout settings that only matter in training:
-    a fresh inference model with the same weights, and its ONNX graph.
+    a fresh inference model with the same weights, and its ONNX graph. With `int8_text` (ids, what
+    they are: training passes its validation text), an LSTM gets its int8 graph too, scored beside
+    the float32 graph on those ids, and meta.json its `int8` record (another cell: why it has none).
     """
     path = Path(path)
     if path.exists():
@@ -85,7 +92,14 @@ def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
         inference = build_model(meta.config, len(vocab))
         copy_weights(trainable_weights(model), inference)  # a training network's recipe layers hold no weights
         inference.save(tmp / "model.keras")
-        (tmp / GRAPH).write_bytes(_graph_bytes(inference, meta, path / GRAPH))
+        graph = _graph_bytes(inference, meta, path / GRAPH)
+        (tmp / GRAPH).write_bytes(graph)
+        if int8_text is not None:
+            int8, info = _int8(graph, meta, path, *int8_text)
+            if int8 is not None:
+                (tmp / INT8_GRAPH).write_bytes(int8)
+            meta = dataclasses.replace(meta, int8=info)
+            text = meta.to_json()
         (tmp / "vocab.json").write_text(vocab.to_json(), encoding="utf-8")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
@@ -112,6 +126,46 @@ def add_graph(path: str | Path) -> tuple[Path, bool]:
         return target, False
     write_atomic(target, data)
     return target, True
+
+
+def add_int8(path: str | Path, ids: np.ndarray, text: str,
+             max_increase: float = MAX_INT8_LOSS_INCREASE) -> tuple[Path, Int8Info, bool]:
+    """Give an artifact (or a run's best) its int8 graph, made from its model.onnx (which must be
+    sound), scored beside it on `ids` (`text` says what they are), and meta.json's `int8` record
+    (for a GRU or RNN: why there is no int8 graph). Returns the artifact's path, the record, and
+    whether anything was written: running it again on the same text changes nothing. The graph is
+    written before meta.json, each atomically; `max_increase` is the quality gate (tests lower it)."""
+    path, meta, _ = check(path, precision="float32")  # the float32 graph is checked as serving checks it
+    graph = (path / GRAPH).read_bytes()
+    int8, info = _int8(graph, meta, path, ids, text, max_increase)
+    written = False
+    if int8 is not None and not ((path / INT8_GRAPH).is_file() and (path / INT8_GRAPH).read_bytes() == int8):
+        write_atomic(path / INT8_GRAPH, int8)
+        written = True
+    if int8 is None and (path / INT8_GRAPH).exists():  # a graph of another cell's artifact, left by hand
+        (path / INT8_GRAPH).unlink()
+        written = True
+    if meta.int8 != info:
+        updated = dataclasses.replace(meta, int8=info).to_json()
+        ArtifactMeta.from_json(updated, f"{path / 'meta.json'} (about to be written)")
+        write_atomic(path / "meta.json", updated)
+        written = True
+    return path, info, written
+
+
+def _int8(graph: bytes, meta: ArtifactMeta, path: Path, ids: np.ndarray, text: str,
+          max_increase: float = MAX_INT8_LOSS_INCREASE) -> tuple[bytes | None, Int8Info]:
+    """(model.int8.onnx's bytes, meta.json's record) for an artifact's float32 graph; (None, why) for a
+    cell that has no int8 graph."""
+    from model.training.quantize import int8_graph, measure, none_for
+
+    if meta.config.cell != "lstm":
+        return None, none_for(meta.config.cell)
+    if len(ids) < 2:
+        raise ValueError(f"{text}: at least two characters are needed to score the int8 graph, got {len(ids)}")
+    int8 = int8_graph(graph)
+    _check_graph(path / INT8_GRAPH, meta, int8, precision="int8")
+    return int8, measure(graph, int8, ids, text, max_increase)
 
 
 def _graph_bytes(model: keras.Model, meta: ArtifactMeta, where: Path) -> bytes:

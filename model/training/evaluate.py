@@ -14,6 +14,10 @@ scores the text in consecutive blocks instead (block k is characters 256·k to 2
 its first character with the previous block's last), every target once. As in nanoGPT only whole
 blocks are scored: the last (len - 1) mod 256 characters of the text are not predicted.
 
+Both take a Keras network, or a `GraphNetwork`: an artifact's ONNX graph (model.onnx or
+model.int8.onnx) on ONNX Runtime, scored the same way (`chargen evaluate --precision int8`, and the
+int8 graph's quality gate, model/training/quantize.py).
+
 A deadline (training's --max-minutes) ends scoring between groups of streams: the loss is then that
 of a prefix of the text, and `Loss.chars` says how much was scored.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +50,25 @@ class Loss:
 
     def to_dict(self) -> dict:
         return {"nats_per_char": round(self.nats, 5), "bits_per_char": round(self.bits, 5), "chars_scored": self.chars}
+
+
+class GraphNetwork:
+    """An ONNX graph of a chargen network (its bytes or path) with Keras's `predict_on_batch`: the
+    logits (B, T, V) after every position of ids (B, T), each row from the zero state."""
+
+    def __init__(self, graph: bytes | str | Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        source = graph if isinstance(graph, bytes) else str(graph)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.states = {i.name: i.shape for i in self.session.get_inputs() if i.name != "ids"}  # h, c: (layers, batch, units)
+
+    def predict_on_batch(self, ids) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        zero = {name: np.zeros((shape[0], ids.shape[0], shape[2]), np.float32) for name, shape in self.states.items()}
+        return self.session.run(["logits"], {"ids": ids, **zero})[0]
 
 
 def nats_of(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -661,7 +661,7 @@ def _save(run: _Run, scores: _Scores, improved: bool) -> None:
     files = history_files(state.history, run.title)
     if improved:
         artifacts.save(out / state.best.artifact, scores.network, run.data.vocab, _artifact_meta(run, scores.loss),
-                       extra_files=files)
+                       extra_files=files, int8_text=(run.data.split.validation, "the artifact's validation text"))
         artifacts.point(out / "best", out / state.best.artifact)
     _save_model_atomic(run.model, out / CHECKPOINT)
     state.seed_states, state.resumed = _seed_states(run.model), run.resumed
