@@ -62,6 +62,7 @@ RESPONSES_UNSUPPORTED = {"tools": "this server calls no tools", "tool_choice": "
                          "conversation": "this server stores no conversations; send the conversation in input",
                          "reasoning": "a character model does not reason", "include": "there is nothing more to include",
                          "background": "responses run while the request waits", "prompt": "this server stores no prompts"}
+RESPONSES_DEFAULTED = {"temperature", "top_p", "top_k", *ADJUSTMENTS}  # null: the default, as OpenAI reads it
 
 
 def chat_response_format(text_format: dict) -> dict:
@@ -488,18 +489,20 @@ class Schemas:
                 return kind
 
         class ResponseTextFormat(BaseModel):
-            """OpenAI's text.format: {"type": "text"}, or structured output (json_object, json_schema with its
-            name, schema, strict, description)."""
+            """OpenAI's text.format: only {"type": "text"} until structured output is wired here
+            (chat_response_format maps json_object and json_schema onto chat's response_format)."""
 
-            model_config = ConfigDict(extra="allow", strict=True, title="ResponseTextFormat")
-            type: Literal["text", "json_object", "json_schema"]
+            model_config = ConfigDict(extra="forbid", strict=True, title="ResponseTextFormat")
+            type: Literal["text"]
 
-            @model_validator(mode="after")
-            def _text_only(self):
-                if chat_response_format(self.model_dump())["type"] != "text":
-                    raise PydanticCustomError("unsupported", f"{self.type!r}: structured output is not "
-                                              "available on this server yet (only {\"type\": \"text\"})")
-                return self
+            @model_validator(mode="before")
+            @classmethod
+            def _text_only(cls, data):
+                kind = data.get("type") if isinstance(data, dict) else None
+                if kind in ("json_object", "json_schema"):
+                    raise PydanticCustomError("unsupported", f"{kind!r}: structured output is not available on this "
+                                              "server yet (only {\"type\": \"text\"})")
+                return data
 
         class ResponseText(BaseModel):
             model_config = ConfigDict(extra="forbid", strict=True, title="ResponseText")
@@ -514,7 +517,8 @@ class Schemas:
             written into a transcript as /v1/chat/completions writes its messages (CHARGEN_CHAT_TEMPLATE), which the
             model continues as the assistant; one token is one character. Nothing is stored."""
 
-            model_config = ConfigDict(extra="forbid", strict=True, title="ResponsesRequest")
+            model_config = ConfigDict(extra="forbid", strict=True, title="ResponsesRequest",
+                                      json_schema_extra=lambda schema: _nullable(schema, RESPONSES_DEFAULTED))
             model: str | None = model_field(models)
             input: (Content | Annotated[list[ResponseInputMessage], Field(min_length=1, max_length=MAX_MESSAGES)]) = Field(
                 description="A user message's text, or messages (a previous response's output messages included).")
@@ -543,7 +547,7 @@ class Schemas:
             background: None = _unanswered("background")
             prompt: None = _unanswered("prompt")
 
-            _defaults = _null_is_default({"temperature", "top_p", "top_k", *ADJUSTMENTS})
+            _defaults = _null_is_default(RESPONSES_DEFAULTED)
 
             @field_validator(*RESPONSES_UNSUPPORTED, mode="before")
             @classmethod
