@@ -126,6 +126,7 @@ def document(schemas: Schemas, version: str) -> dict:
         "/tokenize": {"post": {
             "summary": "vLLM's tokenize: a text as character ids (tokens, count, max_model_len), with the characters "
                        "outside the vocabulary listed (replaced, dropped) as /v1/completions reads them",
+            "description": "vLLM's completion form (`prompt`); its chat form (`messages`) is not taken: a 422 names the field.",
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref["RootTokenizeRequest"]}}},
             "responses": {"200": json_ok, **errors, **not_json}, **secured}},
         "/detokenize": {"post": {
