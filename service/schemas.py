@@ -530,8 +530,9 @@ class Schemas:
             top_k: TopK = Field(s.default_top_k, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
             stream: bool | None = Field(False, description="Stream the Responses API's events as server-sent events.")
             text: ResponseText | None = Field(None, description="Only {\"format\": {\"type\": \"text\"}} for now.")
-            store: Literal[False] | None = Field(None, description=(
-                "Only false or null: nothing is stored (so no previous_response_id either)."))
+            # (bool, not Literal[False]: the literal would take 0 as false)
+            store: bool | None = Field(None, description="Only false or null: nothing is stored (so no previous_response_id "
+                                       "either).", json_schema_extra={"enum": [False, None]})
             metadata: Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
                                      Annotated[str, StringConstraints(max_length=512)]],
                                 Field(max_length=16)] | None = Field(None, description="Returned with the response.")

@@ -112,6 +112,7 @@ def test_a_stream_that_reaches_max_output_tokens_ends_incomplete(client):
     ({"input": "a", "background": True}, "background", "unsupported"),
     ({"input": "a", "conversation": "conv_1"}, "conversation", "unsupported"),
     ({"input": "a", "store": True}, "store", "unsupported"),
+    ({"input": "a", "store": 0}, "store", "wrong_type"),
     ({"input": "a", "text": {"format": {"type": "json_object"}}}, "text", "unsupported"),
     ({"input": "a", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}, "text", "unsupported"),
     ({"input": "a", "text": {"format": {"type": "xml"}}}, "text", "invalid_value"),
