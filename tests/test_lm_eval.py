@@ -105,6 +105,9 @@ def test_lm_eval_runs_the_three_task_kinds_offline_with_the_servers_tokenizer(ti
             assert got == pytest.approx(expected, abs=1e-6), context
             right += max(range(len(choices)), key=expected.__getitem__) == answer
         assert out["results"]["tiny_choice"]["acc,none"] == pytest.approx(right / len(ITEMS))
+        # is_greedy (lm-eval's "the continuation is what greedy decoding gives"): the character logprobs
+        # and their top alternatives agree exactly
+        assert [r[0][1] for r in samples["tiny_choice"][0]["resps"]] == [True, False, False]  # " fox" after "the quick brown"
         assert right >= len(ITEMS) // 2  # the tiny model knows its text: a broken handshake would score at chance
 
         # perplexity: the whole text scored from the model's start (an empty prompt's state, a newline)
