@@ -247,13 +247,18 @@ def constraint_for(req, served):
     if found is None:
         return None
     field, kind, source = found
+    # a response_format is named as the client wrote it
+    return compiled(served, field, field if field == kind else f"{field} {req.response_format.type}", kind, source)
+
+
+def compiled(served, field: str, label: str, kind: str, source):
+    """compile_constraint(kind, source) over the vocabulary of the model `served`; what cannot be
+    compiled is a 422 on `field` whose message names the constraint as `label`."""
     served.require_ready()
     try:
         return compile_constraint(kind, source, served.engine.vocab)
     except ConstraintError as e:
-        # the message starts with the kind compiled; a response_format is named as the client wrote it
-        label = field if field == kind else f"{field} {req.response_format.type}"
-        message = str(e)
+        message = str(e)  # it starts with the kind compiled
         message = label + message[len(kind):] if message.startswith(kind + " ") else f"{label}: {message}"
         raise bad_field(field, message, "invalid_constraint") from None
 

@@ -214,11 +214,15 @@ def create_app(config: dict | None = None) -> Flask:
     from service.openai_api import bp as openai_api
     from service.ops import bp as ops
     from service.page import bp as page
+    from service.responses_api import bp as responses_api
+    from service.tokenizer_api import bp as tokenizer_api
 
     app.register_blueprint(api)
     app.register_blueprint(openai_api)
     app.register_blueprint(ops)
     app.register_blueprint(page)
+    app.register_blueprint(tokenizer_api)
+    app.register_blueprint(responses_api)
     return app
 
 

@@ -133,20 +133,30 @@ def chat_template(served) -> ChatTemplate:
     return ChatTemplate(settings.chat_template, settings.chat_speakers, settings.max_transcript_chars)
 
 
+def chat_generation(served, messages: list[tuple[str, str, str | None]], *, sampling, seed: int | None, stop,
+                    max_chars: int, n: int = 1, logprobs: int = 0, stream: bool = False, constraint=None) -> Generation:
+    """The chat pipeline (/v1/chat/completions, /v1/responses): (role, text, name) messages written
+    into the transcript the model continues as the assistant; the reply ends where the next message
+    would begin, or at one of the `stop` texts."""
+    template = chat_template(served)
+    transcript = template.render(messages)
+    stops = [template.stop] if template.stop else []
+    stops += [stop] if isinstance(stop, str) else list(stop or ())
+    return Generation([transcript.text], n, served=served, sampling=sampling, seed=seed, stop=stops, max_chars=max_chars,
+                      logprobs=logprobs, stream=stream, cache_at=[transcript.cache_at], constraint=constraint)
+
+
 @bp.post("/chat/completions")
 def chat_completions():
     st = state()
     req = read_json(st.schemas.chat)
     served = st.served(req.model)
-    template = chat_template(served)
-    transcript = template.render([(m.role, _content(m.content), m.name) for m in req.messages])
-    stop = [template.stop] if template.stop else []
-    stop += [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
     top = req.top_logprobs or 0
-    gen = Generation([transcript.text], req.n, served=served, sampling=sampling_of(req, served), seed=req.seed, stop=stop,
-                     max_chars=req.max_completion_tokens or req.max_tokens or st.settings.default_max_chars,
-                     logprobs=max(top, 1) if req.logprobs else 0, stream=bool(req.stream), cache_at=[transcript.cache_at],
-                     constraint=constraint_for(req, served))
+    gen = chat_generation(served, [(m.role, _content(m.content), m.name) for m in req.messages], n=req.n,
+                          sampling=sampling_of(req, served), seed=req.seed, stop=req.stop,
+                          max_chars=req.max_completion_tokens or req.max_tokens or st.settings.default_max_chars,
+                          logprobs=max(top, 1) if req.logprobs else 0, stream=bool(req.stream),
+                          constraint=constraint_for(req, served))
     head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": gen.model}
     headers = {"X-Seed": str(gen.seed)}
     if req.stream:

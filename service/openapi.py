@@ -39,7 +39,9 @@ CONSTRAINED = (" A choice of a constrained request (regex, grammar, json_schema,
 def document(schemas: Schemas, version: str) -> dict:
     _, top = models_json_schema([(schemas.generate, "validation"), (schemas.completion, "validation"),
                                  (schemas.chat, "validation"), (schemas.score, "validation"), (schemas.tokenize, "validation"),
-                                 (schemas.detokenize, "validation"), (ErrorResponse, "validation")],
+                                 (schemas.detokenize, "validation"), (schemas.root_tokenize, "validation"),
+                                 (schemas.root_detokenize, "validation"), (schemas.responses, "validation"),
+                                 (ErrorResponse, "validation")],
                                 ref_template="#/components/schemas/{model}")
     components = top["$defs"]
     ref = {name: {"$ref": f"#/components/schemas/{name}"} for name in components}
@@ -106,6 +108,43 @@ def document(schemas: Schemas, version: str) -> dict:
         "/v1/detokenize": {"post": {
             "summary": "Character ids back to text (ids outside the vocabulary are dropped and listed)",
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref["DetokenizeRequest"]}}},
+            "responses": {"200": json_ok, **errors, **not_json}, **secured}},
+        # ---- OpenAI's Responses API and vLLM's tokenizer endpoints (service/responses_api.py, service/tokenizer_api.py)
+        "/v1/responses": {"post": {
+            "summary": "OpenAI's Responses API over the chat pipeline (one token is one character; nothing is stored)",
+            "description": ("`instructions` and `input` are written into a transcript as /v1/chat/completions writes its "
+                            "messages; the one output message is the model's continuation, `incomplete` when it reaches "
+                            "max_output_tokens. Tools, stored responses (store: true, previous_response_id), reasoning and "
+                            "text formats other than text are refused (422)."),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref["ResponsesRequest"]}}},
+            "responses": {"200": {"description": "A response object, or with `stream: true` the Responses API's server-sent "
+                                                 "events (response.created ... response.completed or response.incomplete)",
+                                  "content": {"application/json": {"schema": {"type": "object"}},
+                                              "text/event-stream": _events("JSON: a Responses API event (its `type` is the "
+                                                                           "`event:` line)")}},
+                          **errors, **not_json},
+            **secured}},
+        "/tokenizer_info": {"get": {
+            "summary": "vLLM's tokenizer_info for a character tokenizer: one token is one character",
+            "description": ("tokenizer_class, vocab_size, bos_token (the start: the character an empty prompt is read after), "
+                            "eos_token and pad_token (null: none), model_max_length (null: no context window), "
+                            "max_prompt_chars, chat_template (Jinja, the layout of /v1/chat/completions' transcripts) and "
+                            "unknown_characters (how characters outside the vocabulary are read)."),
+            "parameters": [{"name": "model", "in": "query", "required": False,
+                            "schema": {"type": "string", "enum": schemas.models.names},
+                            "description": "The model (default: the default model)"}],
+            "responses": {"200": json_ok, "401": errors["401"], "404": errors["404"], "414": errors["414"],
+                          "503": errors["503"]}, **secured}},
+        "/tokenize": {"post": {
+            "summary": "vLLM's tokenize: a text as character ids (tokens, count, max_model_len), with the characters "
+                       "outside the vocabulary listed (replaced, dropped) as /v1/completions reads them",
+            "description": "vLLM's completion form (`prompt`); its chat form (`messages`) is not taken: a 422 names the field.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref["RootTokenizeRequest"]}}},
+            "responses": {"200": json_ok, **errors, **not_json}, **secured}},
+        "/detokenize": {"post": {
+            "summary": "vLLM's detokenize: character ids back to text (prompt); ids outside the vocabulary are dropped "
+                       "and listed (dropped)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref["RootDetokenizeRequest"]}}},
             "responses": {"200": json_ok, **errors, **not_json}, **secured}},
         "/v1/models": {"get": {"summary": "The models this server serves (OpenAI format, with chargen's fields)",
                                "responses": {"200": json_ok, **errors}, **secured}},

@@ -57,6 +57,15 @@ CHAT_UNSUPPORTED = {"tools": "this server calls no tools", "tool_choice": "this 
                     "function_call": "this server calls no functions", "audio": "a character model writes no audio",
                     "prediction": "predicted outputs are not used", "web_search_options": "this server searches nothing"}
 
+# Responses API fields for what this server does not do: accepted only as null, refused by name otherwise.
+RESPONSES_UNSUPPORTED = {"tools": "this server calls no tools", "tool_choice": "this server calls no tools",
+                         "parallel_tool_calls": "this server calls no tools", "max_tool_calls": "this server calls no tools",
+                         "previous_response_id": "this server stores no responses; send the conversation in input",
+                         "conversation": "this server stores no conversations; send the conversation in input",
+                         "reasoning": "a character model does not reason", "include": "there is nothing more to include",
+                         "background": "responses run while the request waits", "prompt": "this server stores no prompts"}
+RESPONSES_DEFAULTED = {"temperature", "top_p", "top_k", *ADJUSTMENTS}  # null: the default, as OpenAI reads it
+
 
 def _whole_float(value):
     # JSON Schema counts 83342.0 as an integer, and /openapi.json says "integer": so it is one.
@@ -539,6 +548,145 @@ class Schemas:
                            Field(max_length=s.max_prompt_chars)] = Field(description=(
                 "Character ids (as /v1/tokenize gives them); ids at or beyond the vocabulary size are dropped and listed."))
 
+        # ------------------------------------------------------------ vLLM's tokenizer endpoints, at the root
+        # (service/tokenizer_api.py): the shapes vLLM's clients send, lm-evaluation-harness's remote tokenizer first.
+
+        class RootTokenizeRequest(BaseModel):
+            """POST /tokenize, vLLM's request: a text as the model's character ids."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="RootTokenizeRequest")
+            model: str | None = model_field(models)
+            prompt: str = Field(max_length=s.max_prompt_chars, description=(
+                "The text. Characters outside the vocabulary follow the prompt's rule (replaced by the base form, or "
+                "dropped) and are listed in the answer's replaced and dropped; \\r\\n and \\r become \\n."))
+            add_special_tokens: bool = Field(True, description=(
+                "vLLM's field, accepted for its clients; it changes nothing here: a character model reads a prompt from "
+                "its first character and adds no special token."))
+            return_token_strs: bool | None = Field(False, description="Also return each id's character (token_strs).")
+
+        class RootDetokenizeRequest(BaseModel):
+            """POST /detokenize, vLLM's request: character ids back to text."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="RootDetokenizeRequest")
+            model: str | None = model_field(models)
+            tokens: Annotated[list[Annotated[int, Field(ge=0, le=MAX_ID), BeforeValidator(_whole_float)]],
+                              Field(max_length=s.max_prompt_chars)] = Field(description=(
+                "Character ids (as /tokenize gives them); ids at or beyond the vocabulary size are dropped and listed."))
+
+        # ------------------------------------------------------------ OpenAI's Responses API (service/responses_api.py)
+
+        class ResponseInputPart(BaseModel):
+            model_config = ConfigDict(extra="forbid", strict=True, title="ResponseInputPart")
+            type: Literal["input_text", "output_text"]
+            text: Content
+            annotations: list | None = Field(None, description="Accepted (a previous response's output) and ignored.")
+            logprobs: list | None = Field(None, description="Accepted (a previous response's output) and ignored.")
+
+            @field_validator("type", mode="before")
+            @classmethod
+            def _text_only(cls, kind):
+                if isinstance(kind, str) and kind not in ("input_text", "output_text"):
+                    raise PydanticCustomError("unsupported", f"content parts of type {kind[:40]!r} are not supported "
+                                              "(a character model reads text only)")
+                return kind
+
+        class ResponseInputMessage(BaseModel):
+            """One message of `input` (a previous response's output message included)."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="ResponseInputMessage")
+            type: Literal["message"] | None = Field(None, description="Only \"message\": tool calls and reasoning "
+                                                    "items are not supported.")
+            role: Literal["system", "developer", "user", "assistant"]
+            content: Content | Annotated[list[ResponseInputPart], Field(max_length=MAX_MESSAGES)]
+            id: str | None = Field(None, description="Accepted (a previous response's output) and ignored.")
+            status: str | None = Field(None, description="Accepted (a previous response's output) and ignored.")
+
+            @field_validator("type", mode="before")
+            @classmethod
+            def _messages_only(cls, kind):
+                if isinstance(kind, str) and kind != "message":
+                    raise PydanticCustomError("unsupported", f"input items of type {kind[:40]!r} are not supported "
+                                              "(this server calls no tools and keeps no reasoning)")
+                return kind
+
+        class ResponseJsonSchemaFormat(BaseModel):
+            """The Responses API's json_schema format: chat's json_schema fields beside `type`."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="ResponseJsonSchemaFormat")
+            type: Literal["json_schema"]
+            name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
+                description="The schema's name (letters, digits, _ and -, at most 64).")
+            description: str | None = Field(None, description="Accepted and ignored (the model reads no instructions).")
+            schema_: JsonSchema | None = Field(None, alias="schema", description="The JSON Schema the text must be valid "
+                                               "under; omitted: any JSON object.")
+            strict: bool | None = Field(None, description="Accepted; the schema is always kept exactly, whatever its value.")
+
+        ResponseTextFormat = Annotated[TextFormat | JsonObjectFormat | ResponseJsonSchemaFormat, Field(discriminator="type")]
+
+        class ResponseText(BaseModel):
+            model_config = ConfigDict(extra="forbid", strict=True, title="ResponseText")
+            format: ResponseTextFormat | None = Field(None, description=(
+                "{\"type\": \"text\"} (no constraint), {\"type\": \"json_object\"} (any JSON object) or {\"type\": "
+                "\"json_schema\", \"name\", \"schema\", \"strict\"}: the JSON formats hold the output to the schema "
+                "exactly, as response_format does on /v1/chat/completions. " + ENDING_DOC))
+
+        def _unanswered(name: str):
+            return Field(None, description=f"Not supported ({RESPONSES_UNSUPPORTED[name]}): accepted only as null.",
+                         json_schema_extra={"enum": [None]})
+
+        class ResponsesRequest(Adjusting):
+            """POST /v1/responses, OpenAI's Responses API over the chat pipeline: `instructions` and `input` are
+            written into a transcript as /v1/chat/completions writes its messages (CHARGEN_CHAT_TEMPLATE), which the
+            model continues as the assistant; one token is one character. Nothing is stored."""
+
+            model_config = ConfigDict(extra="forbid", strict=True, title="ResponsesRequest",
+                                      json_schema_extra=lambda schema: _nullable(schema, RESPONSES_DEFAULTED))
+            model: str | None = model_field(models)
+            input: (Content | Annotated[list[ResponseInputMessage], Field(min_length=1, max_length=MAX_MESSAGES)]) = Field(
+                description="A user message's text, or messages (a previous response's output messages included).")
+            instructions: Content | None = Field(None, description="A system message before the input.")
+            max_output_tokens: WholeOrNull = Field(None, ge=1, le=s.max_chars, description=(
+                f"Characters to generate (default {s.default_max_chars}); reaching it leaves the response incomplete."))
+            temperature: OpenAITemperature = s.default_temperature
+            top_p: TopP = s.default_top_p
+            top_k: TopK = Field(s.default_top_k, description="Extension (as llama.cpp and vLLM). " + TOP_K_DOC)
+            stream: bool | None = Field(False, description="Stream the Responses API's events as server-sent events.")
+            text: ResponseText | None = Field(None, description="The output's format (text.format).")
+            # (bool, not Literal[False]: the literal would take 0 as false)
+            store: bool | None = Field(None, description="Only false or null: nothing is stored (so no previous_response_id "
+                                       "either).", json_schema_extra={"enum": [False, None]})
+            metadata: Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
+                                     Annotated[str, StringConstraints(max_length=512)]],
+                                Field(max_length=16)] | None = Field(None, description="Returned with the response.")
+            user: str | None = Field(None, description="Accepted and ignored.")
+            tools: None = _unanswered("tools")
+            tool_choice: None = _unanswered("tool_choice")
+            parallel_tool_calls: None = _unanswered("parallel_tool_calls")
+            max_tool_calls: None = _unanswered("max_tool_calls")
+            previous_response_id: None = _unanswered("previous_response_id")
+            conversation: None = _unanswered("conversation")
+            reasoning: None = _unanswered("reasoning")
+            include: None = _unanswered("include")
+            background: None = _unanswered("background")
+            prompt: None = _unanswered("prompt")
+
+            _defaults = _null_is_default(RESPONSES_DEFAULTED)
+
+            @field_validator(*RESPONSES_UNSUPPORTED, mode="before")
+            @classmethod
+            def _refuse(cls, value, info):
+                if value is not None:
+                    raise PydanticCustomError("unsupported", f"not supported: {RESPONSES_UNSUPPORTED[info.field_name]}")
+                return value
+
+            @field_validator("store", mode="before")
+            @classmethod
+            def _nothing_stored(cls, store):
+                if store is True:
+                    raise PydanticCustomError("unsupported", "true is not supported: this server stores no "
+                                              "responses (send false or leave it out)")
+                return store
+
         self.settings = settings
         self.models = models  # the names the document lists, and the default
         self.generate = GenerateRequest
@@ -547,6 +695,9 @@ class Schemas:
         self.score = ScoreRequest
         self.tokenize = TokenizeRequest
         self.detokenize = DetokenizeRequest
+        self.root_tokenize = RootTokenizeRequest
+        self.root_detokenize = RootDetokenizeRequest
+        self.responses = ResponsesRequest
 
 
 class ErrorDetail(BaseModel):

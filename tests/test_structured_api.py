@@ -337,3 +337,13 @@ def test_the_openai_client_gets_json_valid_under_its_schema(json_server):
         jsonschema.validate(json.loads(done.choices[0].text), PERSON)
     with pytest.raises(openai.UnprocessableEntityError, match="cannot be combined"):
         client.completions.create(model="run", prompt="", max_tokens=5, extra_body={"json_schema": PERSON, "grammar": GRAMMAR})
+    # the Responses API's text.format, streamed and not
+    fmt = {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}
+    done = client.responses.create(model="run", input=ask[0]["content"], text={"format": fmt}, temperature=0,
+                                   max_output_tokens=120)
+    assert done.status == "completed" and done.text.format.type == "json_schema"
+    jsonschema.validate(json.loads(done.output_text), PERSON)
+    events = list(client.responses.create(model="run", input=ask[0]["content"], text={"format": {"type": "json_object"}},
+                                          temperature=0, max_output_tokens=120, stream=True))
+    assert events[-1].type == "response.completed"
+    assert isinstance(json.loads("".join(e.delta for e in events if e.type == "response.output_text.delta")), dict)

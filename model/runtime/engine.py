@@ -252,8 +252,9 @@ class Engine:
         self._constraining = 0
         self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
         # An empty prompt starts from the zero state as if after a newline (after the first
-        # vocabulary character when the vocabulary has no newline).
-        self._empty_prompt = np.array([self.vocab.index.get("\n", 0)], dtype=np.int64)
+        # vocabulary character when the vocabulary has no newline): the model's start.
+        self.start_id = self.vocab.index.get("\n", 0)
+        self._empty_prompt = np.array([self.start_id], dtype=np.int64)
         self._after_empty: State | None = None
 
     @property
