@@ -4,6 +4,7 @@
 
 import { ApiError, describe, generate, getInfo, score } from "./api.js";
 import { Answer, ProbabilityTips } from "./answer.js";
+import { openInside } from "./inside.js";
 
 const $ = (id) => document.getElementById(id);
 const compact = document.body.classList.contains("embed");
@@ -271,6 +272,7 @@ class Turn {
     q(".regenerate").addEventListener("click", () => start(this, prompt, { fresh: true }));
     q(".continue").addEventListener("click", () => start(this, this.continuation(), { fresh: false }));
     q(".copy").addEventListener("click", (e) => copy(e.currentTarget, this.prompt + this.answer.text));
+    q(".inside-open").addEventListener("click", () => openInside({ text: this.prompt + this.answer.text, model: this.model }));
   }
 
   // The prompt for "Continue": prompt and answer so far, cut to the server's prompt limit from the
@@ -298,6 +300,7 @@ class Turn {
     const empty = this.answer.text === "";
     this.node.querySelector(".continue").hidden = empty;
     this.node.querySelector(".copy").hidden = empty;
+    this.node.querySelector(".inside-open").hidden = empty;
     this.showScored();
   }
 
