@@ -29,7 +29,7 @@ def _events(data: str) -> dict:
 def document(schemas: Schemas, version: str) -> dict:
     _, top = models_json_schema([(schemas.generate, "validation"), (schemas.completion, "validation"),
                                  (schemas.chat, "validation"), (schemas.score, "validation"), (schemas.tokenize, "validation"),
-                                 (schemas.detokenize, "validation"), (ErrorResponse, "validation")],
+                                 (schemas.detokenize, "validation"), (schemas.inspect, "validation"), (ErrorResponse, "validation")],
                                 ref_template="#/components/schemas/{model}")
     components = top["$defs"]
     ref = {name: {"$ref": f"#/components/schemas/{name}"} for name in components}
@@ -94,6 +94,17 @@ def document(schemas: Schemas, version: str) -> dict:
         "/v1/detokenize": {"post": {
             "summary": "Character ids back to text (ids outside the vocabulary are dropped and listed)",
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref["DetokenizeRequest"]}}},
+            "responses": {"200": json_ok, **errors, **not_json}, **secured}},
+        "/v1/inspect": {"post": {
+            "summary": "Look inside: the network's hidden states, cell states and gates after each character of a text, "
+                       "what it predicted next, and the cells that follow features of the text",
+            "description": ("Computed from the model's own weights (those of its model.onnx), from the zero state. `layers[]` "
+                            "holds the layers asked for, each with the quantities asked for; `next[t]` is what the model "
+                            "predicted after reading chars[0..t]: the character that came (null after the last), its "
+                            "probability, and the 5 most likely. With cells > 0, `ranking` (per feature, the cells by |r|) and "
+                            "`saturation` (per layer and gate). 404 also when `layers`, `quantities` or `gates` name "
+                            "something the model lacks (codes layer_not_found, quantity_not_found)."),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref["InspectRequest"]}}},
             "responses": {"200": json_ok, **errors, **not_json}, **secured}},
         "/v1/models": {"get": {"summary": "The models this server serves (OpenAI format, with chargen's fields)",
                                "responses": {"200": json_ok, **errors}, **secured}},

@@ -14,6 +14,9 @@ One graph serves one-character steps and whole prompts (batch and sequence lengt
 
 Its metadata (strings): chargen_graph_format, cell, layers, units, embedding, vocab_size.
 
+Its float initializers (the weights model/runtime/inside.py reads back): embedding (V, E); per layer
+i = 1..layers W_i, R_i, B_i in the layouts of ONNX's recurrent operators; logits_kernel (H, V), logits_bias (V,).
+
 What the check sees is what ONNX Runtime reports: a graph it refuses is damaged; one it accepts is
 compared with meta.json by its metadata, inputs and outputs. The operators inside are not compared
 (ONNX Runtime does not list them): export writes them, the metadata and the signature together.
