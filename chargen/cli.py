@@ -671,7 +671,7 @@ def inspect(artifact_path, text_path, top, as_json):
     width = max(len(label) for label in FEATURES.values())
     click.echo(f"{'feature':<{width}}  best cells by |r| (layer, state, cell: r)")
     for row in found["ranking"]:
-        cells = "   ".join(f"L{c['layer']} {c['quantity']:<6} {c['cell']:>4}: {c['r']:+.2f}" for c in row["cells"])
+        cells = "   ".join(f"L{c['layer']} {c['quantity']} {c['cell']}: {c['r']:+.2f}" for c in row["cells"])
         click.echo(f"{row['label']:<{width}}  {cells or '(constant in this text: no correlation)'}")
     click.echo("")
     click.echo("gates, most often saturated first (share of values shut: < 0.1, tanh < -0.9; wide open: > 0.9)")
