@@ -14,7 +14,8 @@ The recurrences are ONNX's LSTM, GRU (linear_before_reset=1) and RNN operators a
 model/training/onnx_graph.py writes them: gate order i, o, f, c for the LSTM and z, r, h for the GRU,
 W (1, G, in), R (1, G, H), B (1, 2G) = input bias then recurrent bias. They run in float32 as ONNX
 Runtime runs them; the input projections of a whole layer are one matrix product, the recurrent
-part one product per character. None of this is on the engine's path: it runs only when asked.
+part one product per character, on the request's thread alone (see `_times`). None of this is on
+the engine's path: it runs only when asked.
 """
 
 from __future__ import annotations
@@ -161,6 +162,14 @@ class Network:
         return Trace(out, x @ self.logits_kernel + self.logits_bias, after)
 
 
+def _times(h: np.ndarray, RT: np.ndarray) -> np.ndarray:
+    """h (H,) @ RT (H, G), one character's recurrent product, on this thread only: numpy's matmul
+    hands a product this size to OpenBLAS's threads, which spin while waiting and, on cores the
+    engine and the other requests share, made a step several times slower than one thread's loop
+    (einsum does not call BLAS)."""
+    return np.einsum("h,hg->g", h, RT)
+
+
 def _sigmoid(a: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-a))).astype(F32)
 
@@ -175,7 +184,7 @@ def _lstm(layer: Layer, x: np.ndarray, gates: set[str], h: np.ndarray, c: np.nda
     RT = np.ascontiguousarray(layer.R.T)  # (H, 4H)
     hs, cs, kept = np.empty((T, H), F32), np.empty((T, H), F32), _kept(gates, T, H)
     for t in range(T):
-        a = xw[t] + h @ RT  # (4H,) blocks i, o, f, c
+        a = xw[t] + _times(h, RT)  # (4H,) blocks i, o, f, c
         s = _sigmoid(a[: 3 * H])
         i, o, f = s[:H], s[H: 2 * H], s[2 * H:]
         g = np.tanh(a[3 * H:])
@@ -194,7 +203,7 @@ def _gru(layer: Layer, x: np.ndarray, gates: set[str], h: np.ndarray, _c=None) -
     RT = np.ascontiguousarray(layer.R.T)  # (H, 3H)
     hs, kept = np.empty((T, H), F32), _kept(gates, T, H)
     for t in range(T):
-        hr = h @ RT + layer.Rb  # (3H,): linear_before_reset, the recurrent bias inside r * (...)
+        hr = _times(h, RT) + layer.Rb  # (3H,): linear_before_reset, the recurrent bias inside r * (...)
         zr = _sigmoid(xw[t, : 2 * H] + hr[: 2 * H])
         z, r = zr[:H], zr[H:]
         n = np.tanh(xw[t, 2 * H:] + r * hr[2 * H:])
@@ -212,7 +221,7 @@ def _rnn(layer: Layer, x: np.ndarray, gates: set[str], h: np.ndarray, _c=None) -
     RT = np.ascontiguousarray(layer.R.T)
     hs, kept = np.empty((T, H), F32), _kept(gates, T, H)
     for t in range(T):
-        a = xw[t] + h @ RT
+        a = xw[t] + _times(h, RT)
         h = np.tanh(a)
         hs[t] = h
         if "preactivation" in kept:
