@@ -36,17 +36,18 @@ _loading = threading.Lock()
 
 
 def network_of(served):
-    """The served model's weights as inside.Network, read from its model.onnx once per worker."""
+    """The served model's weights as inside.Network, read from its model.onnx once per worker and
+    again when the model is reloaded (a new Artifact)."""
     from model.runtime.inside import Network
 
-    networks = current_app.extensions.setdefault("chargen_inside", {})
+    networks = current_app.extensions.setdefault("chargen_inside", {})  # name -> (artifact, network)
     artifact = served.artifact
-    key = (served.name, str(artifact.onnx_path))
     with _loading:
-        if key not in networks:
+        known = networks.get(served.name)
+        if known is None or known[0] is not artifact:
             config = artifact.config
-            networks[key] = Network.from_graph(artifact.onnx_path, config.cell, config.layers)
-        return networks[key]
+            networks[served.name] = known = (artifact, Network.from_graph(artifact.onnx_path, config.cell, config.layers))
+        return known[1]
 
 
 def _not_found(param: str, message: str, code: str) -> ApiError:
@@ -64,7 +65,7 @@ def encode(values: np.ndarray, encoding: str):
 @bp.post("/inspect")
 def inspect():
     from model.runtime.cells import report, statistics
-    from model.runtime.inside import GATES, probabilities
+    from model.runtime.inside import GATES, Trace, probabilities
 
     st = state()
     req = read_json(st.schemas.inspect)
@@ -112,7 +113,13 @@ def inspect():
             body["layers"] = [{"layer": i} for i in layers]
         else:
             ids = np.asarray(read.ids, np.int64)
-            trace = network.trace(ids, set(layers), set(gates))
+            if req.cells:  # the statistics trace every layer and gate, in pieces: keep what was asked for from them
+                pieces = []
+                found = report(statistics(network, ids, chars, each=lambda t: pieces.append(t.kept(set(layers), set(gates)))),
+                               req.cells)
+                trace = Trace.joined(pieces)
+            else:
+                found, trace = {}, network.trace(ids, set(layers), set(gates))
             for i in layers:
                 t = trace.layers[i - 1]
                 entry = {"layer": i}
@@ -124,9 +131,7 @@ def inspect():
                     entry["gates"] = {g: encode(t.gates[g], req.encoding) for g in gates}
                 body["layers"].append(entry)
             body["next"] = _next(probabilities(trace.logits), read.ids, vocab.chars)
-            del trace
-            if req.cells:
-                body.update(report(statistics(network, ids, chars), req.cells))
+            body.update(found)
         return jsonify(body)
     finally:
         _running.release()

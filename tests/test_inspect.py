@@ -271,6 +271,19 @@ def test_inspect_ranks_the_planted_cell_and_gives_the_saturation(client):
     assert gate[(1, "input")]["high"] >= 1 / UNITS
 
 
+def test_inspect_with_cells_returns_the_same_values(client):
+    """With cells, the values come from the statistics' pieces (PIECE characters each), joined."""
+    asked = {"text": TEXT[:MAX_CHARS], "layers": [2], "gates": ["forget", "candidate"], "encoding": "float16"}
+    plain = client.post("/v1/inspect", json=asked).get_json()
+    ranked = client.post("/v1/inspect", json={**asked, "cells": 1}).get_json()
+    assert len(ranked["chars"]) > PIECE and "ranking" in ranked and "ranking" not in plain
+    for key in ("hidden", "cell"):
+        a, b = (np.frombuffer(base64.b64decode(x["layers"][0][key]["data"]), "<f2") for x in (plain, ranked))
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+    assert set(ranked["layers"][0]["gates"]) == {"forget", "candidate"}
+    assert [n["top"][0][0] for n in plain["next"]] == [n["top"][0][0] for n in ranked["next"]]
+
+
 def test_inspect_reads_characters_outside_the_vocabulary_by_the_prompt_rule(client):
     body = client.post("/v1/inspect", json={"text": "ab\u4e00é c", "quantities": ["hidden"]}).get_json()
     assert body["chars"] == ["a", "b", "e", " ", "c"] and body["offsets"] == [0, 1, 3, 4, 5]

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from model.runtime.inside import SIGMOID_GATES, Network, State
+from model.runtime.inside import SIGMOID_GATES, Network, State, Trace
 
 PIECE = 1_000  # characters traced at once (their gates are held in memory together)
 SATURATED = 0.9  # |tanh| above this, or a sigmoid below 1 - this or above this
@@ -111,8 +112,9 @@ class CellStatistics:
         self.low = np.zeros((L, len(network.gates)))
         self.high = np.zeros((L, len(network.gates)))
 
-    def add(self, ids: np.ndarray, feats: dict[str, np.ndarray], state: State | None = None) -> State:
-        """Read `ids` (T,) from `state` with their features (T,) each; returns the state after."""
+    def add(self, ids: np.ndarray, feats: dict[str, np.ndarray], state: State | None = None) -> Trace:
+        """Read `ids` (T,) from `state` with their features (T,) each; returns their trace (its
+        state is the one after them)."""
         trace = self.network.trace(ids, state=state)
         columns = []
         for i, layer in enumerate(trace.layers):
@@ -130,7 +132,7 @@ class CellStatistics:
         self.sf += F.sum(0)
         self.sff += np.einsum("tk,tk->k", F, F)
         self.saf += A.T @ F
-        return trace.state
+        return trace
 
     def correlations(self) -> np.ndarray:
         """(N, K) Pearson's r of every cell with every feature; 0 where either is constant."""
@@ -166,14 +168,19 @@ class CellStatistics:
                 for i in range(len(self.network.layers)) for j, gate in enumerate(self.network.gates)]
 
 
-def statistics(network: Network, ids: np.ndarray, chars: list[str] | str) -> CellStatistics:
-    """The statistics of a whole text (ids and the characters they are), read in PIECEs from the zero state."""
+def statistics(network: Network, ids: np.ndarray, chars: list[str] | str,
+               each: Callable[[Trace], None] | None = None) -> CellStatistics:
+    """The statistics of a whole text (ids and the characters they are), read in PIECEs from the
+    zero state; `each` sees each piece's trace (what /v1/inspect also returns, kept from them)."""
     feats = features(chars)
     stats = CellStatistics(network)
     state = None
     for start in range(0, len(ids), PIECE):
         end = start + PIECE
-        state = stats.add(ids[start:end], {k: v[start:end] for k, v in feats.items()}, state)
+        trace = stats.add(ids[start:end], {k: v[start:end] for k, v in feats.items()}, state)
+        if each is not None:
+            each(trace)
+        state = trace.state
     return stats
 
 

@@ -106,6 +106,24 @@ class Trace:
     logits: np.ndarray  # (T, V): row t predicts the character after ids[t]
     state: State  # after the last character
 
+    def kept(self, layers: set[int], gates: set[str]) -> "Trace":
+        """Only these 1-based layers and gates (what a trace with these arguments holds)."""
+        return Trace([None if t is None or i not in layers else LayerTrace(t.hidden, t.cell, {g: v for g, v in t.gates.items() if g in gates})
+                      for i, t in enumerate(self.layers, start=1)], self.logits, self.state)
+
+    @staticmethod
+    def joined(pieces: list["Trace"]) -> "Trace":
+        """The trace of a text from the traces of its consecutive pieces (each from the state the one before ended in)."""
+        def cat(arrays):
+            return np.concatenate(arrays) if arrays[0] is not None else None
+
+        layers = []
+        for i, first in enumerate(pieces[0].layers):
+            parts = [p.layers[i] for p in pieces]
+            layers.append(None if first is None else LayerTrace(cat([p.hidden for p in parts]), cat([p.cell for p in parts]),
+                                                                {g: cat([p.gates[g] for p in parts]) for g in first.gates}))
+        return Trace(layers, np.concatenate([p.logits for p in pieces]), pieces[-1].state)
+
 
 @dataclass(frozen=True)
 class Network:
