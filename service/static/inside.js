@@ -39,7 +39,10 @@ let values = new Map();
 let pick = { layer: 1, cell: 0, quantity: "hidden" };
 let current = null; // the character whose tip is shown
 let reading = null; // AbortController of the requests that read a new text
-let choosing = null; // and of those that read another layer of it
+let loading = null; // {layer, controller, done} of another layer being read
+let shown = null; // the pick the view shows
+let summary = ""; // what the status line says once a text is read
+let most = null; // the most arrays one request may ask for this text (null: not yet refused)
 
 // ---------------------------------------------------------------- values
 
@@ -116,15 +119,19 @@ function apiKey() {
   return $("api-key")?.value.trim() || undefined;
 }
 
-// Asks for `names` of one layer; a request over the server's bound (422 too_large) is split in two.
+// Asks for `names` of one layer, in pieces of at most `most` arrays: a piece over the server's bound
+// (422 too_large) halves `most`, which then holds for the rest of this text.
 async function fetchArrays(names, layer, signal, store) {
-  try {
-    keep(await inspect(request(names, layer), { signal, apiKey: apiKey() }), names, store);
-  } catch (e) {
-    if (!(e instanceof ApiError && e.code === "too_large" && names.length > 1)) throw e;
-    const half = Math.ceil(names.length / 2);
-    await fetchArrays(names.slice(0, half), layer, signal, store);
-    await fetchArrays(names.slice(half), layer, signal, store);
+  let i = 0;
+  while (i < names.length) {
+    const part = names.slice(i, i + (most ?? names.length));
+    try {
+      keep(await inspect(request(part, layer), { signal, apiKey: apiKey() }), part, store);
+      i += part.length;
+    } catch (e) {
+      if (!(e instanceof ApiError && e.code === "too_large" && part.length > 1)) throw e;
+      most = Math.ceil(part.length / 2);
+    }
   }
 }
 
@@ -143,7 +150,7 @@ function showError(message) {
 
 async function read() {
   reading?.abort();
-  choosing?.abort();
+  loading?.controller.abort();
   const controller = new AbortController();
   reading = controller;
   const signal = controller.signal;
@@ -154,6 +161,8 @@ async function read() {
   hideTip();
   seen = null;
   values = new Map();
+  most = null;
+  summary = "";
   ui.status.textContent = "Reading the text…";
   ui.run.disabled = true;
   try {
@@ -178,9 +187,10 @@ async function read() {
     ui.view.hidden = false;
     render();
     const dropped = answer.dropped?.length ?? 0;
-    ui.status.textContent = `${seen.chars.length.toLocaleString("en")} characters read by ${seen.model} (${
+    summary = `${seen.chars.length.toLocaleString("en")} characters read by ${seen.model} (${
       seen.cellType.toUpperCase()} ${seen.numLayers}×${seen.units}).${
       dropped ? ` ${dropped} not in its vocabulary ${dropped > 1 ? "were" : "was"} left out.` : ""}`;
+    ui.status.textContent = summary;
   } catch (e) {
     if (e.name === "AbortError") return;
     ui.status.textContent = "";
@@ -228,28 +238,34 @@ function setUpControls() {
 }
 
 // Picks a cell (or layer, or what colours the text), reading its layer first where need be; if that
-// fails, the view stays on the cell it showed.
+// fails, the view stays on the cell it shows.
 async function choose(next) {
-  const before = pick;
   const wanted = { ...pick, ...next };
   pick = wanted;
-  const status = ui.status.textContent;
   try {
     if (quantities(seen.cellType).some((n) => !values.get(wanted.layer)?.has(n))) {
-      choosing?.abort();
-      choosing = new AbortController();
+      // another pick of the same layer waits for the same requests; one of another layer replaces them
+      if (loading?.layer !== wanted.layer) {
+        loading?.controller.abort();
+        const controller = new AbortController();
+        loading = { layer: wanted.layer, controller, done: ensureLayer(wanted.layer, controller.signal) };
+      }
+      const mine = loading;
       ui.status.textContent = `Reading layer ${wanted.layer}…`;
-      await ensureLayer(wanted.layer, choosing.signal);
-      ui.status.textContent = status;
+      try {
+        await mine.done;
+      } finally {
+        if (loading === mine) loading = null;
+      }
     }
     ui.error.hidden = true;
   } catch (e) {
     if (e.name === "AbortError") return;
-    ui.status.textContent = status;
     showError(describe(e));
-    if (pick === wanted) pick = before;
+    if (pick === wanted) pick = shown;
   }
-  if (pick === wanted || pick === before) render();
+  ui.status.textContent = summary;
+  if (pick === wanted || pick === shown) render();
 }
 
 ui.layer.addEventListener("change", () => choose({ layer: Number(ui.layer.value) }));
@@ -261,6 +277,7 @@ ui.cell.addEventListener("change", () => {
     showError(`Cell is a whole number from 0 to ${seen.units - 1}.`);
     return;
   }
+  ui.cell.removeAttribute("aria-invalid");
   choose({ cell });
 });
 ui.mapQuantity.addEventListener("change", () => drawMap());
@@ -268,9 +285,12 @@ ui.mapQuantity.addEventListener("change", () => drawMap());
 // ---------------------------------------------------------------- drawing
 
 function render() {
+  shown = pick;
   ui.layer.value = String(pick.layer);
-  ui.cell.value = String(pick.cell);
-  ui.cell.removeAttribute("aria-invalid");
+  if (document.activeElement !== ui.cell) { // not under the fingers of someone typing a number
+    ui.cell.value = String(pick.cell);
+    ui.cell.removeAttribute("aria-invalid");
+  }
   ui.colour.value = pick.quantity;
   ui.picked.textContent = `layer ${pick.layer}, cell ${pick.cell} (${NAMES[pick.quantity]})`;
   [ui.legendLow.textContent, ui.legendHigh.textContent] = range(pick.quantity);
@@ -538,7 +558,7 @@ ui.text.addEventListener("keydown", (e) => {
 ui.close.addEventListener("click", () => ui.dialog.close());
 ui.dialog.addEventListener("close", () => {
   reading?.abort();
-  choosing?.abort();
+  loading?.controller.abort();
   hideTip();
 });
 
