@@ -377,6 +377,15 @@ function drawMap() {
   const name = ui.mapQuantity.value;
   const array = values.get(pick.layer)?.get(name);
   if (!array) return;
+  if (ui.heat.drawn !== array) paintMap(name, array);
+  // the picked cell's row
+  const rowHeight = ui.heat.rowHeight;
+  ui.mark.style.setProperty("top", `${pick.cell * rowHeight}px`);
+  ui.mark.style.setProperty("height", `${Math.max(2, rowHeight)}px`);
+  ui.mark.style.setProperty("width", `${array.T * CHAR_WIDTH}px`);
+}
+
+function paintMap(name, array) {
   const { T, H, data } = array;
   const style = getComputedStyle(ui.dialog);
   const [base, low, high] = ["--surface", "--inside-low", "--inside-high"].map((p) => rgb(style.getPropertyValue(p)));
@@ -402,9 +411,7 @@ function drawMap() {
   ui.heat.style.setProperty("height", `${H * rowHeight}px`);
   ui.heat.rowHeight = rowHeight;
   ui.heat.setAttribute("aria-label", `Heatmap of layer ${pick.layer}'s ${NAMES[name] ?? `${name} gate`}: ${H} cells over ${T} characters.`);
-  ui.mark.style.setProperty("top", `${pick.cell * rowHeight}px`);
-  ui.mark.style.setProperty("height", `${Math.max(2, rowHeight)}px`);
-  ui.mark.style.setProperty("width", `${T * CHAR_WIDTH}px`);
+  ui.heat.drawn = array;
   [ui.mapLow.textContent, ui.mapHigh.textContent] = range(name);
 
   // the characters above their columns, at the screen's resolution (within a canvas's widest)
