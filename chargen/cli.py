@@ -1,4 +1,4 @@
-"""The `chargen` command: train, sample, evaluate, export, prepare, serve.
+"""The `chargen` command: train, sample, evaluate, export, prepare, serve, inspect.
 
 It sits above both `model/` and `service/` (pyproject.toml's import contracts). Only train,
 evaluate and export run the Keras network, and need the training stack (the `train` extra, or
@@ -752,3 +752,68 @@ def _check_bind(bind: str, given: str) -> None:
                 raise click.ClickException(f"{bind} is already in use (another server listens there); "
                                            "choose another with --port PORT or --bind HOST:PORT") from None
             raise click.ClickException(f"cannot listen on {bind}: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------- chargen inspect (issue 23)
+
+
+@main.command()
+@click.option("--artifact", "artifact_path", required=True, type=click.Path(),
+              help="Artifact directory (or a training run directory: its best/ is used).")
+@click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file the network reads.")
+@click.option("--top", type=click.IntRange(1, 50), default=3, show_default=True, help="Cells shown per feature.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the ranking and saturation of /v1/inspect).")
+def inspect(artifact_path, text_path, top, as_json):
+    """Find the cells that learned something, and the saturated gates.
+
+    The network reads the text from the zero state (in pieces, its state carried); for each feature
+    of the text (inside quotes, inside brackets, characters since the last newline, position in
+    the line, inside a word, upper case, a speaker line `NAME:`) it ranks the cells, hidden and
+    cell states of every layer, whose values correlate best with it (Pearson's r, by |r|, sign
+    kept), and shows how often each gate is saturated: a sigmoid gate below 0.1 (shut) or above
+    0.9 (wide open), a tanh value below -0.9 or above 0.9. Runs the artifact's model.onnx weights
+    with numpy: no Keras needed.
+    """
+    import json
+
+    import numpy as np
+
+    from model.records.vocab import normalize_newlines
+
+    try:
+        text = Path(text_path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{text_path}: not UTF-8 text") from None
+    except OSError as e:
+        raise click.ClickException(f"{text_path}: cannot be read: {e.strerror or e}") from None
+    artifact = _load_artifact(artifact_path)
+
+    from model.runtime.cells import FEATURES, report, statistics
+    from model.runtime.inside import Network
+
+    vocab, config = artifact.vocab, artifact.config
+    encoded = vocab.encode(text)
+    if len(encoded.ids) < 2:
+        raise click.ClickException(f"{text_path}: only {len(encoded.ids)} character(s) the model knows; at least 2 are needed")
+    outside = sum(c not in vocab for c in normalize_newlines(text))
+    network = Network.from_graph(artifact.onnx_path, config.cell, config.layers)
+    ids = np.asarray(encoded.ids, np.int64)
+    found = report(statistics(network, ids, vocab.decode(ids)), top)
+    summary = {"artifact": str(artifact.path), "cell_type": config.cell, "units": config.units, "num_layers": config.layers,
+               "text": str(text_path), "chars": len(ids), "replaced": outside - encoded.dropped, "dropped": encoded.dropped}
+    if as_json:
+        click.echo(json.dumps({**summary, **found}, ensure_ascii=False))
+        return
+    click.echo(f"{artifact.path}: {config.layers} x {config.units} {config.cell}; {text_path}: {len(ids):,} characters read "
+               f"({summary['replaced']} replaced, {encoded.dropped} dropped)")
+    click.echo("")
+    width = max(len(label) for label in FEATURES.values())
+    click.echo(f"{'feature':<{width}}  best cells by |r| (layer, state, cell: r)")
+    for row in found["ranking"]:
+        cells = "   ".join(f"L{c['layer']} {c['quantity']} {c['cell']}: {c['r']:+.2f}" for c in row["cells"])
+        click.echo(f"{row['label']:<{width}}  {cells or '(constant in this text: no correlation)'}")
+    click.echo("")
+    click.echo("gates, most often saturated first (share of values shut: < 0.1, tanh < -0.9; wide open: > 0.9)")
+    click.echo(f"{'layer':>5}  {'gate':<13} {'shut':>6} {'open':>6} {'both':>6}")
+    for s in sorted(found["saturation"], key=lambda s: -(s["low"] + s["high"])):
+        click.echo(f"{s['layer']:>5}  {s['gate']:<13} {s['low']:>6.1%} {s['high']:>6.1%} {s['low'] + s['high']:>6.1%}")

@@ -211,6 +211,7 @@ def create_app(config: dict | None = None) -> Flask:
     _register_request_hooks(app, settings)
 
     from service.api import bp as api
+    from service.inspect import bp as inspect
     from service.openai_api import bp as openai_api
     from service.ops import bp as ops
     from service.page import bp as page
@@ -218,6 +219,7 @@ def create_app(config: dict | None = None) -> Flask:
     from service.tokenizer_api import bp as tokenizer_api
 
     app.register_blueprint(api)
+    app.register_blueprint(inspect)
     app.register_blueprint(openai_api)
     app.register_blueprint(ops)
     app.register_blueprint(page)

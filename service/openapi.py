@@ -41,6 +41,7 @@ def document(schemas: Schemas, version: str) -> dict:
                                  (schemas.chat, "validation"), (schemas.score, "validation"), (schemas.tokenize, "validation"),
                                  (schemas.detokenize, "validation"), (schemas.root_tokenize, "validation"),
                                  (schemas.root_detokenize, "validation"), (schemas.responses, "validation"),
+                                 (schemas.inspect, "validation"),
                                  (ErrorResponse, "validation")],
                                 ref_template="#/components/schemas/{model}")
     components = top["$defs"]
@@ -114,8 +115,8 @@ def document(schemas: Schemas, version: str) -> dict:
             "summary": "OpenAI's Responses API over the chat pipeline (one token is one character; nothing is stored)",
             "description": ("`instructions` and `input` are written into a transcript as /v1/chat/completions writes its "
                             "messages; the one output message is the model's continuation, `incomplete` when it reaches "
-                            "max_output_tokens. Tools, stored responses (store: true, previous_response_id), reasoning and "
-                            "text formats other than text are refused (422)."),
+                            "max_output_tokens. text.format's JSON formats hold the output as chat's response_format does. "
+                            "Tools, stored responses (store: true, previous_response_id) and reasoning are refused (422)."),
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref["ResponsesRequest"]}}},
             "responses": {"200": {"description": "A response object, or with `stream: true` the Responses API's server-sent "
                                                  "events (response.created ... response.completed or response.incomplete)",
@@ -145,6 +146,17 @@ def document(schemas: Schemas, version: str) -> dict:
             "summary": "vLLM's detokenize: character ids back to text (prompt); ids outside the vocabulary are dropped "
                        "and listed (dropped)",
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref["RootDetokenizeRequest"]}}},
+            "responses": {"200": json_ok, **errors, **not_json}, **secured}},
+        "/v1/inspect": {"post": {
+            "summary": "Look inside: the network's hidden states, cell states and gates after each character of a text, "
+                       "what it predicted next, and the cells that follow features of the text",
+            "description": ("Computed from the model's own weights (those of its model.onnx), from the zero state. `layers[]` "
+                            "holds the layers asked for, each with the quantities asked for; `next[t]` is what the model "
+                            "predicted after reading chars[0..t]: the character that came (null after the last), its "
+                            "probability, and the 5 most likely. With cells > 0, `ranking` (per feature, the cells by |r|) and "
+                            "`saturation` (per layer and gate). 404 also when `layers`, `quantities` or `gates` name "
+                            "something the model lacks (codes layer_not_found, quantity_not_found)."),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref["InspectRequest"]}}},
             "responses": {"200": json_ok, **errors, **not_json}, **secured}},
         "/v1/models": {"get": {"summary": "The models this server serves (OpenAI format, with chargen's fields)",
                                "responses": {"200": json_ok, **errors}, **secured}},

@@ -698,6 +698,69 @@ class Schemas:
         self.root_tokenize = RootTokenizeRequest
         self.root_detokenize = RootDetokenizeRequest
         self.responses = ResponsesRequest
+        self.inspect = inspect_request(models)
+
+
+# ---------------------------------------------------------------- POST /v1/inspect (issue 23)
+
+INSPECT_QUANTITIES = ("hidden", "cell", "gates")
+INSPECT_ENCODINGS = ("list", "float16")
+MAX_INSPECT_VALUES = 4_000_000  # values one answer carries: characters x units x arrays per layer x layers
+MAX_INSPECT_CELLS = 50  # cells ranked per feature
+
+
+def inspect_document(schema: dict) -> None:
+    """What InspectRequest's JSON Schema says beyond its fields' types: the bound on an answer's size, and that
+    `gates` goes with quantities that include gates."""
+    schema["description"] = (f"At most {MAX_INSPECT_VALUES:,} values per answer (characters read x units x arrays per "
+                             "layer x layers); more is a 422 (code too_large) naming the sizes.")
+    schema["allOf"] = [{"if": {"required": ["gates", "quantities"], "properties": {"gates": {"type": "array"}, "quantities": {"type": "array"}}},
+                        "then": {"properties": {"quantities": {"contains": {"const": "gates"}}}}}]
+
+
+def inspect_request(models: Models):
+    from model.records.config import MAX_LAYERS
+    from model.runtime.cells import FEATURES
+    from model.runtime.inside import GATES, MAX_CHARS
+
+    gate_names = tuple(dict.fromkeys(g for names in GATES.values() for g in names))
+    per_cell = "; ".join(f"{cell}: {', '.join(names)}" for cell, names in GATES.items())
+
+    class InspectRequest(BaseModel):
+        """POST /v1/inspect: the network's values after each character (hidden state, LSTM cell state, gates), what it
+        predicted next, and on request the cells that follow features of the text (the document's description says the bound)."""
+
+        model_config = ConfigDict(extra="forbid", strict=True, title="InspectRequest", json_schema_extra=inspect_document)
+        model: str | None = model_field(models)
+        text: str = Field(min_length=1, max_length=MAX_CHARS, description=(
+            "The text the network reads, from the zero state (as a prompt). Characters outside the vocabulary follow the "
+            "prompt's rule (replaced by the base form, or dropped) and are listed."))
+        layers: Annotated[list[Annotated[int, Field(ge=1, le=MAX_LAYERS), WHOLE]], Field(min_length=1, max_length=MAX_LAYERS)] | None = Field(
+            None, description="The layers to return, 1 the lowest (default: all). A layer the model lacks is a 404 (code layer_not_found).")
+        quantities: Annotated[list[Literal[INSPECT_QUANTITIES]], Field(min_length=1, max_length=3)] | None = Field(
+            None, description="What to return per layer: hidden (state), cell (state; LSTM only), gates (default: all the "
+                              "cell type has). `cell` for a GRU or RNN is a 404 (code quantity_not_found).")
+        gates: Annotated[list[Literal[gate_names]], Field(min_length=1, max_length=len(gate_names))] | None = Field(
+            None, description=f"The gates to return with quantities `gates` (default: all of the cell type's; {per_cell}). "
+                              "Sigmoid gates and the candidate (tanh) are their activated values; the RNN's preactivation "
+                              "is the value before tanh. A gate the cell type lacks is a 404 (code quantity_not_found).")
+        encoding: Literal[INSPECT_ENCODINGS] = Field("list", description=(
+            "list: each array as [[...units] x characters], rounded to 4 decimals; float16: {shape: [characters, units], "
+            "dtype: float16, data: base64 of little-endian float16, row-major}."))
+        @field_validator("gates")
+        @classmethod
+        def _gates_are_asked_for(cls, gates, info):
+            quantities = info.data.get("quantities")
+            if gates is not None and quantities is not None and "gates" not in quantities:
+                raise PydanticCustomError("invalid_value", "gates names gates to return, but quantities leaves out gates")
+            return gates
+
+        cells: Whole = Field(0, ge=0, le=MAX_INSPECT_CELLS, description=(
+            "Above 0: also rank, for each feature of the text (" + ", ".join(FEATURES) + "), the this many cells (hidden "
+            "and cell states of every layer) whose values correlate best with it (Pearson's r, by |r|, sign kept), and "
+            "give each gate's saturation on this text (share below 0.1 and above 0.9; tanh values below -0.9 and above 0.9)."))
+
+    return InspectRequest
 
 
 class ErrorDetail(BaseModel):

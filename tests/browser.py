@@ -3,6 +3,7 @@ and the README's screenshots with the checks made on the way (the layout fits th
 the colour scheme applies).
 
     scripts/screenshots          # refresh docs/screenshot-*.png with the shipped model (artifacts/default)
+    scripts/screenshots docs inside   # only some of them: desktop, mobile, dark, inside
 
 tests/test_page.py takes the same screenshots of the tiny test model into a temporary directory:
 the test suite never writes into the tree.
@@ -26,6 +27,7 @@ PHONE = {"width": 375, "height": 760}
 TIMEOUT_MS = 30_000
 ENDED = "() => ['done', 'stopped', 'error'].includes(document.querySelector('.turn:last-child')?.dataset.state)"
 SHOTS = [("desktop", DESKTOP, "light"), ("mobile", PHONE, "light"), ("dark", DESKTOP, "dark")]
+TALL = {"width": 1280, "height": 1400}  # the Inside view whole: the coloured text, the ranking and the heatmap
 DOCS = ROOT / "docs"
 
 
@@ -71,12 +73,14 @@ class Tab:
         self.context.close()
 
 
-def screenshots(browser, url: str, out: Path, prompt: str) -> list[Path]:
+def screenshots(browser, url: str, out: Path, prompt: str, names=("desktop", "mobile", "dark")) -> list[Path]:
     """docs/screenshot-{desktop,mobile,dark}.png of the page at `url` (with probabilities shown and
     the tooltip of the least likely character open) into `out`; checks that the page fits the
     screen's width, the narrowest phone's (360 px) too, and that the colour scheme applies."""
     paths = []
     for name, viewport, scheme in SHOTS:
+        if name not in names:
+            continue
         t = Tab(browser, url + "/", viewport=viewport, color_scheme=scheme)
         try:
             page = t.page
@@ -110,12 +114,42 @@ def screenshots(browser, url: str, out: Path, prompt: str) -> list[Path]:
     return paths
 
 
+def inside_screenshot(browser, url: str, out: Path, prompt: str) -> Path:
+    """docs/screenshot-inside.png: a reply to `prompt` (seed 3) in the Inside view, coloured by the
+    cell the server ranks best, the heatmap of its layer's forget gate and one character's tip open;
+    checks that the view fits the screen's width."""
+    t = Tab(browser, url + "/", viewport=TALL)
+    try:
+        page = t.page
+        page.click("summary")
+        page.fill("#seed", "3")
+        page.click("summary")
+        t.send(prompt, temperature=0.8, max_chars=400)
+        assert t.wait_ended() == "done"
+        t.turn().get_by_role("button", name="Look inside").click()
+        page.locator("#inside-view").wait_for(state="visible")
+        page.select_option("#inside-map-quantity", "forget")
+        chars = page.locator("#inside-chars .ch")
+        chars.nth(max(0, chars.count() - 25)).hover()  # on the last line: the tip covers the text least
+        assert page.locator("#inside-tip").is_visible()
+        width = page.locator("#inside").evaluate("d => [d.scrollWidth, d.clientWidth]")
+        assert width[0] <= width[1], f"the Inside view is wider than the screen: {width}"
+        path = out / "screenshot-inside.png"
+        page.screenshot(path=str(path))
+        assert t.console_errors == [], t.console_errors
+        return path
+    finally:
+        t.close()
+
+
 def main() -> None:
-    """scripts/screenshots: the shipped model's page into docs/ (or the directory given)."""
+    """scripts/screenshots [DIR [NAME...]]: the shipped model's page into docs/ (or DIR); all of
+    desktop, mobile, dark and inside, or only the NAMEs given."""
     from playwright.sync_api import sync_playwright
 
     artifact = ROOT / "artifacts" / "default"
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else DOCS
+    names = sys.argv[2:] or ["desktop", "mobile", "dark", "inside"]
     if not (artifact / "meta.json").exists():
         sys.exit(f"no shipped model at {artifact}: the screenshots show it")
     if not CHROMIUM.exists():
@@ -124,8 +158,10 @@ def main() -> None:
     with running_server(artifact) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            for path in screenshots(browser, server.url, out, "ROMEO:\n"):
+            for path in screenshots(browser, server.url, out, "ROMEO:\n", names):
                 print(path)
+            if "inside" in names:
+                print(inside_screenshot(browser, server.url, out, "ROMEO:\n"))
         finally:
             browser.close()
 

@@ -16,6 +16,9 @@ Its metadata (strings): chargen_graph_format, cell, layers, units, embedding, vo
 int8 graph (model.int8.onnx, model/training/quantize.py) precision "int8": the same signature, its
 weights stored in int8 (a graph without `precision` is float32).
 
+Its float initializers (the weights model/runtime/inside.py reads back): embedding (V, E); per layer
+i = 1..layers W_i, R_i, B_i in the layouts of ONNX's recurrent operators; logits_kernel (H, V), logits_bias (V,).
+
 What the check sees is what ONNX Runtime reports: a graph it refuses is damaged; one it accepts is
 compared with meta.json by its metadata, inputs and outputs. The operators inside are not compared
 (ONNX Runtime does not list them): export writes them, the metadata and the signature together.

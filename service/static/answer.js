@@ -92,6 +92,17 @@ export class Answer {
 
 // The tooltip over shaded characters: on hover, and from the keyboard (focus an answer, then the
 // arrow keys walk through its characters).
+// A tooltip beside the rectangle r ({left, top, bottom} in the viewport): below it, or above where
+// there is no room, and never past the screen's edges.
+export function placeTip(tip, r) {
+  const t = tip.getBoundingClientRect();
+  const left = Math.max(8, Math.min(r.left, window.innerWidth - t.width - 8));
+  const below = r.bottom + 6;
+  const top = below + t.height > window.innerHeight - 8 ? r.top - t.height - 6 : below;
+  tip.style.left = `${left}px`;
+  tip.style.top = `${Math.max(8, top)}px`;
+}
+
 export class ProbabilityTips {
   constructor(root, tip, isOn) {
     this.tip = tip;
@@ -169,13 +180,7 @@ export class ProbabilityTips {
   }
 
   place(span) {
-    const r = span.getBoundingClientRect();
-    const t = this.tip.getBoundingClientRect();
-    const left = Math.max(8, Math.min(r.left, window.innerWidth - t.width - 8));
-    const below = r.bottom + 6;
-    const top = below + t.height > window.innerHeight - 8 ? r.top - t.height - 6 : below;
-    this.tip.style.left = `${left}px`;
-    this.tip.style.top = `${Math.max(8, top)}px`;
+    placeTip(this.tip, span.getBoundingClientRect());
   }
 
   hide() {

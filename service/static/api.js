@@ -122,6 +122,21 @@ export async function score(body, { apiKey } = {}) {
   return response.json();
 }
 
+// The network's values over `body.text` (POST /v1/inspect), for the page's Inside view.
+export async function inspect(body, { signal, apiKey } = {}) {
+  let response;
+  try {
+    response = await fetch("/v1/inspect", {
+      method: "POST", headers: { ...headers(apiKey), Accept: "application/json" }, body: JSON.stringify(body), signal,
+    });
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new ApiError("gone", "The server cannot be reached.");
+  }
+  if (!response.ok) throw await errorFrom(response);
+  return response.json();
+}
+
 // The error in plain words for the person at the page; the server's own message where it has one.
 export function describe(error) {
   if (!(error instanceof ApiError)) return `Something went wrong in the page: ${error.message}`;

@@ -5,6 +5,7 @@
 import { ApiError, describe, generate, getInfo, score } from "./api.js";
 import { Answer, ProbabilityTips } from "./answer.js";
 import { clearFormatError, formatControls, formatSettings, offerExamples, showFormatError } from "./format.js";
+import { openInside } from "./inside.js";
 
 const $ = (id) => document.getElementById(id);
 const compact = document.body.classList.contains("embed");
@@ -273,6 +274,7 @@ class Turn {
     q(".regenerate").addEventListener("click", () => start(this, prompt, { fresh: true }));
     q(".continue").addEventListener("click", () => start(this, this.continuation(), { fresh: false }));
     q(".copy").addEventListener("click", (e) => copy(e.currentTarget, this.prompt + this.answer.text));
+    q(".inside-open").addEventListener("click", () => openInside({ text: this.prompt + this.answer.text, model: this.model }));
   }
 
   // The prompt for "Continue": prompt and answer so far, cut to the server's prompt limit from the
@@ -300,6 +302,7 @@ class Turn {
     const empty = this.answer.text === "";
     this.node.querySelector(".continue").hidden = empty;
     this.node.querySelector(".copy").hidden = empty;
+    this.node.querySelector(".inside-open").hidden = empty;
     this.showScored();
   }
 
