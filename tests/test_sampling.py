@@ -444,9 +444,9 @@ def test_sample_artifact_errors_exit_1_without_traceback(cli, tiny_artifact, tmp
     broken, old = tmp_path / "broken", tmp_path / "old"
     for directory in (broken, old):
         directory.mkdir()
-        for name in ("vocab.json", "meta.json", "model.keras"):
+        for name in ("vocab.json", "meta.json", "model.keras", "model.int8.onnx"):  # all but model.onnx
             (directory / name).write_bytes((tiny_artifact / name).read_bytes())
-    (broken / "model.onnx").write_bytes(b"not a graph")
+    (broken / "model.onnx").write_bytes(b"not a graph")  # the int8 graph served is checked against it
     cases = [
         (tmp_path / "missing", "no such artifact directory"),
         (tmp_path / "a-file", "is a file"),
