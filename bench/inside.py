@@ -2,7 +2,7 @@
 4,000-character texts (pieces of the last 10% of tinyshakespeare). Prints the figures of
 bench/README.md ("Look inside").
 
-    .venv/bin/python bench/inspect.py [--artifact artifacts/default] [--repeats 5] [--corpus ../shared/corpora/tinyshakespeare.txt]
+    .venv/bin/python bench/inside.py [--artifact artifacts/default] [--repeats 5] [--corpus ../shared/corpora/tinyshakespeare.txt]
 
 One gunicorn worker with the project's config (as bench/load.py starts it); each request is sent
 --repeats times, one at a time, after one unmeasured request that reads the weights; the table gives
@@ -11,6 +11,9 @@ shipped model's last):
   1,000 characters, layer 3, every quantity (hidden, cell, 4 gates), as lists and as float16;
   4,000 characters, layer 3, the hidden state, as lists and as float16;
   each length with cells 10 (the ranking and saturation, every layer traced), hidden of layer 3 in float16.
+
+(Not named inspect.py: a script of that name in bench/ shadows the standard library's `inspect` for
+every bench script, as Python puts bench/ first on their path.)
 """
 
 from __future__ import annotations
