@@ -135,13 +135,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-chars", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=20, help="compiles and first characters measured")
+    parser.add_argument("--precision", default="auto", choices=["auto", "int8", "float32"],
+                        help="the graph the engines run (auto: what a server runs: int8 where the artifact has it)")
     args = parser.parse_args()
 
-    artifact = load(args.artifact)
+    artifact = load(args.artifact, precision=args.precision)
     vocab = artifact.vocab
     regex = constraints.compile_constraint("regex", REGEX, vocab)
     grammar = constraints.compile_constraint("grammar", GRAMMAR, vocab)
-    print(f"{artifact.path}: {len(vocab)} characters, {args.streams} streams, temperature {TEMPERATURE}\n")
+    print(f"{artifact.path} ({artifact.precision} graph): {len(vocab)} characters, {args.streams} streams, temperature {TEMPERATURE}\n")
 
     rates = throughput(artifact, args.streams, args.seconds, args.rounds, args.max_chars,
                        {"unconstrained": None, "regex": regex, "grammar": grammar})

@@ -40,11 +40,9 @@ F32 = np.float32
 # A step goes on several threads only when it has at least this much work (floating-point
 # operations: rows x flops_per_char), per precision of the graph: with less, waking the threads
 # costs about what they save, so a small network needs many rows and a large one few; an int8 graph
-# does the same work in less time, so it needs more (bench/README.md, "Threads per step", has the
-# float32 measurements on three networks; bench/threads.py makes them, --precision int8 too). The
-# int8 value is provisional: a first look on a shared machine, to be set from the idle run that
-# bench/README.md's int8 section records.
-THREADED_STEP_FLOPS = {"float32": 30e6, "int8": 300e6}
+# does the same work in less time, so it needs more (bench/README.md, "Threads per step" and its int8
+# section, has the measurements; bench/threads.py makes them for both graphs).
+THREADED_STEP_FLOPS = {"float32": 30e6, "int8": 120e6}
 # Prompts run on one thread in both precisions (the recurrence is sequential: a prompt of one
 # stream has one row of work per position); bench/threads.py times a long prompt on one and two.
 DEVICES = ("cpu", "cuda")
