@@ -67,6 +67,9 @@ RESPONSES_UNSUPPORTED = {"tools": "this server calls no tools", "tool_choice": "
 RESPONSES_DEFAULTED = {"temperature", "top_p", "top_k", *ADJUSTMENTS}  # null: the default, as OpenAI reads it
 
 
+MAX_IGNORED_ITEMS = 256  # items of a list accepted only to be ignored (a previous response's annotations, logprobs)
+
+
 def _whole_float(value):
     # JSON Schema counts 83342.0 as an integer, and /openapi.json says "integer": so it is one.
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -579,8 +582,10 @@ class Schemas:
             model_config = ConfigDict(extra="forbid", strict=True, title="ResponseInputPart")
             type: Literal["input_text", "output_text"]
             text: Content
-            annotations: list | None = Field(None, description="Accepted (a previous response's output) and ignored.")
-            logprobs: list | None = Field(None, description="Accepted (a previous response's output) and ignored.")
+            annotations: Annotated[list, Field(max_length=MAX_IGNORED_ITEMS)] | None = Field(
+                None, description="Accepted (a previous response's output) and ignored.")
+            logprobs: Annotated[list, Field(max_length=MAX_IGNORED_ITEMS)] | None = Field(
+                None, description="Accepted (a previous response's output) and ignored.")
 
             @field_validator("type", mode="before")
             @classmethod

@@ -51,6 +51,9 @@ CONFIG = {
     "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "database": "none"},  # no example database in the tree
     "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True}},
     "request-timeout": 30,
+    # An invalid body over CHARGEN_MAX_BODY_BYTES is refused with 413 before it is read: a rejection too
+    "checks": {"negative_data_rejection": {"expected-statuses": [
+        "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]}},
 }
 
 # The document the server will serve, built here the same way (service/openapi.py), so that the cases

@@ -321,3 +321,29 @@ def test_chargen_serve_runs_the_shipped_model_in_int8_by_default(copy):
     done = subprocess.run([*chargen_command(), "serve", "--port", "0"], env=server_env(copy), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1 and f"{copy / INT8_GRAPH}: missing" in done.stderr, done.stderr
+
+
+def test_int8_texts_are_fixed_by_the_seed_and_the_streams_stepped_together(tiny_artifact):
+    """What README.md's Precision paragraph promises for int8: a seed gives the same text alone, and
+    the same texts for the same streams stepped together (not necessarily alone's: the activations'
+    scale is the batch's)."""
+    from model.runtime.engine import Engine
+    from model.runtime.sampling import SamplingSettings
+    from model.runtime.streams import GenerationRequest
+
+    served = artifact.load(tiny_artifact)  # auto: the int8 graph
+    assert served.precision == "int8"
+    requests = [GenerationRequest("the ", 200, SamplingSettings(temperature=1.0), seed=seed) for seed in (1, 2, 3, 4)]
+
+    def together() -> list[str]:
+        engine = Engine(served, max_batch=8)
+        streams = [engine.start(r) for r in requests]
+        for _ in range(400):  # bounded: each stream ends at 200 characters
+            if all(s.finish_reason for s in streams):
+                break
+            engine.step([s for s in streams if s.finish_reason is None])
+        return [s.text for s in streams]
+
+    alone = [[Engine(served, max_batch=8).generate(r).text for r in requests] for _ in range(2)]
+    assert alone[0] == alone[1] and len(set(alone[0])) == 4
+    assert together() == together()
