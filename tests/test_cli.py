@@ -110,14 +110,15 @@ CASES = [
     (["sample", "--artifact", "{broken}"], "missing model.onnx, the ONNX graph of the network that serving runs"),
     (["sample", "--artifact", "{text}"], "text.txt: is a file; an artifact is a directory"),
     (["prepare", "{nul}"], "image.png: a binary file, not text"),
-    (["serve", "--artifact", "{empty_dir}"], "missing model.onnx, vocab.json, meta.json"),
-    (["serve", "--artifact", "{broken}"], "with: .venv/bin/chargen export --artifact "),
+    # (a free port: serve checks its address before the artifact, and 8000 may be taken on this machine)
+    (["serve", "--port", "{port}", "--artifact", "{empty_dir}"], "missing model.onnx, vocab.json, meta.json"),
+    (["serve", "--port", "{port}", "--artifact", "{broken}"], "with: .venv/bin/chargen export --artifact "),
 ]
 
 
 @pytest.mark.parametrize("args, message", CASES, ids=[" ".join(a[:2]) + f" ({i})" for i, (a, _) in enumerate(CASES)])
 def test_mistakes_are_reported_before_keras_loads(files, args, message):
-    names = {name: str(path) for name, path in files.items()} | {"tmp": str(files["text"].parent)}
+    names = {name: str(path) for name, path in files.items()} | {"tmp": str(files["text"].parent), "port": str(free_port())}
     result, heavy = run_cli(*(a.format(**names) for a in args))
     assert result.returncode in (1, 2), result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
