@@ -89,6 +89,20 @@ def json_artifact(tmp_path_factory) -> Path:
     return train_tiny(tmp_path_factory.mktemp("json") / "run", json_records(3000))
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's: Playwright cannot download its own here), one per test module."""
+    from browser import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium; scripts/test does it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (pip install -e '.[test]')")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
 @pytest.fixture
 def models_dir(tmp_path, tiny_artifact, other_artifact) -> Path:
     """A CHARGEN_MODELS directory of two models: `fox` (tiny_artifact) and `jugs` (other_artifact),

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, TIMEOUT_MS, Tab, screenshots
+from browser import DESKTOP, TIMEOUT_MS, Tab, screenshots
 from conftest import OTHER, PERIODIC
 from polling import wait_for
 from server import ROOT, continuation, running_server
@@ -161,17 +161,6 @@ def test_a_bad_frame_ancestor_stops_start_up_naming_the_variable(tiny_artifact, 
 
 
 # ---------------------------------------------------------------- in the browser (Chromium, real gunicorn: slow)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium; scripts/test does it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (pip install -e '.[test]')")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 class HostSite:

@@ -8,24 +8,13 @@ import json
 
 import pytest
 
-from browser import CHROMIUM, CHROMIUM_ARGS, Tab
+from browser import Tab
 from server import continuation, running_server
 
 pytestmark = pytest.mark.slow  # Chromium and real gunicorn
 
 CONTROLS = {"#min-p": "min_p", "#repetition-penalty": "repetition_penalty", "#repetition-window": "repetition_window",
             "#presence-penalty": "presence_penalty", "#frequency-penalty": "frequency_penalty"}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium; scripts/test does it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (pip install -e '.[test]')")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

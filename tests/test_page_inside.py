@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from browser import CHROMIUM, CHROMIUM_ARGS, PHONE, Tab, inside_screenshot
+from browser import PHONE, Tab, inside_screenshot
 from conftest import PERIODIC, train_tiny
 from server import ROOT, continuation, running_server
 
@@ -18,17 +18,6 @@ pytestmark = pytest.mark.slow  # Chromium and real gunicorn
 
 RANKED = re.compile(r"^layer \d+, cell \d+( \(cell state\))?: .+, r = −?\d\.\d\d$")
 COLOURS = "spans => spans.map(s => getComputedStyle(s).backgroundColor)"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium; scripts/test does it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (pip install -e '.[test]')")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,13 @@ import re
 
 import pytest
 
-from browser import CHROMIUM, CHROMIUM_ARGS, Tab
+from browser import Tab
 from conftest import PERIODIC
 from server import running_server
 
 pytestmark = pytest.mark.slow  # Chromium and a real gunicorn
 
 OFFERED = "() => document.querySelectorAll('#format-example option').length > 1"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium; scripts/test does it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (pip install -e '.[test]')")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
