@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from model.records.vocab import Vocab
 from model.runtime.artifact import load
-from model.runtime.constraints import MAX_SOURCE_CHARS, ConstraintError, compile_constraint
+from model.runtime.constraints import MAX_SOURCE_CHARS, ConstraintError, bytewise, compile_constraint
 from model.runtime.engine import Engine
 from model.runtime.sampling import GREEDY, SamplingSettings, log_softmax, probabilities
 from model.runtime.streams import GenerationRequest
@@ -186,6 +186,27 @@ def test_constrained_and_unconstrained_streams_batched_together_give_each_its_te
         alone = Engine(artifact, max_batch=8).generate(request)
         assert (alone.text, alone.finish_reason, alone.incomplete) == (stream.text, stream.finish_reason, stream.incomplete)
     assert texts == [s.text for s in together]
+
+
+# Characters of two and three bytes, some sharing their first byte (é and è: 0xC3), where llguidance
+# forces a byte that is not yet a character
+WIDE = Vocab("\n abcx.éè€")
+
+
+@pytest.mark.parametrize("pattern", [r"(é|è)(x|€)+\.", r"a(éa|èb)*c", r"[éè]{2,3}x €", r"(x é|x è|€)+"])
+def test_characters_of_several_bytes_are_followed_exactly(tmp_path, pattern):
+    from conftest import random_network, with_graph
+
+    artifact = with_graph(random_network("lstm", 1, len(WIDE), seed=3), tmp_path, WIDE)
+    constraint = compile_constraint("regex", pattern, WIDE)
+    assert not bytewise(WIDE.chars) and bytewise(VOCAB.chars)
+    requests = [GenerationRequest("a", 30, SamplingSettings(1.5), seed=seed, constraint=constraint) for seed in range(12)]
+    together, texts = run_all(Engine(artifact, max_batch=12), requests)
+    for request, stream, text in zip(requests, together, texts):
+        assert_matches_or_prefix(pattern, stream, text)
+        alone = Engine(artifact, max_batch=2).generate(request)
+        assert (alone.text, alone.finish_reason, alone.incomplete) == (stream.text, stream.finish_reason, stream.incomplete)
+    assert any(not s.incomplete for s in together)
 
 
 def test_constrained_streams_stepped_out_of_slot_order_keep_their_masks(artifact):

@@ -160,7 +160,10 @@ class Constraint:
 class Matcher:
     """One stream's place in its constraint: which characters may come next (`allowed`, (V,) bool),
     whether the text so far is a complete match (`accepting`). When neither holds, the stream is at a
-    dead end (the constraint goes on only with characters the vocabulary lacks)."""
+    dead end (the constraint goes on only with characters the vocabulary lacks). These are the state's
+    at the matcher's last `_settle`: the engine steps the usual character with the raw matcher and
+    keeps the mask in its own arrays, settling the matcher where a character is forced or the
+    stream ends."""
 
     __slots__ = ("constraint", "_m", "_ids", "allowed", "accepting", "error", "_forced")
 
@@ -232,6 +235,13 @@ class Matcher:
         self.accepting = m.is_accepting()
         if not self.accepting and self.allowed.sum() == 1:  # one character possible: forced too
             self._forced = [int(np.flatnonzero(self.allowed)[0])]
+
+
+def bytewise(chars) -> bool:
+    """Whether every character is one UTF-8 byte: llguidance's mask is then always the next
+    character's, so a step needs no look at the forced bytes first (where forced bytes end inside a
+    character of several bytes, the mask is not the next character's: Matcher._settle reads them)."""
+    return all(len(c.encode()) == 1 for c in chars)
 
 
 def _failed(m: llguidance.LLMatcher) -> bool:

@@ -36,11 +36,13 @@ log-probabilities move with the streams it steps beside (README.md, "Precision")
 can its sampled text; alone, or beside the same streams, it is the same.
 
 A request with a constraint (model.runtime.constraints) carries its matcher on its stream; the
-engine keeps each constrained slot's mask (`_allowed`: the characters that continue the match, or
-all of them where the text so far is already a complete match) and removes the other characters
-from the constrained rows' logits before the sampler's adjustments and filters (so the draw is
-still one number per pick). After the pick the stream's matcher advances by the character (three
-calls into the matcher for the usual stream, the masks of all of them unpacked at once). A run of
+engine keeps each constrained slot's mask (`_allowed`: the characters that continue the match;
+`_accepting`: whether the text so far is already a complete match, where every character may be
+picked) and removes the other characters from the constrained rows' logits before the sampler's
+adjustments and filters (so the draw is still one number per pick). After the pick the stream's
+matcher advances by the character (two or three calls into the matcher for the usual stream, the
+masks of all of them unpacked at once, the matcher's own fields left as they were: the engine's
+arrays are the stream's mask until the matcher settles again). A run of
 characters the constraint then forces (one possible character, repeatedly) at least
 FORCED_RUN_CALL long is fed to the network in one prompt call and emitted with the picked one,
 counting toward max_chars and taking no draw; a shorter one is picked a character a step, each the
@@ -68,7 +70,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.runtime import network_step
-from model.runtime.constraints import forget
+from model.runtime.constraints import bytewise, forget
 from model.runtime.prompt_cache import PromptCache
 from model.runtime.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, mask_out, pick
 from model.runtime.state import PROMPT_CHUNK, State
@@ -248,7 +250,12 @@ class Engine:
         self._unread = UnreadIds(self.max_batch)
         self._checking = 0  # active slots whose streams check each character (stop sequences, logprobs, constraints)
         self._constrained = np.zeros(self.max_batch, bool)  # the slot's request has a constraint
-        self._allowed: np.ndarray | None = None  # (max_batch, V) bool: each constrained slot's mask, made with the first constraint
+        # each constrained slot's mask: the characters that continue its match (made with the first
+        # constraint), and whether its text is a complete match
+        self._allowed: np.ndarray | None = None  # (max_batch, V) bool
+        self._accepting = np.zeros(self.max_batch, bool)
+        self._matchers = np.empty(self.max_batch, object)  # each constrained slot's llguidance matcher
+        self._bytewise = bytewise(self.vocab.chars)  # a constrained step need not ask for the forced bytes
         self._constraining = 0
         self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
         # An empty prompt starts from the zero state as if after a newline (after the first
@@ -302,7 +309,8 @@ class Engine:
         if stream._matcher is not None:
             if self._allowed is None:
                 self._allowed = np.ones((self.max_batch, len(self.vocab)), bool)
-            self._allowed[slot] = stream._matcher.allowed | stream._matcher.accepting
+            self._allowed[slot], self._accepting[slot] = stream._matcher.allowed, stream._matcher.accepting
+            self._matchers[slot] = stream._matcher._m
             self._constraining += 1
         try:
             self.network.restore(slot, self._read(request, stream, ids, boundaries))
@@ -313,7 +321,8 @@ class Engine:
             stream.finish_reason = "length"
             stream.incomplete = stream._matcher is not None and not stream._matcher.accepting
             self._release(stream)
-        elif stream._matcher is not None and not self._allowed[slot].any():  # a constraint nothing can begin (a compile refuses those)
+        elif stream._matcher is not None and not stream._matcher.allowed.any() and not stream._matcher.accepting:
+            # a constraint nothing can begin (a compile refuses those)
             stream.finish_reason, stream.incomplete = "stop", True
             self._release(stream)
         return stream
@@ -399,7 +408,7 @@ class Engine:
         if self._constraining:
             rows = np.flatnonzero(self._constrained[:n])
             if len(rows):  # what is sampled from, logprobs included
-                logits = mask_out(logits.astype(np.float64), rows, self._allowed[rows])
+                logits = mask_out(logits.astype(np.float64), rows, self._allowed[rows], self._accepting[rows])
         ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
@@ -414,15 +423,14 @@ class Engine:
         due = self._unread.record(n, ids)
         made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
         if self._checking:
-            constrained = []
-            for b in np.flatnonzero(self._unread.counting[:n] == 0).tolist():  # the checked streams
-                s = ordered[b]
-                if s._matcher is None:
-                    made[b] = s.emit(chars[ids[b]], lps.get(b) if self._wanting else None)
-                else:
-                    constrained.append(b)
-            if constrained:
-                self._advance(constrained, ordered, ids, lps if self._wanting else {}, made)
+            checked = self._unread.counting[:n] == 0
+            constrained = self._constrained[:n]
+            for b in np.flatnonzero(checked & ~constrained).tolist():  # stop sequences, logprobs
+                made[b] = ordered[b].emit(chars[ids[b]], lps.get(b) if self._wanting else None)
+            if self._constraining:
+                rows = np.flatnonzero(constrained)
+                if len(rows):
+                    self._advance(rows, ordered, ids, lps if self._wanting else {}, made)
         for b in due:  # unchecked streams whose slots are full or at max_chars
             s = ordered[b]
             self._flush(s)
@@ -433,49 +441,68 @@ class Engine:
         self._unread.settle(self.active)
         return Deltas(ordered, ids, chars, made, order)
 
-    def _advance(self, rows: list[int], ordered: list[Stream], ids: np.ndarray, lps: dict, made: dict) -> None:
+    def _advance(self, rows: np.ndarray, ordered: list[Stream], ids: np.ndarray, lps: dict, made: dict) -> None:
         """The constrained streams in slots `rows` picked ids[rows]: advance their matchers, and put
-        each one's Delta in made[b]. The usual row costs three calls into the matcher, and the masks
-        of all rows are unpacked at once; a row whose matcher forces characters, reaches a dead end or
-        fails takes the matcher's own step (`_settle`) in `_follow`."""
-        V = len(self.vocab)
-        chars, picks = self.vocab.chars, ids.tolist()
-        moving, masks = [], []
-        for b in rows:
-            s, picked = ordered[b], picks[b]
-            m = s._matcher
-            matcher = m._m
-            if not m.allowed[picked]:  # a complete match, and the model picked "end here"
+        the Deltas that need making in made[b]. The usual row costs two calls into the matcher (three
+        where the vocabulary has characters of several bytes: the forced bytes are asked for too), the
+        masks of all rows are unpacked at once, and a row with nothing to check (no stop sequences, no
+        logprobs) that goes on takes its character as an unchecked one does; a row whose matcher
+        forces characters, reaches a dead end or fails takes the matcher's own step (`_settle`) in
+        `_follow`."""
+        V, chars, picks = len(self.vocab), self.vocab.chars, ids.tolist()
+        if self._accepting[rows].any():  # at a complete match, the model may have picked "end here"
+            going = self._allowed[rows, ids[rows]]
+            for b in rows[~going].tolist():
+                s = ordered[b]
                 s.incomplete = False
                 made[b] = s.end("stop")
-            elif not matcher.consume_token(picked) or matcher.compute_ff_bytes():
-                m._settle()
-                if m.error:  # a limit of the constraint's shared lexer: compile it afresh next time
-                    forget(s.request.constraint)
-                made[b] = self._follow(b, s, picked, lps.get(b))
-            else:
+            rows = rows[going]
+        moving, masks = [], []
+        bytewise = self._bytewise
+        for b, matcher in zip(rows.tolist(), self._matchers[rows].tolist()):
+            if matcher.consume_token(picks[b]) and (bytewise or not matcher.compute_ff_bytes()):
                 moving.append(b)
                 masks.append(matcher.compute_bitmask())
+            else:  # refused (a limit reached), or bytes forced
+                made[b] = self._follow(b, ordered[b], picks[b], lps.get(b))
         if not moving:
             return
-        bits = np.unpackbits(np.frombuffer(b"".join(masks), np.uint8).reshape(len(moving), -1), axis=1, count=V + 1,
+        k = len(moving)
+        bits = np.unpackbits(np.frombuffer(b"".join(masks), np.uint8).reshape(k, -1), axis=1, count=V + 1,
                              bitorder="little").view(bool)  # (k, V + 1): the characters, then the end token
         allowed, accepting = bits[:, :V], bits[:, V]  # the end token is allowed exactly at a complete match
-        counts = allowed.sum(axis=1)
-        self._allowed[moving] = allowed | accepting[:, None]
-        stuck, single, accepting = (counts == 0).tolist(), ((counts == 1) & ~accepting).tolist(), accepting.tolist()
+        counts = np.count_nonzero(allowed, axis=1)
+        at = slice(0, k) if moving[-1] == k - 1 else moving  # usually every row, in order
+        self._allowed[at], self._accepting[at] = allowed, accepting
+        # one character possible and no end: forced, and a long forced run after it takes the
+        # matcher's own step; no character: the match is complete, or a dead end
+        odd = set(np.flatnonzero(counts < 2).tolist()) if counts.min() < 2 else ()
         for j, b in enumerate(moving):
-            s = ordered[b]
-            m = s._matcher
-            m.allowed, m.accepting, m.error = allowed[j], accepting[j], ""
-            m._forced = [int(allowed[j].argmax())] if single[j] else []
-            delta = s.emit(chars[picks[b]], lps.get(b) if lps else None)
-            made[b] = delta if delta.finish_reason is None and not stuck[j] else self._emitted(s, delta, m, stuck[j])
+            s, i = ordered[b], picks[b]
+            stuck = False
+            if j in odd:
+                if (counts[j] == 1 and not accepting[j] and bytewise
+                        and len(self._matchers[b].compute_ff_bytes()) >= FORCED_RUN_CALL):
+                    made[b] = self._follow(b, s, i, lps.get(b))
+                    continue
+                stuck = counts[j] == 0
+            elif b not in lps and not s.request.stop:  # the usual row: its Delta is made when read, unless it is the last
+                s.take(chars[i])
+                if s.finish_reason is not None:
+                    s.incomplete = not accepting[j]
+                    made[b] = Delta(s, chars[i], [], s.finish_reason)
+                continue
+            delta = s.emit(chars[i], lps.get(b))
+            made[b] = delta if delta.finish_reason is None and not stuck else self._emitted(s, delta, bool(accepting[j]), stuck)
 
     def _follow(self, b: int, s: Stream, picked: int, logprob: CharLogprob | None) -> Delta:
-        """After the stream's matcher took `picked` and settled: feed a long forced run to the network
-        in one call, emit, and end where the constraint says (the module docstring)."""
+        """After the stream's matcher took `picked`: settle it (forced run, dead end, a limit reached),
+        feed a long forced run to the network in one call, emit, and end where the constraint says
+        (the module docstring)."""
         m, chars = s._matcher, self.vocab.chars
+        m._settle()
+        if m.error:  # a limit of the constraint's shared lexer: compile it afresh next time
+            forget(s.request.constraint)
         run = m.forced(s.request.max_chars - s._generated - 1) if len(m._forced) >= FORCED_RUN_CALL else []
         if run:
             network = self.network
@@ -485,18 +512,18 @@ class Engine:
         lps = None
         if logprob is not None:
             lps = [logprob] + [CharLogprob(chars[i], 0.0, [(chars[i], 0.0)]) for i in run]
-        self._allowed[b] = m.allowed | m.accepting
-        return self._emitted(s, s.emit_run([chars[picked]] + [chars[i] for i in run], lps), m, not m.allowed.any())
+        self._allowed[b], self._accepting[b] = m.allowed, m.accepting
+        return self._emitted(s, s.emit_run([chars[picked]] + [chars[i] for i in run], lps), m.accepting, not m.allowed.any())
 
-    def _emitted(self, s: Stream, delta: Delta, m, stuck: bool) -> Delta:
+    def _emitted(self, s: Stream, delta: Delta, accepting: bool, stuck: bool) -> Delta:
         """A constrained stream's Delta, ended where the constraint says: `stuck` (no character of
-        the vocabulary goes on) at a complete match or at a dead end."""
+        the vocabulary goes on) at a complete match (`accepting`) or at a dead end."""
         if delta.finish_reason == "stop":  # a stop sequence: the text is the generated text cut before it
             s.incomplete = not s.request.constraint.matches(s.text)
         elif delta.finish_reason == "length":
-            s.incomplete = not m.accepting
+            s.incomplete = not accepting
         elif stuck:
-            s.incomplete = not m.accepting
+            s.incomplete = not accepting
             end = s.end("stop")
             delta = Delta(s, delta.text + end.text, delta.logprobs + end.logprobs, "stop")
         return delta
@@ -570,7 +597,7 @@ class Engine:
         arrays = [self._temperature, self._top_k, self._top_p, self._min_p, self._samples, self._draws, self._next_draw,
                   self._logprobs, self._ranked, self._logprob_sum, self._constrained, *self._unread.arrays()]
         if self._allowed is not None:
-            arrays.append(self._allowed)
+            arrays += [self._allowed, self._accepting, self._matchers]
         return arrays if self._adjustments is None else arrays + self._adjustments.arrays()
 
     def _release(self, s: Stream) -> None:
@@ -586,6 +613,7 @@ class Engine:
             self._slots[slot] = moved
             moved._slot = slot
         self._slots.pop()
+        self._matchers[last] = None  # no finished stream's matcher kept alive
         self._wanting -= s.request.logprobs > 0
         self._adjusting -= s.request.sampling.adjusts
         self._ranking -= s.request.rank

@@ -200,11 +200,19 @@ def pick(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: 
     return ids
 
 
-def mask_out(z: np.ndarray, rows: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+def mask_out(z: np.ndarray, rows: np.ndarray, allowed: np.ndarray, every: np.ndarray | None = None) -> np.ndarray:
     """Rows `rows` of logits z (n, V) with the characters a constraint disallows at -inf (allowed:
-    (len(rows), V) bool, at least one True per row), in place: they then weigh 0 through the
-    adjustments, the temperature and the filters, and the draw falls among the others."""
-    z[rows] = np.where(allowed, z[rows], -np.inf)
+    (len(rows), V) bool; every: (len(rows),) bool, the rows where every character is allowed; at
+    least one allowed per row), in place: they then weigh 0 through the adjustments, the
+    temperature and the filters, and the draw falls among the others."""
+    if every is not None:
+        if every.all():
+            return z
+        allowed = allowed | every[:, None]
+    if len(rows) == len(z):  # every row (rows is 0..n-1, sorted and distinct)
+        np.putmask(z, ~allowed, -np.inf)
+    else:
+        z[rows] = np.where(allowed, z[rows], -np.inf)
     return z
 
 

@@ -215,7 +215,8 @@ class Stream:
 
     def take(self, text: str) -> None:
         """Take generated characters of a request with no stop sequences and no logprobs (nothing to
-        check: they are its text; their Deltas were returned by the steps that picked them)."""
+        check, or a constraint the engine has checked them against: they are its text; their Deltas
+        were returned by the steps that picked them)."""
         self._generated += len(text)
         self._emitted.append(text)
         if self._generated >= self.request.max_chars:
