@@ -64,7 +64,11 @@ The engine is not thread-safe: exactly one thread calls it.
 from __future__ import annotations
 
 import operator
+import os
 import secrets
+import threading
+import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -90,6 +94,62 @@ UNREAD = 256  # ids a slot keeps for a stream without checks before the stream t
 FORCED_RUN_CALL = 8
 
 _slot_of = operator.attrgetter("_slot")
+
+
+class _Beside:
+    """Runs one call in a thread of its own while the engine's thread waits in ONNX Runtime (which
+    lets go of the GIL while the network steps): the constrained rows' matchers advance during the
+    network's step instead of after it. Two locks hand the call over and back (no Python-level
+    condition variables: a hand-over costs microseconds). The thread starts on first use in each
+    process (threads do not survive a fork) and ends when the engine is dropped."""
+
+    def __init__(self):
+        self._pid = None
+
+    def start(self, fn, *args) -> None:
+        if self._pid != os.getpid():
+            self._go, self._done, self._box = threading.Lock(), threading.Lock(), [None, None]
+            self._go.acquire()
+            self._done.acquire()
+            threading.Thread(target=_beside, args=(self._go, self._done, self._box), daemon=True,
+                             name="chargen-constraints").start()
+            weakref.finalize(self, _stop, self._go, self._box)
+            self._pid = os.getpid()
+        self._box[0] = (fn, args)
+        self._go.release()
+
+    def result(self):
+        """What the call returned (or raised), once it is done."""
+        self._done.acquire()
+        out, self._box[1] = self._box[1], None
+        if isinstance(out, _Raised):
+            raise out.error
+        return out
+
+
+def _stop(go: threading.Lock, box: list) -> None:
+    box[0] = None  # no call: the thread ends
+    go.release()
+
+
+@dataclass
+class _Raised:
+    error: BaseException
+
+
+def _beside(go: threading.Lock, done: threading.Lock, box: list) -> None:
+    while True:
+        go.acquire()
+        job, box[0] = box[0], None
+        if job is None:
+            return
+        fn, args = job
+        try:
+            box[1] = fn(*args)
+        except BaseException as e:  # raised again in the engine's thread
+            box[1] = _Raised(e)
+        del fn, args, job
+        done.release()
 
 
 class EngineFull(RuntimeError):
@@ -254,7 +314,9 @@ class Engine:
         # constraint), and whether its text is a complete match
         self._allowed: np.ndarray | None = None  # (max_batch, V) bool
         self._accepting = np.zeros(self.max_batch, bool)
+        self._blocked: np.ndarray | None = None  # (max_batch, V) bool: what the sampler removes, neither of the two
         self._matchers = np.empty(self.max_batch, object)  # each constrained slot's llguidance matcher
+        self._beside = _Beside()
         self._bytewise = bytewise(self.vocab.chars)  # a constrained step need not ask for the forced bytes
         self._constraining = 0
         self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
@@ -309,7 +371,8 @@ class Engine:
         if stream._matcher is not None:
             if self._allowed is None:
                 self._allowed = np.ones((self.max_batch, len(self.vocab)), bool)
-            self._allowed[slot], self._accepting[slot] = stream._matcher.allowed, stream._matcher.accepting
+                self._blocked = np.zeros((self.max_batch, len(self.vocab)), bool)
+            self._set_masks(slot, stream._matcher.allowed, stream._matcher.accepting)
             self._matchers[slot] = stream._matcher._m
             self._constraining += 1
         try:
@@ -408,7 +471,7 @@ class Engine:
         if self._constraining:
             rows = np.flatnonzero(self._constrained[:n])
             if len(rows):  # what is sampled from, logprobs included
-                logits = mask_out(logits.astype(np.float64), rows, self._allowed[rows], self._accepting[rows])
+                logits = mask_out(logits.astype(np.float64), rows, self._blocked[rows])
         ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
@@ -419,18 +482,23 @@ class Engine:
             self._logprob_sum[rows] += log_softmax(logits[rows])[np.arange(len(rows)), ids[rows]]
         if self._wanting:
             lps = {b: self._logprob(logits[b], int(ids[b]), self._logprobs[b]) for b in np.flatnonzero(self._logprobs[:n]).tolist()}
-        self.network.advance(n, ids)
-        due = self._unread.record(n, ids)
         made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
+        rows = np.flatnonzero(self._constrained[:n]) if self._constraining else ()
+        if len(rows):  # their matchers advance while the network steps
+            self._beside.start(self._advance, rows, ordered, ids, lps if self._wanting else {})
+            try:
+                self.network.advance(n, ids)
+            finally:
+                made, settle = self._beside.result()
+            for b in settle:  # a forced run, a dead end or a limit reached: the matcher's own step
+                made[b] = self._follow(b, ordered[b], int(ids[b]), lps.get(b) if self._wanting else None)
+        else:
+            self.network.advance(n, ids)
+        due = self._unread.record(n, ids)
         if self._checking:
             checked = self._unread.counting[:n] == 0
-            constrained = self._constrained[:n]
-            for b in np.flatnonzero(checked & ~constrained).tolist():  # stop sequences, logprobs
+            for b in np.flatnonzero(checked & ~self._constrained[:n]).tolist():  # stop sequences, logprobs
                 made[b] = ordered[b].emit(chars[ids[b]], lps.get(b) if self._wanting else None)
-            if self._constraining:
-                rows = np.flatnonzero(constrained)
-                if len(rows):
-                    self._advance(rows, ordered, ids, lps if self._wanting else {}, made)
         for b in due:  # unchecked streams whose slots are full or at max_chars
             s = ordered[b]
             self._flush(s)
@@ -441,15 +509,18 @@ class Engine:
         self._unread.settle(self.active)
         return Deltas(ordered, ids, chars, made, order)
 
-    def _advance(self, rows: np.ndarray, ordered: list[Stream], ids: np.ndarray, lps: dict, made: dict) -> None:
-        """The constrained streams in slots `rows` picked ids[rows]: advance their matchers, and put
-        the Deltas that need making in made[b]. The usual row costs two calls into the matcher (three
-        where the vocabulary has characters of several bytes: the forced bytes are asked for too), the
-        masks of all rows are unpacked at once, and a row with nothing to check (no stop sequences, no
-        logprobs) that goes on takes its character as an unchecked one does; a row whose matcher
-        forces characters, reaches a dead end or fails takes the matcher's own step (`_settle`) in
-        `_follow`."""
+    def _advance(self, rows: np.ndarray, ordered: list[Stream], ids: np.ndarray, lps: dict) -> tuple[dict, list[int]]:
+        """The constrained streams in slots `rows` picked ids[rows]: advance their matchers (in the
+        thread beside, while the network steps: nothing here touches the network). Returns the
+        Deltas it made, by row, and the rows whose matchers must settle (`_follow`, after the
+        network's step): a character refused (a limit reached), bytes forced where the vocabulary
+        has characters of several bytes, or a forced run long enough for one prompt call. The usual
+        row costs two calls into the matcher, the masks of all rows are unpacked at once, and a row
+        with nothing to check (no stop sequences, no logprobs) that goes on takes its character as
+        an unchecked one does (its Delta made when read)."""
         V, chars, picks = len(self.vocab), self.vocab.chars, ids.tolist()
+        made: dict[int, Delta] = {}
+        settle: list[int] = []
         if self._accepting[rows].any():  # at a complete match, the model may have picked "end here"
             going = self._allowed[rows, ids[rows]]
             for b in rows[~going].tolist():
@@ -463,19 +534,18 @@ class Engine:
             if matcher.consume_token(picks[b]) and (bytewise or not matcher.compute_ff_bytes()):
                 moving.append(b)
                 masks.append(matcher.compute_bitmask())
-            else:  # refused (a limit reached), or bytes forced
-                made[b] = self._follow(b, ordered[b], picks[b], lps.get(b))
+            else:
+                settle.append(b)
         if not moving:
-            return
+            return made, settle
         k = len(moving)
         bits = np.unpackbits(np.frombuffer(b"".join(masks), np.uint8).reshape(k, -1), axis=1, count=V + 1,
                              bitorder="little").view(bool)  # (k, V + 1): the characters, then the end token
         allowed, accepting = bits[:, :V], bits[:, V]  # the end token is allowed exactly at a complete match
         counts = np.count_nonzero(allowed, axis=1)
-        at = slice(0, k) if moving[-1] == k - 1 else moving  # usually every row, in order
-        self._allowed[at], self._accepting[at] = allowed, accepting
-        # one character possible and no end: forced, and a long forced run after it takes the
-        # matcher's own step; no character: the match is complete, or a dead end
+        self._set_masks(slice(0, k) if moving[-1] == k - 1 else moving, allowed, accepting)  # usually every row, in order
+        # one character possible and no end: forced (a long forced run is one prompt call); none: the
+        # match is complete, or a dead end
         odd = set(np.flatnonzero(counts < 2).tolist()) if counts.min() < 2 else ()
         for j, b in enumerate(moving):
             s, i = ordered[b], picks[b]
@@ -483,10 +553,10 @@ class Engine:
             if j in odd:
                 if (counts[j] == 1 and not accepting[j] and bytewise
                         and len(self._matchers[b].compute_ff_bytes()) >= FORCED_RUN_CALL):
-                    made[b] = self._follow(b, s, i, lps.get(b))
+                    settle.append(b)
                     continue
                 stuck = counts[j] == 0
-            elif b not in lps and not s.request.stop:  # the usual row: its Delta is made when read, unless it is the last
+            elif b not in lps and not s.request.stop:  # the usual row
                 s.take(chars[i])
                 if s.finish_reason is not None:
                     s.incomplete = not accepting[j]
@@ -494,6 +564,13 @@ class Engine:
                 continue
             delta = s.emit(chars[i], lps.get(b))
             made[b] = delta if delta.finish_reason is None and not stuck else self._emitted(s, delta, bool(accepting[j]), stuck)
+        return made, settle
+
+    def _set_masks(self, at, allowed: np.ndarray, accepting) -> None:
+        """Slots `at` (a slot, a slice or a list) continue their matches with `allowed` (V,) or
+        (k, V) bool, and are complete matches where `accepting`."""
+        self._allowed[at], self._accepting[at] = allowed, accepting
+        self._blocked[at] = ~(allowed | np.asarray(accepting)[..., None])
 
     def _follow(self, b: int, s: Stream, picked: int, logprob: CharLogprob | None) -> Delta:
         """After the stream's matcher took `picked`: settle it (forced run, dead end, a limit reached),
@@ -512,7 +589,7 @@ class Engine:
         lps = None
         if logprob is not None:
             lps = [logprob] + [CharLogprob(chars[i], 0.0, [(chars[i], 0.0)]) for i in run]
-        self._allowed[b], self._accepting[b] = m.allowed, m.accepting
+        self._set_masks(b, m.allowed, m.accepting)
         return self._emitted(s, s.emit_run([chars[picked]] + [chars[i] for i in run], lps), m.accepting, not m.allowed.any())
 
     def _emitted(self, s: Stream, delta: Delta, accepting: bool, stuck: bool) -> Delta:
@@ -597,7 +674,7 @@ class Engine:
         arrays = [self._temperature, self._top_k, self._top_p, self._min_p, self._samples, self._draws, self._next_draw,
                   self._logprobs, self._ranked, self._logprob_sum, self._constrained, *self._unread.arrays()]
         if self._allowed is not None:
-            arrays += [self._allowed, self._accepting, self._matchers]
+            arrays += [self._allowed, self._accepting, self._blocked, self._matchers]
         return arrays if self._adjustments is None else arrays + self._adjustments.arrays()
 
     def _release(self, s: Stream) -> None:

@@ -166,16 +166,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def pick(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, u: np.ndarray,
-         min_p: np.ndarray | None = None, adjustments: Adjustments | None = None,
-         allowed: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+         min_p: np.ndarray | None = None, adjustments: Adjustments | None = None) -> np.ndarray:
     """The sampler's core, every row at once: (n,) int64 ids for logits (n, V) with per-row
     settings (n,) and draws u (n,) in [0, 1), and the adjustments of rows that have any. A row whose
     temperature is 0 (below GREEDY_BELOW) takes its argmax (lowest id on ties); any other row takes
     the first id whose running sum of weights exceeds u times their total. Every path that samples
     ends here."""
     z = np.asarray(logits).astype(np.float64)  # (n, V): the sampler's own copy
-    if allowed is not None:
-        mask_out(z, *allowed)
     if adjustments is not None:
         adjust(z, adjustments)
     if min_p is None:
@@ -200,19 +197,14 @@ def pick(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: 
     return ids
 
 
-def mask_out(z: np.ndarray, rows: np.ndarray, allowed: np.ndarray, every: np.ndarray | None = None) -> np.ndarray:
-    """Rows `rows` of logits z (n, V) with the characters a constraint disallows at -inf (allowed:
-    (len(rows), V) bool; every: (len(rows),) bool, the rows where every character is allowed; at
-    least one allowed per row), in place: they then weigh 0 through the adjustments, the
-    temperature and the filters, and the draw falls among the others."""
-    if every is not None:
-        if every.all():
-            return z
-        allowed = allowed | every[:, None]
-    if len(rows) == len(z):  # every row (rows is 0..n-1, sorted and distinct)
-        np.putmask(z, ~allowed, -np.inf)
+def mask_out(z: np.ndarray, rows: np.ndarray, blocked: np.ndarray) -> np.ndarray:
+    """Rows `rows` (sorted, distinct) of logits z (n, V) with the characters a constraint disallows
+    at -inf (blocked: (len(rows), V) bool, at least one False per row), in place: they then weigh 0
+    through the adjustments, the temperature and the filters, and the draw falls among the others."""
+    if len(rows) == len(z):  # every row
+        np.putmask(z, blocked, -np.inf)
     else:
-        z[rows] = np.where(allowed, z[rows], -np.inf)
+        z[rows] = np.where(blocked, -np.inf, z[rows])
     return z
 
 
@@ -258,7 +250,7 @@ def probabilities(logits: np.ndarray, settings: SamplingSettings, recent: np.nda
     `allowed` (V,) bool: the characters a constraint allows (None: all)."""
     z = np.asarray(logits, dtype=np.float64)[None].copy()
     if allowed is not None:
-        mask_out(z, np.array([0]), np.asarray(allowed, bool)[None])
+        mask_out(z, np.array([0]), ~np.asarray(allowed, bool)[None])
     if settings.adjusts:
         adjust(z, Adjustments.of([settings], z.shape[1], None if recent is None else recent[None],
                                  None if generated is None else generated[None]))
