@@ -372,6 +372,8 @@ class Engine:
             if self._allowed is None:
                 self._allowed = np.ones((self.max_batch, len(self.vocab)), bool)
                 self._blocked = np.zeros((self.max_batch, len(self.vocab)), bool)
+                # llguidance's masks, a bit per token (the characters, then its end token) in 32-bit words
+                self._mask_buffer = np.zeros((self.max_batch, (len(self.vocab) + 1 + 31) // 32 * 4), np.uint8)
             self._set_masks(slot, stream._matcher.allowed, stream._matcher.accepting)
             self._matchers[slot] = stream._matcher._m
             self._constraining += 1
@@ -468,10 +470,9 @@ class Engine:
         n = len(ordered)
         logits = self.network.logits[:n]
         adjustments = self._adjustments.view(n) if self._adjusting else None
-        if self._constraining:
-            rows = np.flatnonzero(self._constrained[:n])
-            if len(rows):  # what is sampled from, logprobs included
-                logits = mask_out(logits.astype(np.float64), rows, self._blocked[rows])
+        constrained = np.flatnonzero(self._constrained[:n]) if self._constraining else ()
+        if len(constrained):  # what is sampled from, logprobs included
+            logits = mask_out(logits.astype(np.float64), constrained, self._blocked[constrained])
         ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
@@ -483,9 +484,8 @@ class Engine:
         if self._wanting:
             lps = {b: self._logprob(logits[b], int(ids[b]), self._logprobs[b]) for b in np.flatnonzero(self._logprobs[:n]).tolist()}
         made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
-        rows = np.flatnonzero(self._constrained[:n]) if self._constraining else ()
-        if len(rows):  # their matchers advance while the network steps
-            self._beside.start(self._advance, rows, ordered, ids, lps if self._wanting else {})
+        if len(constrained):  # their matchers advance while the network steps
+            self._beside.start(self._advance, constrained, ordered, ids, lps if self._wanting else {})
             try:
                 self.network.advance(n, ids)
             finally:
@@ -528,19 +528,19 @@ class Engine:
                 s.incomplete = False
                 made[b] = s.end("stop")
             rows = rows[going]
-        moving, masks = [], []
-        bytewise = self._bytewise
+        moving = []
+        bytewise, buffer, width = self._bytewise, self._mask_buffer, self._mask_buffer.shape[1]
+        at = buffer.ctypes.data
         for b, matcher in zip(rows.tolist(), self._matchers[rows].tolist()):
             if matcher.consume_token(picks[b]) and (bytewise or not matcher.compute_ff_bytes()):
+                matcher.unsafe_compute_mask_ptr(at + len(moving) * width, width)  # the mask's bits, into the buffer's next row
                 moving.append(b)
-                masks.append(matcher.compute_bitmask())
             else:
                 settle.append(b)
         if not moving:
             return made, settle
         k = len(moving)
-        bits = np.unpackbits(np.frombuffer(b"".join(masks), np.uint8).reshape(k, -1), axis=1, count=V + 1,
-                             bitorder="little").view(bool)  # (k, V + 1): the characters, then the end token
+        bits = np.unpackbits(buffer[:k], axis=1, count=V + 1, bitorder="little").view(bool)  # (k, V + 1): the characters, then the end token
         allowed, accepting = bits[:, :V], bits[:, V]  # the end token is allowed exactly at a complete match
         counts = np.count_nonzero(allowed, axis=1)
         self._set_masks(slice(0, k) if moving[-1] == k - 1 else moving, allowed, accepting)  # usually every row, in order
