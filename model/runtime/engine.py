@@ -42,7 +42,10 @@ picked) and removes the other characters from the constrained rows' logits befor
 adjustments and filters (so the draw is still one number per pick). After the pick the stream's
 matcher advances by the character (two or three calls into the matcher for the usual stream, the
 masks of all of them unpacked at once, the matcher's own fields left as they were: the engine's
-arrays are the stream's mask until the matcher settles again). A run of
+arrays are the stream's mask until the matcher settles again). With BESIDE_ROWS constrained rows or
+more, that work runs in a thread beside the engine's while ONNX Runtime steps the network (it lets
+go of the GIL; the matchers need nothing from the step), so it costs the step little of its time;
+what needs the network (a forced run) waits for the step. A run of
 characters the constraint then forces (one possible character, repeatedly) at least
 FORCED_RUN_CALL long is fed to the network in one prompt call and emitted with the picked one,
 counting toward max_chars and taking no draw; a shorter one is picked a character a step, each the
@@ -58,7 +61,7 @@ to be a complete match. The logprobs and rank sums of a constrained stream are t
 distribution (the allowed characters' softmax); a forced character's is 0. Streams without a
 constraint cost nothing for any of this.
 
-The engine is not thread-safe: exactly one thread calls it.
+The engine is not thread-safe: exactly one thread calls it (the thread beside is its own).
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ UNREAD = 256  # ids a slot keeps for a stream without checks before the stream t
 # a character a step (the mask allows one): a prompt call of one row costs about as much as a step
 # of the whole batch, so it pays for long runs only.
 FORCED_RUN_CALL = 8
+# Constrained rows advance their matchers in a thread beside the network's step from this many rows;
+# fewer take less time (a few microseconds a row) than handing them over costs (bench/README.md,
+# "Constrained generation")
+BESIDE_ROWS = 8
 
 _slot_of = operator.attrgetter("_slot")
 
@@ -484,16 +491,19 @@ class Engine:
         if self._wanting:
             lps = {b: self._logprob(logits[b], int(ids[b]), self._logprobs[b]) for b in np.flatnonzero(self._logprobs[:n]).tolist()}
         made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
-        if len(constrained):  # their matchers advance while the network steps
+        settle: list[int] = []
+        if len(constrained) >= BESIDE_ROWS:  # their matchers advance while the network steps
             self._beside.start(self._advance, constrained, ordered, ids, lps if self._wanting else {})
             try:
                 self.network.advance(n, ids)
             finally:
                 made, settle = self._beside.result()
-            for b in settle:  # a forced run, a dead end or a limit reached: the matcher's own step
-                made[b] = self._follow(b, ordered[b], int(ids[b]), lps.get(b) if self._wanting else None)
         else:
             self.network.advance(n, ids)
+            if len(constrained):
+                made, settle = self._advance(constrained, ordered, ids, lps if self._wanting else {})
+        for b in settle:  # a forced run, a dead end or a limit reached: the matcher's own step
+            made[b] = self._follow(b, ordered[b], int(ids[b]), lps.get(b) if self._wanting else None)
         due = self._unread.record(n, ids)
         if self._checking:
             checked = self._unread.counting[:n] == 0
