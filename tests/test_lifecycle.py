@@ -201,17 +201,24 @@ def test_sighup_swaps_the_model_without_a_failed_request_and_a_broken_one_change
             # The master checks the new model in a subprocess, logs what the new workers serve, forks
             # the successor and sends SIGTERM to the first worker, which keeps accepting until its
             # successor has loaded, then drains: /health is 503 on the connection kept open to it.
+            # A worker with nothing left to finish (the long stream may be in the sockets' buffers
+            # already) exits at once and closes that connection: a request sent just then meets the
+            # keep-alive race (a reset), the next one another worker. Either way it has stopped; the
+            # drain's own 503 on a kept connection is held by
+            # test_sigterm_drains_a_long_stream_refuses_new_connections_and_exits_0.
             seen = {}
 
-            def first_worker_drains() -> bool:
+            def first_worker_stopped() -> bool:
                 if "forked" not in seen and "chargen: reload: new workers serve" in server.log() \
                         and set(server.worker_pids()) - {first_worker}:
                     seen["forked"] = time.monotonic()
-                health = kept.get(server.url + "/health", timeout=REQUEST_TIMEOUT)
-                assert health.status_code == 503 or health.json()["pid"] == first_worker, "the kept connection was closed"
-                return health.status_code == 503
+                try:
+                    health = kept.get(server.url + "/health", timeout=REQUEST_TIMEOUT)
+                except requests.ConnectionError:
+                    return True
+                return health.status_code == 503 or health.json()["pid"] != first_worker
 
-            assert wait_for(first_worker_drains, timeout=120, interval=0.02), server.log()[-3000:]
+            assert wait_for(first_worker_stopped, timeout=120, interval=0.02), server.log()[-3000:]
             drained = time.monotonic()
             assert "forked" in seen, "the first worker drained as the reload began, without waiting for its successor"
             assert wait_for(lambda: len(load.texts_since(drained)) >= 10, timeout=60)  # answers for `later` below
