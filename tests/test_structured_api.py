@@ -289,6 +289,27 @@ def test_the_real_server_streams_a_constrained_answer_and_still_answers_the_othe
     assert plain["choices"][0]["text"] == " brown fo" and "incomplete" not in plain["choices"][0]
 
 
+@pytest.mark.slow
+def test_the_real_server_runs_eight_constrained_choices_in_one_step(server):
+    # n=8: eight constrained rows step together, their matchers advancing in the engine's thread beside
+    # the network's step (engine.BESIDE_ROWS), inside a gunicorn worker
+    import regex as partial_re
+
+    pattern = r"([a-z]+ ){2,5}[a-z]+\."
+    body = {"prompt": "the ", "n": 8, "seed": 11, "temperature": 1.5, "regex": pattern, "max_chars": 60}
+    first, again = (server.post("/v1/generate", json=body) for _ in range(2))
+    assert first.status_code == again.status_code == 200, first.text[:300]
+    choices = first.json()["choices"]
+    assert len(choices) == 8 and [c["text"] for c in choices] == [c["text"] for c in again.json()["choices"]]
+    for c in choices:
+        if c["incomplete"]:
+            assert c["finish_reason"] == "length" and partial_re.fullmatch(pattern, c["text"], partial=True), c
+        else:
+            assert c["finish_reason"] == "stop" and re.fullmatch(pattern, c["text"]), c
+    assert any(not c["incomplete"] for c in choices)
+    assert server.get("/health").status_code == 200 and "Traceback" not in server.log()
+
+
 @pytest.fixture(scope="module")
 def json_server(json_artifact):
     with running_server(json_artifact, env={f"CHARGEN_{k}": v for k, v in PLAIN.items()}) as s:
