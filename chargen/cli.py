@@ -686,14 +686,13 @@ def serve(bind, host, port, workers, artifact_path):
     # a wrong artifact (a missing or damaged model.onnx included) found by each worker. The address
     # first: the artifact's check loads ONNX Runtime, which takes longer than the rest of the command.
     _check_bind(bind or settings.bind, given)
-    for source in models.sources:
-        _check_artifact(source.path, precision=settings.precision)
+    _check_artifacts_apart([source.path for source in models.sources], settings.precision)
     import gunicorn.app.wsgiapp
 
     # gunicorn's master runs in this process, not in a child of it: signals reach it directly (a
     # supervisor's SIGTERM, SIGHUP to reload, Ctrl-C) and its exit status is the command's, with no
-    # process in between to pass them on. The workers it forks inherit the modules the check
-    # imported; its ONNX Runtime session ran on one thread and is closed, so none crosses the fork.
+    # process in between to pass them on. The workers it forks inherit the modules imported here,
+    # so ONNX Runtime is not one of them (the artifacts were checked in a child process).
     # argv as `python -m gunicorn` has it. (Its SIGUSR2 re-exec runs that script by path, where
     # gunicorn's own `http` package hides the standard library's: its workers fail to boot. Reload
     # with SIGHUP.)
@@ -704,6 +703,23 @@ def serve(bind, host, port, workers, artifact_path):
         sys.argv += ["--workers", str(workers)]
     sys.stdout.flush()
     gunicorn.app.wsgiapp.run(prog="gunicorn")
+
+
+def _check_artifacts_apart(paths: list[str], precision: str) -> None:
+    """`serve`'s check of the artifacts (_check_artifact), in a child process: gunicorn's master runs
+    in this one and forks the workers, which must not inherit ONNX Runtime from it (loaded in the
+    master, it made every worker abort as it exited: "terminate called after throwing an instance
+    of 'std::system_error'")."""
+    import subprocess
+
+    code = ("import sys\nfrom model.runtime import artifact\nfor path in sys.argv[2:]:\n    try:\n"
+            "        artifact.check(path, precision=sys.argv[1])\n    except artifact.ArtifactError as e:\n"
+            "        print(e)\n        sys.exit(3)\n")
+    run = subprocess.run([sys.executable, "-c", code, precision, *paths], capture_output=True, text=True)
+    if run.returncode == 3:
+        raise click.ClickException(run.stdout.strip())
+    if run.returncode != 0:
+        raise click.ClickException(f"the artifact check failed (exit status {run.returncode}): {run.stderr.strip()[-2000:]}")
 
 
 def _host_and_port(host: str | None, port: int | None, configured: str) -> str:
