@@ -712,9 +712,9 @@ def _check_artifacts_apart(paths: list[str], precision: str) -> None:
     of 'std::system_error'")."""
     import subprocess
 
-    code = ("import sys\nfrom model.runtime import artifact\nfor path in sys.argv[2:]:\n    try:\n"
-            "        artifact.check(path, precision=sys.argv[1])\n    except artifact.ArtifactError as e:\n"
-            "        print(e)\n        sys.exit(3)\n")
+    code = ("import sys, click\nfrom chargen.cli import _check_artifact\ntry:\n    for path in sys.argv[2:]:\n"
+            "        _check_artifact(path, precision=sys.argv[1])\nexcept click.ClickException as e:\n"
+            "    print(e.message)\n    sys.exit(3)\n")
     run = subprocess.run([sys.executable, "-c", code, precision, *paths], capture_output=True, text=True)
     if run.returncode == 3:
         raise click.ClickException(run.stdout.strip())
