@@ -363,6 +363,7 @@ def test_a_recursive_grammar_is_followed(artifact):
     ("regex", r"\{[ab]+\}", "missing_chars", "needs characters the model's vocabulary lacks: '{', '}'"),
     ("regex", "[^\\s\\S]", "empty", "admits no text"),
     ("regex", "[A-Z]+", "missing_chars", "'A'"),
+    ("regex", r"(\w|é)|\w", "unsupported", "llguidance, the library that compiles constraints, failed on it"),
     ("grammar", "root ::= foo", "malformed", "foo"),
     ("grammar", "root ::= " + "(" * 3000 + '"a"' + ")" * 3000, "too_large", "nested too deeply"),
     ("grammar", 'root ::= x\nx ::= "a" x', "too_complex", "too complex"),

@@ -94,6 +94,7 @@ HOSTILE = [
     ("regex", "(" * 20_000 + "a" + ")" * 20_000, "regex is"),
     ("regex", "[A-Z]+ [a-z]+", "needs characters the model's vocabulary lacks: 'A'"),
     ("regex", "[^\\s\\S]", "regex admits no text"),
+    ("regex", "(\\w|é)|\\w", "regex could not be compiled: llguidance"),  # a valid regex llguidance panics on
     ("grammar", "root ::= foo", "grammar is malformed"),
     ("grammar", "root ::= root", "grammar admits no text"),
     ("grammar", 'root ::= "a" ("b" ' * 3000 + ")" * 3000, "grammar is"),

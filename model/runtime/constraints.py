@@ -66,9 +66,10 @@ _EOS = b"<|end|>"  # the tokenizer's end token (llguidance needs one); never sam
 
 class ConstraintError(ValueError):
     """A constraint that cannot be used, with a message fit for a client (HTTP 422): malformed (where),
-    too big or too slow to compile, needing characters the vocabulary lacks (named), or admitting no
-    text at all. `reason` says which in one word: "malformed", "too_large", "too_complex",
-    "missing_chars" or "empty"."""
+    too big or too slow to compile, needing characters the vocabulary lacks (named), admitting no
+    text at all, or one llguidance fails on (it panics on a few valid regexes, such as `(\\w|é)|\\w`).
+    `reason` says which in one word: "malformed", "too_large", "too_complex", "missing_chars",
+    "empty" or "unsupported"."""
 
     def __init__(self, message: str, reason: str = "malformed"):
         super().__init__(message)
@@ -339,7 +340,13 @@ def compile_constraint(kind: str, source, vocab: Vocab) -> Constraint:
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    constraint = _compile(kind, text, chars)
+    try:
+        constraint = _compile(kind, text, chars)
+    except BaseException as e:  # a Rust panic in llguidance comes as pyo3's PanicException, a BaseException
+        if type(e).__name__ != "PanicException":
+            raise
+        raise ConstraintError(f"{kind} could not be compiled: llguidance, the library that compiles constraints, failed on it "
+                              f"({_first_line(str(e))}); written another way, it may compile", "unsupported") from None
     with _lock:
         _cache[key] = constraint
         while len(_cache) > CACHE_SIZE:
