@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 import regex as partial_re
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from model.records.vocab import Vocab
 from model.runtime.artifact import load
-from model.runtime.constraints import MAX_SOURCE_CHARS, ConstraintError, bytewise, compile_constraint
+from model.runtime import constraints
+from model.runtime.constraints import MAX_SOURCE_CHARS, Constraint, ConstraintError, bytewise, compile_constraint
 from model.runtime.engine import Engine
 from model.runtime.sampling import GREEDY, SamplingSettings, log_softmax, probabilities
 from model.runtime.streams import GenerationRequest
@@ -76,6 +77,13 @@ def run_all(engine, requests):
     return streams, [delivered[id(s)] for s in streams]
 
 
+def guided(pattern: str, vocab: Vocab) -> Constraint:
+    """The regex without its table: llguidance's matcher steps it, as it steps the regexes the table
+    does not take."""
+    chars = tuple(vocab.chars)
+    return Constraint("regex", pattern, chars, constraints._grammar("regex", pattern, chars), constraints._tokenizer(chars))
+
+
 def assert_matches_or_prefix(pattern: str, stream, text: str):
     assert text == stream.text
     if stream.incomplete:
@@ -104,11 +112,15 @@ PATTERNS = st.recursive(st.sampled_from(ATOMS), _extend, max_leaves=8)
 @settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pattern=PATTERNS, max_chars=st.integers(1, 24))
 def test_every_output_matches_its_random_regex_or_is_a_prefix_of_a_match(artifact, pattern, max_chars):
+    """Each regex twice in one batch: stepped with its table and with llguidance's matcher."""
     engine = Engine(artifact, max_batch=8)
     constraint = compile_constraint("regex", pattern, VOCAB)
-    requests = [GenerationRequest("the ", max_chars, T1, seed=seed, constraint=constraint) for seed in range(3)]
-    requests.append(GenerationRequest("a", max_chars, GREEDY, constraint=constraint, stop=(".",)))
+    assert constraint._table is not None
+    requests = [GenerationRequest("the ", max_chars, T1, seed=seed, constraint=c) for c in (constraint, guided(pattern, VOCAB))
+                for seed in range(3)]
+    requests += [GenerationRequest("a", max_chars, GREEDY, constraint=c, stop=(".",)) for c in (constraint, guided(pattern, VOCAB))]
     streams, texts = run_all(engine, requests)
+    assert texts[:3] == texts[3:6] and texts[6] == texts[7]  # the same masks: the same texts
     for stream, text in zip(streams, texts):
         assert len(text) <= max_chars
         if stream.request.stop and stream.finish_reason == "stop" and stream.generated > len(text):
@@ -174,14 +186,25 @@ def test_after_a_forced_run_greedy_follows_the_model_as_if_each_character_was_st
     assert stream.text == "abcdefg" + expected
 
 
-def test_constrained_and_unconstrained_streams_batched_together_give_each_its_text_alone(artifact):
+@pytest.mark.parametrize("copies", [1, 3])  # 3: enough rows of llguidance's matchers for the thread beside
+def test_constrained_and_unconstrained_streams_batched_together_give_each_its_text_alone(artifact, copies):
+    """Regexes with tables (two) and without, a grammar, and unconstrained streams, some checking
+    their characters (stop sequences, logprobs)."""
     constraint = compile_constraint("regex", "([a-e]+ ){2,4}[a-w]+\\.", VOCAB)
+    other = compile_constraint("regex", "(ab|cd){2,5}( [a-w]+)*", VOCAB)
+    outside = compile_constraint("regex", r"\p{Ll}{3,30}\.", VOCAB)
     grammar = compile_constraint("grammar", 'root ::= "b" [a-c]* ("." | ",")', VOCAB)
-    requests = [GenerationRequest("the ", 40, T1, seed=7, constraint=constraint),
-                GenerationRequest("the ", 40, T1, seed=8),
-                GenerationRequest("and ", 40, SamplingSettings(0.8, top_k=5, repetition_penalty=1.3), seed=9, constraint=grammar),
-                GenerationRequest("and ", 40, T1, seed=10, stop=("e",), logprobs=2)]
-    together, texts = run_all(Engine(artifact, max_batch=8), requests)
+    assert constraint._table is not None and other._table is not None and outside._table is None
+    requests = []
+    for k in range(copies):
+        requests += [GenerationRequest("the ", 40, T1, seed=7 + 10 * k, constraint=constraint),
+                     GenerationRequest("the ", 40, T1, seed=8 + 10 * k),
+                     GenerationRequest("and ", 40, SamplingSettings(0.8, top_k=5, repetition_penalty=1.3), seed=9 + 10 * k, constraint=grammar),
+                     GenerationRequest("and ", 40, T1, seed=10 + 10 * k, stop=("e",), logprobs=2),
+                     GenerationRequest("or ", 40, T1, seed=11 + 10 * k, constraint=other, stop=("d a",)),
+                     GenerationRequest("or ", 40, T1, seed=12 + 10 * k, constraint=outside, logprobs=1),
+                     GenerationRequest("a ", 40, T1, seed=13 + 10 * k, constraint=outside)]
+    together, texts = run_all(Engine(artifact, max_batch=len(requests)), requests)
     for request, stream in zip(requests, together):
         alone = Engine(artifact, max_batch=8).generate(request)
         assert (alone.text, alone.finish_reason, alone.incomplete) == (stream.text, stream.finish_reason, stream.incomplete)
@@ -207,6 +230,86 @@ def test_characters_of_several_bytes_are_followed_exactly(tmp_path, pattern):
         alone = Engine(artifact, max_batch=2).generate(request)
         assert (alone.text, alone.finish_reason, alone.incomplete) == (stream.text, stream.finish_reason, stream.incomplete)
     assert any(not s.incomplete for s in together)
+
+
+@pytest.mark.parametrize("how", ["table", "llguidance"])
+def test_forced_runs_and_reading_the_text_between_steps_keep_every_character_once(artifact, how):
+    """A stream with nothing else to check keeps its picks in its slot; where a forced run is fed
+    to the network, or the match ends, it takes them first. The text read after every step is
+    what the Deltas delivered, and max_chars is never passed."""
+    pattern = r"([ab]cdefghijkl |[c-w ])*\."
+    constraint = compile_constraint("regex", pattern, VOCAB) if how == "table" else guided(pattern, VOCAB)
+    assert (constraint._table is not None) == (how == "table")
+    engine = Engine(artifact, max_batch=12)
+    streams = [engine.start(GenerationRequest("the ", max_chars, T1, seed=max_chars, constraint=constraint))
+               for max_chars in (5, 13, 14, 27, 40, 60, 61, 100, 150, 151, 152, 200)]
+    delivered = {id(s): "" for s in streams}
+    for _ in range(201):
+        running = [s for s in streams if s.finish_reason is None]
+        if not running:
+            break
+        for d in engine.step(running):
+            delivered[id(d.stream)] += d.text
+        for s in running[::2]:  # half of them read between steps
+            assert s.text == delivered[id(s)]
+    for s in streams:
+        assert s.finish_reason is not None and s.text == delivered[id(s)] and len(s.text) <= s.request.max_chars
+        assert_matches_or_prefix(pattern, s, s.text)
+        assert s.finish_reason == "stop" or len(s.text) == s.request.max_chars
+
+
+# what the table takes, and more: classes llguidance reads (\w, \s), named groups, lazy repetitions
+TABLE_ATOMS = ATOMS + [r"\w", r"\s", r"[\w.]", r"[^\d ]", "[]a]", "[-a]", "[a-]", r"[\-\]]", "é", "[é-€]", r"\n"]
+
+
+def _extend_more(children):
+    return st.one_of(
+        _extend(children),
+        st.tuples(st.integers(0, 9), children).map(lambda t: f"(?P<g{t[0]}>{t[1]})"),
+        st.tuples(children, st.sampled_from(["*?", "+?", "??", "{2,}", "{1,3}?"])).map(lambda t: f"(?:{t[0]}){t[1]}"),
+    )
+
+
+@settings(max_examples=80, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(pattern=st.recursive(st.sampled_from(TABLE_ATOMS), _extend_more, max_leaves=10), vocab=st.sampled_from([VOCAB, WIDE]),
+       seed=st.integers(0, 1000))
+def test_a_regex_table_gives_the_masks_llguidance_gives(pattern, vocab, seed):
+    """Random walks through each regex, its table and llguidance's matcher side by side: the same
+    characters allowed and the same complete matches at every step."""
+    try:
+        constraint = compile_constraint("regex", pattern, vocab)
+    except ConstraintError:
+        assume(False)
+    assert constraint._table is not None, pattern
+    other = guided(pattern, vocab)
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        table, matcher, text = constraint.start(), other.start(), ""
+        for _ in range(30):
+            assert (table.allowed.tolist(), table.accepting) == (matcher.allowed.tolist(), matcher.accepting), (pattern, text)
+            choices = np.flatnonzero(matcher.allowed)
+            if not len(choices):
+                break
+            i = int(rng.choice(choices))
+            text += vocab.chars[i]
+            table.advance(i, 0)
+            matcher.advance(i, 0)
+
+
+@pytest.mark.parametrize("pattern, python", [
+    (r"\p{Ll}{2,6}\.", r"\p{Ll}{2,6}\."),  # a Unicode class by name
+    (r"(?i)[A-E]{3}\.", r"(?i)[A-E]{3}\."),  # a flag
+    (r"[a-c]*a[a-c]{20}", r"[a-c]*a[a-c]{20}"),  # its table would have millions of states
+    (r"[a-w&&[^aeiou]]{3,8}\.", r"(?V1)[a-w&&[^aeiou]]{3,8}\."),  # a class operation
+])
+def test_a_regex_outside_the_tables_part_is_followed_by_llguidance(artifact, pattern, python):
+    constraint = compile_constraint("regex", pattern, VOCAB)
+    assert constraint._table is None
+    requests = [GenerationRequest("the ", 30, T1, seed=seed, constraint=constraint) for seed in range(9)]  # the thread beside
+    streams, texts = run_all(Engine(artifact, max_batch=9), requests)
+    for stream, text in zip(streams, texts):
+        assert text == stream.text and partial_re.fullmatch(python, text, partial=stream.incomplete), (pattern, text)
+    assert any(not s.incomplete for s in streams) or pattern.startswith("[a-c]*")
 
 
 def test_constrained_streams_stepped_out_of_slot_order_keep_their_masks(artifact):

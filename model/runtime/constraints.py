@@ -23,7 +23,10 @@ only as the text reaches them (xgrammar, the third, needs torch). A vocabulary o
 is a valid tokenizer for llguidance (each character is the token of its UTF-8 bytes). What is
 written here: the tokenizer, the bounded check that a
 constraint admits a text of the model's characters (and which missing characters it needs), the
-forced runs, and the cache.
+forced runs, and the cache; and beside it, model.runtime.regex_table: a regex whose automaton is
+small is also built into a table of states (numbered, as llguidance's are not), so the engine steps
+all the rows of a regex in a few array operations instead of two calls into a matcher a row
+(outlines-core numbers its states, but builds them all at once with no bound on their number).
 
 JSON is written as Python's `json.dumps` writes it by default (", " between items, ": " after keys,
 no other whitespace): a character model learns one layout, and a fixed one lets the schema force
@@ -32,6 +35,7 @@ the punctuation.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -45,6 +49,8 @@ import numpy as np
 from llguidance.gbnf_to_lark import any_to_lark
 
 from model.records.vocab import Vocab
+from model.runtime import regex_table
+from model.runtime.regex_table import RegexTable
 
 KINDS = ("regex", "grammar", "json_schema")
 MAX_SOURCE_CHARS = 65_536  # the longest pattern, grammar or schema (its JSON text) accepted
@@ -125,14 +131,16 @@ class Constraint:
     # A matcher at the start, never advanced: each stream's is a copy (a copy shares the compiled
     # grammar; a new matcher would compile it again).
     _root: llguidance.LLMatcher | None = field(default=None, repr=False)
+    # A regex's table (model.runtime.regex_table), where it has one: its streams step with it
+    _table: RegexTable | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self._root is None:
             limits = llguidance.LLParserLimits(**LIMITS)
             object.__setattr__(self, "_root", llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0, limits=limits))
 
-    def start(self) -> Matcher:
-        return Matcher(self)
+    def start(self) -> Matcher | TableMatcher:
+        return Matcher(self) if self._table is None else TableMatcher(self, 0)
 
     def _matcher(self) -> llguidance.LLMatcher:
         return self._root.deep_copy()
@@ -146,7 +154,7 @@ class Constraint:
         """Whether `text` can be continued into a match (or is one)."""
         return self._run(text) is not None
 
-    def _run(self, text: str) -> Matcher | None:
+    def _run(self, text: str) -> Matcher | TableMatcher | None:
         index = {c: i for i, c in enumerate(self.chars)}
         if any(c not in index for c in text):
             return None
@@ -173,6 +181,11 @@ class Matcher:
         self._m = constraint._matcher()
         self._ids = {c: i for i, c in enumerate(constraint.chars)}
         self._settle()
+
+    @property
+    def forced_length(self) -> int:
+        """How many characters are known to be forced from here."""
+        return len(self._forced)
 
     def copy(self) -> Matcher:
         other = Matcher.__new__(Matcher)
@@ -236,6 +249,49 @@ class Matcher:
         self.accepting = m.is_accepting()
         if not self.accepting and self.allowed.sum() == 1:  # one character possible: forced too
             self._forced = [int(np.flatnonzero(self.allowed)[0])]
+
+
+class TableMatcher:
+    """Matcher's interface over a regex's table: the stream's place is a state number. The engine
+    steps a table stream's state in its own arrays (all rows of a table at once) and sets `state`
+    here only where the matcher must settle (a forced run)."""
+
+    __slots__ = ("constraint", "table", "state", "allowed", "accepting", "error")
+    _m = None  # no llguidance matcher
+
+    def __init__(self, constraint: Constraint, state: int):
+        self.constraint, self.table, self.state, self.error = constraint, constraint._table, state, ""
+        self._settle()
+
+    @property
+    def forced_length(self) -> int:
+        return int(self.table.forced[self.state])
+
+    def copy(self) -> TableMatcher:
+        return TableMatcher(self.constraint, self.state)
+
+    def forced(self, limit: int) -> list[int]:
+        run: list[int] = []
+        table, s = self.table, self.state
+        while table.forced[s] and len(run) < limit:
+            i = table.only(s)
+            run.append(i)
+            s = int(table.next[s, i])
+        self.state = s
+        self._settle()
+        return run
+
+    def advance(self, char_id: int, limit: int, min_run: int = 1) -> list[int]:
+        s = int(self.table.next[self.state, char_id])
+        if s < 0:
+            raise ValueError(f"character id {char_id} cannot continue the match")
+        self.state = s
+        self._settle()
+        return self.forced(limit) if self.forced_length >= min_run else []
+
+    def _settle(self) -> None:
+        self.allowed = self.table.allowed[self.state]
+        self.accepting = bool(self.table.accepting[self.state])
 
 
 def bytewise(chars) -> bool:
@@ -389,7 +445,7 @@ def _compile(kind: str, text: str, chars: tuple[str, ...]) -> Constraint:
             raise ConstraintError(f"{kind} is malformed: {reason}")
         big = any(w in reason.lower() for w in ("too many", "too large", "too big", "limit", "fuel"))
         raise ConstraintError(f"{kind} is {'too big' if big else 'malformed'}: {reason}", "too_large" if big else "malformed")
-    constraint = Constraint(kind, text, chars, grammar, tok)
+    constraint = Constraint(kind, text, chars, grammar, tok, _table=_table(text, chars) if kind == "regex" else None)
     try:
         found = _admits_text(constraint)
     except ConstraintError as e:
@@ -401,6 +457,25 @@ def _compile(kind: str, text: str, chars: tuple[str, ...]) -> Constraint:
                                   + ", ".join(repr(c) for c in missing), "missing_chars")
         raise ConstraintError(f"{kind} admits no text made of the model's characters", "empty")
     return constraint
+
+
+def _table(text: str, chars: tuple[str, ...]) -> RegexTable | None:
+    """The regex's table, where regex_table takes it (else llguidance's matcher serves the regex)."""
+    try:
+        table = regex_table.build(text, chars, lambda source: _class_mask(source, chars))
+    except (regex_table.Unsupported, RecursionError):
+        return None
+    return table if table.states else None  # no text at all: llguidance's search says which characters it needs
+
+
+@functools.lru_cache(maxsize=256)
+def _class_mask(source: str, chars: tuple[str, ...]) -> int:
+    """The characters (a bit per id) that one class of the regex syntax (`\\w`, `[^\\s,]`) matches, as
+    llguidance reads it."""
+    m = llguidance.LLMatcher(_tokenizer(chars), llguidance.LLMatcher.grammar_from_regex(source), log_level=0)
+    if m.is_error():
+        raise regex_table.Unsupported(f"the class {source}: {_first_line(m.get_error())}")
+    return sum(1 << i for i in range(len(chars)) if m.validate_tokens([i]) == 1)
 
 
 def _admits_text(constraint: Constraint) -> bool | None:

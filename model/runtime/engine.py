@@ -36,16 +36,21 @@ log-probabilities move with the streams it steps beside (README.md, "Precision")
 can its sampled text; alone, or beside the same streams, it is the same.
 
 A request with a constraint (model.runtime.constraints) carries its matcher on its stream; the
-engine keeps each constrained slot's mask (`_allowed`: the characters that continue the match;
-`_accepting`: whether the text so far is already a complete match, where every character may be
-picked) and removes the other characters from the constrained rows' logits before the sampler's
+engine keeps each constrained slot's mask (`_blocked`: the characters that cannot continue the match
+and are not its end) and removes them from the constrained rows' logits before the sampler's
 adjustments and filters (so the draw is still one number per pick). After the pick the stream's
-matcher advances by the character (two or three calls into the matcher for the usual stream, the
-masks of all of them unpacked at once, the matcher's own fields left as they were: the engine's
-arrays are the stream's mask until the matcher settles again). With BESIDE_ROWS constrained rows or
-more, that work runs in a thread beside the engine's while ONNX Runtime steps the network (it lets
-go of the GIL; the matchers need nothing from the step), so it costs the step little of its time;
-what needs the network (a forced run) waits for the step. A run of
+place in its constraint advances by the character. A regex with a table (model.runtime.regex_table)
+keeps its place as a state number in `_states`: all the rows of a table advance at once in a few
+indexed operations, and their masks are rows of the table's. Any other constraint has llguidance's
+matcher (`_matchers`), two or three calls a row, the masks of all of them unpacked at once into
+`_allowed` (the characters that continue the match) and `_accepting` (the text so far is already a
+complete match, where every character may be picked); the matcher's own fields are left as they
+were until it settles again. With BESIDE_ROWS rows of matchers or more, that work runs in a thread
+beside the engine's while ONNX Runtime steps the network (it lets go of the GIL; the matchers need
+nothing from the step), so it costs the step little of its time; what needs the network (a forced
+run) waits for the step. A constrained stream with nothing else to check (no stop sequences, no
+logprobs) keeps its picks in its slot as an unchecked stream does: only the rows with something to
+do (a forced character, a match that ends, a checked stream) are looked at one by one. A run of
 characters the constraint then forces (one possible character, repeatedly) at least
 FORCED_RUN_CALL long is fed to the network in one prompt call and emitted with the picked one,
 counting toward max_chars and taking no draw; a shorter one is picked a character a step, each the
@@ -95,7 +100,7 @@ UNREAD = 256  # ids a slot keeps for a stream without checks before the stream t
 # a character a step (the mask allows one): a prompt call of one row costs about as much as a step
 # of the whole batch, so it pays for long runs only.
 FORCED_RUN_CALL = 8
-# Constrained rows advance their matchers in a thread beside the network's step from this many rows;
+# Rows of llguidance's matchers (not a regex's table) advance in a thread beside the network's step from this many rows;
 # fewer take less time (a few microseconds a row) than handing them over costs (bench/README.md,
 # "Constrained generation")
 BESIDE_ROWS = 8
@@ -273,6 +278,13 @@ class UnreadIds:
         self.count[slot], self.due[slot] = 0, min(UNREAD, self.left[slot])
         return taken
 
+    def rebase(self, slot: int, left: int) -> None:
+        """The slot's stream, with no ids unread, may generate `left` more characters (it was given
+        some directly: a forced run)."""
+        self.left[slot] = left
+        self.due[slot] = min(UNREAD, left)
+        self.quiet = min(self.quiet, int(self.due[slot]))
+
     def settle(self, active: int) -> None:
         """After a step: if some slot was due, how long until the next is (slots 0..active-1)."""
         if self.quiet <= 0:
@@ -322,7 +334,13 @@ class Engine:
         self._allowed: np.ndarray | None = None  # (max_batch, V) bool
         self._accepting = np.zeros(self.max_batch, bool)
         self._blocked: np.ndarray | None = None  # (max_batch, V) bool: what the sampler removes, neither of the two
-        self._matchers = np.empty(self.max_batch, object)  # each constrained slot's llguidance matcher
+        self._matchers = np.empty(self.max_batch, object)  # each constrained slot's llguidance matcher (None: a table's)
+        # a regex with a table (model.runtime.regex_table): the slot's table and its state in it
+        self._tabled = np.zeros(self.max_batch, bool)
+        self._tables = np.empty(self.max_batch, object)
+        self._states = np.zeros(self.max_batch, np.int32)
+        self._active_tables: dict[int, list] = {}  # id -> [table, active slots with it]
+        self._guided = 0  # active slots with llguidance's matchers
         self._beside = _Beside()
         self._bytewise = bytewise(self.vocab.chars)  # a constrained step need not ask for the forced bytes
         self._constraining = 0
@@ -381,8 +399,15 @@ class Engine:
                 self._blocked = np.zeros((self.max_batch, len(self.vocab)), bool)
                 # llguidance's masks, a bit per token (the characters, then its end token) in 32-bit words
                 self._mask_buffer = np.zeros((self.max_batch, (len(self.vocab) + 1 + 31) // 32 * 4), np.uint8)
-            self._set_masks(slot, stream._matcher.allowed, stream._matcher.accepting)
-            self._matchers[slot] = stream._matcher._m
+            m = stream._matcher
+            self._set_masks(slot, m.allowed, m.accepting)
+            self._matchers[slot] = m._m
+            self._tabled[slot] = m._m is None
+            if m._m is None:
+                self._tables[slot], self._states[slot] = m.table, m.state
+                self._active_tables.setdefault(id(m.table), [m.table, 0])[1] += 1
+            else:
+                self._guided += 1
             self._constraining += 1
         try:
             self.network.restore(slot, self._read(request, stream, ids, boundaries))
@@ -479,7 +504,7 @@ class Engine:
         adjustments = self._adjustments.view(n) if self._adjusting else None
         constrained = np.flatnonzero(self._constrained[:n]) if self._constraining else ()
         if len(constrained):  # what is sampled from, logprobs included
-            logits = mask_out(logits.astype(np.float64), constrained, self._blocked[constrained])
+            logits = mask_out(logits.astype(np.float64), constrained, self._blocked[:n] if len(constrained) == n else self._blocked[constrained])
         ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
@@ -492,7 +517,8 @@ class Engine:
             lps = {b: self._logprob(logits[b], int(ids[b]), self._logprobs[b]) for b in np.flatnonzero(self._logprobs[:n]).tolist()}
         made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
         settle: list[int] = []
-        if len(constrained) >= BESIDE_ROWS:  # their matchers advance while the network steps
+        due = self._unread.record(n, ids)  # before the constrained rows: one that ends takes its text back (_catch_up)
+        if len(constrained) - np.count_nonzero(self._tabled[constrained]) >= BESIDE_ROWS:  # their matchers advance while the network steps
             self._beside.start(self._advance, constrained, ordered, ids, lps if self._wanting else {})
             try:
                 self.network.advance(n, ids)
@@ -504,15 +530,18 @@ class Engine:
                 made, settle = self._advance(constrained, ordered, ids, lps if self._wanting else {})
         for b in settle:  # a forced run, a dead end or a limit reached: the matcher's own step
             made[b] = self._follow(b, ordered[b], int(ids[b]), lps.get(b) if self._wanting else None)
-        due = self._unread.record(n, ids)
         if self._checking:
             checked = self._unread.counting[:n] == 0
             for b in np.flatnonzero(checked & ~self._constrained[:n]).tolist():  # stop sequences, logprobs
                 made[b] = ordered[b].emit(chars[ids[b]], lps.get(b) if self._wanting else None)
         for b in due:  # unchecked streams whose slots are full or at max_chars
+            if b in made:  # a constrained row, taken care of
+                continue
             s = ordered[b]
             self._flush(s)
             if s.finish_reason is not None:
+                if s._matcher is not None:
+                    s.incomplete = not self._accepts(b)
                 made[b] = Delta(s, chars[ids[b]], [], s.finish_reason)
         for b in sorted(b for b, d in made.items() if d.finish_reason is not None):
             self._release(ordered[b])
@@ -524,21 +553,73 @@ class Engine:
         thread beside, while the network steps: nothing here touches the network). Returns the
         Deltas it made, by row, and the rows whose matchers must settle (`_follow`, after the
         network's step): a character refused (a limit reached), bytes forced where the vocabulary
-        has characters of several bytes, or a forced run long enough for one prompt call. The usual
-        row costs two calls into the matcher, the masks of all rows are unpacked at once, and a row
-        with nothing to check (no stop sequences, no logprobs) that goes on takes its character as
-        an unchecked one does (its Delta made when read)."""
-        V, chars, picks = len(self.vocab), self.vocab.chars, ids.tolist()
+        has characters of several bytes, or a forced run long enough for one prompt call. A regex
+        with a table steps all its rows at once in the table's arrays; a row of llguidance's
+        matcher costs two calls into it, the masks of all such rows unpacked at once. Only the
+        rows with something to do are then looked at one by one (`_look`); the picks of the others
+        wait in their slots as an unchecked stream's do."""
         made: dict[int, Delta] = {}
         settle: list[int] = []
+        if self._guided:
+            tabled = self._tabled[rows]
+            tables, guided = rows[tabled], rows[~tabled]
+        else:
+            tables, guided = rows, rows[:0]
+        if len(tables):
+            self._step_tables(tables, ordered, ids, lps, made, settle)
+        if len(guided):
+            self._step_guided(guided, ordered, ids, lps, made, settle)
+        return made, settle
+
+    def _step_tables(self, rows: np.ndarray, ordered: list[Stream], ids: np.ndarray, lps: dict, made: dict, settle: list) -> None:
+        """Rows of regexes with tables: each one's next state, all rows of a table at once, in a
+        few indexed operations; a pick that leads nowhere is the model's "end here" at a complete
+        match (the mask allows every character there)."""
+        if len(self._active_tables) == 1:  # usually one table
+            groups = [(rows, next(iter(self._active_tables.values()))[0])]
+        else:
+            by_table: dict[int, tuple] = {}
+            for b, table in zip(rows.tolist(), self._tables[rows].tolist()):
+                by_table.setdefault(id(table), (table, []))[1].append(b)
+            groups = [(np.array(r), table) for table, r in by_table.values()]
+        counting = self._unread.counting
+        for r, table in groups:
+            at = slice(r[0], r[0] + len(r)) if r[-1] - r[0] == len(r) - 1 else r  # usually rows 0..k-1
+            new = table.next[self._states[at], ids[at]]  # (k,)
+            if new.min() < 0:
+                for b in r[new < 0].tolist():
+                    s = ordered[b]
+                    self._catch_up(b, s)
+                    s.incomplete = False
+                    made[b] = s.end("stop")
+                keep = new >= 0
+                r, new = r[keep], new[keep]
+                at = r
+            self._states[at] = new
+            self._blocked[at] = table.blocked[new]
+            look = table.special[new]
+            if self._checking:
+                look |= counting[at] == 0
+            if look.any():
+                for j in np.flatnonzero(look).tolist():
+                    b, state = int(r[j]), int(new[j])
+                    count, accepting = int(table.count[state]), bool(table.accepting[state])
+                    self._look(b, ordered[b], int(ids[b]), lps, made, settle, count, accepting,
+                               count == 1 and not accepting and table.forced[state] >= FORCED_RUN_CALL)
+
+    def _step_guided(self, rows: np.ndarray, ordered: list[Stream], ids: np.ndarray, lps: dict, made: dict, settle: list) -> None:
+        """Rows of llguidance's matchers: consume each pick, its mask written into one buffer and
+        all unpacked at once; a row the matcher refuses, or that forces bytes, settles."""
         if self._accepting[rows].any():  # at a complete match, the model may have picked "end here"
             going = self._allowed[rows, ids[rows]]
             for b in rows[~going].tolist():
                 s = ordered[b]
+                self._catch_up(b, s)
                 s.incomplete = False
                 made[b] = s.end("stop")
             rows = rows[going]
         moving = []
+        picks = ids.tolist()
         bytewise, buffer, width = self._bytewise, self._mask_buffer, self._mask_buffer.shape[1]
         at = buffer.ctypes.data
         for b, matcher in zip(rows.tolist(), self._matchers[rows].tolist()):
@@ -548,33 +629,48 @@ class Engine:
             else:
                 settle.append(b)
         if not moving:
-            return made, settle
-        k = len(moving)
+            return
+        k, V = len(moving), len(self.vocab)
         bits = np.unpackbits(buffer[:k], axis=1, count=V + 1, bitorder="little").view(bool)  # (k, V + 1): the characters, then the end token
         allowed, accepting = bits[:, :V], bits[:, V]  # the end token is allowed exactly at a complete match
+        self._set_masks(slice(moving[0], moving[0] + k) if moving[-1] - moving[0] == k - 1 else moving, allowed, accepting)
         counts = np.count_nonzero(allowed, axis=1)
-        self._set_masks(slice(0, k) if moving[-1] == k - 1 else moving, allowed, accepting)  # usually every row, in order
-        # one character possible and no end: forced (a long forced run is one prompt call); none: the
-        # match is complete, or a dead end
-        odd = set(np.flatnonzero(counts < 2).tolist()) if counts.min() < 2 else ()
-        for j, b in enumerate(moving):
-            s, i = ordered[b], picks[b]
-            stuck = False
-            if j in odd:
-                if (counts[j] == 1 and not accepting[j] and bytewise
-                        and len(self._matchers[b].compute_ff_bytes()) >= FORCED_RUN_CALL):
-                    settle.append(b)
-                    continue
-                stuck = counts[j] == 0
-            elif b not in lps and not s.request.stop:  # the usual row
-                s.take(chars[i])
-                if s.finish_reason is not None:
-                    s.incomplete = not accepting[j]
-                    made[b] = Delta(s, chars[i], [], s.finish_reason)
-                continue
-            delta = s.emit(chars[i], lps.get(b))
-            made[b] = delta if delta.finish_reason is None and not stuck else self._emitted(s, delta, bool(accepting[j]), stuck)
-        return made, settle
+        look = counts < 2
+        if self._checking:
+            look |= self._unread.counting[moving] == 0
+        for j in np.flatnonzero(look).tolist():
+            b, count, accepts = moving[j], int(counts[j]), bool(accepting[j])
+            self._look(b, ordered[b], picks[b], lps, made, settle, count, accepts,
+                       count == 1 and not accepts and bytewise and len(self._matchers[b].compute_ff_bytes()) >= FORCED_RUN_CALL)
+
+    def _look(self, b: int, s: Stream, i: int, lps: dict, made: dict, settle: list, count: int, accepting: bool, long: bool) -> None:
+        """A constrained row with something to do after its pick `i`: `count` characters may come
+        next (one and no end: forced, and `long` when the run is long enough for one prompt call;
+        none: the match is complete, or a dead end), or it checks its characters (stop sequences,
+        logprobs)."""
+        stuck = False
+        if count < 2:
+            if long:
+                settle.append(b)
+                return
+            stuck = count == 0
+            if not stuck and self._unread.counting[b]:  # a short forced run: the mask has it
+                return
+            self._catch_up(b, s)
+        delta = s.emit(self.vocab.chars[i], lps.get(b))
+        made[b] = delta if delta.finish_reason is None and not stuck else self._emitted(s, delta, accepting, stuck)
+
+    def _catch_up(self, b: int, s: Stream) -> None:
+        """An unchecked stream about to be given characters directly this step (it ends, or a forced
+        run follows): its text up to this step's pick, which record() put in its slot and which
+        the caller gives it now."""
+        if self._unread.counting[b]:
+            self._unread.count[b] -= 1
+            self._flush(s)
+
+    def _accepts(self, b: int) -> bool:
+        """Whether slot b's text is a complete match."""
+        return bool(self._tables[b].accepting[self._states[b]] if self._tabled[b] else self._accepting[b])
 
     def _set_masks(self, at, allowed: np.ndarray, accepting) -> None:
         """Slots `at` (a slot, a slice or a list) continue their matches with `allowed` (V,) or
@@ -587,10 +683,15 @@ class Engine:
         feed a long forced run to the network in one call, emit, and end where the constraint says
         (the module docstring)."""
         m, chars = s._matcher, self.vocab.chars
+        self._catch_up(b, s)
+        if self._tabled[b]:
+            m.state = int(self._states[b])
         m._settle()
         if m.error:  # a limit of the constraint's shared lexer: compile it afresh next time
             forget(s.request.constraint)
-        run = m.forced(s.request.max_chars - s._generated - 1) if len(m._forced) >= FORCED_RUN_CALL else []
+        run = m.forced(s.request.max_chars - s._generated - 1) if m.forced_length >= FORCED_RUN_CALL else []
+        if self._tabled[b]:
+            self._states[b] = m.state
         if run:
             network = self.network
             network.restore(b, network.prompt(np.asarray(run, np.int64), network.state(b)))
@@ -600,7 +701,10 @@ class Engine:
         if logprob is not None:
             lps = [logprob] + [CharLogprob(chars[i], 0.0, [(chars[i], 0.0)]) for i in run]
         self._set_masks(b, m.allowed, m.accepting)
-        return self._emitted(s, s.emit_run([chars[picked]] + [chars[i] for i in run], lps), m.accepting, not m.allowed.any())
+        delta = self._emitted(s, s.emit_run([chars[picked]] + [chars[i] for i in run], lps), m.accepting, not m.allowed.any())
+        if self._unread.counting[b] and s.finish_reason is None:
+            self._unread.rebase(b, s.request.max_chars - s._generated)
+        return delta
 
     def _emitted(self, s: Stream, delta: Delta, accepting: bool, stuck: bool) -> Delta:
         """A constrained stream's Delta, ended where the constraint says: `stuck` (no character of
@@ -684,7 +788,7 @@ class Engine:
         arrays = [self._temperature, self._top_k, self._top_p, self._min_p, self._samples, self._draws, self._next_draw,
                   self._logprobs, self._ranked, self._logprob_sum, self._constrained, *self._unread.arrays()]
         if self._allowed is not None:
-            arrays += [self._allowed, self._accepting, self._blocked, self._matchers]
+            arrays += [self._allowed, self._accepting, self._blocked, self._matchers, self._tabled, self._tables, self._states]
         return arrays if self._adjustments is None else arrays + self._adjustments.arrays()
 
     def _release(self, s: Stream) -> None:
@@ -700,10 +804,18 @@ class Engine:
             self._slots[slot] = moved
             moved._slot = slot
         self._slots.pop()
-        self._matchers[last] = None  # no finished stream's matcher kept alive
+        self._matchers[last] = self._tables[last] = None  # no finished stream's matcher kept alive
         self._wanting -= s.request.logprobs > 0
         self._adjusting -= s.request.sampling.adjusts
         self._ranking -= s.request.rank
         self._checking -= s.request.checked
         self._constraining -= s._matcher is not None
+        if s._matcher is not None:
+            if s._matcher._m is not None:
+                self._guided -= 1
+            else:
+                key = id(s._matcher.table)
+                self._active_tables[key][1] -= 1
+                if not self._active_tables[key][1]:
+                    del self._active_tables[key]
         s._slot = -1

@@ -74,8 +74,10 @@ class GenerationRequest:
 
     @property
     def checked(self) -> bool:
-        """Each generated character is checked (stop sequences, a constraint) or reported (logprobs) as it comes."""
-        return bool(self.stop or self.logprobs or self.constraint is not None)
+        """Each generated character is checked (stop sequences) or reported (logprobs) as it comes. A
+        constraint alone is not: the engine checks every pick against it, and keeps the picks of
+        a stream with nothing else to check like any unchecked stream's."""
+        return bool(self.stop or self.logprobs)
 
 
 @dataclass
