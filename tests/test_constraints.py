@@ -312,6 +312,22 @@ def test_a_regex_outside_the_tables_part_is_followed_by_llguidance(artifact, pat
     assert any(not s.incomplete for s in streams) or pattern.startswith("[a-c]*")
 
 
+def test_a_table_that_would_take_too_long_or_grow_too_big_is_left_to_llguidance():
+    import time
+
+    from model.runtime import regex_table
+
+    def slow(source):  # each class read as if llguidance took 10 ms
+        time.sleep(0.01)
+        return 1
+    many = "".join(f"[\\w{c}]" for c in "abcdefghijklmnopqrstuvw" * 4)  # 92 classes: about a second
+    with pytest.raises(regex_table.Unsupported, match="took more than"):
+        regex_table.build(many, tuple(VOCAB.chars), slow)
+    with pytest.raises(regex_table.Unsupported, match="more than .* states"):
+        regex_table.build("a{20000}", tuple(VOCAB.chars), slow)
+    assert regex_table.build("a{2000}", tuple(VOCAB.chars), slow).states == 2001
+
+
 def test_constrained_streams_stepped_out_of_slot_order_keep_their_masks(artifact):
     """Streams given to step() in another order than their slots move slots (their masks with them)."""
     engine = Engine(artifact, max_batch=8)

@@ -74,7 +74,7 @@ def build(pattern: str, chars: tuple[str, ...], class_mask: Callable[[str], int]
     deadline = time.monotonic() + MAX_SECONDS
     max_states = MAX_CELLS // max(1, len(chars))
     nodes = _Nodes(len(chars))
-    root = _Parser(pattern, chars, class_mask, nodes).parse()
+    root = _Parser(pattern, chars, class_mask, nodes, deadline).parse()
     classes = _classes(nodes.sets, len(chars))  # one character of each class, and each character's class
     representative, class_of = classes
     state_of = {root: 0} if root != EMPTY else {}
@@ -262,8 +262,8 @@ class _Parser:
     anything else raises Unsupported. The pattern is one llguidance has accepted, so what is taken
     here is well formed there."""
 
-    def __init__(self, text: str, chars: tuple[str, ...], class_mask: Callable[[str], int], nodes: _Nodes):
-        self.text, self.at, self.nodes, self.class_mask = text, 0, nodes, class_mask
+    def __init__(self, text: str, chars: tuple[str, ...], class_mask: Callable[[str], int], nodes: _Nodes, deadline: float):
+        self.text, self.at, self.nodes, self._class_mask, self.deadline = text, 0, nodes, class_mask, deadline
         self.index = {c: i for i, c in enumerate(chars)}
         self.all = (1 << len(chars)) - 1
 
@@ -272,6 +272,12 @@ class _Parser:
         if self.at != len(self.text):
             raise Unsupported(f"unexpected {self.text[self.at]!r} at character {self.at}")
         return node
+
+    def class_mask(self, source: str) -> int:
+        """class_mask(source), within the build's time (each asks llguidance: a millisecond or two)."""
+        if time.monotonic() > self.deadline:
+            raise Unsupported(f"took more than {MAX_SECONDS} s")
+        return self._class_mask(source)
 
     def _peek(self) -> str:
         return self.text[self.at] if self.at < len(self.text) else ""
