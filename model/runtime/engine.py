@@ -36,15 +36,15 @@ log-probabilities move with the streams it steps beside (README.md, "Precision")
 can its sampled text; alone, or beside the same streams, it is the same.
 
 A request with a constraint (model.runtime.constraints) carries its matcher on its stream; the
-engine keeps each constrained slot's mask (`_blocked`: the characters that cannot continue the match
-and are not its end) and removes them from the constrained rows' logits before the sampler's
+engine keeps each constrained slot's mask (SlotConstraints: `blocked`, the characters that cannot
+continue the match and are not its end) and removes them from the constrained rows' logits before the sampler's
 adjustments and filters (so the draw is still one number per pick). After the pick the stream's
 place in its constraint advances by the character. A regex with a table (model.runtime.regex_table)
-keeps its place as a state number in `_states`: all the rows of a table advance at once in a few
+keeps its place as a state number: all the rows of a table advance at once in a few
 indexed operations, and their masks are rows of the table's. Any other constraint has llguidance's
-matcher (`_matchers`), two or three calls a row, the masks of all of them unpacked at once into
-`_allowed` (the characters that continue the match) and `_accepting` (the text so far is already a
-complete match, where every character may be picked); the matcher's own fields are left as they
+matcher, two or three calls a row, the masks of all of them unpacked at once into `allowed` (the
+characters that continue the match) and `accepting` (the text so far is already a complete match,
+where every character may be picked); the matcher's own fields are left as they
 were until it settles again. With BESIDE_ROWS rows of matchers or more, that work runs in a thread
 beside the engine's while ONNX Runtime steps the network (it lets go of the GIL; the matchers need
 nothing from the step), so it costs the step little of its time; what needs the network (a forced
@@ -291,6 +291,67 @@ class UnreadIds:
             self.quiet = int((self.due[:active] - self.count[:active]).min()) if active else UNREAD
 
 
+class SlotConstraints:
+    """For max_batch slots, each constrained slot's place in its constraint and its mask (made when
+    the first constrained stream starts). A regex with a table keeps its place as a state number
+    (`states`, its table in `tables`); any other constraint as llguidance's matcher (`matchers`),
+    its mask in `allowed` (the characters that continue the match) and `accepting` (the text so
+    far is a complete match). `blocked`, for every constrained slot, is what the sampler removes:
+    neither a continuation nor, at a complete match, the end."""
+
+    def __init__(self, max_batch: int, vocab_size: int):
+        B, V = max_batch, vocab_size
+        self.allowed = np.ones((B, V), bool)
+        self.accepting = np.zeros(B, bool)
+        self.blocked = np.zeros((B, V), bool)
+        self.matchers = np.empty(B, object)  # None: a table's slot
+        self.tabled = np.zeros(B, bool)
+        self.tables = np.empty(B, object)
+        self.states = np.zeros(B, np.int32)
+        # llguidance's masks, a bit per token (the characters, then its end token) in 32-bit words
+        self.mask_buffer = np.zeros((B, (V + 1 + 31) // 32 * 4), np.uint8)
+        self.active_tables: dict[int, list] = {}  # id -> [table, active slots with it]
+        self.guided = 0  # active slots with llguidance's matchers
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.allowed, self.accepting, self.blocked, self.matchers, self.tabled, self.tables, self.states]
+
+    def set(self, slot: int, matcher) -> None:
+        """A new constrained stream in `slot`, at its matcher's start."""
+        self.set_masks(slot, matcher.allowed, matcher.accepting)
+        self.matchers[slot] = matcher._m
+        self.tabled[slot] = matcher._m is None
+        if matcher._m is None:
+            self.tables[slot], self.states[slot] = matcher.table, matcher.state
+            self.active_tables.setdefault(id(matcher.table), [matcher.table, 0])[1] += 1
+        else:
+            self.guided += 1
+
+    def free(self, last: int, matcher) -> None:
+        """A stream has left (with `matcher`, or None when it had no constraint) and slot `last`, the
+        last active one, is free (what it held moved to the stream's slot if it was another's)."""
+        self.matchers[last] = self.tables[last] = None  # no finished stream's matcher kept alive
+        if matcher is None:
+            return
+        if matcher._m is not None:
+            self.guided -= 1
+        else:
+            entry = self.active_tables[id(matcher.table)]
+            entry[1] -= 1
+            if not entry[1]:
+                del self.active_tables[id(matcher.table)]
+
+    def set_masks(self, at, allowed: np.ndarray, accepting) -> None:
+        """Slots `at` (a slot, a slice or a list) continue their matches with `allowed` (V,) or
+        (k, V) bool, and are complete matches where `accepting`."""
+        self.allowed[at], self.accepting[at] = allowed, accepting
+        self.blocked[at] = ~(allowed | np.asarray(accepting)[..., None])
+
+    def accepts(self, b: int) -> bool:
+        """Whether slot b's text is a complete match."""
+        return bool(self.tables[b].accepting[self.states[b]] if self.tabled[b] else self.accepting[b])
+
+
 class Engine:
     def __init__(self, artifact: Artifact, max_batch: int = 128, threads: int | None = None, device: str = "cpu",
                  prompt_cache_bytes: int = 0):
@@ -327,20 +388,9 @@ class Engine:
         self._logprob_sum = np.zeros(self.max_batch)
         self._ranking = 0
         self._unread = UnreadIds(self.max_batch)
-        self._checking = 0  # active slots whose streams check each character (stop sequences, logprobs, constraints)
+        self._checking = 0  # active slots whose streams check each character (stop sequences, logprobs)
         self._constrained = np.zeros(self.max_batch, bool)  # the slot's request has a constraint
-        # each constrained slot's mask: the characters that continue its match (made with the first
-        # constraint), and whether its text is a complete match
-        self._allowed: np.ndarray | None = None  # (max_batch, V) bool
-        self._accepting = np.zeros(self.max_batch, bool)
-        self._blocked: np.ndarray | None = None  # (max_batch, V) bool: what the sampler removes, neither of the two
-        self._matchers = np.empty(self.max_batch, object)  # each constrained slot's llguidance matcher (None: a table's)
-        # a regex with a table (model.runtime.regex_table): the slot's table and its state in it
-        self._tabled = np.zeros(self.max_batch, bool)
-        self._tables = np.empty(self.max_batch, object)
-        self._states = np.zeros(self.max_batch, np.int32)
-        self._active_tables: dict[int, list] = {}  # id -> [table, active slots with it]
-        self._guided = 0  # active slots with llguidance's matchers
+        self._places: SlotConstraints | None = None  # made when the first constrained stream starts
         self._beside = _Beside()
         self._bytewise = bytewise(self.vocab.chars)  # a constrained step need not ask for the forced bytes
         self._constraining = 0
@@ -394,20 +444,9 @@ class Engine:
         self._adjusting += settings.adjusts
         self._constrained[slot] = stream._matcher is not None
         if stream._matcher is not None:
-            if self._allowed is None:
-                self._allowed = np.ones((self.max_batch, len(self.vocab)), bool)
-                self._blocked = np.zeros((self.max_batch, len(self.vocab)), bool)
-                # llguidance's masks, a bit per token (the characters, then its end token) in 32-bit words
-                self._mask_buffer = np.zeros((self.max_batch, (len(self.vocab) + 1 + 31) // 32 * 4), np.uint8)
-            m = stream._matcher
-            self._set_masks(slot, m.allowed, m.accepting)
-            self._matchers[slot] = m._m
-            self._tabled[slot] = m._m is None
-            if m._m is None:
-                self._tables[slot], self._states[slot] = m.table, m.state
-                self._active_tables.setdefault(id(m.table), [m.table, 0])[1] += 1
-            else:
-                self._guided += 1
+            if self._places is None:
+                self._places = SlotConstraints(self.max_batch, len(self.vocab))
+            self._places.set(slot, stream._matcher)
             self._constraining += 1
         try:
             self.network.restore(slot, self._read(request, stream, ids, boundaries))
@@ -504,7 +543,8 @@ class Engine:
         adjustments = self._adjustments.view(n) if self._adjusting else None
         constrained = np.flatnonzero(self._constrained[:n]) if self._constraining else ()
         if len(constrained):  # what is sampled from, logprobs included
-            logits = mask_out(logits.astype(np.float64), constrained, self._blocked[:n] if len(constrained) == n else self._blocked[constrained])
+            blocked = self._places.blocked
+            logits = mask_out(logits.astype(np.float64), constrained, blocked[:n] if len(constrained) == n else blocked[constrained])
         ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
@@ -518,7 +558,7 @@ class Engine:
         made: dict[int, Delta] = {}  # the rows whose Deltas the step makes (and whose streams may finish)
         settle: list[int] = []
         due = self._unread.record(n, ids)  # before the constrained rows: one that ends takes its text back (_catch_up)
-        if len(constrained) - np.count_nonzero(self._tabled[constrained]) >= BESIDE_ROWS:  # their matchers advance while the network steps
+        if len(constrained) and len(constrained) - np.count_nonzero(self._places.tabled[constrained]) >= BESIDE_ROWS:  # their matchers advance while the network steps
             self._beside.start(self._advance, constrained, ordered, ids, lps if self._wanting else {})
             try:
                 self.network.advance(n, ids)
@@ -541,7 +581,7 @@ class Engine:
             self._flush(s)
             if s.finish_reason is not None:
                 if s._matcher is not None:
-                    s.incomplete = not self._accepts(b)
+                    s.incomplete = not self._places.accepts(b)
                 made[b] = Delta(s, chars[ids[b]], [], s.finish_reason)
         for b in sorted(b for b, d in made.items() if d.finish_reason is not None):
             self._release(ordered[b])
@@ -560,8 +600,8 @@ class Engine:
         wait in their slots as an unchecked stream's do."""
         made: dict[int, Delta] = {}
         settle: list[int] = []
-        if self._guided:
-            tabled = self._tabled[rows]
+        if self._places.guided:
+            tabled = self._places.tabled[rows]
             tables, guided = rows[tabled], rows[~tabled]
         else:
             tables, guided = rows, rows[:0]
@@ -575,17 +615,18 @@ class Engine:
         """Rows of regexes with tables: each one's next state, all rows of a table at once, in a
         few indexed operations; a pick that leads nowhere is the model's "end here" at a complete
         match (the mask allows every character there)."""
-        if len(self._active_tables) == 1:  # usually one table
-            groups = [(rows, next(iter(self._active_tables.values()))[0])]
+        places = self._places
+        if len(places.active_tables) == 1:  # usually one table
+            groups = [(rows, next(iter(places.active_tables.values()))[0])]
         else:
             by_table: dict[int, tuple] = {}
-            for b, table in zip(rows.tolist(), self._tables[rows].tolist()):
+            for b, table in zip(rows.tolist(), places.tables[rows].tolist()):
                 by_table.setdefault(id(table), (table, []))[1].append(b)
             groups = [(np.array(r), table) for table, r in by_table.values()]
         counting = self._unread.counting
         for r, table in groups:
             at = slice(r[0], r[0] + len(r)) if r[-1] - r[0] == len(r) - 1 else r  # usually rows 0..k-1
-            new = table.next[self._states[at], ids[at]]  # (k,)
+            new = table.next[places.states[at], ids[at]]  # (k,)
             if new.min() < 0:
                 for b in r[new < 0].tolist():
                     s = ordered[b]
@@ -595,8 +636,8 @@ class Engine:
                 keep = new >= 0
                 r, new = r[keep], new[keep]
                 at = r
-            self._states[at] = new
-            self._blocked[at] = table.blocked[new]
+            places.states[at] = new
+            places.blocked[at] = table.blocked[new]
             look = table.special[new]
             if self._checking:
                 look |= counting[at] == 0
@@ -610,8 +651,9 @@ class Engine:
     def _step_guided(self, rows: np.ndarray, ordered: list[Stream], ids: np.ndarray, lps: dict, made: dict, settle: list) -> None:
         """Rows of llguidance's matchers: consume each pick, its mask written into one buffer and
         all unpacked at once; a row the matcher refuses, or that forces bytes, settles."""
-        if self._accepting[rows].any():  # at a complete match, the model may have picked "end here"
-            going = self._allowed[rows, ids[rows]]
+        places = self._places
+        if places.accepting[rows].any():  # at a complete match, the model may have picked "end here"
+            going = places.allowed[rows, ids[rows]]
             for b in rows[~going].tolist():
                 s = ordered[b]
                 self._catch_up(b, s)
@@ -620,9 +662,9 @@ class Engine:
             rows = rows[going]
         moving = []
         picks = ids.tolist()
-        bytewise, buffer, width = self._bytewise, self._mask_buffer, self._mask_buffer.shape[1]
+        bytewise, buffer, width = self._bytewise, places.mask_buffer, places.mask_buffer.shape[1]
         at = buffer.ctypes.data
-        for b, matcher in zip(rows.tolist(), self._matchers[rows].tolist()):
+        for b, matcher in zip(rows.tolist(), places.matchers[rows].tolist()):
             if matcher.consume_token(picks[b]) and (bytewise or not matcher.compute_ff_bytes()):
                 matcher.unsafe_compute_mask_ptr(at + len(moving) * width, width)  # the mask's bits, into the buffer's next row
                 moving.append(b)
@@ -633,7 +675,7 @@ class Engine:
         k, V = len(moving), len(self.vocab)
         bits = np.unpackbits(buffer[:k], axis=1, count=V + 1, bitorder="little").view(bool)  # (k, V + 1): the characters, then the end token
         allowed, accepting = bits[:, :V], bits[:, V]  # the end token is allowed exactly at a complete match
-        self._set_masks(slice(moving[0], moving[0] + k) if moving[-1] - moving[0] == k - 1 else moving, allowed, accepting)
+        places.set_masks(slice(moving[0], moving[0] + k) if moving[-1] - moving[0] == k - 1 else moving, allowed, accepting)
         counts = np.count_nonzero(allowed, axis=1)
         look = counts < 2
         if self._checking:
@@ -641,7 +683,7 @@ class Engine:
         for j in np.flatnonzero(look).tolist():
             b, count, accepts = moving[j], int(counts[j]), bool(accepting[j])
             self._look(b, ordered[b], picks[b], lps, made, settle, count, accepts,
-                       count == 1 and not accepts and bytewise and len(self._matchers[b].compute_ff_bytes()) >= FORCED_RUN_CALL)
+                       count == 1 and not accepts and bytewise and len(places.matchers[b].compute_ff_bytes()) >= FORCED_RUN_CALL)
 
     def _look(self, b: int, s: Stream, i: int, lps: dict, made: dict, settle: list, count: int, accepting: bool, long: bool) -> None:
         """A constrained row with something to do after its pick `i`: `count` characters may come
@@ -668,30 +710,20 @@ class Engine:
             self._unread.count[b] -= 1
             self._flush(s)
 
-    def _accepts(self, b: int) -> bool:
-        """Whether slot b's text is a complete match."""
-        return bool(self._tables[b].accepting[self._states[b]] if self._tabled[b] else self._accepting[b])
-
-    def _set_masks(self, at, allowed: np.ndarray, accepting) -> None:
-        """Slots `at` (a slot, a slice or a list) continue their matches with `allowed` (V,) or
-        (k, V) bool, and are complete matches where `accepting`."""
-        self._allowed[at], self._accepting[at] = allowed, accepting
-        self._blocked[at] = ~(allowed | np.asarray(accepting)[..., None])
-
     def _follow(self, b: int, s: Stream, picked: int, logprob: CharLogprob | None) -> Delta:
         """After the stream's matcher took `picked`: settle it (forced run, dead end, a limit reached),
         feed a long forced run to the network in one call, emit, and end where the constraint says
         (the module docstring)."""
-        m, chars = s._matcher, self.vocab.chars
+        m, chars, places = s._matcher, self.vocab.chars, self._places
         self._catch_up(b, s)
-        if self._tabled[b]:
-            m.state = int(self._states[b])
+        if places.tabled[b]:
+            m.state = int(places.states[b])
         m._settle()
         if m.error:  # a limit of the constraint's shared lexer: compile it afresh next time
             forget(s.request.constraint)
         run = m.forced(s.request.max_chars - s._generated - 1) if m.forced_length >= FORCED_RUN_CALL else []
-        if self._tabled[b]:
-            self._states[b] = m.state
+        if places.tabled[b]:
+            places.states[b] = m.state
         if run:
             network = self.network
             network.restore(b, network.prompt(np.asarray(run, np.int64), network.state(b)))
@@ -700,7 +732,7 @@ class Engine:
         lps = None
         if logprob is not None:
             lps = [logprob] + [CharLogprob(chars[i], 0.0, [(chars[i], 0.0)]) for i in run]
-        self._set_masks(b, m.allowed, m.accepting)
+        places.set_masks(b, m.allowed, m.accepting)
         delta = self._emitted(s, s.emit_run([chars[picked]] + [chars[i] for i in run], lps), m.accepting, not m.allowed.any())
         if self._unread.counting[b] and s.finish_reason is None:
             self._unread.rebase(b, s.request.max_chars - s._generated)
@@ -787,8 +819,8 @@ class Engine:
     def _per_slot(self) -> list[np.ndarray]:
         arrays = [self._temperature, self._top_k, self._top_p, self._min_p, self._samples, self._draws, self._next_draw,
                   self._logprobs, self._ranked, self._logprob_sum, self._constrained, *self._unread.arrays()]
-        if self._allowed is not None:
-            arrays += [self._allowed, self._accepting, self._blocked, self._matchers, self._tabled, self._tables, self._states]
+        if self._places is not None:
+            arrays += self._places.arrays()
         return arrays if self._adjustments is None else arrays + self._adjustments.arrays()
 
     def _release(self, s: Stream) -> None:
@@ -804,18 +836,11 @@ class Engine:
             self._slots[slot] = moved
             moved._slot = slot
         self._slots.pop()
-        self._matchers[last] = self._tables[last] = None  # no finished stream's matcher kept alive
         self._wanting -= s.request.logprobs > 0
         self._adjusting -= s.request.sampling.adjusts
         self._ranking -= s.request.rank
         self._checking -= s.request.checked
         self._constraining -= s._matcher is not None
-        if s._matcher is not None:
-            if s._matcher._m is not None:
-                self._guided -= 1
-            else:
-                key = id(s._matcher.table)
-                self._active_tables[key][1] -= 1
-                if not self._active_tables[key][1]:
-                    del self._active_tables[key]
+        if self._places is not None:
+            self._places.free(last, s._matcher)
         s._slot = -1
