@@ -103,16 +103,7 @@ def build(pattern: str, chars: tuple[str, ...], class_mask: Callable[[str], int]
     allowed = nxt >= 0
     accepting = np.array([nodes.nullable(n) for n in order], bool)
     count = allowed.sum(axis=1)
-    forced = np.zeros(S, np.int64)
-    single = (count == 1) & ~accepting
-    # a run of forced states never loops (a loop of them would never complete a match, and every
-    # state can): follow each run to its end, longest first from the end, by repeated passes
-    after = np.where(single, nxt.max(axis=1), -1)
-    for _ in range(S):
-        longer = np.where(single, 1 + np.where(after >= 0, forced[np.maximum(after, 0)], 0), 0)
-        if np.array_equal(longer, forced):
-            break
-        forced = longer
+    forced = np.array(_forced_lengths(((count == 1) & ~accepting).tolist(), nxt.max(axis=1).tolist()), np.int64)
     blocked = ~(allowed | accepting[:, None])
     special = count < 2
     for a in (nxt, allowed, accepting, count, forced, blocked, special):
@@ -120,21 +111,37 @@ def build(pattern: str, chars: tuple[str, ...], class_mask: Callable[[str], int]
     return RegexTable(nxt, allowed, accepting, count, forced, blocked, special)
 
 
+def _forced_lengths(single: list[bool], after: list[int]) -> list[int]:
+    """How many characters follow each state with no choice: a state with one character allowed and
+    no complete match (`single`) leads to `after`. Such runs never loop (a loop of them would never
+    complete a match, and every state can), so each is followed once to where it ends."""
+    length = [-1] * len(single)
+    for s in range(len(single)):
+        path = []
+        while length[s] < 0 and single[s]:
+            path.append(s)
+            s = after[s]
+            if len(path) > len(single):
+                raise Unsupported("a loop of forced states")
+        n = max(length[s], 0)
+        if length[s] < 0:
+            length[s] = 0
+        for t in reversed(path):
+            n += 1
+            length[t] = n
+    return length
+
+
 def _classes(sets: set[int], V: int) -> tuple[list[int], np.ndarray]:
     """The coarsest partition of the character ids that no set splits: a representative of each
     part, and each id's part."""
-    signature: dict[tuple, int] = {}
-    class_of = np.zeros(V, np.int64)
-    representative: list[int] = []
-    ordered = sorted(sets)
-    for i in range(V):
-        key = tuple((m >> i) & 1 for m in ordered)
-        k = signature.get(key)
-        if k is None:
-            k = signature[key] = len(representative)
-            representative.append(i)
-        class_of[i] = k
-    return representative, class_of
+    if not sets:
+        return [0], np.zeros(V, np.int64)
+    width = (V + 7) // 8
+    masks = np.frombuffer(b"".join(m.to_bytes(width, "little") for m in sets), np.uint8).reshape(len(sets), width)
+    member = np.unpackbits(masks, axis=1, count=V, bitorder="little")  # (sets, V): which characters each set has
+    _, first, class_of = np.unique(member.T, axis=0, return_index=True, return_inverse=True)
+    return first.tolist(), class_of.reshape(V)
 
 
 # ------------------------------------------------------------------------------------- regexes as numbered nodes
