@@ -628,11 +628,7 @@ class Engine:
             at = slice(r[0], r[0] + len(r)) if r[-1] - r[0] == len(r) - 1 else r  # usually rows 0..k-1
             new = table.next[places.states[at], ids[at]]  # (k,)
             if new.min() < 0:
-                for b in r[new < 0].tolist():
-                    s = ordered[b]
-                    self._catch_up(b, s)
-                    s.incomplete = False
-                    made[b] = s.end("stop")
+                self._end_here(r[new < 0].tolist(), ordered, made)
                 keep = new >= 0
                 r, new = r[keep], new[keep]
                 at = r
@@ -654,11 +650,7 @@ class Engine:
         places = self._places
         if places.accepting[rows].any():  # at a complete match, the model may have picked "end here"
             going = places.allowed[rows, ids[rows]]
-            for b in rows[~going].tolist():
-                s = ordered[b]
-                self._catch_up(b, s)
-                s.incomplete = False
-                made[b] = s.end("stop")
+            self._end_here(rows[~going].tolist(), ordered, made)
             rows = rows[going]
         moving = []
         picks = ids.tolist()
@@ -684,6 +676,15 @@ class Engine:
             b, count, accepts = moving[j], int(counts[j]), bool(accepting[j])
             self._look(b, ordered[b], picks[b], lps, made, settle, count, accepts,
                        count == 1 and not accepts and bytewise and len(places.matchers[b].compute_ff_bytes()) >= FORCED_RUN_CALL)
+
+    def _end_here(self, rows: list[int], ordered: list[Stream], made: dict) -> None:
+        """At a complete match, these rows picked a character that cannot continue it: the model
+        chose to end there. The streams end with "stop", the character not emitted."""
+        for b in rows:
+            s = ordered[b]
+            self._catch_up(b, s)
+            s.incomplete = False
+            made[b] = s.end("stop")
 
     def _look(self, b: int, s: Stream, i: int, lps: dict, made: dict, settle: list, count: int, accepting: bool, long: bool) -> None:
         """A constrained row with something to do after its pick `i`: `count` characters may come
