@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 # The most cells (states x characters) a table may have; more, and llguidance's matcher serves the
-# pattern. A table takes 5 bytes a cell: with constraints.CACHE_SIZE tables cached, 40 MB at most.
+# pattern. A table takes 6 bytes a cell (next, allowed, blocked): with constraints.CACHE_SIZE tables cached,
+# 50 MB at most.
 MAX_CELLS = 262_144
 MAX_SECONDS = 0.25  # the most a table's build may add to a compile
 _META = set("\\.+*?()|[]{}^$")
