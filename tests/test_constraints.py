@@ -116,9 +116,9 @@ def test_every_output_matches_its_random_regex_or_is_a_prefix_of_a_match(artifac
     engine = Engine(artifact, max_batch=8)
     constraint = compile_constraint("regex", pattern, VOCAB)
     assert constraint._table is not None
-    requests = [GenerationRequest("the ", max_chars, T1, seed=seed, constraint=c) for c in (constraint, guided(pattern, VOCAB))
-                for seed in range(3)]
-    requests += [GenerationRequest("a", max_chars, GREEDY, constraint=c, stop=(".",)) for c in (constraint, guided(pattern, VOCAB))]
+    both = (constraint, guided(pattern, VOCAB))
+    requests = [GenerationRequest("the ", max_chars, T1, seed=seed, constraint=c) for c in both for seed in range(3)]
+    requests += [GenerationRequest("a", max_chars, GREEDY, constraint=c, stop=(".",)) for c in both]
     streams, texts = run_all(engine, requests)
     assert texts[:3] == texts[3:6] and texts[6] == texts[7]  # the same masks: the same texts
     for stream, text in zip(streams, texts):

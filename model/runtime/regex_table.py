@@ -35,7 +35,6 @@ import numpy as np
 # 50 MB at most.
 MAX_CELLS = 262_144
 MAX_SECONDS = 0.25  # the most a table's build may add to a compile
-_META = set("\\.+*?()|[]{}^$")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
 _CLASS_ESCAPES = set("dwsDWS")  # evaluated by llguidance: Unicode's classes, as the regex syntax defines them
 
@@ -74,10 +73,9 @@ def build(pattern: str, chars: tuple[str, ...], class_mask: Callable[[str], int]
     the regex's syntax (`[a-z\\d]`, `\\w`), as llguidance reads it. Raises Unsupported."""
     deadline = time.monotonic() + MAX_SECONDS
     max_states = MAX_CELLS // max(1, len(chars))
-    nodes = _Nodes(len(chars))
+    nodes = _Nodes()
     root = _Parser(pattern, chars, class_mask, nodes, deadline).parse()
-    classes = _classes(nodes.sets, len(chars))  # one character of each class, and each character's class
-    representative, class_of = classes
+    representative, class_of = _classes(nodes.sets, len(chars))  # one character of each class, and each character's class
     state_of = {root: 0} if root != EMPTY else {}
     order = [root] if root != EMPTY else []
     rows: list[list[int]] = []
@@ -156,8 +154,7 @@ class _Nodes:
     repeated m to n times (n None: unbounded). The constructors simplify (nothing, the empty text,
     nested concatenations and alternatives), which keeps the derivatives finitely many."""
 
-    def __init__(self, V: int):
-        self.V = V
+    def __init__(self):
         self.ops: list[tuple] = [("empty",), ("eps",)]
         self._id: dict[tuple, int] = {op: i for i, op in enumerate(self.ops)}
         self._nullable: list[bool] = [False, True]
