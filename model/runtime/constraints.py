@@ -129,20 +129,19 @@ class Constraint:
     _grammar: str = field(repr=False)  # llguidance's grammar text
     _tokenizer: llguidance.LLTokenizer = field(repr=False)
     # A matcher at the start, never advanced: each stream's is a copy (a copy shares the compiled
-    # grammar; a new matcher would compile it again).
+    # grammar; a new matcher would compile it again). Made when the first stream needs it: a regex
+    # with a table never does.
     _root: llguidance.LLMatcher | None = field(default=None, repr=False)
     # A regex's table (model.runtime.regex_table), where it has one: its streams step with it
     _table: RegexTable | None = field(default=None, repr=False)
-
-    def __post_init__(self):
-        if self._root is None:
-            limits = llguidance.LLParserLimits(**LIMITS)
-            object.__setattr__(self, "_root", llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0, limits=limits))
 
     def start(self) -> Matcher | TableMatcher:
         return Matcher(self) if self._table is None else TableMatcher(self, 0)
 
     def _matcher(self) -> llguidance.LLMatcher:
+        if self._root is None:  # two threads may both make one: either serves
+            limits = llguidance.LLParserLimits(**LIMITS)
+            object.__setattr__(self, "_root", llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0, limits=limits))
         return self._root.deep_copy()
 
     def matches(self, text: str) -> bool:
