@@ -195,6 +195,19 @@ def test_top_p_against_brute_force_on_random_rows():
         assert np.allclose(probs[order[:smallest]], ranked[:smallest] / ranked[:smallest].sum())
 
 
+def test_filters_passed_as_off_pick_what_their_neutral_values_pick():
+    # the engine passes None for what no row of the step uses, and some_greedy=False when no row is greedy
+    rng = np.random.default_rng(4)
+    n = len(LOGITS)
+    temperature, u = rng.uniform(0.2, 2.0, n), rng.random(n)
+    neutral = pick(LOGITS, temperature, np.zeros(n, np.int64), np.ones(n), u, np.zeros(n))
+    assert (pick(LOGITS, temperature, None, None, u, None, None, some_greedy=False) == neutral).all()
+    temperature[::3] = 0.0  # some rows greedy: only the filters may be passed as off
+    mixed = pick(LOGITS, temperature, np.zeros(n, np.int64), np.ones(n), u, np.zeros(n))
+    assert (pick(LOGITS, temperature, None, None, u) == mixed).all()
+    assert (mixed[::3] == LOGITS[::3].argmax(axis=1)).all() and (mixed != neutral).any()
+
+
 class Fixed:
     """A stand-in generator whose draws are given."""
 

@@ -168,6 +168,68 @@ class EngineFull(RuntimeError):
     """Every batch slot is taken; try again when a stream finishes."""
 
 
+class SlotSampling:
+    """For max_batch slots, each slot's sampling settings as the sampler reads them, and a block of
+    uniform draws taken ahead from its stream's generator. It counts the active slots that are
+    greedy or use min-p, top-k or top-p, so that a step whose rows use none of them skips the
+    sampler's checks for them; and how many steps at least until some slot has used its draws."""
+
+    def __init__(self, max_batch: int):
+        B = max_batch
+        self.temperature = np.zeros(B)
+        self.top_k = np.zeros(B, np.int64)
+        self.top_p = np.ones(B)
+        self.min_p = np.zeros(B)
+        self.samples = np.zeros(B, np.int64)  # 1: not greedy, takes a draw per pick (int64: added to next_draw without a cast)
+        self.draws = np.zeros((B, DRAWS_AHEAD))
+        self.next_draw = np.zeros(B, np.int64)  # a greedy slot's, and a free slot's, stay 0
+        self.greedy = self.min_ps = self.filters = 0  # active slots that are greedy, use min-p, use top-k or top-p
+        self.quiet = 0  # steps before any slot can have used its draws (a slot takes at most one a step)
+        self._rows = np.arange(B)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.temperature, self.top_k, self.top_p, self.min_p, self.samples, self.draws, self.next_draw]
+
+    def set(self, slot: int, settings: SamplingSettings) -> None:
+        self.temperature[slot], self.top_k[slot], self.top_p[slot] = settings.temperature, settings.top_k, settings.top_p
+        self.min_p[slot] = settings.min_p
+        self.samples[slot] = not settings.greedy
+        self.next_draw[slot] = 0 if settings.greedy else DRAWS_AHEAD  # none drawn yet; a greedy slot draws none
+        self.quiet = 0
+        self._count(settings, 1)
+
+    def free(self, last: int, settings: SamplingSettings) -> None:
+        """A stream with these settings left; the last active slot, `last`, is free now."""
+        self.next_draw[last] = 0
+        self._count(settings, -1)
+
+    def _count(self, settings: SamplingSettings, by: int) -> None:
+        self.greedy += by * settings.greedy
+        self.min_ps += by * (settings.min_p > 0)
+        self.filters += by * (settings.top_k > 0 or settings.top_p < 1.0)
+
+    def pick(self, logits: np.ndarray, ordered: list[Stream], adjustments: Adjustments | None) -> np.ndarray:
+        """The next ids (n,) of the streams in slots 0..n-1 (model.runtime.sampling.pick)."""
+        n = len(ordered)
+        filters = self.filters > 0
+        return pick(logits, self.temperature[:n], self.top_k[:n] if filters else None, self.top_p[:n] if filters else None,
+                    self._uniforms(ordered), self.min_p[:n] if self.min_ps else None, adjustments, self.greedy > 0)
+
+    def _uniforms(self, ordered: list[Stream]) -> np.ndarray:
+        """The next draw of every sampling stream in slots 0..n-1 (a greedy one's is stale: pick ignores it)."""
+        n = len(ordered)
+        taken = self.next_draw[:n]
+        self.quiet -= 1
+        if self.quiet < 0:
+            for b in np.flatnonzero(taken == DRAWS_AHEAD).tolist():  # some stream has used its draws
+                self.draws[b] = ordered[b]._rng.random(DRAWS_AHEAD)
+                taken[b] = 0
+            self.quiet = DRAWS_AHEAD - int(self.next_draw.max()) - 1  # over every slot: one not stepped now may be stepped next
+        u = self.draws[self._rows[:n], taken]
+        taken += self.samples[:n]
+        return u
+
+
 class SlotAdjustments:
     """The per-slot inputs of model.runtime.sampling's adjustments for max_batch slots, and their update
     after each step (one indexed add per count, no Python per stream)."""
@@ -371,17 +433,9 @@ class Engine:
             raise ValueError(f"the network predicts {self.network.vocab_size} characters but the vocabulary has {len(self.vocab)}")
         self._slots: list[Stream] = []  # slot i holds _slots[i]; active streams always fill 0..active-1
         self._slot_range = list(range(self.max_batch))
-        # Each slot's sampling settings, and a block of uniform draws taken ahead from its stream's generator.
-        self._temperature = np.zeros(self.max_batch)
-        self._top_k = np.zeros(self.max_batch, np.int64)
-        self._top_p = np.ones(self.max_batch)
-        self._samples = np.zeros(self.max_batch, bool)  # not greedy: takes a draw per pick
-        self._draws = np.zeros((self.max_batch, DRAWS_AHEAD))
-        self._next_draw = np.zeros(self.max_batch, np.int64)  # a greedy slot's stays 0
-        self._rows = np.arange(self.max_batch)
+        self._sampling = SlotSampling(self.max_batch)
         self._logprobs = np.zeros(self.max_batch, np.int64)  # the logprobs each slot's request asks for
         self._wanting = 0  # active slots whose requests ask for logprobs
-        self._min_p = np.zeros(self.max_batch)
         self._adjustments: SlotAdjustments | None = None  # made when the first request that adjusts logits starts
         self._adjusting = 0  # active slots whose settings adjust logits
         self._ranked = np.zeros(self.max_batch, bool)  # the slot's request keeps the sum of its logprobs (rank)
@@ -427,10 +481,7 @@ class Engine:
         stream._slot = slot = len(self._slots)
         self._slots.append(stream)
         settings = request.sampling
-        self._temperature[slot], self._top_k[slot], self._top_p[slot] = settings.temperature, settings.top_k, settings.top_p
-        self._min_p[slot] = settings.min_p
-        self._samples[slot] = not settings.greedy
-        self._next_draw[slot] = DRAWS_AHEAD if self._samples[slot] else 0  # none drawn yet; a greedy slot draws none
+        self._sampling.set(slot, settings)
         self._logprobs[slot] = request.logprobs
         self._wanting += request.logprobs > 0
         self._ranked[slot], self._logprob_sum[slot] = request.rank, 0.0
@@ -545,7 +596,7 @@ class Engine:
         if len(constrained):  # what is sampled from, logprobs included
             blocked = self._places.blocked
             logits = mask_out(logits.astype(np.float64), constrained, blocked[:n] if len(constrained) == n else blocked[constrained])
-        ids = pick(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._uniforms(ordered), self._min_p[:n], adjustments)
+        ids = self._sampling.pick(logits, ordered, adjustments)
         if self._adjusting:
             self._adjustments.record(n, ids)
         chars = self.vocab.chars
@@ -583,8 +634,9 @@ class Engine:
                 if s._matcher is not None:
                     s.incomplete = not self._places.accepts(b)
                 made[b] = Delta(s, chars[ids[b]], [], s.finish_reason)
-        for b in sorted(b for b, d in made.items() if d.finish_reason is not None):
-            self._release(ordered[b])
+        if made:
+            for b in sorted(b for b, d in made.items() if d.finish_reason is not None):
+                self._release(ordered[b])
         self._unread.settle(self.active)
         return Deltas(ordered, ids, chars, made, order)
 
@@ -765,18 +817,6 @@ class Engine:
         # a constraint's disallowed characters (-inf) are no alternatives
         return CharLogprob(chars[chosen], float(logp[chosen]), [(chars[i], float(logp[i])) for i in top if logp[i] > -np.inf])
 
-    def _uniforms(self, ordered: list[Stream]) -> np.ndarray:
-        """The next draw of every sampling stream in slots 0..n-1 (a greedy one's is stale: pick ignores it)."""
-        n = len(ordered)
-        taken = self._next_draw[:n]
-        if taken.max() == DRAWS_AHEAD:  # some stream has used its draws (greedy ones take none)
-            for b in np.flatnonzero(taken == DRAWS_AHEAD).tolist():
-                self._draws[b] = ordered[b]._rng.random(DRAWS_AHEAD)
-                taken[b] = 0
-        u = self._draws[self._rows[:n], taken]
-        taken += self._samples[:n]
-        return u
-
     def cancel(self, stream: Stream) -> None:
         """finish_reason = "cancelled"; frees the slot at once (held-back text is discarded)."""
         if stream._owner is not self:
@@ -818,8 +858,7 @@ class Engine:
         return ordered
 
     def _per_slot(self) -> list[np.ndarray]:
-        arrays = [self._temperature, self._top_k, self._top_p, self._min_p, self._samples, self._draws, self._next_draw,
-                  self._logprobs, self._ranked, self._logprob_sum, self._constrained, *self._unread.arrays()]
+        arrays = [*self._sampling.arrays(), self._logprobs, self._ranked, self._logprob_sum, self._constrained, *self._unread.arrays()]
         if self._places is not None:
             arrays += self._places.arrays()
         return arrays if self._adjustments is None else arrays + self._adjustments.arrays()
@@ -837,6 +876,7 @@ class Engine:
             self._slots[slot] = moved
             moved._slot = slot
         self._slots.pop()
+        self._sampling.free(last, s.request.sampling)
         self._wanting -= s.request.logprobs > 0
         self._adjusting -= s.request.sampling.adjusts
         self._ranking -= s.request.rank

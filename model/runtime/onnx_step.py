@@ -105,6 +105,7 @@ class OrtStep:
         L, H, V = self.depth, self.units, self.vocab_size
         self._states = [np.zeros((L, B, H), F32) for _ in self.names]
         self._logits = np.zeros((B, 1, V), F32)
+        self._logit_rows = self._logits[:, 0]
         self._ids = np.zeros((B, 1), np.int64)
         # Rows 0..n-1 of each state as one block of memory, twice: a step reads one and writes the
         # other. While the engine steps the same n rows, their state stays there (`_resident`).
@@ -117,7 +118,7 @@ class OrtStep:
     @property
     def logits(self) -> np.ndarray:
         """(max_batch, V): each slot's prediction for its next character (a view)."""
-        return self._logits[:, 0]
+        return self._logit_rows
 
     def consume(self, slot: int, ids: np.ndarray) -> None:
         self.restore(slot, self.prompt(ids))
