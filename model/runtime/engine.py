@@ -206,7 +206,7 @@ class SlotSampling:
     def _count(self, settings: SamplingSettings, by: int) -> None:
         self.greedy += by * settings.greedy
         self.min_ps += by * (settings.min_p > 0)
-        self.filters += by * (settings.top_k > 0 or settings.top_p < 1.0)
+        self.filters += by * settings.filters
 
     def pick(self, logits: np.ndarray, ordered: list[Stream], adjustments: Adjustments | None) -> np.ndarray:
         """The next ids (n,) of the streams in slots 0..n-1 (model.runtime.sampling.pick)."""

@@ -98,6 +98,11 @@ class SamplingSettings:
         return self.temperature < GREEDY_BELOW
 
     @property
+    def filters(self) -> bool:
+        """Whether top-k or top-p can drop characters (min-p is its own: `min_p > 0`)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+    @property
     def repeats(self) -> bool:
         """Whether the repetition penalty does anything (so the stream's window must be kept)."""
         return self.repetition_penalty != 1.0 and self.repetition_window > 0
