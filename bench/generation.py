@@ -12,9 +12,13 @@ graphs; prompt consumption; memory. Prints one table and the goals; see bench/RE
      generator's draws for all rows): 1, 8, 32 and 128 streams, on the sessions the engine uses
      (ONNX Runtime's threads not spinning; one thread below the engine's min_rows_per_thread rows
      (model/runtime/onnx_step.py), one per core from there)
+  g  the lightest loop: as f, but on IO binding into buffers allocated once (the states swapped
+     between two, as the engine does), and the sampler told that no row filters (top-k, top-p,
+     min-p) or is greedy: what the engine adds to ONNX Runtime with nothing of its own left
   c  the engine, one stream; d  the engine, 8, 32 and 128 streams stepped together
-  Each of f, c and d runs once per graph: float32 and int8 (the engine given the artifact loaded
-     with that precision, as CHARGEN_PRECISION does); all four take turns.
+  Each of f, g, c and d runs once per graph: float32 and int8 (the engine given the artifact loaded
+     with that precision, as CHARGEN_PRECISION does); all take turns. The goals compare the
+     engine with f; "engine / g" is printed beside them.
   o  OpenVINO's CPU runtime (PyPI `openvino`, the `bench` extra) running the same graph in the same
      bare loop, at 1, 8, 32 and 128 streams, taking turns with f of that graph (one thread below the
      engine's min_rows_per_thread rows, one per core from there, as f); left out, with a line
@@ -22,7 +26,7 @@ graphs; prompt consumption; memory. Prints one table and the goals; see bench/RE
   a  naive: model.predict on the last 40 characters, once per character (keras.io / textgenrnn)
   b  OneStep: a stateful one-step tf.function carrying the states (the TensorFlow text generation
      tutorial), one stream;  e  OneStep with a batch of 32 streams
-Rates are total characters per second over all streams. f and the engine take turns of 10 steps
+Rates are total characters per second over all streams. f, g and the engine take turns of 10 steps
 (so a burst of other work on a shared machine hits both alike), --seconds in all per stream
 count, in --rounds rounds; the table gives each one's median round and the median of the
 per-round ratios. Every method samples at
@@ -62,7 +66,7 @@ TEMPERATURE = 0.8
 PROMPT = "ROMEO:\n"
 STREAMS = (1, 8, 32, 128)
 REPEATS = 3  # a, b and e: the best of this many runs
-STEPS_PER_TURN = 10  # f and the engine take turns of this many steps
+STEPS_PER_TURN = 10  # f, g and the engine take turns of this many steps
 OLD_PROMPT_MS = 482.0  # a 4,000-character prompt on the compiled engine, one position after another (issue 11)
 CORPUS = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 
@@ -127,6 +131,49 @@ class BareLoop:
             logits, state = out[0][:, -1], dict(zip(names, out[1:]))
         elapsed = time.perf_counter() - t
         self.logits, self.state = logits, state
+        return elapsed
+
+
+class BoundLoop:
+    """`streams` streams on run_with_iobinding() calls into fixed buffers, primed with PROMPT (g)."""
+
+    def __init__(self, sess, names: list[str], layers: int, units: int, prompt_ids: np.ndarray, streams: int):
+        import onnxruntime as ort
+
+        from model.runtime.sampling import pick
+
+        self.sess, self.streams, self.pick = sess, streams, pick
+        out = sess.run(None, {"ids": np.tile(prompt_ids.astype(np.int64), (streams, 1)),
+                              **{n: np.zeros((layers, streams, units), np.float32) for n in names}})
+        self.ids = np.zeros((streams, 1), np.int64)
+        self.logits = np.ascontiguousarray(out[0][:, -1:])  # (streams, 1, V), the runtime writes each step's here
+        states = [(np.ascontiguousarray(a), np.empty_like(a)) for a in out[1:]]  # each state twice: read one, write the other
+        value = ort.OrtValue.ortvalue_from_numpy
+        self.bindings = []
+        for which in (0, 1):
+            binding = sess.io_binding()
+            binding.bind_ortvalue_input("ids", value(self.ids))
+            binding.bind_ortvalue_output("logits", value(self.logits))
+            for name, pair in zip(names, states):
+                binding.bind_ortvalue_input(name, value(pair[which]))
+                binding.bind_ortvalue_output(f"{name}_out", value(pair[1 - which]))
+            self.bindings.append(binding)
+        self.which = 0
+        self.temperature = np.full(streams, TEMPERATURE)
+        self.rng = np.random.default_rng(0)
+
+    def run(self, steps: int) -> float:
+        """Seconds that `steps` steps of every stream take."""
+        sess, bindings, ids, logits, pick, t, rng, n = (self.sess, self.bindings, self.ids, self.logits[:, 0], self.pick,
+                                                         self.temperature, self.rng, self.streams)
+        which = self.which
+        start = time.perf_counter()
+        for _ in range(steps):
+            ids[:, 0] = pick(logits, t, None, None, rng.random(n), None, None, False)
+            sess.run_with_iobinding(bindings[which])
+            which ^= 1
+        elapsed = time.perf_counter() - start
+        self.which = which
         return elapsed
 
 
@@ -403,16 +450,20 @@ def main() -> None:
     sessions = {(p, t): make_session(str(a.graph), t, providers("cpu")) for p, a in arts.items() for t in {1, cores}}
     loops = {(p, b): BareLoop(sessions[p, threads_for(p, b)], names, config.layers, config.units, prompt_ids, b)
              for p in precisions for b in STREAMS}
+    # g's own sessions: a loop that ran on f's would find f's weights in the cache after f's turn (the engine's are its own too)
+    own = {(p, t): make_session(str(a.graph), t, providers("cpu")) for p, a in arts.items() for t in {1, cores}}
+    bound = {(p, b): BoundLoop(own[p, threads_for(p, b)], names, config.layers, config.units, prompt_ids, b)
+             for p in precisions for b in STREAMS}
     rates: dict = {}
     for _ in range(args.rounds):
         for b in STREAMS:
             engine_loops = {p: EngineLoop(engines[p], b) for p in precisions}
             group = {}
             for p in precisions:
-                group[("f", p)], group[("engine", p)] = loops[p, b], engine_loops[p]
+                group[("f", p)], group[("g", p)], group[("engine", p)] = loops[p, b], bound[p, b], engine_loops[p]
             for loop in group.values():
                 loop.run(3)  # warm up
-            for key, rate in side_by_side(group, b, len(precisions) * args.seconds / args.rounds).items():
+            for key, rate in side_by_side(group, b, 1.5 * len(precisions) * args.seconds / args.rounds).items():
                 rates.setdefault((*key, b), []).append(rate)
             for loop in engine_loops.values():
                 loop.close()
@@ -472,16 +523,17 @@ def main() -> None:
 
     print(f"\n  (TensorFlow {tf.__version__}, Keras {keras.__version__}; f and the engine: median of {args.rounds} interleaved rounds, "
           f"{args.seconds / args.rounds:g} s each per graph)")
-    print(f"  {'method (temperature 0.8)':52s} {'chars/s':>12s}   {'of float32 rate':>7s}   engine / f")
+    print(f"  {'method (temperature 0.8)':52s} {'chars/s':>12s}   {'of float32 rate':>7s}   engine / f   engine / g")
     row("a  naive: predict on last 40 chars", a, False)
     row("b  OneStep tf.function, 1 stream", b1, False)
     row("e  OneStep tf.function, 32 streams (total)", e, False)
     for n in STREAMS:
         for p in precisions:
             row(f"f  bare ONNX Runtime loop, {p}, {streams(n)}", median["f", p, n])
-            r = ratio(("engine", p, n), ("f", p, n))
+            row(f"g  lightest loop (IO binding), {p}, {streams(n)}", median["g", p, n])
+            r, q = ratio(("engine", p, n), ("f", p, n)), ratio(("engine", p, n), ("g", p, n))
             row(f"{'c' if n == 1 else 'd'}  engine, {p}, {streams(n)}", median["engine", p, n],
-                extra=f"{statistics.median(r):.0%} ({min(r):.0%}-{max(r):.0%})")
+                extra=f"{statistics.median(r):.0%} ({min(r):.0%}-{max(r):.0%})   {statistics.median(q):.0%} ({min(q):.0%}-{max(q):.0%})")
     if openvino:
         print(f"\n  {'OpenVINO against f, the same graph (taking turns)':52s} {'chars/s':>12s}   {'':>7s}   o / f")
         for n in STREAMS:
