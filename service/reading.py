@@ -92,6 +92,17 @@ def _query() -> dict:
     return {k: v[0] if len(v) == 1 else v for k, v in request.args.to_dict(flat=False).items()}
 
 
+def _repeated(query: dict, error: ValidationError) -> ApiError | None:
+    """The error for a setting the query string gives more than once where it takes one value (a
+    list reaches the schema only where every alternative refused it for its type; stop may repeat)."""
+    errors = error.errors(include_url=False)
+    name = errors[0]["loc"][0] if errors[0]["loc"] else None
+    values = query.get(name)
+    if isinstance(values, list) and all(e["type"].endswith("_type") for e in errors if e["loc"][:1] == (name,)):
+        return bad_field(name, f"{name} is given {len(values)} times in the query string: give it once", "repeated_setting")
+    return None
+
+
 def _read_body() -> bytes:
     body = request.get_data(cache=False)  # a Content-Length over the limit is a 413 here already
     limit = current_app.config["MAX_CONTENT_LENGTH"]
@@ -127,7 +138,10 @@ def read_generate():
         if "prompt" in data:
             raise bad_field("prompt", "the prompt is given twice: in the body and in the query string", "duplicate_prompt")
         data["prompt"] = _decode_text(body)
-    req = _validate(schema, data, strict=False)
+    try:
+        req = schema.model_validate(data, strict=False)
+    except ValidationError as e:
+        raise _repeated(data, e) or from_validation(e) from None
     if req.n != 1:
         raise bad_field("n", "plain-text answers hold one choice; ask for n > 1 with a JSON body", "unsupported")
     if req.logprobs:

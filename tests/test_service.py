@@ -410,9 +410,20 @@ def test_number_too_large_for_a_float_is_422(client):
     ("n=2", "n", "unsupported"),
     ("logprobs=2", "logprobs", "unsupported"),
     ("prompt=the", "prompt", "duplicate_prompt"),
+    ("max_chars=5&max_chars=6", "max_chars", "repeated_setting"),
+    ("temperature=0&seed=1&temperature=0", "temperature", "repeated_setting"),
+    ("regex=a&regex=b", "regex", "repeated_setting"),
 ])
 def test_wrong_query_setting_for_plain_text_is_422(client, query, param, code):
     assert_error(client.post(f"/v1/generate?{query}", data=b"the", content_type="text/plain"), 422, code, param)
+
+
+def test_a_repeated_query_setting_is_named_as_repeated_and_stop_may_repeat(client):
+    error = assert_error(client.post("/v1/generate?max_chars=5&max_chars=5", data=b"the", content_type="text/plain"),
+                         422, "repeated_setting", "max_chars")
+    assert error["message"] == "max_chars is given 2 times in the query string: give it once"
+    r = client.post("/v1/generate?max_chars=5&stop=zz&stop=qq", data=b"the", content_type="text/plain")
+    assert r.status_code == 200 and len(r.get_data(as_text=True).removesuffix("\n")) <= 5  # plain text ends with a newline
 
 
 def test_query_settings_with_a_json_body_are_refused(client):
