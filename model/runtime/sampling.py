@@ -177,8 +177,8 @@ def pick(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray | None, 
     temperature is 0 (below GREEDY_BELOW) takes its argmax (lowest id on ties); any other row takes
     the first id whose running sum of weights exceeds u times their total. Every path that samples
     ends here. None for top_k and top_p (both or neither), or for min_p: no row filters so;
-    some_greedy False: no row is greedy (the engine counts its slots' settings and so skips the
-    checks, a few microseconds a step that are a tenth of one stream's)."""
+    some_greedy False: no row is greedy. (The engine counts its slots' settings and so skips these
+    checks; bench/README.md, "The engine's own work at one stream".)"""
     z = np.asarray(logits).astype(np.float64)  # (n, V): the sampler's own copy
     if adjustments is not None:
         adjust(z, adjustments)
