@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from model.records.vocab import Vocab
 from model.runtime.artifact import load
 from model.runtime import constraints, regex_table
-from model.runtime.constraints import MAX_SOURCE_CHARS, Constraint, ConstraintError, bytewise, compile_constraint
+from model.runtime.constraints import MAX_SOURCE_CHARS, Constraint, ConstraintError, compile_constraint, single_bytes
 from model.runtime.engine import Engine
 from model.runtime.sampling import GREEDY, SamplingSettings, log_softmax, probabilities
 from model.runtime.streams import GenerationRequest
@@ -238,7 +238,7 @@ def test_characters_of_several_bytes_are_followed_exactly(tmp_path, pattern):
 
     artifact = with_graph(random_network("lstm", 1, len(WIDE), seed=3), tmp_path, WIDE)
     constraint = compile_constraint("regex", pattern, WIDE)
-    assert not bytewise(WIDE.chars) and bytewise(VOCAB.chars)
+    assert single_bytes(WIDE.chars) is None and single_bytes(VOCAB.chars).sum() == len(VOCAB)
     requests = [GenerationRequest("a", 30, SamplingSettings(1.5), seed=seed, constraint=constraint) for seed in range(12)]
     together, texts = run_all(Engine(artifact, max_batch=12), requests)
     for request, stream, text in zip(requests, together, texts):
@@ -411,6 +411,25 @@ def test_a_regex_never_leads_where_only_missing_characters_go_on(artifact):
                              [GenerationRequest("the ", 10, SamplingSettings(2.0), seed=seed, constraint=constraint) for seed in range(8)])
     for stream, text in zip(streams, texts):
         assert re.fullmatch("b[a-c]{2}", text) and stream.finish_reason == "stop" and not stream.incomplete
+
+
+@pytest.mark.parametrize("grammar", [
+    'root ::= [a-c]+ " x" [a-c]',  # after a space "x" is forced, and x is not in VOCAB
+    'root ::= "a"+ "b" ("x" | "y") | "c"',  # after "b" only x or y may come: nothing forced, nothing possible
+])
+def test_a_text_that_reaches_characters_the_vocabulary_lacks_stops_there_incomplete(artifact, grammar):
+    # the compile accepts these (a text exists, or the search cannot tell), so streams can reach the
+    # dead end: the text must stay the start of a match and say it is incomplete, never go on past
+    # the character it lacks nor call the dead end a complete match
+    constraint = compile_constraint("grammar", grammar, VOCAB)
+    requests = [GenerationRequest("the ", 40, SamplingSettings(2.0), seed=seed, constraint=constraint) for seed in range(12)]
+    streams, texts = run_all(Engine(artifact, max_batch=12), requests)
+    reached = 0
+    for stream, text in zip(streams, texts):
+        assert constraint.is_prefix(text), (grammar, text)
+        assert stream.incomplete == (not constraint.matches(text)), (grammar, text, stream.incomplete)
+        reached += stream.incomplete and stream.finish_reason == "stop"
+    assert reached, "no stream reached the dead end"
 
 
 def test_the_mask_comes_before_biases_penalties_and_filters(engine):

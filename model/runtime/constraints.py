@@ -293,11 +293,18 @@ class TableMatcher:
         self.accepting = bool(self.table.accepting[self.state])
 
 
-def bytewise(chars) -> bool:
-    """Whether every character is one UTF-8 byte: llguidance's mask is then always the next
-    character's, so a step needs no look at the forced bytes first (where forced bytes end inside a
-    character of several bytes, the mask is not the next character's: Matcher._settle reads them)."""
-    return all(len(c.encode()) == 1 for c in chars)
+def single_bytes(chars) -> np.ndarray | None:
+    """Where every character is one UTF-8 byte, which bytes are characters ((256,) bool); None
+    otherwise. With such a vocabulary, llguidance's mask is the next character's unless the first
+    byte it forces is not a character: its mask is then the one after that byte (it assumes the byte
+    will be fed first, as a tokenizer with byte tokens could), and at a dead end it allows the end
+    token. Matcher._settle reads the forced bytes instead; the engine's step need only look at the
+    first of them."""
+    if any(len(c.encode()) != 1 for c in chars):
+        return None
+    known = np.zeros(256, bool)
+    known[[ord(c) for c in chars]] = True
+    return known
 
 
 def _failed(m: llguidance.LLMatcher) -> bool:

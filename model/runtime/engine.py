@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.runtime import network_step
-from model.runtime.constraints import bytewise, forget
+from model.runtime.constraints import forget, single_bytes
 from model.runtime.prompt_cache import PromptCache
 from model.runtime.sampling import MAX_REPETITION_WINDOW, Adjustments, SamplingSettings, log_softmax, mask_out, pick
 from model.runtime.state import PROMPT_CHUNK, State
@@ -446,7 +446,7 @@ class Engine:
         self._constrained = np.zeros(self.max_batch, bool)  # the slot's request has a constraint
         self._places: SlotConstraints | None = None  # made when the first constrained stream starts
         self._beside = _Beside()
-        self._bytewise = bytewise(self.vocab.chars)  # a constrained step need not ask for the forced bytes
+        self._single_bytes = single_bytes(self.vocab.chars)  # a constrained step need only look at the first forced byte
         self._constraining = 0
         self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
         # An empty prompt starts from the zero state as if after a newline (after the first
@@ -698,7 +698,8 @@ class Engine:
 
     def _step_guided(self, rows: np.ndarray, ordered: list[Stream], ids: np.ndarray, lps: dict, made: dict, settle: list) -> None:
         """Rows of llguidance's matchers: consume each pick, its mask written into one buffer and
-        all unpacked at once; a row the matcher refuses, or that forces bytes, settles."""
+        all unpacked at once; a row the matcher refuses, or whose mask is not the next character's
+        (constraints.single_bytes), settles."""
         places = self._places
         if places.accepting[rows].any():  # at a complete match, the model may have picked "end here"
             going = places.allowed[rows, ids[rows]]
@@ -706,28 +707,33 @@ class Engine:
             rows = rows[going]
         moving = []
         picks = ids.tolist()
-        bytewise, buffer, width = self._bytewise, places.mask_buffer, places.mask_buffer.shape[1]
+        known, buffer, width = self._single_bytes, places.mask_buffer, places.mask_buffer.shape[1]
         at = buffer.ctypes.data
         for b, matcher in zip(rows.tolist(), places.matchers[rows].tolist()):
-            if matcher.consume_token(picks[b]) and (bytewise or not matcher.compute_ff_bytes()):
-                matcher.unsafe_compute_mask_ptr(at + len(moving) * width, width)  # the mask's bits, into the buffer's next row
-                moving.append(b)
-            else:
-                settle.append(b)
+            if matcher.consume_token(picks[b]):
+                forced = matcher.compute_ff_bytes()
+                if not forced or (known is not None and known[forced[0]]):
+                    matcher.unsafe_compute_mask_ptr(at + len(moving) * width, width)  # the mask's bits, into the buffer's next row
+                    moving.append(b)
+                    continue
+            settle.append(b)
         if not moving:
             return
         k, V = len(moving), len(self.vocab)
         bits = np.unpackbits(buffer[:k], axis=1, count=V + 1, bitorder="little").view(bool)  # (k, V + 1): the characters, then the end token
-        allowed, accepting = bits[:, :V], bits[:, V]  # the end token is allowed exactly at a complete match
-        places.set_masks(slice(moving[0], moving[0] + k) if moving[-1] - moving[0] == k - 1 else moving, allowed, accepting)
+        allowed, accepting = bits[:, :V], bits[:, V]  # the end token: a complete match, or a dead end (below)
         counts = np.count_nonzero(allowed, axis=1)
+        for j in np.flatnonzero(counts == 0).tolist():  # llguidance allows the end token where nothing else goes
+            accepting[j] = places.matchers[moving[j]].is_accepting()
+        places.set_masks(slice(moving[0], moving[0] + k) if moving[-1] - moving[0] == k - 1 else moving, allowed, accepting)
         look = counts < 2
         if self._checking:
             look |= self._unread.counting[moving] == 0
+        single = known is not None
         for j in np.flatnonzero(look).tolist():
             b, count, accepts = moving[j], int(counts[j]), bool(accepting[j])
             self._look(b, ordered[b], picks[b], lps, made, settle, count, accepts,
-                       count == 1 and not accepts and bytewise and len(places.matchers[b].compute_ff_bytes()) >= FORCED_RUN_CALL)
+                       count == 1 and not accepts and single and len(places.matchers[b].compute_ff_bytes()) >= FORCED_RUN_CALL)
 
     def _end_here(self, rows: list[int], ordered: list[Stream], made: dict) -> None:
         """At a complete match, these rows picked a character that cannot continue it: the model
