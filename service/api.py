@@ -116,6 +116,7 @@ class Choice:
     logprobs: list  # [CharLogprob] of every character when asked for; empty for streamed answers (the chunks had them)
     prompt_score: object = None  # model.runtime.streams.PromptScore of the choice's prompt, when asked for (prompt_logprobs)
     incomplete: bool | None = None  # constrained: whether the text stopped short of a whole match; None: unconstrained
+    constraint_error: str | None = None  # constrained: why a limit on the constraint's work ended the text
 
 
 @dataclass
@@ -202,7 +203,8 @@ class Generation:
             if per_prompt > self.n:  # best_of: the highest mean logprob per character first (OpenAI's "best")
                 candidates.sort(key=lambda k: -streams[k].logprob_sum / max(streams[k].generated, 1))
             choices += [Choice(streams[k].text, streams[k].finish_reason, kept[k], scored,
-                               streams[k].incomplete if self.constrained else None) for k in candidates[: self.n]]
+                               streams[k].incomplete if self.constrained else None, streams[k].constraint_error)
+                        for k in candidates[: self.n]]
         return choices
 
     def result(self) -> Result:
@@ -385,9 +387,12 @@ def _events(gen: Generation, gen_id: str) -> Iterator[bytes]:
 
 
 def incomplete(choice: Choice) -> dict:
-    """The field a choice of a constrained request has (every endpoint): whether its text stopped short
-    of a whole match; none for unconstrained requests."""
-    return {} if choice.incomplete is None else {"incomplete": choice.incomplete}
+    """The fields a choice of a constrained request has (every endpoint): whether its text stopped short
+    of a whole match, and why a limit on the constraint's work ended it there if one did; none for
+    unconstrained requests."""
+    if choice.incomplete is None:
+        return {}
+    return {"incomplete": choice.incomplete, **({"constraint_error": choice.constraint_error} if choice.constraint_error else {})}
 
 
 def _text(gen: Generation) -> Iterator[bytes]:

@@ -33,7 +33,8 @@ def _events(data: str) -> dict:
 CONSTRAINED = (" A choice of a constrained request (regex, grammar, json_schema, response_format) has `incomplete` "
                "(boolean) beside its finish_reason, streamed in the event or chunk that carries the finish_reason: false "
                "when the text is a whole match, true when it is only the start of one (finish_reason length, a stop "
-               "sequence, cancelled).")
+               "sequence, cancelled); and `constraint_error` (string) where a limit on the constraint's work (a grammar "
+               "too ambiguous to follow further) ended the text there.")
 
 
 def document(schemas: Schemas, version: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 from contextlib import contextmanager
 
 import jsonschema
@@ -430,6 +431,24 @@ def test_a_text_that_reaches_characters_the_vocabulary_lacks_stops_there_incompl
         assert stream.incomplete == (not constraint.matches(text)), (grammar, text, stream.incomplete)
         reached += stream.incomplete and stream.finish_reason == "stop"
     assert reached, "no stream reached the dead end"
+
+
+def test_a_stream_whose_constraint_takes_too_long_ends_there_saying_why(artifact, monkeypatch):
+    # an ambiguous grammar: llguidance's steps grow with the text (tens of milliseconds a row past
+    # a few hundred characters) and the whole batch waits for them, so each stream has a bound
+    from model.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CONSTRAINT_SECONDS", 0.05)
+    constraint = compile_constraint("grammar", 'root ::= e\ne ::= e "," e | e "." e | [a-c] | e e', VOCAB)
+    going_on = SamplingSettings(1.0, logit_bias=tuple((VOCAB.index[c], 30.0) for c in "abc,."))  # never "end here"
+    requests = [GenerationRequest("the ", 3000, going_on, seed=seed, constraint=constraint) for seed in range(3)]
+    began = time.monotonic()
+    streams, texts = run_all(Engine(artifact, max_batch=4), requests)
+    assert time.monotonic() - began < 60
+    for stream, text in zip(streams, texts):
+        assert stream.finish_reason == "stop" and 0 < len(text) < 3000
+        assert "passed its bound (0.05 s)" in stream.constraint_error
+        assert constraint.is_prefix(text) and stream.incomplete == (not constraint.matches(text))
 
 
 def test_the_mask_comes_before_biases_penalties_and_filters(engine):

@@ -145,6 +145,22 @@ def test_a_regex_holds_the_text_and_the_model_ends_it(client, app):
     assert choice["incomplete"] is False
 
 
+def test_a_text_ended_by_the_bound_on_the_constraints_work_says_so(client, app, monkeypatch):
+    from model.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CONSTRAINT_SECONDS", 0.02)
+    grammar = 'root ::= e\ne ::= e "," e | e "." e | [a-c] | e e'  # ambiguous: its steps grow with the text
+    bias = {c: 30 for c in "abc,."}
+    for path, length in (("/v1/generate", "max_chars"), ("/v1/completions", "max_tokens")):
+        r = client.post(path, json={"prompt": "the ", "grammar": grammar, length: 2000,
+                                    "temperature": 1.0, "seed": 1, "logit_bias": bias})
+        assert r.status_code == 200, r.get_json()
+        choice = r.get_json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and len(choice["text"]) < 2000
+        assert "the constraint's work for this text passed its bound (0.02 s)" in choice["constraint_error"]
+    assert "constraint_error" not in generate(client, regex="[aeiou]{5}", seed=3, temperature=1.0)["choices"][0]
+
+
 def test_unconstrained_answers_have_no_incomplete_field(client):
     got = generate(client, max_chars=5)
     assert "incomplete" not in got["choices"][0]

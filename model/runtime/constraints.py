@@ -210,6 +210,12 @@ class Matcher:
         self._settle()
         return self.forced(limit) if len(self._forced) >= min_run else []
 
+    def give_up(self, why: str) -> None:
+        """End here: nothing may follow (a whole match stays one), `error` says why."""
+        self.allowed[:] = False
+        self._forced = []
+        self.error = why
+
     def _settle(self) -> None:
         """Work out allowed, accepting and the forced run at the current state.
 

@@ -75,6 +75,7 @@ import operator
 import os
 import secrets
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -100,6 +101,12 @@ UNREAD = 256  # ids a slot keeps for a stream without checks before the stream t
 # a character a step (the mask allows one): a prompt call of one row costs about as much as a step
 # of the whole batch, so it pays for long runs only.
 FORCED_RUN_CALL = 8
+# The matcher's work one stream of llguidance's may take, all its steps together (a regex's table costs
+# nothing to step). An ambiguous grammar's steps grow with the text, to tens of milliseconds a row,
+# and every other stream of the batch waits for them: past this the stream ends where it is,
+# incomplete unless its text is a whole match, its `constraint_error` saying why. A JSON schema's
+# stream of a few thousand characters takes a few tens of milliseconds.
+CONSTRAINT_SECONDS = 0.5
 # Rows of llguidance's matchers (not a regex's table) advance in a thread beside the network's step from this many rows;
 # fewer take less time (a few microseconds a row) than handing them over costs (bench/README.md,
 # "Constrained generation")
@@ -370,19 +377,21 @@ class SlotConstraints:
         self.tabled = np.zeros(B, bool)
         self.tables = np.empty(B, object)
         self.states = np.zeros(B, np.int32)
+        self.spent = np.zeros(B)  # seconds of llguidance's work for the slot's stream so far
         # llguidance's masks, a bit per token (the characters, then its end token) in 32-bit words
         self.mask_buffer = np.zeros((B, (V + 1 + 31) // 32 * 4), np.uint8)
         self.active_tables: dict[int, list] = {}  # id -> [table, active slots with it]
         self.guided = 0  # active slots with llguidance's matchers
 
     def arrays(self) -> list[np.ndarray]:
-        return [self.allowed, self.accepting, self.blocked, self.matchers, self.tabled, self.tables, self.states]
+        return [self.allowed, self.accepting, self.blocked, self.matchers, self.tabled, self.tables, self.states, self.spent]
 
     def set(self, slot: int, matcher) -> None:
         """A new constrained stream in `slot`, at its matcher's start."""
         self.set_masks(slot, matcher.allowed, matcher.accepting)
         self.matchers[slot] = matcher._m
         self.tabled[slot] = matcher._m is None
+        self.spent[slot] = 0.0
         if matcher._m is None:
             self.tables[slot], self.states[slot] = matcher.table, matcher.state
             self.active_tables.setdefault(id(matcher.table), [matcher.table, 0])[1] += 1
@@ -708,14 +717,17 @@ class Engine:
         moving = []
         picks = ids.tolist()
         known, buffer, width = self._single_bytes, places.mask_buffer, places.mask_buffer.shape[1]
-        at = buffer.ctypes.data
+        at, spent, clock = buffer.ctypes.data, places.spent, time.perf_counter
         for b, matcher in zip(rows.tolist(), places.matchers[rows].tolist()):
+            began = clock()
             if matcher.consume_token(picks[b]):
                 forced = matcher.compute_ff_bytes()
                 if not forced or (known is not None and known[forced[0]]):
                     matcher.unsafe_compute_mask_ptr(at + len(moving) * width, width)  # the mask's bits, into the buffer's next row
-                    moving.append(b)
-                    continue
+                    spent[b] += clock() - began
+                    if spent[b] <= CONSTRAINT_SECONDS:
+                        moving.append(b)
+                        continue
             settle.append(b)
         if not moving:
             return
@@ -775,14 +787,20 @@ class Engine:
         (the module docstring)."""
         m, chars, places = s._matcher, self.vocab.chars, self._places
         self._catch_up(b, s)
+        began = time.perf_counter()
         if places.tabled[b]:
             m.state = int(places.states[b])
         m._settle()
         if m.error:  # a limit of the constraint's shared lexer: compile it afresh next time
             forget(s.request.constraint)
+        elif not places.tabled[b] and places.spent[b] > CONSTRAINT_SECONDS:
+            m.give_up(f"the constraint's work for this text passed its bound ({CONSTRAINT_SECONDS:g} s): the text ends here")
         run = m.forced(s.request.max_chars - s._generated - 1) if m.forced_length >= FORCED_RUN_CALL else []
         if places.tabled[b]:
             places.states[b] = m.state
+        else:
+            places.spent[b] += time.perf_counter() - began
+        s.constraint_error = m.error or None
         if run:
             network = self.network
             network.restore(b, network.prompt(np.asarray(run, np.int64), network.state(b)))

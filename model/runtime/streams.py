@@ -132,6 +132,7 @@ class Stream:
         # With a constraint: whether the text is not (yet) a complete match, once the stream has
         # finished (then it is a prefix of one); False without a constraint.
         self.incomplete = False
+        self.constraint_error: str | None = None  # why a limit on the constraint's work ended the text there
         self._generated = 0  # characters given to the stream so far (emitted, held back, or part of a stop sequence)
         self.logprob_sum = 0.0  # of the characters sampled so far, when the request asks (rank); set when it finishes
         self.prompt_score: PromptScore | None = None  # when the request asks (prompt_logprobs)
