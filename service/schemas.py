@@ -447,6 +447,22 @@ class Schemas:
                 None, description="The message's text, or text parts (joined); null: an empty message.")
             name: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
                 None, description="The speaker's name in the transcript, instead of the role's (CHARGEN_CHAT_NAMES).")
+            # a reply's message as OpenAI's client sends it back (messages.append(reply.choices[0].message)):
+            # the fields of an answer, which this server leaves null
+            refusal: Content | None = Field(None, description="Accepted (a previous reply's message) and ignored.")
+            annotations: Annotated[list, Field(max_length=MAX_IGNORED_ITEMS)] | None = Field(
+                None, description="Accepted (a previous reply's message) and ignored.")
+            audio: None = Field(None, description="Accepted only as null (a previous reply's message).")
+            function_call: None = Field(None, description="Accepted only as null (this server calls no tools).")
+            tool_calls: list | None = Field(None, description="Accepted only as null or empty (this server calls no tools).")
+
+            @field_validator("audio", "function_call", "tool_calls", mode="before")
+            @classmethod
+            def _answers_of_tools(cls, value, info):
+                if value is not None and not (info.field_name == "tool_calls" and value == []):
+                    raise PydanticCustomError("unsupported", f"{info.field_name} is not supported in a message: this server "
+                                              "calls no tools and writes no audio (accepted only as null)")
+                return None
 
             @field_validator("role", mode="before")
             @classmethod
@@ -605,6 +621,7 @@ class Schemas:
             content: Content | Annotated[list[ResponseInputPart], Field(max_length=MAX_MESSAGES)]
             id: str | None = Field(None, description="Accepted (a previous response's output) and ignored.")
             status: str | None = Field(None, description="Accepted (a previous response's output) and ignored.")
+            phase: str | None = Field(None, description="Accepted (a previous response's output) and ignored.")
 
             @field_validator("type", mode="before")
             @classmethod

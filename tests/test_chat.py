@@ -123,7 +123,10 @@ def test_streamed_as_openai_streams_chat(client):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages", "unsupported", "'image_url' are not supported"),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages", "unsupported", "role 'tool'"),
-    ({"messages": [{"role": "assistant", "content": None, "tool_calls": []}]}, "messages", "unknown_field", "messages.0.tool_calls"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]}, "messages",
+     "unsupported", "tool_calls is not supported in a message"),
+    ({"messages": [{"role": "assistant", "content": "x", "audio": {"id": "a1"}}]}, "messages", "unsupported", "audio"),
+    ({"messages": [{"role": "assistant", "content": "x", "reasoning": "hm"}]}, "messages", "unknown_field", "messages.0.reasoning"),
     ({"messages": []}, "messages", "out_of_range", "messages"),
     ({"top_logprobs": 2}, "top_logprobs", "invalid_value", "needs logprobs"),
     ({"max_tokens": 0}, "max_tokens", "out_of_range", "max_tokens"),
@@ -132,6 +135,20 @@ def test_streamed_as_openai_streams_chat(client):
 def test_what_chat_cannot_do_is_a_422_naming_it(client, fields, param, code, says):
     error = assert_error(client.post("/v1/chat/completions", json={"messages": ASK, **fields}), 422, code, param)
     assert says in error["message"], error["message"]
+
+
+def test_a_reply_sent_back_as_openais_client_sends_it_is_part_of_the_transcript(client):
+    # messages.append(reply.choices[0].message): the client's model_dump() of the server's own message
+    first = client.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 5, "temperature": 0}).get_json()
+    reply = first["choices"][0]["message"]
+    assert "refusal" in reply
+    dumped = {**reply, "annotations": None, "audio": None, "function_call": None, "tool_calls": None}
+    with_reply = ASK + [dumped, {"role": "user", "content": "again"}]
+    as_text = ASK + [{"role": "assistant", "content": reply["content"]}, {"role": "user", "content": "again"}]
+    answers = [client.post("/v1/chat/completions", json={"messages": m, "max_tokens": 20, "temperature": 0}) for m in (with_reply, as_text)]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].get_json()
+    assert answers[0].get_json()["choices"][0]["message"] == answers[1].get_json()["choices"][0]["message"]
+    assert answers[0].get_json()["usage"] == answers[1].get_json()["usage"]
 
 
 def test_the_accepted_neutral_values(client):

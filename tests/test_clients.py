@@ -70,6 +70,11 @@ def test_openai_chat_completions(openai_client):
     chunks = list(streamed)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
     assert chunks[-1].usage.completion_tokens == len(REPLY)
+    # the usual way on: the reply's message appended as it came (the client sends its fields, nulls included)
+    for reply in (done.choices[0].message, done.choices[0].message.model_dump()):
+        again = openai_client.chat.completions.create(model="run", messages=messages + [reply, {"role": "user", "content": ASK}],
+                                                      temperature=0, max_tokens=10)
+        assert again.choices[0].finish_reason in ("stop", "length") and again.usage.prompt_tokens > done.usage.prompt_tokens
 
 
 def test_openai_responses(openai_client):
@@ -87,6 +92,10 @@ def test_openai_responses(openai_client):
     with openai_client.responses.stream(model="run", input=ASK, temperature=0, max_output_tokens=60) as stream:
         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
         assert "".join(deltas) == REPLY and stream.get_final_response().output_text == REPLY
+    for output in (done.output, [item.model_dump() for item in done.output]):  # a previous output passed back
+        again = openai_client.responses.create(model="run", input=[{"role": "user", "content": ASK}, *output], temperature=0,
+                                               max_output_tokens=10)
+        assert again.status in ("completed", "incomplete") and again.usage.input_tokens > len(ASK) + len(REPLY)
     short = openai_client.responses.create(model="run", input=ASK, temperature=0, max_output_tokens=5)
     assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens" and short.output_text == REPLY[:5]
     with pytest.raises(openai.UnprocessableEntityError, match="tools"):
