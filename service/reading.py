@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 from flask import current_app, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from pydantic import ValidationError
 
 from service.errors import ApiError, bad_body, bad_field, from_validation
@@ -78,14 +79,20 @@ def _is_json(body: bytes) -> bool:
 def _decode_text(body: bytes) -> str:
     charset = request.mimetype_params.get("charset", "utf-8")
     try:
-        codecs.lookup(charset)
+        text_encoding = codecs.lookup(charset)._is_text_encoding  # not base64, zlib, rot13 and the like
     except LookupError:
-        raise bad_body(f"unknown charset {charset!r} in Content-Type", "invalid_encoding") from None
+        text_encoding = False
+    if not text_encoding:
+        raise bad_body(f"unknown charset {charset[:40]!r} in Content-Type: name a text encoding (utf-8 by default)",
+                       "invalid_encoding")
     try:
         return body.decode(charset)
     except UnicodeDecodeError as e:
         raise bad_body(f"the body is not valid {charset}: byte 0x{body[e.start]:02x} at offset {e.start} is invalid "
                        "(send UTF-8, or name the charset in Content-Type)", "invalid_encoding") from None
+    except UnicodeError as e:  # the codecs that refuse everything ("undefined") or decode no bytes as text (punycode)
+        raise bad_body(f"the body cannot be read as {charset[:40]}: {str(e)[:200]} (send UTF-8, or name the charset in "
+                       "Content-Type)", "invalid_encoding") from None
 
 
 def _query() -> dict:
@@ -104,11 +111,14 @@ def _repeated(query: dict, error: ValidationError) -> ApiError | None:
 
 
 def _read_body() -> bytes:
-    body = request.get_data(cache=False)  # a Content-Length over the limit is a 413 here already
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is None and len(body) >= limit:
-        # Werkzeug cuts a chunked body at the limit instead of refusing it; reading on refuses it
-        request.stream.read(1)
+    try:
+        body = request.get_data(cache=False)  # a Content-Length over the limit is a 413 here already
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        if request.content_length is None and len(body) >= limit:
+            # Werkzeug cuts a chunked body at the limit instead of refusing it; reading on refuses it
+            request.stream.read(1)
+    except (ParseException, NoMoreData) as e:  # gunicorn reads a chunked body as the app reads it
+        raise bad_body(f"the request's chunked body is malformed: {str(e)[:200] or type(e).__name__}", "malformed_body") from None
     return body
 
 

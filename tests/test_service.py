@@ -348,6 +348,11 @@ def test_openapi_comes_from_the_request_schemas(client):
     (b'{"prompt": "x",}', "application/x-www-form-urlencoded", "invalid_json"),  # looks like JSON, is broken
     (b"caf\xe9 au lait", "text/plain", "invalid_encoding"),
     (b"the", "text/plain; charset=klingon", "invalid_encoding"),
+    (b"the", "text/plain; charset=base64", "invalid_encoding"),  # codecs that are not text encodings
+    (b"the", "text/plain; charset=rot13", "invalid_encoding"),
+    (b"the", "text/plain; charset=zlib", "invalid_encoding"),
+    (b"the", "text/plain; charset=undefined", "invalid_encoding"),  # a text encoding that refuses everything
+    (b"ROMEO\\", "text/plain; charset=punycode", "invalid_encoding"),
 ])
 def test_unparsable_body_is_400(client, body, content_type, code):
     assert_error(client.post("/v1/generate", data=body, content_type=content_type), 400, code)

@@ -182,6 +182,19 @@ class TestServer:
         # a chunked body (no Content-Length) over CHARGEN_MAX_BODY_BYTES (1 MiB) is refused, not cut
         big = server.post("/v1/generate", data=(b"x" * 65536 for _ in range(24)), headers={"Content-Type": "text/plain"})
         assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+        # a malformed chunked body, which gunicorn finds as the app reads it: a 400 that says so
+        head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for body, says in ((b"zz\r\nabc\r\n0\r\n\r\n", "Invalid chunk size"), (b"3\r\nabcXX0\r\n\r\n", "terminator"),
+                           (b"2\r\n{}\r\n0\r\nBad Trailer\r\n\r\n", "Bad Trailer")):
+            with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=REQUEST_TIMEOUT) as sock:
+                sock.sendall(head + body)
+                answer = b""
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            status, _, rest = answer.partition(b"\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 400"), answer[:200]
+            error = json.loads(rest)["error"]
+            assert error["code"] == "malformed_body" and says in error["message"], error
 
     def test_metrics_add_up_over_workers(self, server):
         text = server.get("/metrics").text
