@@ -123,6 +123,8 @@ class Settings(BaseModel):
     workers: int = Field(1, ge=1, le=256, description="Worker processes; each loads the model and runs its own engine.")
     threads: int = Field(0, ge=0, description="Threads per worker, one per open request (0: max_batch + max_queue + 16).")
     timeout: int = Field(60, ge=1, description="Seconds a worker's main loop may hang before it is replaced (not a request limit).")
+    client_timeout: int = Field(30, ge=1, le=3600, description="Seconds a request's reading waits for a client that "
+                                "stops sending in the middle of its headers or body before the connection is closed.")
     graceful_timeout: int = Field(30, ge=1, description="Seconds open requests and streams get to finish after SIGTERM "
                                   "(drain) or SIGHUP (reload) before their worker is stopped (gunicorn's graceful_timeout).")
     # test-only

@@ -66,8 +66,11 @@ halts the whole server, and an exception in on_reload ends the master. So:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import socket
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -144,7 +147,31 @@ def on_reload(server):
         server.log.error("chargen: reload: cannot record the reload: %s", e)
 
 
+def when_ready(server):
+    # A client that stops sending in the middle of its request (headers or body) holds the request
+    # thread that reads it. The kernel ends each read that waits this long for the client
+    # (SO_RCVTIMEO, which Linux gives every connection accepted on the listener); gunicorn then
+    # closes the connection. Waiting for a new request on an idle connection is keepalive's.
+    wait = struct.pack("ll", settings.client_timeout, 0)
+    for listener in server.LISTENERS:
+        listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wait)
+
+
+class _ClientTimeouts(logging.Filter):
+    """gunicorn logs a client that stopped sending (the wait of when_ready ran out) as an error with a
+    traceback: one line of info says what happened instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], BlockingIOError) and record.getMessage().startswith("Socket error"):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "a client stopped sending its request for CHARGEN_CLIENT_TIMEOUT (%d s): connection closed", (settings.client_timeout,),
+                None, None)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def post_fork(server, worker):
+    worker.log.error_log.addFilter(_ClientTimeouts())
     _json_framing_errors()
     if snapshots is not None and snapshots.current is not None:
         # read by create_app() in this worker: the copies under their configured names

@@ -11,6 +11,7 @@ import re
 import numpy as np
 from flask import current_app, request
 from gunicorn.http.errors import NoMoreData, ParseException
+from werkzeug.exceptions import ClientDisconnected
 from pydantic import ValidationError
 
 from service.errors import ApiError, bad_body, bad_field, from_validation
@@ -119,6 +120,9 @@ def _read_body() -> bytes:
             request.stream.read(1)
     except (ParseException, NoMoreData) as e:  # gunicorn reads a chunked body as the app reads it
         raise bad_body(f"the request's chunked body is malformed: {str(e)[:200] or type(e).__name__}", "malformed_body") from None
+    except (OSError, ClientDisconnected):  # the kernel's wait for the client ran out (gunicorn_conf.when_ready), or it left
+        raise bad_body("the request's body stopped short: it ended before its Content-Length or its last chunk, or nothing "
+                       "more came for CHARGEN_CLIENT_TIMEOUT seconds", "incomplete_body") from None
     return body
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ LONG = 1_000_000  # max_chars of a request meant to run until it is dropped or c
 def server(tiny_artifact):
     # float32: seeded texts here do not depend on the streams stepped beside them, which an int8 graph's
     # batch-dependent quantization does not promise (README.md, "Precision"; tests/test_int8.py)
-    env = {"CHARGEN_MAX_CHARS": LONG, "CHARGEN_MAX_BATCH": 32, "CHARGEN_PRECISION": "float32"}
+    env = {"CHARGEN_MAX_CHARS": LONG, "CHARGEN_MAX_BATCH": 32, "CHARGEN_PRECISION": "float32", "CHARGEN_CLIENT_TIMEOUT": 2}
     with running_server(tiny_artifact, workers=2, env=env) as s:
         yield s
 
@@ -195,6 +196,38 @@ class TestServer:
             assert status.startswith(b"HTTP/1.1 400"), answer[:200]
             error = json.loads(rest)["error"]
             assert error["code"] == "malformed_body" and says in error["message"], error
+
+    def test_a_client_that_stops_sending_its_request_is_let_go(self, server):
+        # each would hold a request thread for good; after CHARGEN_CLIENT_TIMEOUT (2 s here) the
+        # body's is a 400 that says so and the headers' a closed connection, and the others are served
+        head = b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        stalled = {"body": head + b"Content-Length: 100\r\n\r\n{\"prompt\":",
+                   "chunk": head + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"pro",
+                   "headers": head + b"Content-"}
+        answers, began = {}, time.monotonic()
+        sockets = {k: socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=20) for k in stalled}
+        try:
+            for k, sock in sockets.items():
+                sock.sendall(stalled[k])
+            assert server.post("/v1/generate", json={"prompt": "the", "max_chars": 5}).status_code == 200
+            for k, sock in sockets.items():
+                answers[k] = b""
+                while chunk := sock.recv(4096):  # the whole answer: its head and the Content-Length it gives
+                    answers[k] += chunk
+                    head_of, _, body = answers[k].partition(b"\r\n\r\n")
+                    length = re.search(rb"Content-Length: (\d+)", head_of)
+                    if length and len(body) >= int(length[1]):
+                        break
+        finally:
+            for sock in sockets.values():
+                sock.close()
+        assert time.monotonic() - began < 15
+        for k in ("body", "chunk"):
+            status, _, body = answers[k].partition(b"\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 400") and b"incomplete_body" in body, answers[k][:300]
+        assert answers["headers"] == b""
+        assert "a client stopped sending its request for CHARGEN_CLIENT_TIMEOUT (2 s)" in server.log()
+        assert "BlockingIOError" not in server.log()
 
     def test_metrics_add_up_over_workers(self, server):
         text = server.get("/metrics").text
