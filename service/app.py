@@ -13,6 +13,7 @@ for it answer 503, and /health answers 503 until every model has loaded.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from datetime import datetime
@@ -24,6 +25,8 @@ from service.config import Models, Settings, unknown_variables
 from service.errors import ApiError, loading
 from service.schemas import ADJUSTMENTS, BOUNDS, Schemas
 from service.scheduler import Scheduler, WorkerReadiness
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 log = logging.getLogger("chargen")
 
@@ -251,7 +254,8 @@ def _register_request_hooks(app: Flask, settings: Settings) -> None:
         if origins and request.path.startswith("/v1/"):
             _cors(response, origins)
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        method, status, arrived = request.method, str(response.status_code), g.arrived
+        method = request.method if request.method in HTTP_METHODS else "other"  # a label per invented method would grow for ever
+        status, arrived = str(response.status_code), g.arrived
 
         def record():  # when the body has been sent: streams count their whole length
             metrics.requests_total.labels(route, method, status).inc()
@@ -272,8 +276,16 @@ def _cors(response, origins: set[str]) -> None:
         response.vary.add("Origin")
     else:
         return
-    response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, X-Seed, X-Finish-Reason, Retry-After"
+    response.headers["Access-Control-Expose-Headers"] = ("X-Request-Id, X-Seed, X-Finish-Reason, X-Incomplete, X-Prompt-Chars, "
+                                                        "X-Completion-Chars, X-Dropped-Chars, Retry-After")
     if request.method == "OPTIONS":
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        # the headers the browser asks for (OpenAI's JavaScript client sends its own x-stainless-* ones);
+        # what they carry is read by no one here, and Authorization still needs the key
+        asked = request.headers.get("Access-Control-Request-Headers", "")
+        names = [h.strip() for h in asked.split(",") if re.fullmatch(r"[A-Za-z0-9-]{1,64}", h.strip())][:64]
+        allowed: dict[str, str] = {}
+        for name in ["Authorization", "Content-Type", *names]:
+            allowed.setdefault(name.lower(), name)  # one of each, whatever its case
+        response.headers["Access-Control-Allow-Headers"] = ", ".join(allowed.values())
         response.headers["Access-Control-Max-Age"] = "600"

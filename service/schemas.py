@@ -512,12 +512,20 @@ class Schemas:
             response_format: ResponseFormat | None = Field(None, description=RESPONSE_FORMAT_DOC)
             modalities: Annotated[list[Literal["text"]], Field(max_length=1)] | None = Field(None, description='Only ["text"].')
             user: str | None = Field(None, description="Accepted and ignored.")
-            store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
+            store: bool | None = Field(None, description="false or null only: this server stores no completions.")
             tools: None = _unsupported("tools")
             tool_choice: None = _unsupported("tool_choice")
             parallel_tool_calls: None = _unsupported("parallel_tool_calls")
             functions: None = _unsupported("functions")
             function_call: None = _unsupported("function_call")
+
+            @field_validator("store", mode="before")
+            @classmethod
+            def _nothing_stored(cls, store):
+                if store is True:
+                    raise PydanticCustomError("unsupported", "true is not supported: this server stores no completions "
+                                              "(send false or leave it out)")
+                return store
             audio: None = _unsupported("audio")
             prediction: None = _unsupported("prediction")
             web_search_options: None = _unsupported("web_search_options")

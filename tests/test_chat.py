@@ -131,6 +131,7 @@ def test_streamed_as_openai_streams_chat(client):
     ({"top_logprobs": 2}, "top_logprobs", "invalid_value", "needs logprobs"),
     ({"max_tokens": 0}, "max_tokens", "out_of_range", "max_tokens"),
     ({"temprature": 1}, "temprature", "unknown_field", "temprature"),
+    ({"store": True}, "store", "unsupported", "stores no completions"),
 ])
 def test_what_chat_cannot_do_is_a_422_naming_it(client, fields, param, code, says):
     error = assert_error(client.post("/v1/chat/completions", json={"messages": ASK, **fields}), 422, code, param)

@@ -313,6 +313,11 @@ def test_metrics(client):
         assert name in text
     assert 'chargen_requests_total{method="POST",route="/v1/generate",status="422"}' in text
     assert 'chargen_requests_total{method="POST",route="/v1/generate",status="200"}' in text
+    for invented in ("FROB", "XYZZY"):  # a method a client makes up is "other": no label per invention
+        with client.open("/v1/generate", method=invented) as r:
+            assert r.status_code == 405
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'method="other"' in text and "FROB" not in text and "XYZZY" not in text
 
 
 def test_openapi_comes_from_the_request_schemas(client):
@@ -584,6 +589,13 @@ def test_cors(keyed_app):
     assert pre.status_code == 200
     assert pre.headers["Access-Control-Allow-Origin"] == "https://page.example"
     assert "authorization" in pre.headers["Access-Control-Allow-Headers"].lower()
+    # OpenAI's JavaScript client sends headers of its own; a malformed name is not echoed
+    sdk = c.options("/v1/chat/completions", headers={"Origin": "https://page.example", "Access-Control-Request-Method": "POST",
+                                                     "Access-Control-Request-Headers": "authorization, content-type, "
+                                                     "x-stainless-os, x-stainless-lang, bad header, x;y"})
+    allowed = [h.strip().lower() for h in sdk.headers["Access-Control-Allow-Headers"].split(",")]
+    assert {"authorization", "content-type", "x-stainless-os", "x-stainless-lang"} <= set(allowed) and len(allowed) == 4
+    assert "X-Incomplete" in sdk.headers["Access-Control-Expose-Headers"]
     r = c.post("/v1/generate", json={"prompt": "the", "max_chars": 3}, headers={"Authorization": "Bearer s3cret",
                                                                                 "Origin": "http://localhost:5173"})
     assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
