@@ -97,6 +97,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, corpus, args, proble
     (b"\xff\xfe" + "text".encode("utf-16-le") * 100, "not UTF-8 text (byte 0xff at offset 0"),
     (b"ab\x00" * 100, "a binary file, not text (a NUL byte at offset 2)"),
     (b"too short\n", "only 10 characters; at least 200 are needed"),
+    (b"a" * 5000, "has 1 distinct character ('a'): a model needs at least two to choose between"),
 ])
 def test_bad_corpora_are_refused_before_any_work(tmp_path, data, problem):
     corpus = tmp_path / "text.txt"
@@ -108,6 +109,49 @@ def test_bad_corpora_are_refused_before_any_work(tmp_path, data, problem):
     assert result.exit_code == 1
     assert problem in result.output and "text.txt" in result.output
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("where, problem", [
+    ("{tmp}/file/sub", "{tmp}/file is a file, not a directory"),
+    ("/proc/chargen-test/run", "cannot write in /proc"),  # no file can be made there, root or not
+])
+def test_an_out_or_data_that_cannot_be_written_is_refused_before_any_work(tmp_path, corpus, where, problem):
+    (tmp_path / "file").write_text("x")
+    where, problem = where.format(tmp=tmp_path), problem.format(tmp=tmp_path)
+    for flag in ("--out", "--data"):
+        args = ["--out", where] if flag == "--out" else ["--out", str(tmp_path / "run"), "--data", where]
+        result = invoke("train", "--corpus", str(corpus), *args)
+        assert result.exit_code == 1 and f"{flag} {where}: {problem}" in result.output, result.output
+        assert not (tmp_path / "run").exists()
+
+
+def test_resume_reads_the_corpus_where_it_is_now_and_refuses_another(tmp_path, corpus, monkeypatch):
+    """--corpus on --resume is where the run's corpus is now (a relative path given from another
+    folder, a moved file); state.json's sha256 says whether it is the run's."""
+    from model.training.run_state import STATE_FILE, RunState
+    from model.training.train import RUN_FILE, TrainSettings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(tmp_path)
+    (run / RUN_FILE).write_text(json.dumps(TrainSettings(corpus="corpus.txt", out=str(run), seq_len=20).to_dict()))
+    (run / STATE_FILE).write_text(RunState.start(hashlib.sha256(corpus.read_bytes()).hexdigest(), []).to_json())
+    moved = tmp_path / "elsewhere" / "same.txt"
+    moved.parent.mkdir()
+    corpus.rename(moved)
+    other = tmp_path / "other.txt"
+    other.write_text(PERIODIC[::-1] * 20)
+
+    result = invoke("train", "--corpus", "corpus.txt", "--out", str(run), "--resume", "--max-steps", "1")
+    assert result.exit_code == 1 and "corpus.txt: no such file" in result.output
+    assert "give its path now with --corpus" in result.output
+    result = invoke("train", "--corpus", str(other), "--out", str(run), "--resume", "--max-steps", "1")
+    assert result.exit_code == 1, result.output
+    assert f"--resume: {other} is not the corpus the run started on (corpus.txt): its sha256 differs" in result.output
+    monkeypatch.chdir(moved.parent)
+    result = invoke("train", "--corpus", "same.txt", "--out", str(run), "--resume", "--max-steps", "1", "--eval-every", "1")
+    assert result.exit_code == 0, result.output
+    assert "prepared same.txt" in result.output and "stopped (max-steps) after epoch 1" in result.output
 
 
 def test_a_directory_of_files_with_held_out_ones(tmp_path):

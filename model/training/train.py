@@ -43,6 +43,7 @@ import platform
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -154,7 +155,9 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | No
     settings.check()
     out = Path(settings.out)
     state = command = None
+    started_on = settings.corpus
     if resume:
+        started_on = _started_on(out)
         settings, command, state = _resumed(settings, out, explicit)
     elif (out / RUN_FILE).exists() and writer:
         raise TrainingError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
@@ -166,14 +169,25 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | No
         raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
     data = Path(settings.data) if settings.data else out / "data"
+    if writer:
+        for flag_name, path in (("--out", out), ("--data", data)):
+            _check_writable(flag_name, path)
     began = time.monotonic()
-    sources, corpus, reused = _read_corpus(settings, data, out)
+    try:
+        sources, corpus, reused = _read_corpus(settings, data, out)
+    except TrainingError as e:
+        if resume and settings.corpus == started_on:  # the path as the run recorded it: given relative to elsewhere, or moved
+            raise TrainingError(f"{e} (the run's corpus as it was given when the run started: give its path now with --corpus)") from None
+        raise
     if writer:
         for line in (*sources.skipped, corpus.control_report()):
             if line:
                 _log(line)
     if state is not None and state.corpus_sha256 != corpus.sha256:
-        raise TrainingError(f"--resume: {' '.join(settings.corpus)} has changed since the run started (sha256 differs)")
+        what = "has changed since the run started" if settings.corpus == started_on else \
+            f"is not the corpus the run started on ({' '.join(started_on)})"
+        raise TrainingError(f"--resume: {' '.join(settings.corpus)} {what}: its sha256 differs "
+                            f"({corpus.sha256[:12]}… against the run's {state.corpus_sha256[:12]}…)")
     _check_split(settings, corpus)
     return Prepared(settings, sources, corpus, data, reused, time.monotonic() - began, resume, state, command)
 
@@ -186,11 +200,34 @@ def _resumed(settings: TrainSettings, out: Path, explicit: frozenset[str] | None
         raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE}); start one without --resume")
     saved, command = read_run(out / RUN_FILE)
     _refuse_changes(settings, saved, explicit)
+    if explicit is not None and "corpus" in explicit:
+        # the corpus where it is now (a relative path from another directory, a moved file): the
+        # state's sha256 says whether it is the run's
+        saved.corpus = settings.corpus
     for name in RESUMABLE:
         if name == "out" or (name in explicit if explicit is not None else name != "data" or settings.data is not None):
             setattr(saved, name, getattr(settings, name))
     state = RunState.read(out / STATE_FILE) if (out / STATE_FILE).exists() else None
     return saved, command, state
+
+
+def _check_writable(flag_name: str, path: Path) -> None:
+    """That the run can write `path` (made if need be): its nearest existing folder takes a file."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TrainingError(f"{flag_name} {path}: {probe} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise TrainingError(f"{flag_name} {path}: cannot write in {probe}: {e.strerror or e}") from None
+
+
+def _started_on(out: Path) -> list[str]:
+    """The corpus as the run in `out` recorded it (empty when it has no run.json)."""
+    return read_run(out / RUN_FILE)[0].corpus if (out / RUN_FILE).exists() else []
 
 
 def _refuse_changes(settings: TrainSettings, saved: TrainSettings, explicit: frozenset[str] | None) -> None:
@@ -224,6 +261,9 @@ def _read_corpus(settings: TrainSettings, data: Path, out: Path) -> tuple[Source
 
 
 def _check_split(settings: TrainSettings, corpus: CorpusScan) -> None:
+    if len(corpus.vocabulary) < 2:
+        raise TrainingError(f"{corpus.label} has {len(corpus.vocabulary)} distinct character{'' if len(corpus.vocabulary) == 1 else 's'} "
+                            f"({corpus.vocabulary!r}): a model needs at least two to choose between")
     n_train, n_val = split_lengths(corpus, settings.validation_fraction)
     if settings.seq_len >= n_train:
         raise TrainingError(
