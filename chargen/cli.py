@@ -64,7 +64,11 @@ def _installed(package: str) -> bool:
 
 def _me() -> str:
     """How the user ran chargen, for a command line to copy (`.venv/bin/chargen`, `chargen`)."""
-    return shlex.quote(sys.argv[0]) if os.path.basename(sys.argv[0]) == "chargen" else "chargen"
+    if os.path.basename(sys.argv[0]) == "chargen":
+        return shlex.quote(sys.argv[0])
+    if sys.argv[0].endswith(os.path.join("chargen", "__main__.py")):  # python -m chargen
+        return f"{shlex.quote(sys.executable)} -m chargen"
+    return "chargen"
 
 
 def _check_artifact(path: str, keras: bool = False, precision: str = "auto"):
@@ -260,9 +264,16 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:  # the command as typed, with --resume: the run keeps its settings, the flags must agree
-        again = shlex.join([*sys.argv[1:], *([] if resume else ["--resume"])])
-        click.echo(f"\ninterrupted; the run in {out} keeps its last evaluation. Continue it with:\n  {_me()} {again}",
-                   err=True)
+        from model.training.run_state import STATE_FILE
+        from model.training.settings import RUN_FILE
+
+        if not (Path(out) / RUN_FILE).exists():  # stopped before the run was written: nothing to resume
+            again = shlex.join([a for a in sys.argv[1:] if a != "--resume"])
+            click.echo(f"\ninterrupted before the run in {out} began; start it again with:\n  {_me()} {again}", err=True)
+        else:
+            again = shlex.join([*sys.argv[1:], *([] if resume else ["--resume"])])
+            kept = "keeps its last evaluation" if (Path(out) / STATE_FILE).exists() else "has no evaluation yet: it starts over"
+            click.echo(f"\ninterrupted; the run in {out} {kept}. Continue it with:\n  {_me()} {again}", err=True)
         sys.exit(130)
 
 

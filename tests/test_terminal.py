@@ -65,6 +65,19 @@ def test_ctrl_c_says_how_to_continue_and_the_artifact_records_each_command(tmp_p
     assert json.loads((run / "best" / "meta.json").read_text())["resumed"] == meta.resumed
 
 
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_evaluation_says_the_run_starts_over(tmp_path, corpus):
+    run = tmp_path / "run"
+    args = ["train", "--corpus", str(corpus), "--out", str(run), "--layers", "1", "--units", "16", "--embedding", "8",
+            "--seq-len", "20", "--batch-size", "8", "--epochs", "40", "--sample-chars", "0"]
+    screen = run_on_terminal([CHARGEN, *args], interrupt_at="untrained loss would be")
+    assert screen.returncode == 130, screen.raw[-3000:]
+    assert "Traceback" not in screen.raw and not (run / "state.json").exists()
+    lines = screen.text.splitlines()
+    continue_with = lines[lines.index(f"interrupted; the run in {run} has no evaluation yet: it starts over. Continue it with:") + 1]
+    assert continue_with == "  " + shlex.join([CHARGEN, *args, "--resume"])
+
+
 def test_sample_on_a_terminal_ends_its_text_with_a_newline(tiny_artifact):
     screen = run_on_terminal([CHARGEN, "sample", "--artifact", str(tiny_artifact), "--prompt", "the quick",
                               "--temperature", "0", "--max-chars", "40"])
