@@ -135,6 +135,18 @@ def test_several_files_and_held_out_files_go_last(tmp_path):
         find_sources(files, validation_files=["part-*"], downloads=tmp_path)
 
 
+def test_held_out_files_by_their_path_inside_a_corpus_folder(tmp_path):
+    root = tmp_path / "texts"
+    (root / "sub").mkdir(parents=True)
+    write(root / "a.txt", "text a\n")
+    write(root / "sub" / "b.txt", "text b\n")
+    for glob in ("sub/*", "sub/b.txt", "texts/sub/*", "b.txt", "*/b.txt"):
+        found = find_sources([str(root)], validation_files=[glob], downloads=tmp_path)
+        assert [(f.path.name, f.held_out) for f in found.files] == [("a.txt", False), ("b.txt", True)], glob
+    with pytest.raises(CorpusError, match="matches none"):
+        find_sources([str(root)], validation_files=["ub/*"], downloads=tmp_path)
+
+
 def test_missing_unknown_and_twice_given_sources(tmp_path, monkeypatch):
     manifest = {"speech": KnownCorpus("speech", "hamlet.txt", "http://127.0.0.1:9/h.txt", "ab" * 32, 10)}
     with pytest.raises(CorpusError, match=r"absent.txt: no such file or directory \(nor the name of a known corpus: speech\)"):

@@ -393,7 +393,11 @@ def _left_out(g: _Given, dropped: list[str], found: list[SourceFile], globs: boo
 
 def _held_out(files: list[SourceFile], validation_files) -> list[SourceFile]:
     """The files with those matching a `validation_files` glob held out, and last."""
-    files = [SourceFile(f.path, f.name, _matches(f.name, validation_files), f.url, f.sha256) for f in files]
+    def held(name: str) -> bool:  # the path as given, or from any folder down (a corpus folder's own paths among them)
+        parts = name.split("/")
+        return any(_matches("/".join(parts[k:]), validation_files) for k in range(len(parts)))
+
+    files = [SourceFile(f.path, f.name, held(f.name), f.url, f.sha256) for f in files]
     held = sum(f.held_out for f in files)
     if held == 0:
         raise CorpusError(f"--validation-files {' '.join(validation_files)}: matches none of the {len(files)} corpus files")
