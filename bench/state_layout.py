@@ -1,9 +1,10 @@
 """Would a graph that takes each layer's state as its own input and output make one stream faster?
 The shipped artifact's graphs (model.onnx, model.int8.onnx) as they are, whose states are one (L, B,
 H) tensor each, split per layer and concatenated back inside the graph, against the same graphs
-edited to take and give h_1..h_L and c_1..c_L (no Split, no Concat); and the float32 graph
-quantized with only its LSTMs in int8 (the output product and embedding left float32), in the same
-layout. One stream, one thread, the state bound in place (IO binding, as the engine steps), the
+edited to take and give h_1..h_L and c_1..c_L (no Split, no Concat); the same again made for one
+character a step (no Transpose and no Squeeze either: each layer reads the last one's h_out, which
+has the shape of a one-character input); and the float32 graph quantized with only its LSTMs in int8
+(the output product and embedding left float32), per layer. One stream, one thread, the state bound in place (IO binding, as the engine steps), the
 graphs in turns, median of --rounds. A probe for issue 24's one-stream ratio (bench/README.md,
 "int8"): the layout would change the artifact's graph interface.
 
@@ -47,6 +48,35 @@ def per_layer(graph: bytes) -> bytes:
         del field[:]
         field.extend(items)
     g.initializer.remove(next(i for i in g.initializer if i.name == "split_ones"))
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+def one_step(graph: bytes) -> bytes:
+    """per_layer's graph for one character a step, time-major: ids (1, B), logits (1, B, V), and no
+    Transpose or Squeeze left (for one character, (B, 1) and (1, B) are the same bytes)."""
+    m = onnx.load_from_string(per_layer(graph))
+    g = m.graph
+    layers = sum(1 for n in g.node if n.op_type.endswith("LSTM"))
+    renamed = {"ids_tb": "ids", f"x_{layers}": f"h_out_{layers}", "logits_tb": "logits"}
+    nodes = []
+    for n in g.node:
+        if n.op_type in ("Transpose", "Squeeze"):
+            continue
+        if n.op_type.endswith("LSTM"):
+            k = int(n.output[1].rsplit("_", 1)[1])
+            n.output[0] = ""  # Y: the sequence of outputs, one character long here
+            if k > 1:
+                n.input[0] = f"h_out_{k - 1}"
+        n.input[:] = [renamed.get(name, name) for name in n.input]
+        n.output[:] = [renamed.get(name, name) for name in n.output]
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.remove(next(i for i in g.initializer if i.name == "direction_axis"))
+    for value in (next(i for i in g.input if i.name == "ids"), next(o for o in g.output if o.name == "logits")):
+        seq, batch = value.type.tensor_type.shape.dim[:2]
+        seq.dim_value, batch.dim_param = 1, "batch"
     onnx.checker.check_model(m)
     return m.SerializeToString()
 
@@ -103,8 +133,17 @@ def main() -> None:
     float32 = (Path(args.artifact) / "model.onnx").read_bytes()
     int8 = (Path(args.artifact) / "model.int8.onnx").read_bytes()
     loops = {"float32": OneStream(float32, False), "float32, per layer": OneStream(per_layer(float32), True),
+             "float32, one step": OneStream(one_step(float32), True),
              "int8": OneStream(int8, False), "int8, per layer": OneStream(per_layer(int8), True),
+             "int8, one step": OneStream(one_step(int8), True),
              "int8 LSTMs only, per layer": OneStream(lstms_only_int8(per_layer(float32)), True)}
+    for name in ("float32, one step", "int8, one step"):  # the same logits as the shipped graph's
+        shipped, edited = loops[name.split(",")[0]], loops[name]
+        for loop in (shipped, edited):
+            loop.ids[0, 0] = 7
+            loop.session.run_with_iobinding(loop.bindings[0])
+        same = np.array_equal(shipped.bindings[0].get_outputs()[0].numpy(), edited.bindings[0].get_outputs()[0].numpy())
+        assert same, f"{name}: the edited graph's logits differ from the shipped graph's"
     times: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(args.rounds):
         for name, loop in loops.items():
@@ -114,7 +153,8 @@ def main() -> None:
     print("| graph | µs a step | float32 (same layout) / it |")
     print("| --- | ---: | ---: |")
     for name, t in times.items():
-        base = times["float32, per layer" if "per layer" in name else "float32"]
+        layout = name.split(", ", 1)[1] if ", " in name else ""
+        base = times[f"float32, {layout}" if layout else "float32"]
         ratio = statistics.median(b / x for b, x in zip(base, t))
         print(f"| {name} | {statistics.median(t) * 1e6:.1f} | {ratio:.2f} |")
 
