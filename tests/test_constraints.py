@@ -513,6 +513,17 @@ def test_a_gbnf_grammar_with_every_feature_is_followed(artifact):
     assert any(not s.incomplete for s in streams)
 
 
+def test_gbnf_unicode_escapes_are_read_as_llama_cpp_reads_them():
+    # \\u and \\U escapes (llguidance's translator turned \\u0061 into \\u61 and refused it); an escaped
+    # backslash before a u is a backslash and a u
+    escaped = compile_constraint("grammar", 'root ::= "\\u0061" [\\u0062-\\u0063]+ "\\U0000002e"', VOCAB)
+    assert escaped.matches("abcb.") and escaped.matches("ac.") and not escaped.matches("a.") and not escaped.matches("abd.")
+    wide = compile_constraint("grammar", 'root ::= "x" [\\u00e9\\u00e8]+ "\\u20ac"', WIDE)
+    assert wide.matches("xéè€") and not wide.matches("xa€")
+    backslash = compile_constraint("grammar", 'root ::= "a" | "\\\\u0061"', Vocab("\\au061"))
+    assert backslash.matches("\\u0061") and backslash.matches("a")
+
+
 def test_a_recursive_grammar_is_followed(artifact):
     constraint = compile_constraint("grammar", 'root ::= "a" root "b" | "c"', VOCAB)
     engine = Engine(artifact, max_batch=8)

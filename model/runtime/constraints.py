@@ -437,13 +437,32 @@ def _grammar(kind: str, text: str, chars: tuple[str, ...]) -> str:
                 f"start: PATTERN\nPATTERN: /(?:{llguidance.regex_to_lark(text, '')})/ & /[{have}]*/\n")
         if kind == "json_schema":
             return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=JSON_LAYOUT)
-        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(text))
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(_gbnf_unicode_escapes(text)))
     except RecursionError:
         raise ConstraintError(f"{kind} is nested too deeply", "too_large") from None
     except ConstraintError:
         raise
     except Exception as e:  # the GBNF translator raises whatever its parser meets
         raise ConstraintError(f"{kind} is malformed: {e}") from None
+
+
+_GBNF_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
+
+
+def _gbnf_unicode_escapes(grammar: str) -> str:
+    """GBNF's \\uXXXX and \\UXXXXXXXX escapes as llguidance's translator reads them (it writes \\u0041
+    as \\u41, which its own parser refuses): an ASCII character as \\xHH, any other as itself.
+    Escapes are read in pairs from the left, so an escaped backslash before a u is left alone."""
+    def one(m: re.Match) -> str:
+        code = m.group(1)
+        if len(code) == 1:
+            return m.group(0)
+        cp = int(code[1:], 16)
+        if cp < 0x80:
+            return f"\\x{cp:02x}"
+        return m.group(0) if 0xD800 <= cp < 0xE000 or cp > 0x10FFFF else chr(cp)
+
+    return _GBNF_ESCAPE.sub(one, grammar)
 
 
 def _compile(kind: str, text: str, chars: tuple[str, ...]) -> Constraint:
