@@ -83,7 +83,8 @@ def _prompt_logprobs(gen: Generation, prompt: str, scored) -> dict:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     return {"tokens": list(scored.chars),
             "token_logprobs": [None] + scored.logprobs[1:].tolist(),
-            "top_logprobs": [None] + [dict(scored.alternatives(t)) for t in range(1, len(scored.chars))],
+            "top_logprobs": [None] + [_with_chosen(scored.alternatives(t), scored.chars[t], float(scored.logprobs[t]))
+                                      for t in range(1, len(scored.chars))],
             "text_offset": reading(prompt, gen.vocab).offsets}
 
 
@@ -120,7 +121,15 @@ def _logprobs(lps: list, offset: int) -> dict:
         offsets.append(at)
         at += len(lp.char)
     return {"tokens": [lp.char for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [dict(lp.top) for lp in lps], "text_offset": offsets}
+            "top_logprobs": [_with_chosen(lp.top, lp.char, lp.logprob) for lp in lps], "text_offset": offsets}
+
+
+def _with_chosen(top, char: str, logprob: float) -> dict:
+    """The most likely characters and the one chosen, where it is not among them (OpenAI's legacy
+    completions: "the logprob of the sampled token" always, "up to logprobs+1 elements")."""
+    alternatives = dict(top)
+    alternatives.setdefault(char, logprob)
+    return alternatives
 
 
 # ---------------------------------------------------------------- /v1/chat/completions

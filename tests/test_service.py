@@ -231,6 +231,11 @@ def test_completions_logprobs_echo_and_several_prompts(client):
     assert len(lp["token_logprobs"]) == 4 and all(v <= 0 for v in lp["token_logprobs"])
     assert all(len(top) == 2 and tok in top for tok, top in zip(lp["tokens"], lp["top_logprobs"]))
     assert lp["text_offset"] == [0, 1, 2, 3]
+    # sampled: the chosen character is always there, beside the most likely (OpenAI: up to logprobs + 1)
+    r = client.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 60, "temperature": 2, "seed": 2, "logprobs": 1})
+    lp = r.get_json()["choices"][0]["logprobs"]
+    assert all(tok in top and top[tok] == v for tok, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]))
+    assert {len(top) for top in lp["top_logprobs"]} == {1, 2}  # 2 where the chosen was not the likeliest
     r = client.post("/v1/completions", json={"prompt": ["the quick", "over the"], "max_tokens": 5, "temperature": 0,
                                              "echo": True, "n": 2})
     texts = [c["text"] for c in r.get_json()["choices"]]
