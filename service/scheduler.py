@@ -94,6 +94,7 @@ class Job:
         self.cancelled = False
         self.done = False
         self._unfinished = len(requests)
+        self.readings: dict[int, object] = {}  # request index -> the engine's PromptReading of its prompt, or None (read at start)
 
 
 class WorkerReadiness:
@@ -383,12 +384,29 @@ class Scheduler:
             with self._cond:
                 if not self._waiting or len(self._waiting[0].requests) > engine.max_batch - engine.active:
                     return admitted
-                job = self._waiting.popleft()
+                job = self._waiting[0]
+            if active:  # a long prompt is read a piece at a time, the running streams stepping between
+                try:
+                    if not self._read_ahead(job):
+                        return admitted
+                except Exception:
+                    log.exception("could not read a prompt")
+                    with self._cond:
+                        if self._waiting and self._waiting[0] is job:
+                            self._waiting.popleft()
+                            self.metrics.queue_depth.dec()
+                    job.error = "server"
+                    self._finish(job)
+                    continue
+            with self._cond:
+                if not self._waiting or self._waiting[0] is not job:  # the deadline took it meanwhile
+                    continue
+                self._waiting.popleft()
             self.metrics.queue_depth.dec()
-            job.started = time.perf_counter()
+            job.started = job.started or time.perf_counter()
             try:
-                for request in job.requests:
-                    stream = engine.start(request)
+                for k, request in enumerate(job.requests):
+                    stream = engine.start(request, job.readings.get(k))
                     job.choice[stream] = len(job.streams)
                     job.streams.append(stream)
                     if stream.finish_reason is None:
@@ -412,6 +430,22 @@ class Scheduler:
                 self._hangups.register(job.fd, HANGUP)
                 self._watched[job.fd] = job
             admitted = True
+
+    def _read_ahead(self, job: Job) -> bool:
+        """Whether the job's prompts are read, or short enough to be read at its start; if not, read
+        the next piece of one (Engine.read_more): a long prompt (a chat's transcript, up to
+        CHARGEN_MAX_TRANSCRIPT_CHARS) is read between the running streams' steps, not in one call
+        that holds them all. Choices of one prompt read it once (the prompt cache keeps its end)."""
+        engine = self.engine
+        job.started = job.started or time.perf_counter()
+        for k, request in enumerate(job.requests):
+            if k not in job.readings:
+                job.readings[k] = engine.reading(request)
+            reading = job.readings[k]
+            if reading is not None and not reading.finished:
+                engine.read_more(reading)
+                return False
+        return True
 
     def _stop(self, job: Job, active: dict) -> bool:
         """Cancel the job's unfinished streams (their slots are free at once)."""

@@ -108,6 +108,43 @@ def test_cache_at_keeps_the_states_at_turn_ends_so_the_next_turn_resumes_there(a
         assert stream.text == Engine(art).generate(request).text
 
 
+@pytest.mark.parametrize("cache_bytes", [1 << 20, 0])
+def test_a_long_prompt_read_ahead_in_pieces_gives_what_reading_it_at_once_gives(art, cache_bytes):
+    from model.runtime.engine import READ_PIECE
+
+    turns = ["user\n" + "the quick brown fox jumps over the lazy dog. " * 15 + "\n\n", "assistant\nwell met\n\n",
+             "user\n" + "and so on, " * 80 + "\n\n"]
+    prompt = "".join(turns) + "assistant\n"
+    cuts = tuple(np.cumsum([len(t) for t in turns]).tolist())
+    request = GenerationRequest(prompt, max_chars=60, sampling=T1, seed=5, cache_at=cuts)
+    at_once = Engine(art, prompt_cache_bytes=cache_bytes)
+    expected = at_once.generate(request)
+    engine = Engine(art, prompt_cache_bytes=cache_bytes)
+    reading = engine.reading(request)
+    pieces = []
+    while not reading.finished:
+        engine.read_more(reading)
+        pieces.append(reading.done)
+    assert len(pieces) >= len(reading.ids) // READ_PIECE + 1 and all(b - a <= READ_PIECE for a, b in zip([0, *pieces], pieces))
+    assert len(reading.boundaries) == 3 and set(reading.boundaries) <= set(pieces)  # pieces stop at turn ends (in ids)
+    stream = engine.start(request, reading)
+    while stream.finish_reason is None:
+        engine.step([stream])
+    assert stream.text == expected.text
+    whole = at_once.network.prompt(reading.ids)  # bit for bit the state of reading it in one call
+    assert all(np.array_equal(a, b) for a, b in zip(reading.state.arrays, whole.arrays))
+    assert np.array_equal(reading.state.logits, whole.logits)
+    if cache_bytes:  # the turn ends and the end are kept, as reading at once keeps them
+        assert len(engine.cache) == len(at_once.cache) == 4
+        assert engine.cache.stats.misses == 1 and engine.cache.stats.hits == 0
+        assert engine.reading(GenerationRequest(prompt, max_chars=5, sampling=T1)) is None  # cached whole: nothing to read ahead
+    # short prompts, and prompts to score, are read at their start
+    assert engine.reading(GenerationRequest("the quick", max_chars=5, sampling=T1)) is None
+    assert engine.reading(GenerationRequest(prompt, max_chars=5, sampling=T1, prompt_logprobs=1)) is None
+    with pytest.raises(ValueError, match="another request's reading"):
+        engine.start(GenerationRequest(prompt, max_chars=5, sampling=T1), reading)
+
+
 def test_a_scored_prompt_is_fed_whole_and_then_cached(art):
     prompt = "a text to score, then to continue from its cached state"
     engine = Engine(art, prompt_cache_bytes=1 << 20)
@@ -177,3 +214,44 @@ def test_a_chats_next_turn_feeds_only_what_is_new(apps):
         messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"and then turn {turn}"}]
     transcript = r.get_json()["usage"]["prompt_tokens"]
     assert saved[0] == 0 and saved[1] > 400 and transcript - saved[2] < 60  # only the last reply and message were fed
+
+
+def test_a_long_prompt_is_read_between_the_steps_of_the_running_streams(apps, monkeypatch):
+    # a chat transcript can be tens of thousands of characters: read in one call it held every
+    # running stream of the worker (seconds for a full one); read ahead, a piece between steps
+    import threading
+    import time
+
+    from conftest import PERIODIC
+
+    app = apps[64]
+    engine, client = app.extensions["chargen"].default.engine, app.test_client()
+    events, step, read_more = [], engine.step, engine.read_more
+
+    def slow_step(streams):  # the running stream takes a few seconds, so the long prompt comes while it runs
+        events.append("step")
+        time.sleep(0.002)
+        return step(streams)
+
+    def logged_read_more(reading):
+        events.append("read")
+        return read_more(reading)
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    monkeypatch.setattr(engine, "read_more", logged_read_more)
+    running = {}
+    thread = threading.Thread(target=lambda: running.update(r=client.post(
+        "/v1/generate", json={"prompt": "the", "max_chars": 2000, "temperature": 1.0, "seed": 1}).get_json()))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "step" not in events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        long_prompt = (PERIODIC[::-1] * 80)[:3500] + "the quick"  # nothing of it cached by the tests before
+        answer = client.post("/v1/generate", json={"prompt": long_prompt, "max_chars": 20, "temperature": 0}).get_json()
+    finally:
+        thread.join(120)
+    assert len(answer["choices"][0]["text"]) == 20 and len(running["r"]["choices"][0]["text"]) == 2000
+    reads = [k for k, e in enumerate(events) if e == "read"]
+    assert len(reads) >= 3500 // 512  # read in pieces...
+    assert all("step" in events[a:b] for a, b in zip(reads, reads[1:]))  # ...with the running stream stepped between each
