@@ -310,6 +310,17 @@ def _null_is_default(names: set[str]):
     return model_validator(mode="before")(classmethod(drop))
 
 
+def _stores_nothing(what: str):
+    def refuse(cls, store):
+        """store: true asks for what this server never keeps."""
+        if store is True:
+            raise PydanticCustomError("unsupported", f"true is not supported: this server stores no {what} "
+                                      "(send false or leave it out)")
+        return store
+
+    return field_validator("store", mode="before")(classmethod(refuse))
+
+
 def _neutral(name: str):
     value = NEUTRAL[name]
     return Field(None, description=f"Not supported: accepted only as {value!r} or null.", json_schema_extra={"enum": [value, None]})
@@ -518,19 +529,12 @@ class Schemas:
             parallel_tool_calls: None = _unsupported("parallel_tool_calls")
             functions: None = _unsupported("functions")
             function_call: None = _unsupported("function_call")
-
-            @field_validator("store", mode="before")
-            @classmethod
-            def _nothing_stored(cls, store):
-                if store is True:
-                    raise PydanticCustomError("unsupported", "true is not supported: this server stores no completions "
-                                              "(send false or leave it out)")
-                return store
             audio: None = _unsupported("audio")
             prediction: None = _unsupported("prediction")
             web_search_options: None = _unsupported("web_search_options")
 
             _defaults = _null_is_default(CHAT_DEFAULTED)
+            _nothing_stored = _stores_nothing("completions")
 
             @field_validator(*CHAT_UNSUPPORTED, mode="before")
             @classmethod
@@ -709,13 +713,7 @@ class Schemas:
                     raise PydanticCustomError("unsupported", f"not supported: {RESPONSES_UNSUPPORTED[info.field_name]}")
                 return value
 
-            @field_validator("store", mode="before")
-            @classmethod
-            def _nothing_stored(cls, store):
-                if store is True:
-                    raise PydanticCustomError("unsupported", "true is not supported: this server stores no "
-                                              "responses (send false or leave it out)")
-                return store
+            _nothing_stored = _stores_nothing("responses")
 
         self.settings = settings
         self.models = models  # the names the document lists, and the default
