@@ -594,15 +594,6 @@ class Engine:
         cached prefix (or where `reading` has got to); the cache keeps the states at its end and at
         the boundaries."""
         network, cache = self.network, self.cache
-        if reading is not None and reading.done:
-            stream.cached_chars, start, state = reading.cached, reading.done, reading.state
-            for end in [b for b in boundaries if b > start] + [len(ids)]:
-                if end > start:
-                    state = network.prompt(ids[start:end], state)
-                    if cache is not None:
-                        cache.put(ids[:end], state)
-                    start = end
-            return state
         if not len(ids):
             if self._after_empty is None:
                 self._after_empty = network.prompt(self._empty_prompt)
@@ -614,15 +605,19 @@ class Engine:
             if cache is not None:
                 cache.put(ids, state)
             return state
-        if cache is None:
+        if cache is None and not (reading and reading.done):
             return network.prompt(ids)
-        hashes = cache.hashes(ids)
-        start, state = cache.longest(ids, hashes)
-        stream.cached_chars = start
+        hashes = cache.hashes(ids) if cache is not None else None
+        if reading is not None and reading.done:
+            start, state, stream.cached_chars = reading.done, reading.state, reading.cached
+        else:
+            start, state = cache.longest(ids, hashes)
+            stream.cached_chars = start
         for end in [b for b in boundaries if b > start] + [len(ids)]:
             if end > start:
                 state = network.prompt(ids[start:end], state)
-                cache.put(ids[:end], state, hashes)
+                if cache is not None:
+                    cache.put(ids[:end], state, hashes)
                 start = end
         return state
 
