@@ -465,7 +465,8 @@ class Schemas:
                 None, description="Accepted (a previous reply's message) and ignored.")
             audio: None = Field(None, description="Accepted only as null (a previous reply's message).")
             function_call: None = Field(None, description="Accepted only as null (this server calls no tools).")
-            tool_calls: list | None = Field(None, description="Accepted only as null or empty (this server calls no tools).")
+            tool_calls: Annotated[list, Field(max_length=0)] | None = Field(
+                None, description="Accepted only as null or empty (this server calls no tools).")
 
             @field_validator("audio", "function_call", "tool_calls", mode="before")
             @classmethod
@@ -523,7 +524,8 @@ class Schemas:
             response_format: ResponseFormat | None = Field(None, description=RESPONSE_FORMAT_DOC)
             modalities: Annotated[list[Literal["text"]], Field(max_length=1)] | None = Field(None, description='Only ["text"].')
             user: str | None = Field(None, description="Accepted and ignored.")
-            store: bool | None = Field(None, description="false or null only: this server stores no completions.")
+            store: bool | None = Field(None, description="false or null only: this server stores no completions.",
+                                       json_schema_extra={"enum": [False, None]})
             tools: None = _unsupported("tools")
             tool_choice: None = _unsupported("tool_choice")
             parallel_tool_calls: None = _unsupported("parallel_tool_calls")
