@@ -100,8 +100,9 @@ def from_validation(error: ValidationError) -> ApiError:
 
 
 def _is_union_tag(part) -> bool:
-    # pydantic names the union member it tried ("str", "list[str]") in the location
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part)
+    # pydantic names the union member it tried ("str", "list[str]", "constrained-str") in the location
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part
+                                      or part.startswith("constrained-"))
 
 
 def _short(value) -> str:
