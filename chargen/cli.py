@@ -813,7 +813,7 @@ def inspect(artifact_path, text_path, top, as_json):
         raise click.ClickException(f"{text_path}: not UTF-8 text") from None
     except OSError as e:
         raise click.ClickException(f"{text_path}: cannot be read: {e.strerror or e}") from None
-    artifact = _load_artifact(artifact_path)
+    artifact = _load_artifact(artifact_path, precision="float32")  # model.onnx's weights are what it reads, whatever serves
 
     from model.runtime.cells import FEATURES, report, statistics
     from model.runtime.inside import Network
