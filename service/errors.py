@@ -76,7 +76,7 @@ def from_validation(error: ValidationError) -> ApiError:
     # that is not a plain type mismatch is the one about what the client sent.
     siblings = [e for e in errors if e["loc"][:1] == field]
     first = next((e for e in siblings if not e["type"].endswith("_type")), siblings[0])
-    param = ".".join(str(p) for p in field) or None
+    param = str(field[0]) if field else None  # a setting named "" (?=5) is named so
     kind = first["type"]
     if kind in _CODES:
         code = _CODES[kind]

@@ -112,6 +112,9 @@ def _repeated(query: dict, error: ValidationError) -> ApiError | None:
 
 
 def _read_body() -> bytes:
+    if request.mimetype == "multipart/form-data":  # curl -F: its boundaries and part headers would become the prompt
+        raise ApiError(415, "multipart/form-data is not read: send the prompt as plain text (curl -d or --data-binary) "
+                            "or a JSON body (Content-Type: application/json)", code="unsupported_media_type")
     try:
         body = request.get_data(cache=False)  # a Content-Length over the limit is a 413 here already
         limit = current_app.config["MAX_CONTENT_LENGTH"]

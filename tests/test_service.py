@@ -368,6 +368,16 @@ def test_unparsable_body_is_400(client, body, content_type, code):
     assert_error(client.post("/v1/generate", data=body, content_type=content_type), 400, code)
 
 
+def test_a_multipart_body_and_a_repeated_model_are_refused_saying_so(client):
+    # curl -F: the boundaries and part headers were the prompt
+    r = client.post("/v1/generate", data={"prompt": "the quick"}, content_type="multipart/form-data")
+    error = assert_error(r, 415, "unsupported_media_type")
+    assert "multipart/form-data is not read" in error["message"]
+    error = assert_error(client.get("/info?model=run&model=other"), 422, "repeated_setting", "model")
+    assert "model is given 2 times" in error["message"]
+    assert client.get("/info?model=run").status_code == 200
+
+
 @pytest.mark.parametrize("body", [b'{"prompt": ', b"[1]", b'{"prompt": "\xff"}'])
 def test_unparsable_completion_body_is_400(client, body):
     r = client.post("/v1/completions", data=body, content_type="application/json")
@@ -423,6 +433,7 @@ def test_number_too_large_for_a_float_is_422(client):
     ("temperature=warm", "temperature", "wrong_type"),
     ("max_chars=-3", "max_chars", "out_of_range"),
     ("bogus=1", "bogus", "unknown_field"),
+    ("=5", "", "unknown_field"),  # a setting with no name is named so, not null
     ("n=2", "n", "unsupported"),
     ("logprobs=2", "logprobs", "unsupported"),
     ("prompt=the", "prompt", "duplicate_prompt"),
