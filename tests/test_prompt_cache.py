@@ -137,7 +137,9 @@ def test_a_long_prompt_read_ahead_in_pieces_gives_what_reading_it_at_once_gives(
     if cache_bytes:  # the turn ends and the end are kept, as reading at once keeps them
         assert len(engine.cache) == len(at_once.cache) == 4
         assert engine.cache.stats.misses == 1 and engine.cache.stats.hits == 0
-        assert engine.reading(GenerationRequest(prompt, max_chars=5, sampling=T1)) is None  # cached whole: nothing to read ahead
+        again = engine.reading(GenerationRequest(prompt, max_chars=5, sampling=T1))
+        assert again.finished and again.cached == len(again.ids)  # cached whole: nothing to read ahead
+        assert (engine.cache.stats.hits, engine.cache.stats.misses) == (1, 1)
     # short prompts, and prompts to score, are read at their start
     assert engine.reading(GenerationRequest("the quick", max_chars=5, sampling=T1)) is None
     assert engine.reading(GenerationRequest(prompt, max_chars=5, sampling=T1, prompt_logprobs=1)) is None

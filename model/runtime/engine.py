@@ -500,24 +500,26 @@ class Engine:
         return list(self._slots)
 
     def reading(self, request: GenerationRequest) -> PromptReading | None:
-        """A reading ahead of the request's prompt, begun from its longest cached prefix, where the
-        rest is longer than READ_PIECE and nothing asks for its scores; None otherwise (start reads
-        it at once)."""
+        """A reading ahead of the request's prompt, begun from its longest cached prefix (it may be
+        finished already), where the prompt is longer than READ_PIECE and nothing asks for its
+        scores; None otherwise (start reads it at once)."""
         if request.prompt_logprobs is not None:
             return None
         ids, dropped, boundaries = self._encode(request)
         if len(ids) <= READ_PIECE:
             return None
         reading = PromptReading(request, ids, dropped, boundaries)
-        if self.cache is not None:
+        if self.cache is not None:  # looked up once: start() goes on from here
             reading.done, reading.state = self.cache.longest(ids)
             reading.cached = reading.done
-        return None if len(ids) - reading.done <= READ_PIECE else reading
+        return reading
 
     def read_more(self, reading: PromptReading) -> None:
         """Read the next piece of the prompt (at most READ_PIECE characters, stopping at a cache_at
         position), keeping the state there in the prompt cache at those positions and at the end."""
         ids, cache = reading.ids, self.cache
+        if reading.finished:
+            return
         end = min(len(ids), reading.done + READ_PIECE, *[b for b in reading.boundaries if b > reading.done])
         reading.state = self.network.prompt(ids[reading.done:end], reading.state)
         reading.done = end
@@ -605,10 +607,10 @@ class Engine:
             if cache is not None:
                 cache.put(ids, state)
             return state
-        if cache is None and not (reading and reading.done):
+        if cache is None and reading is None:
             return network.prompt(ids)
         hashes = cache.hashes(ids) if cache is not None else None
-        if reading is not None and reading.done:
+        if reading is not None:
             start, state, stream.cached_chars = reading.done, reading.state, reading.cached
         else:
             start, state = cache.longest(ids, hashes)
