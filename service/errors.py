@@ -48,6 +48,11 @@ def bad_field(param: str, message: str, code: str = "invalid_value") -> ApiError
     return ApiError(422, message, param=param, code=code)
 
 
+def repeated_setting(name: str, times: int) -> ApiError:
+    """A query-string setting that takes one value, given `times` times."""
+    return bad_field(name, f"{name} is given {times} times in the query string: give it once", "repeated_setting")
+
+
 def loading(retry_after: int = 2) -> ApiError:
     return ApiError(503, "the model is loading; try again shortly", type="unavailable_error", code="model_loading",
                     headers={"Retry-After": str(retry_after)})

@@ -13,7 +13,7 @@ import os
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from service import metrics
-from service.errors import ApiError, bad_field, loading
+from service.errors import ApiError, loading, repeated_setting
 
 bp = Blueprint("ops", __name__)
 
@@ -47,7 +47,7 @@ def info():
     """One model's /info (?model=NAME; default: the default model), every model in `models`."""
     names = request.args.getlist("model")
     if len(names) > 1:
-        raise bad_field("model", f"model is given {len(names)} times in the query string: give it once", "repeated_setting")
+        raise repeated_setting("model", len(names))
     name = names[0] if names else None
     state().served(name)  # an unknown name is a 404 even while loading
     if not state().ready:

@@ -14,7 +14,7 @@ from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import ClientDisconnected
 from pydantic import ValidationError
 
-from service.errors import ApiError, bad_body, bad_field, from_validation
+from service.errors import ApiError, bad_body, bad_field, from_validation, repeated_setting
 
 
 def _schemas():
@@ -107,7 +107,7 @@ def _repeated(query: dict, error: ValidationError) -> ApiError | None:
     name = errors[0]["loc"][0] if errors[0]["loc"] else None
     values = query.get(name)
     if isinstance(values, list) and all(e["type"].endswith("_type") for e in errors if e["loc"][:1] == (name,)):
-        return bad_field(name, f"{name} is given {len(values)} times in the query string: give it once", "repeated_setting")
+        return repeated_setting(name, len(values))
     return None
 
 

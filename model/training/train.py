@@ -155,10 +155,9 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | No
     settings.check()
     out = Path(settings.out)
     state = command = None
-    started_on = settings.corpus
+    started_on = settings.corpus  # the corpus as the run recorded it
     if resume:
-        started_on = _started_on(out)
-        settings, command, state = _resumed(settings, out, explicit)
+        settings, command, state, started_on = _resumed(settings, out, explicit)
     elif (out / RUN_FILE).exists() and writer:
         raise TrainingError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
     elif out.exists() and not out.is_dir():
@@ -193,13 +192,15 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | No
 
 
 def _resumed(settings: TrainSettings, out: Path, explicit: frozenset[str] | None
-             ) -> tuple[TrainSettings, str | None, RunState | None]:
-    """--resume: (the interrupted run's settings with the RESUMABLE ones as prepare() says, the
-    command that started it, its state.json if it wrote one)."""
+             ) -> tuple[TrainSettings, str | None, RunState | None, list[str]]:
+    """--resume: (the interrupted run's settings with the RESUMABLE ones as prepare() says and the
+    corpus where it is now, the command that started it, its state.json if it wrote one, the
+    corpus as it recorded it)."""
     if not (out / RUN_FILE).exists():
         raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE}); start one without --resume")
     saved, command = read_run(out / RUN_FILE)
     _refuse_changes(settings, saved, explicit)
+    recorded = saved.corpus
     if explicit is not None and "corpus" in explicit:
         # the corpus where it is now (a relative path from another directory, a moved file): the
         # state's sha256 says whether it is the run's
@@ -208,7 +209,7 @@ def _resumed(settings: TrainSettings, out: Path, explicit: frozenset[str] | None
         if name == "out" or (name in explicit if explicit is not None else name != "data" or settings.data is not None):
             setattr(saved, name, getattr(settings, name))
     state = RunState.read(out / STATE_FILE) if (out / STATE_FILE).exists() else None
-    return saved, command, state
+    return saved, command, state, recorded
 
 
 def _check_writable(flag_name: str, path: Path) -> None:
@@ -223,11 +224,6 @@ def _check_writable(flag_name: str, path: Path) -> None:
             pass
     except OSError as e:
         raise TrainingError(f"{flag_name} {path}: cannot write in {probe}: {e.strerror or e}") from None
-
-
-def _started_on(out: Path) -> list[str]:
-    """The corpus as the run in `out` recorded it (empty when it has no run.json)."""
-    return read_run(out / RUN_FILE)[0].corpus if (out / RUN_FILE).exists() else []
 
 
 def _refuse_changes(settings: TrainSettings, saved: TrainSettings, explicit: frozenset[str] | None) -> None:
