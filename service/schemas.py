@@ -131,7 +131,7 @@ GRAMMAR_DOC = ("Constrain the generated text to this grammar, in llama.cpp's GBN
 JSON_SCHEMA_DOC = ("Constrain the generated text to JSON valid under this JSON Schema (the model's vocabulary must "
                    "have the characters JSON needs, such as { and \", else a 422 naming them). " + ENDING_DOC)
 Pattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONSTRAINT_CHARS)]  # a regex or a GBNF grammar
-JsonSchema = dict[str, Any]
+JsonSchema = dict[str, Any] | bool  # a schema is an object, or true (any value) or false (none)
 
 
 class TextFormat(BaseModel):

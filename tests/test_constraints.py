@@ -558,6 +558,8 @@ def test_a_recursive_grammar_is_followed(artifact):
     ("grammar", "root ::= [a-", "malformed", "grammar is malformed"),
     ("json_schema", "{not json", "malformed", "not valid JSON"),
     ("json_schema", [1], "malformed", "must be a JSON object"),
+    ("json_schema", False, "malformed", "json_schema false allows no value"),
+    ("json_schema", "false", "malformed", "json_schema false allows no value"),
     ("json_schema", {"type": "object"}, "missing_chars", "'{'"),
     ("other", "a", "malformed", "kind must be one of"),
 ])
@@ -582,6 +584,15 @@ def test_a_fifty_rule_grammar_and_a_compile_are_cached():
     assert first.matches("aab") and first.matches("a" * 49 + "c") and not first.matches("a" * 50)
     assert compile_constraint("json_schema", {"type": "object", "b": 1}, Vocab('{}":, ab1')) is \
         compile_constraint("json_schema", '{"type": "object",  "b": 1}', Vocab('{}":, ab1'))
+
+
+def test_json_schema_true_is_the_empty_schema_any_value():
+    vocab = Vocab('{}[]":,. -0123456789abcdeflnrstu')
+    anything = compile_constraint("json_schema", True, vocab)
+    assert compile_constraint("json_schema", "true", vocab) is anything is compile_constraint("json_schema", {}, vocab)
+    for text in ('{"a": [1, "b"]}', "[]", "-1.5", '"s"', "null", "true"):
+        assert anything.matches(text), text
+    assert not anything.matches("{") and not anything.matches("tru")
 
 
 # ---------------------------------------------------------------- JSON schema on a model trained on JSON

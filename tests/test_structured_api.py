@@ -100,6 +100,7 @@ HOSTILE = [
     ("grammar", 'root ::= "a" ("b" ' * 3000 + ")" * 3000, "grammar is"),
     ("grammar", 'root ::= "THE END"', "needs characters the model's vocabulary lacks: 'T', 'H', 'E'"),
     ("json_schema", PERSON, "json_schema needs characters the model's vocabulary lacks: '{'"),
+    ("json_schema", False, "json_schema false allows no value"),
     ("json_schema", {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "json_schema"),
 ]
 
@@ -121,6 +122,16 @@ def test_the_openai_endpoints_compile_at_request_time_too(client, path, field):
         error = assert_error(client.post(path, json={**body, field: source, "stream": stream}), 422, "invalid_constraint", field)
         named = "grammar" if field == "grammar" else "response_format json_object"
         assert error["message"].startswith(f"{named} needs characters the model's vocabulary lacks: "), error["message"]
+
+
+def test_json_schema_true_is_any_json_value(client):
+    # JSON Schema's true schema allows any value; the tiny model's vocabulary has what null needs
+    choice = generate(client, json_schema=True, max_chars=20)["choices"][0]
+    assert choice["incomplete"] is False and choice["finish_reason"] == "stop"
+    json.loads(choice["text"])
+    got = events(client.post("/v1/generate", json={"prompt": "the quick", "json_schema": True, "temperature": 0,
+                                                    "max_chars": 20, "stream": True}))
+    assert "".join(e.get("text", "") for e in got if isinstance(e, dict)) == choice["text"], got
 
 
 def test_json_schema_is_read_from_a_json_body_only(client):

@@ -363,7 +363,11 @@ def canonical(kind: str, source) -> str:
                 source = json.loads(source)
             except (json.JSONDecodeError, RecursionError) as e:
                 raise ConstraintError(f"json_schema is not valid JSON: {e}") from None
-        if not isinstance(source, (dict, bool)):
+        if source is False:
+            raise ConstraintError("json_schema false allows no value: nothing can be generated")
+        if source is True:
+            source = {}  # JSON Schema's true: any value, as the empty schema
+        if not isinstance(source, dict):
             raise ConstraintError(f"json_schema must be a JSON object, got {type(source).__name__}")
         try:
             # keys in the schema's order: the properties are written in it
