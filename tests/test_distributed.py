@@ -172,6 +172,7 @@ def test_cluster_settings_come_from_flags_or_the_environment(tmp_path, monkeypat
     (["--num-processes", "2", "--coordinator", "h:99999"], "expected HOST:PORT"),
     (["--num-processes", "2", "--coordinator", "h:1", "--process-id", "2"], "--process-id must be in 0..1"),
     (["--process-id", "1"], "--process-id 1 without --num-processes"),
+    (["--coordinator", "h:1"], "without --num-processes: one process has no one to coordinate"),
     (["--devices", "0"], "Invalid value for '--devices'"),
     (["--num-processes", "2", "--coordinator", "127.0.0.1:1"], "runs on the JAX backend only: add --backend jax"),
 ])

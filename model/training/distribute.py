@@ -51,6 +51,10 @@ class Cluster:
             raise PlacementError(f"--num-processes must be >= 1, got {self.num_processes}")
         if self.num_processes == 1 and self.process_id:
             raise PlacementError(f"--process-id {self.process_id} without --num-processes")
+        if self.num_processes == 1 and self.coordinator:
+            raise PlacementError(f"--coordinator {self.coordinator} (or its variable CHARGEN_COORDINATOR or "
+                                 "KERAS_DISTRIBUTION_JOB_ADDRESSES) without --num-processes: one process has no one "
+                                 "to coordinate (give --num-processes N, or leave the coordinator out)")
         if not 0 <= self.process_id < self.num_processes:
             raise PlacementError(f"--process-id must be in 0..{self.num_processes - 1} "
                                  f"(--num-processes {self.num_processes}), got {self.process_id}")
