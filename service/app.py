@@ -163,6 +163,8 @@ class Chargen:
     def info(self, name: str | None = None) -> dict:
         """/info for one model (default: the default model), with every model in `models`; every
         model must be loaded."""
+        from model.runtime.inside import MAX_CHARS as MAX_INSPECT_CHARS  # as service/schemas.py, when it is asked
+
         served, s = self.served(name), self.settings
         engine = served.engine
         return {
@@ -170,7 +172,8 @@ class Chargen:
             "engine": {"max_batch": engine.max_batch, "active": engine.active, "queue_depth": served.scheduler.queue_depth(),
                        **{k: v for k, v in s.public().items() if k != "max_batch"}},
             "limits": {"max_prompt_chars": s.max_prompt_chars, "max_chars": s.max_chars, "max_n": s.max_n,
-                       "max_queue": s.max_queue, "max_body_bytes": s.max_body_bytes, "request_timeout": s.request_timeout},
+                       "max_queue": s.max_queue, "max_body_bytes": s.max_body_bytes, "request_timeout": s.request_timeout,
+                       "max_inspect_chars": MAX_INSPECT_CHARS},
             "bounds": BOUNDS,
             "defaults": {"max_chars": s.default_max_chars, "temperature": s.default_temperature,
                          "top_k": s.default_top_k, "top_p": s.default_top_p, **ADJUSTMENTS},

@@ -279,6 +279,61 @@ def test_stop_ends_a_long_generation_and_the_server_frees_its_slot(tab, server):
     assert page.is_visible("#send") and page.is_hidden("#stop")
 
 
+# The answer has grown past n characters, or ended.
+GROWN = """n => {
+  const turn = document.querySelector('.turn:last-child');
+  return turn.dataset.state !== 'streaming' || turn.querySelector('.generated').textContent.length > n;
+}"""
+
+
+@pytest.mark.slow
+def test_escape_stops_the_generation_only_when_it_closes_nothing_else(tab):
+    page = tab.page
+    tab.send("the", temperature=0, max_chars=LONG)
+    page.wait_for_function(GROWN, arg=200)
+
+    def escape_goes_on_streaming():
+        page.keyboard.press("Escape")
+        page.wait_for_function(GROWN, arg=len(tab.generated()) + 200)
+        assert tab.turn().get_attribute("data-state") == "streaming"
+
+    page.click("#inside-open")  # the header's Look inside, over the answer being written
+    page.wait_for_function("() => document.activeElement.id === 'inside-text'")
+    escape_goes_on_streaming()  # closes the dialog
+    assert not page.locator("#inside").evaluate("d => d.open")
+    page.focus("#max-chars")  # another field
+    escape_goes_on_streaming()
+    page.focus("#prompt")
+    page.keyboard.press("Escape")
+    assert tab.wait_ended() == "stopped"
+
+
+@pytest.mark.slow
+def test_a_prompt_over_the_limit_stays_in_the_box_and_the_pages_own_checks_are_said_plainly(tab, server):
+    page = tab.page
+    asked = []
+    page.on("request", lambda r: asked.append(r.url) if r.url.endswith("/v1/generate") else None)
+    too_long = "the quick brown fox " * 205  # 4,100 characters: over the server's 4,096
+    assert server.get("/info").json()["limits"]["max_prompt_chars"] == 4096
+    tab.send(too_long, temperature=0, max_chars=20)
+    error = page.locator("#prompt-error")
+    assert error.is_visible() and "4,100 characters" in error.text_content() and "at most 4,096" in error.text_content()
+    assert page.input_value("#prompt") == too_long and page.get_attribute("#prompt", "aria-invalid") == "true"
+    assert page.locator(".turn").count() == 0 and asked == []  # refused before it was sent
+    page.fill("#prompt", too_long[:4096])  # shortened: sent
+    page.press("#prompt", "Enter")
+    assert tab.wait_ended() == "done" and len(tab.generated()) == 20
+    assert error.is_hidden() and page.get_attribute("#prompt", "aria-invalid") is None
+
+    # what the page itself finds wrong with a setting reads as a message about it, not as a fault of the page
+    page.fill("#max-chars", "1e400")
+    page.fill("#prompt", "the quick")
+    page.press("#prompt", "Enter")
+    assert tab.wait_ended() == "error"
+    assert tab.turn().locator(".error").text_content() == "Max characters is not a number."
+    assert page.get_attribute("#max-chars", "aria-invalid") == "true"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("control, value, field", [("#top-p", "1.5", "top_p"), ("#max-chars", str(LONG + 1), "max_chars")])
 def test_an_out_of_range_setting_shows_the_servers_message_and_the_page_keeps_working(tab, server, control, value, field):
@@ -346,6 +401,25 @@ def test_a_busy_gone_or_failing_server_is_explained_and_the_page_recovers(tab, f
     tab.send("the quick", temperature=0, max_chars=20)
     assert tab.wait_ended() == "done"
     assert tab.generated() == continuation("the quick", 20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path, words", [
+    ("/", "This server needs an API key: enter it under Advanced."),
+    ("/embed", "This server needs an API key, and this embedded page cannot send one: it works only with a server that needs none."),
+])
+def test_a_server_that_needs_an_api_key_is_explained_in_the_pages_own_terms(browser, server, path, words):
+    """The embed has no key field: it says it cannot use such a server rather than pointing to one."""
+    error = {"error": {"message": "this server needs an API key", "type": "authentication_error", "param": None, "code": "invalid_api_key"}}
+    t = Tab(browser, server.url + path)
+    try:
+        t.page.route("**/v1/generate", lambda route: route.fulfill(status=401, content_type="application/json", body=json.dumps(error)))
+        t.page.fill("#prompt", "the")
+        t.page.press("#prompt", "Enter")
+        assert t.wait_ended() == "error"
+        assert t.turn().locator(".error").text_content() == words
+    finally:
+        t.close()
 
 
 EVIL = "<img src=x onerror=alert(1)>"
@@ -434,6 +508,40 @@ def test_probabilities_shade_each_character_and_show_alternatives_on_hover(tab, 
 
     page.uncheck("#probabilities")  # plain text again: no shading
     assert alpha(chars.nth(i).evaluate("s => getComputedStyle(s).backgroundColor")) == 0
+
+
+FRAMES = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"  # scroll events fire meanwhile
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/", "/embed?max_chars=1500"])
+def test_walking_an_answer_from_the_keyboard_scrolls_each_character_into_view(browser, server, path):
+    t = Tab(browser, server.url + path, viewport={"width": 800, "height": 600})
+    try:
+        page = t.page
+        page.check("#probabilities")
+        t.send("the quick", temperature=0, max_chars=None if "embed" in path else 1500)
+        assert t.wait_ended() == "done"
+        page.mouse.move(0, 0)  # out of the way: a character scrolled under the pointer would take the tip
+        answer, tip = t.turn().locator(".answer"), page.locator("#tip")
+        chars = answer.locator(".ch")
+        answer.focus()
+        # where characters can be seen: the window above the composer, or the embed's own box
+        view = ("() => { const r = document.getElementById('transcript').getBoundingClientRect(); return [r.top, r.bottom]; }"
+                if "embed" in path else "() => [0, document.getElementById('composer').getBoundingClientRect().top]")
+        for key, index, away in (("Home", 0, "1e9"), ("End", 1499, "0")):
+            page.evaluate(f"document.scrollingElement.scrollTop = document.getElementById('transcript').scrollTop = {away}")
+            page.keyboard.press(key)
+            page.evaluate(FRAMES)
+            top, bottom = page.evaluate(view)
+            char = chars.nth(index).bounding_box()
+            assert top - 1 <= char["y"] and char["y"] + char["height"] <= bottom + 1, (key, char, top, bottom)
+            assert tip.is_visible() and "current" in chars.nth(index).get_attribute("class")
+            shown = tip.bounding_box()
+            assert min(abs(shown["y"] - char["y"] - char["height"]), abs(shown["y"] + shown["height"] - char["y"])) < 10, (shown, char)
+        assert t.console_errors == []
+    finally:
+        t.close()
 
 
 SHADED = "spans => spans.map(s => [s.textContent, Number(s.dataset.p), getComputedStyle(s).backgroundColor])"
@@ -549,6 +657,9 @@ def sent(tab: Tab, prompt: str = "the quick") -> dict:
     ("/embed", "", {"temperature": 0.3}),  # no other controls: the server's defaults apply
     ("/", "?temperature=3&max_chars=7", {**DEFAULTS, "temperature": 3, "max_chars": 7}),  # presets win; 3 widens the slider
     ("/embed", "?max_chars=7&top_k=2", {"temperature": 0.3, "max_chars": 7, "top_k": 2}),
+    # presets that are no number (no whole number, for max_chars and top_k), or out of the server's bounds, are dropped
+    ("/embed", "?max_chars=abc&top_k=1.5&top_p=&temperature=-1", {"temperature": 0.3}),
+    ("/", "?temperature=1e9&max_chars=7", {**DEFAULTS, "max_chars": 7}),
 ])
 def test_the_page_starts_from_the_servers_defaults_unless_the_query_string_presets_them(browser, defaults_server, path, query, expected):
     t = Tab(browser, defaults_server.url + path + query)
@@ -558,6 +669,7 @@ def test_the_page_starts_from_the_servers_defaults_unless_the_query_string_prese
             shown.update({name: float(t.page.input_value(f"#{name.replace('_', '-')}")) for name in ("max_chars", "top_k", "top_p")})
         assert shown == {k: v for k, v in expected.items() if k in shown}
         assert t.page.text_content("#temperature-value") == f"{expected['temperature']:.2f}"
+        assert float(t.page.get_attribute("#temperature", "max")) == max(2, expected["temperature"])  # widened only as needed
         body = sent(t)
         assert {k: v for k, v in body.items() if k in DEFAULTS} == expected
         assert len(t.generated()) == expected.get("max_chars", DEFAULTS["max_chars"])  # the server applied the rest

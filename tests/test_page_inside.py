@@ -224,20 +224,22 @@ def test_hover_shows_the_cells_gates_and_the_models_guesses_and_the_keyboard_rea
 
 def test_pasted_text_and_the_servers_refusal_shown_in_the_view(tab, server):
     page = tab.page
+    asked = []
+    page.on("request", lambda r: asked.append(r.post_data_json) if r.url.endswith("/v1/inspect") else None)
     page.click("#inside-open")  # the header's Look inside: a text box to paste into
     assert page.locator("#inside").evaluate("d => d.open")
     page.wait_for_function("() => document.activeElement.id === 'inside-text'")
 
-    too_long = "the quick brown fox " * 201  # over the server's 4,000 characters
-    refusal = server.post("/v1/inspect", json={"text": too_long})
-    assert refusal.status_code == 422 and refusal.json()["error"]["param"] == "text"
+    too_long = "the quick brown fox " * 201  # 4,020 characters: over the 4,000 the server reads
+    assert server.get("/info").json()["limits"]["max_inspect_chars"] == 4000
+    assert server.post("/v1/inspect", json={"text": too_long}).status_code == 422
     page.fill("#inside-text", too_long)
     page.click("#inside-run")
     error = page.locator("#inside-error")
     error.wait_for(state="visible")
-    assert refusal.json()["error"]["message"] in error.text_content()
+    assert "4,020 characters" in error.text_content() and "at most 4,000" in error.text_content()
     assert page.get_attribute("#inside-text", "aria-invalid") == "true"
-    assert page.is_hidden("#inside-view")
+    assert page.is_hidden("#inside-view") and asked == []  # refused before it was sent
 
     page.fill("#inside-text", "###")  # no character the model knows: nothing to read
     page.click("#inside-run")
@@ -256,6 +258,39 @@ def test_pasted_text_and_the_servers_refusal_shown_in_the_view(tab, server):
     page.click("#inside-run")
     error.wait_for(state="visible")
     assert "still loading" in error.text_content()
+
+
+FRAMES = "() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"  # scroll events fire meanwhile
+
+
+def test_a_reply_over_what_inside_reads_is_read_from_its_end_and_the_keyboard_walk_scrolls_to_each_character(tab, server):
+    limit = server.get("/info").json()["limits"]["max_inspect_chars"]
+    page = tab.page
+    tab.send((PERIODIC * 100)[:limit - 20], temperature=0, max_chars=60)  # prompt and answer: 40 over the limit
+    assert tab.wait_ended() == "done"
+    text = (PERIODIC * 100)[:limit - 20] + tab.generated()
+    tab.turn().get_by_role("button", name="Look inside").click()
+    page.locator("#inside-view").wait_for(state="visible")
+    assert page.is_hidden("#inside-error")
+    chars = page.locator("#inside-chars .ch")
+    assert chars.count() == limit and "".join(chars.all_text_contents()) == text[-limit:]
+    note = page.locator("#inside-note")
+    assert note.is_visible() and f"shows the last {limit:,} characters" in note.text_content()
+
+    # the characters walked to from the keyboard are scrolled into the text's box, the tip beside them
+    page.mouse.move(0, 0)  # out of the way: a character scrolled under the pointer would take the tip
+    page.focus("#inside-chars")
+    box = page.locator("#inside-chars").bounding_box()
+    tip = page.locator("#inside-tip")
+    for key, t in (("End", limit - 1), ("Home", 0)):
+        page.keyboard.press(key)
+        page.evaluate(FRAMES)
+        char = chars.nth(t).bounding_box()
+        assert box["y"] <= char["y"] and char["y"] + char["height"] <= box["y"] + box["height"], (key, char, box)
+        assert tip.is_visible() and f"(character {t + 1})" in tip.text_content()
+        shown = tip.bounding_box()
+        assert min(abs(shown["y"] - char["y"] - char["height"]), abs(shown["y"] + shown["height"] - char["y"])) < 10, (shown, char)
+    assert tab.console_errors == []
 
 
 PERIODIC_PASTE = ("the lazy dog.\nthe quick brown fox jumps over the lazy dog.\nthe quick brown fox jumps "
@@ -300,6 +335,13 @@ def test_a_gru_shows_its_own_gates_reads_another_layer_and_asks_in_pieces_when_t
         assert page.locator("#inside-layer option").all_text_contents() == ["1", "2"]
         assert page.locator("#inside-colour option").evaluate_all("os => os.map(o => o.value)") == ["hidden"]
         assert page.locator("#inside-map-quantity option").evaluate_all("os => os.map(o => o.value)") == ["hidden", "update", "reset", "candidate"]
+        # the candidate is a tanh value, not a gate: named so, and counted near -1 and near 1
+        assert page.locator("#inside-map-quantity option").all_text_contents() == ["hidden state", "update gate", "reset gate", "candidate"]
+        assert page.text_content("#inside-saturation-kind") == "Gate"
+        rows = page.locator("#inside-saturation tr").evaluate_all("rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+        assert [name for _, name, _, _ in rows] == ["update", "reset", "candidate (tanh)"] * 2
+        for _, name, low, high in rows:
+            assert low.endswith("near −1" if name == "candidate (tanh)" else "near 0") and high.endswith("near 1"), (name, low, high)
 
         # the other layer cannot be read: the view says so and stays on the layer it shows
         shown_layer = page.input_value("#inside-layer")
@@ -327,6 +369,36 @@ def test_a_gru_shows_its_own_gates_reads_another_layer_and_asks_in_pieces_when_t
         assert len([a for a in asked if a > 2]) == refused  # the other layer was asked for in pieces that fit at once
         # Chromium logs each refused request; the page's own code raised nothing
         assert all(e.startswith("Failed to load resource") for e in t.console_errors), t.console_errors
+    finally:
+        t.close()
+
+
+@pytest.fixture(scope="module")
+def rnn_server(tmp_path_factory, browser):
+    """A vanilla RNN: no gates at all, its one extra quantity the preactivation."""
+    artifact = train_tiny(tmp_path_factory.mktemp("rnn") / "run", PERIODIC * 30, cell="rnn", units=16, epochs=3)
+    with running_server(artifact) as s:
+        yield s
+
+
+def test_an_rnn_is_shown_without_gates_and_its_saturation_counts_its_tanh_values(browser, rnn_server):
+    t = Tab(browser, rnn_server.url + "/")
+    try:
+        page = t.page
+        page.click("#inside-open")
+        page.fill("#inside-text", PERIODIC_PASTE)
+        page.click("#inside-run")
+        page.locator("#inside-view").wait_for(state="visible")
+        assert page.locator("#inside-map-quantity option").all_text_contents() == ["hidden state", "preactivation"]
+        assert page.input_value("#inside-map-quantity") == "preactivation"
+        assert page.get_attribute("#inside-map-heat", "aria-label").startswith("Heatmap of layer 1's preactivation:")
+        assert page.text_content("#inside-saturation-kind") == "Value"
+        rows = page.locator("#inside-saturation tr").evaluate_all("rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+        assert len(rows) == 1
+        layer, name, low, high = rows[0]
+        assert (layer, name) == ("1", "tanh(preactivation)")
+        assert low.endswith("% near −1") and high.endswith("% near 1")
+        assert t.console_errors == []
     finally:
         t.close()
 

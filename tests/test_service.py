@@ -299,7 +299,7 @@ def test_health_and_info(client, tiny_artifact):
     assert model["corpus"]["chars"] > 0 and model["validation"]["bits_per_char"] > 0
     assert model["path"] == str(tiny_artifact)
     assert info["limits"] == {"max_prompt_chars": 300, "max_chars": 1000, "max_n": 4, "max_queue": 128,
-                              "max_body_bytes": 4096, "request_timeout": 300.0}
+                              "max_body_bytes": 4096, "request_timeout": 300.0, "max_inspect_chars": 4000}
     assert info["defaults"] == {"max_chars": 200, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "presence_penalty": 0.0,
                                 "frequency_penalty": 0.0, "repetition_penalty": 1.0, "repetition_window": 64, "min_p": 0.0,
                                 "logit_bias": {}}

@@ -46,8 +46,16 @@ def test_an_example_the_model_can_write_gives_an_answer_that_matches_it(tab):
     assert tab.wait_ended() == "done"
     text = tab.generated()
     assert re.fullmatch(r"(.{10,60}\n){14}", text) and text == PERIODIC * 14  # greedy: the lines the model knows
-    assert tab.turn().locator(".finish").text_content().startswith("finish: stop")
+    assert tab.turn().locator(".finish").text_content() == "finish: stop (the format is complete)"  # no stop sequence
     assert tab.console_errors == []
+
+
+def test_an_answer_cut_by_max_characters_says_its_format_was_not_finished(tab):
+    page = tab.page
+    page.fill("#format-pattern", "[a-z ]{50}")
+    tab.send("the quick", temperature=0, max_chars=10)
+    assert tab.wait_ended() == "done" and len(tab.generated()) == 10
+    assert tab.turn().locator(".finish").text_content() == "finish: length (reached max characters; the format was not finished)"
 
 
 def test_a_grammar_and_the_probabilities_after_the_mask(tab):
@@ -63,6 +71,30 @@ def test_a_grammar_and_the_probabilities_after_the_mask(tab):
         "spans => spans.map(s => (s.top || []).filter(a => a.logprob > -1e9).map(a => a.char).join(''))")
     assert len(alternatives) == 7 and all(set(a) <= set("aeiou") for a in alternatives[:6]) and alternatives[6] == "\n"
     assert tab.console_errors == []
+
+
+def luminance(colour: str) -> float:
+    """WCAG's relative luminance of a computed "rgb(r, g, b)"."""
+    channels = [float(x) / 255 for x in re.findall(r"[\d.]+", colour)[:3]]
+    r, g, b = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_the_format_selects_are_readable_in_dark_mode_and_stay_in_their_fields(browser, server):
+    t = Tab(browser, server.url + "/", color_scheme="dark")
+    try:
+        page = t.page
+        page.click("#format summary")
+        page.wait_for_function(OFFERED)  # the longest label is in the list
+        for select in ("#format-example", "#format-kind"):
+            text, background = page.locator(select).evaluate("s => [getComputedStyle(s).color, getComputedStyle(s).backgroundColor]")
+            assert background.startswith("rgb("), background  # a background of its own, not the page's through it
+            lighter, darker = sorted((luminance(text), luminance(background)), reverse=True)
+            assert (lighter + 0.05) / (darker + 0.05) >= 4.5, (select, text, background)
+        example, kind = page.locator("#format-example").bounding_box(), page.locator("#format-kind").bounding_box()
+        assert example["x"] + example["width"] <= kind["x"], (example, kind)
+    finally:
+        t.close()
 
 
 @pytest.mark.parametrize("kind, pattern, says", [

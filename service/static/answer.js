@@ -124,7 +124,12 @@ export class ProbabilityTips {
     });
     root.addEventListener("focusout", () => this.hide());
     root.addEventListener("keydown", (e) => this.key(e));
-    window.addEventListener("scroll", () => this.hide(), { passive: true });
+    // the tip of a character walked to from the keyboard follows it (its walk scrolls it into view)
+    window.addEventListener("scroll", () => (this.walking() ? this.place(this.current) : this.hide()), { passive: true });
+  }
+
+  walking() {
+    return Boolean(this.current && document.activeElement?.contains(this.current));
   }
 
   key(e) {
@@ -135,13 +140,16 @@ export class ProbabilityTips {
     else if (e.key === "ArrowLeft" || e.key === "ArrowUp") i -= 1;
     else if (e.key === "Home") i = 0;
     else if (e.key === "End") i = spans.length - 1;
-    else if (e.key === "Escape") return this.hide();
-    else return;
+    else if (e.key === "Escape") {
+      e.preventDefault(); // closes the tip, and nothing else
+      return this.hide();
+    } else return;
     e.preventDefault();
-    this.show(spans[Math.max(0, Math.min(spans.length - 1, i))]);
+    this.show(spans[Math.max(0, Math.min(spans.length - 1, i))], { walk: true });
   }
 
-  show(span) {
+  // walk: the span was reached from the keyboard, and is scrolled into view if need be
+  show(span, { walk = false } = {}) {
     this.current?.classList.remove("current");
     this.current = span;
     span.classList.add("current");
@@ -175,6 +183,7 @@ export class ProbabilityTips {
     caption.className = "tip-caption";
     caption.textContent = "Most likely next characters:";
     this.tip.replaceChildren(head, caption, list);
+    if (walk) span.scrollIntoView({ block: "nearest" });
     this.tip.hidden = false;
     this.place(span);
   }

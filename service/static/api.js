@@ -148,8 +148,9 @@ export function describe(error) {
         error.retryAfter ? ` in ${error.retryAfter} s` : " shortly"}.`;
     case "loading":
       return "The model is still loading. Try again in a few seconds.";
-    case "auth":
-      return "This server needs an API key: enter it under Advanced.";
+    case "auth": // only / has a key field: the embed cannot send one
+      return document.getElementById("api-key") ? "This server needs an API key: enter it under Advanced."
+        : "This server needs an API key, and this embedded page cannot send one: it works only with a server that needs none.";
     case "gone":
       return `${error.message} Check that it is running, then try again.`;
     default:

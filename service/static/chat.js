@@ -5,7 +5,7 @@
 import { ApiError, describe, generate, getInfo, score } from "./api.js";
 import { Answer, ProbabilityTips } from "./answer.js";
 import { clearFormatError, formatControls, formatSettings, offerExamples, showFormatError } from "./format.js";
-import { openInside } from "./inside.js";
+import { openInside, setInspectLimit } from "./inside.js";
 
 const $ = (id) => document.getElementById(id);
 const compact = document.body.classList.contains("embed");
@@ -21,7 +21,7 @@ const ui = {
   modelField: $("model-field"), modelPicker: $("model-picker"), modelNote: $("model-note"),
   minP: $("min-p"), repetitionPenalty: $("repetition-penalty"), repetitionWindow: $("repetition-window"),
   presencePenalty: $("presence-penalty"), frequencyPenalty: $("frequency-penalty"), logitBias: $("logit-bias"),
-  template: $("turn-template"),
+  template: $("turn-template"), promptError: $("prompt-error"),
 };
 
 // The sampling settings, by request field, and their controls (the embed has only the temperature's).
@@ -128,17 +128,22 @@ function showTemperature() {
 
 // Query-string presets (?prompt=…&temperature=…&max_chars=…&top_k=…&top_p=…&model=…), so a site embedding
 // the page can start it with its own example. Values only ever fill form fields, or, for a setting this
-// page has no control for, go into the request as they are.
+// page has no control for, go into the request as numbers; a value that is no number (no whole number
+// where the server takes one) is dropped, as a number field drops it, and the server's default applies.
 const presets = new URLSearchParams(location.search);
 const uncontrolled = {};
+const WHOLE = new Set(["max_chars", "top_k", "repetition_window"]); // the settings the server takes as integers
+
+function presetNumber(name) {
+  const value = presets.get(name)?.trim() ?? "";
+  const n = value === "" ? NaN : Number(value);
+  return Number.isFinite(n) && (!WHOLE.has(name) || Number.isInteger(n)) ? n : undefined;
+}
 
 function setSetting(name, value) {
   const control = SETTINGS[name];
-  if (!control) {
-    uncontrolled[name] = Number(value);
-  } else if (control === ui.temperature) {
+  if (control === ui.temperature) {
     const t = Number(value);
-    if (!Number.isFinite(t)) return; // a preset that is no number leaves the slider as it is
     if (t > Number(control.max)) control.max = String(t); // a default (or preset) above the slider's range widens it
     control.value = String(t);
     if (Number(control.value) !== t) control.step = "any"; // and one between its steps (0.33) is kept as it is
@@ -152,13 +157,23 @@ function setSetting(name, value) {
 
 function applyPresets() {
   if (presets.has("prompt")) ui.prompt.value = presets.get("prompt");
-  for (const name of Object.keys(SETTINGS)) if (presets.has(name)) setSetting(name, presets.get(name));
+  for (const name of Object.keys(SETTINGS)) {
+    if (name === "temperature" || !presets.has(name)) continue; // the temperature waits for the server's bounds
+    const value = presetNumber(name);
+    if (SETTINGS[name]) setSetting(name, presets.get(name));
+    else if (value !== undefined) uncontrolled[name] = value;
+  }
 }
 
-// The server's defaults, into the controls that no preset and no person has set yet.
-function applyDefaults(defaults) {
+// The temperature preset, if it is within the server's bounds (one beyond them is dropped rather than
+// widening the slider), then the server's defaults, into the controls that no preset and no person has set yet.
+function applyDefaults({ defaults, bounds }) {
+  const t = presetNumber("temperature");
+  const kept = t !== undefined && t >= 0 && t <= (bounds?.max_temperature ?? Infinity);
+  if (kept && !ui.temperature.dataset.chosen) setSetting("temperature", t);
   for (const [name, control] of Object.entries(SETTINGS)) {
-    if (!control || presets.has(name) || defaults?.[name] === undefined) continue;
+    const preset = name === "temperature" ? kept : presets.has(name);
+    if (!control || preset || defaults?.[name] === undefined) continue;
     const untouched = control === ui.temperature ? !control.dataset.chosen : control.value === "";
     if (untouched) setSetting(name, defaults[name]);
   }
@@ -230,7 +245,8 @@ async function loadInfo() {
     try {
       info = await getInfo();
       showModels(info);
-      applyDefaults(info.defaults);
+      applyDefaults(info);
+      setInspectLimit(info.limits?.max_inspect_chars);
       if (ui.apiKeyField && info.engine?.api_key_required) ui.apiKeyField.hidden = false;
       return;
     } catch (e) {
@@ -354,8 +370,11 @@ class Turn {
   done(event) {
     const choice = event.choices?.[0] ?? {};
     const reason = choice.finish_reason ?? "unknown";
+    // a formatted answer (the choice says whether it is `incomplete`) stops once its format is matched
+    let why = choice.incomplete === false && reason === "stop" ? "the format is complete" : FINISH[reason];
+    if (choice.incomplete) why = `${why ? `${why}; ` : ""}the format was not finished`;
     this.finish.dataset.reason = reason;
-    this.finish.textContent = `finish: ${reason}${FINISH[reason] ? ` (${FINISH[reason]})` : ""}`;
+    this.finish.textContent = `finish: ${reason}${why ? ` (${why})` : ""}`;
     const cps = event.timings?.chars_per_second;
     this.speed.textContent = cps ? `${Math.round(cps).toLocaleString("en")} chars/s` : "";
     if (event.seed !== undefined) this.seed.textContent = `seed ${event.seed}`;
@@ -377,7 +396,8 @@ class Turn {
   }
 
   failed(error) {
-    this.showError(describe(error));
+    // what the page itself found wrong with a setting is said as it is; anything else is explained
+    this.showError(error instanceof SettingsError ? error.message : describe(error));
     this.finish.dataset.reason = "error";
     this.end("error");
     if (error instanceof ApiError && error.kind === "refused") {
@@ -476,9 +496,23 @@ async function start(turn, prompt, { fresh }) {
   }
 }
 
+// A prompt over the server's limit is refused here, and stays in the box to be shortened.
+function tooLong(prompt) {
+  const limit = info?.limits?.max_prompt_chars;
+  const length = Array.from(prompt).length; // counted as the server counts: by code point
+  if (!limit || length <= limit) return false;
+  ui.promptError.textContent = `This prompt has ${length.toLocaleString("en")} characters; the server takes at most ${
+    limit.toLocaleString("en")}. Shorten it, then send it again.`;
+  ui.promptError.hidden = false;
+  ui.prompt.setAttribute("aria-invalid", "true");
+  return true;
+}
+
 function send() {
   if (running) return;
   const prompt = ui.prompt.value;
+  if (tooLong(prompt)) return;
+  ui.promptError.hidden = true;
   const turn = new Turn(prompt);
   turns = compact ? [turn] : [...turns, turn];
   if (compact) ui.transcript.replaceChildren(turn.node);
@@ -504,15 +538,27 @@ ui.prompt.addEventListener("keydown", (e) => {
 });
 
 ui.stop.addEventListener("click", () => running?.controller.abort());
+// Escape stops the generation, unless it is closing something (a dialog, a tip, a drop-down list) or
+// belongs to another field.
 document.addEventListener("keydown", (e) => {
-  if (e.key === "Escape" && running) running.controller.abort();
+  if (e.key !== "Escape" || !running || e.defaultPrevented || document.querySelector("dialog[open]")) return;
+  const field = document.activeElement;
+  if (field !== ui.prompt && field?.matches("input, select, textarea")) return;
+  running.controller.abort();
 });
+ui.prompt.addEventListener("input", () => { ui.promptError.hidden = true; });
 
 ui.temperature.addEventListener("input", () => {
   ui.temperature.dataset.chosen = "true";
   showTemperature();
 });
 const tips = new ProbabilityTips(ui.transcript, ui.tip, () => ui.probabilities?.checked);
+// The composer sticks to the bottom of the window: what is scrolled into view (a character walked to,
+// a focused button) stops above it.
+if (!compact) {
+  new ResizeObserver(() => document.documentElement.style.setProperty("scroll-padding-bottom", `${ui.composer.offsetHeight}px`))
+    .observe(ui.composer);
+}
 // Ticking the box shades the answers already on screen too (those written without probabilities are
 // scored first); unticking hides the shading of every answer.
 function scoreShown() {

@@ -21,6 +21,11 @@ const GATES = { // as /v1/inspect names them
 const SIGMOID = new Set(["input", "forget", "output", "update", "reset"]); // 0..1; the others read as -1..1
 const NAMES = { hidden: "hidden state", cell: "cell state" };
 
+// What the view calls a quantity: the sigmoid ones are gates; the candidate and the RNN's preactivation are not.
+function nameOf(n) {
+  return NAMES[n] ?? (SIGMOID.has(n) ? `${n} gate` : n);
+}
+
 const ui = {
   dialog: $("inside"), close: $("inside-close"), form: $("inside-form"), text: $("inside-text"), run: $("inside-run"),
   model: $("inside-model"), error: $("inside-error"), status: $("inside-status"), view: $("inside-view"),
@@ -29,7 +34,8 @@ const ui = {
   legendLow: $("inside-legend-low"), legendHigh: $("inside-legend-high"),
   mapQuantity: $("inside-map-quantity"), mapLow: $("inside-map-low"), mapHigh: $("inside-map-high"),
   mapChars: $("inside-map-chars"), heat: $("inside-map-heat"), mark: $("inside-map-mark"),
-  saturationPart: $("inside-saturation-part"), saturation: $("inside-saturation"), tip: $("inside-tip"),
+  saturationPart: $("inside-saturation-part"), saturation: $("inside-saturation"), saturationKind: $("inside-saturation-kind"),
+  tip: $("inside-tip"), note: $("inside-note"),
 };
 
 // What the last answer said about the text, and the arrays read so far: values.get(layer).get(name),
@@ -43,6 +49,7 @@ let loading = null; // {layer, controller, done} of another layer being read
 let shown = null; // the pick the view shows
 let summary = ""; // what the status line says once a text is read
 let most = null; // the most arrays one request may ask for this text (null: not yet refused)
+let limit = null; // the longest text /v1/inspect reads (/info's limits.max_inspect_chars; null: not known yet)
 
 // ---------------------------------------------------------------- values
 
@@ -148,9 +155,23 @@ function showError(message) {
   ui.error.hidden = false;
 }
 
+// A text longer than the server reads is refused here, with the limit.
+function tooLong(text) {
+  const length = Array.from(text).length; // counted as the server counts: by code point
+  if (!limit || length <= limit) return false;
+  ui.status.textContent = "";
+  ui.view.hidden = true;
+  hideTip();
+  showError(`This text has ${length.toLocaleString("en")} characters; Inside reads at most ${
+    limit.toLocaleString("en")}. Shorten it, then look again.`);
+  ui.text.setAttribute("aria-invalid", "true");
+  return true;
+}
+
 async function read() {
   reading?.abort();
   loading?.controller.abort();
+  if (tooLong(ui.text.value)) return;
   const controller = new AbortController();
   reading = controller;
   const signal = controller.signal;
@@ -230,7 +251,7 @@ function setUpControls() {
   ui.cellHelp.textContent = `0 to ${seen.units - 1}`;
   const names = quantities(seen.cellType);
   ui.colour.replaceChildren(...names.filter((n) => NAMES[n]).map((n) => option(n, NAMES[n])));
-  ui.mapQuantity.replaceChildren(...names.map((n) => option(n, NAMES[n] ?? `${n} gate`)));
+  ui.mapQuantity.replaceChildren(...names.map((n) => option(n, nameOf(n))));
   ui.mapQuantity.value = names.find((n) => SIGMOID.has(n)) ?? names[names.length - 1];
   renderChars();
   renderRanking();
@@ -352,10 +373,15 @@ function renderRanking() {
   ui.ranking.replaceChildren(...items);
 }
 
+// The server counts a gate (0..1) below 0.1 and above 0.9, a tanh value (-1..1: the candidate, the
+// RNN's tanh(preactivation), which is its hidden state) below -0.9 and above 0.9; each row says which.
 function renderSaturation() {
+  ui.saturationKind.textContent = seen.cellType === "rnn" ? "Value" : "Gate";
   const rows = seen.saturation.map((s) => {
     const tr = document.createElement("tr");
-    for (const text of [s.layer, s.gate, percent(s.low), percent(s.high)]) {
+    const gate = SIGMOID.has(s.gate);
+    const name = gate ? s.gate : s.gate === "preactivation" ? "tanh(preactivation)" : `${s.gate} (tanh)`;
+    for (const text of [s.layer, name, `${percent(s.low)} near ${gate ? "0" : "−1"}`, `${percent(s.high)} near 1`]) {
       const td = document.createElement("td");
       td.textContent = String(text);
       tr.append(td);
@@ -410,7 +436,7 @@ function paintMap(name, array) {
   ui.heat.style.setProperty("width", `${T * CHAR_WIDTH}px`);
   ui.heat.style.setProperty("height", `${H * rowHeight}px`);
   ui.heat.rowHeight = rowHeight;
-  ui.heat.setAttribute("aria-label", `Heatmap of layer ${pick.layer}'s ${NAMES[name] ?? `${name} gate`}: ${H} cells over ${T} characters.`);
+  ui.heat.setAttribute("aria-label", `Heatmap of layer ${pick.layer}'s ${nameOf(name)}: ${H} cells over ${T} characters.`);
   ui.heat.drawn = array;
   [ui.mapLow.textContent, ui.mapHigh.textContent] = range(name);
 
@@ -546,9 +572,15 @@ ui.chars.addEventListener("keydown", (e) => {
     return;
   } else return;
   e.preventDefault();
-  showTip(Math.max(0, Math.min(last, t)));
+  t = Math.max(0, Math.min(last, t));
+  ui.chars.children[t]?.scrollIntoView({ block: "nearest" });
+  showTip(t);
 });
-ui.dialog.addEventListener("scroll", () => hideTip(), { passive: true, capture: true });
+// a scroll moves the characters from under the tip; the tip of one walked to from the keyboard follows it
+ui.dialog.addEventListener("scroll", () => {
+  if (document.activeElement === ui.chars && current !== null) placeTip(ui.tip, ui.chars.children[current].getBoundingClientRect());
+  else hideTip();
+}, { passive: true, capture: true });
 
 // ---------------------------------------------------------------- opening
 
@@ -562,6 +594,7 @@ ui.text.addEventListener("keydown", (e) => {
     read();
   }
 });
+ui.text.addEventListener("input", () => { ui.note.hidden = true; });
 ui.close.addEventListener("click", () => ui.dialog.close());
 ui.dialog.addEventListener("close", () => {
   reading?.abort();
@@ -569,14 +602,25 @@ ui.dialog.addEventListener("close", () => {
   hideTip();
 });
 
-// Opens the dialog on `text` (a reply with its prompt, from chat.js) and reads it at once; without
-// text it opens on the text box, to paste one.
+// The longest text the server's /v1/inspect reads (chat.js, from /info).
+export function setInspectLimit(chars) {
+  limit = chars ?? null;
+}
+
+// Opens the dialog on `text` (a reply with its prompt, from chat.js) and reads it at once, its last
+// `limit` characters if it is longer, as Continue does (the state after them mostly depends on the
+// recent text anyway); without text it opens on the text box, to paste one.
 export function openInside({ text = "", model } = {}) {
   if (model) ui.dialog.dataset.model = model;
   else delete ui.dialog.dataset.model;
   if (!ui.dialog.open) ui.dialog.showModal();
+  const chars = Array.from(text);
+  const cut = limit && chars.length > limit;
+  ui.note.textContent = cut ? `This reply and its prompt have ${chars.length.toLocaleString("en")} characters; Inside reads at most ${
+    limit.toLocaleString("en")} at once, so it shows the last ${limit.toLocaleString("en")} characters.` : "";
+  ui.note.hidden = !cut;
   if (text) {
-    ui.text.value = text;
+    ui.text.value = cut ? chars.slice(-limit).join("") : text;
     read();
   } else {
     ui.text.focus();
