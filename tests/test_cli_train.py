@@ -53,6 +53,7 @@ def invoke(*args: str):
     (["--seq-len", "5000"], "--seq-len 5000 is longer than the training part of the corpus (810 characters)"),
     (["--seq-len", "810"], "--seq-len 810 is longer than the training part of the corpus"),
     (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["--batch-size", "99999999999999999999"], "--batch-size must be at most 1,048,576 windows"),
     (["--lr", "0"], "Invalid value for '--lr'"),
     (["--lr", "-0.01"], "Invalid value for '--lr'"),
     (["--lr", "nan"], "--lr must be a positive number, got nan"),
@@ -307,6 +308,33 @@ def test_killed_run_resumes_from_its_last_completed_epoch(tmp_path):
     assert best.meta.validation.nats_per_char == pytest.approx(min(r["val_nats_per_char"] for r in history), abs=1e-5)
     assert best.meta.command.startswith("chargen train --corpus ")
     assert sorted(p.name for p in (run / "artifacts").iterdir()) == [best.path.resolve().name]
+
+
+def test_a_run_directory_another_training_writes_is_refused(tmp_path, corpus):
+    """Two trainings on one --out at once overwrote each other's files: the process writing a run
+    directory holds its lock, and a second (new or --resume) is refused, naming it, writing nothing."""
+    from model.training.train import LOCK_FILE, RUN_FILE
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(run / LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d' % os.getpid()); print('held', flush=True)\n"
+        "sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        tiny = ("--corpus", str(corpus), "--out", str(run), "--units", "8", "--embedding", "4", "--seq-len", "20",
+                "--max-steps", "1", "--eval-every", "1", "--sample-chars", "0")
+        result = invoke("train", *tiny)
+        assert result.exit_code == 1
+        assert f"{run} is being written by another training (pid {holder.pid})" in result.output, result.output
+        assert not (run / RUN_FILE).exists()
+    finally:
+        holder.communicate("", timeout=10)
+    result = invoke("train", *tiny)  # the holder has ended: its lock went with it
+    assert result.exit_code == 0, result.output
+    assert (run / RUN_FILE).exists()
 
 
 def test_resume_refuses_a_changed_network_or_data_setting(tmp_path, corpus):

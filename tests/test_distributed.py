@@ -174,6 +174,7 @@ def test_cluster_settings_come_from_flags_or_the_environment(tmp_path, monkeypat
     (["--process-id", "1"], "--process-id 1 without --num-processes"),
     (["--coordinator", "h:1"], "without --num-processes: one process has no one to coordinate"),
     (["--devices", "0"], "Invalid value for '--devices'"),
+    (["--devices", "99999999999999999999"], "--devices must be a whole number from 1 to 1024"),
     (["--num-processes", "2", "--coordinator", "127.0.0.1:1"], "runs on the JAX backend only: add --backend jax"),
 ])
 def test_bad_cluster_settings_are_refused_before_any_work(tmp_path, args, problem):

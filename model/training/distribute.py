@@ -34,6 +34,9 @@ class PlacementError(ValueError):
     """Devices or processes that cannot be used as asked; the message says what to change."""
 
 
+MAX_DEVICES = 1024  # a process's devices (a GPU host has up to 16; above that, --devices N virtual CPUs)
+
+
 @dataclass(frozen=True)
 class Cluster:
     """How this process takes part in a run: settings of a launch, not of the run (a resumed run may
@@ -45,8 +48,8 @@ class Cluster:
     process_id: int = 0
 
     def check(self) -> None:
-        if self.devices is not None and (isinstance(self.devices, bool) or self.devices < 1):
-            raise PlacementError(f"--devices must be a whole number >= 1, got {self.devices!r}")
+        if self.devices is not None and (isinstance(self.devices, bool) or not 1 <= self.devices <= MAX_DEVICES):
+            raise PlacementError(f"--devices must be a whole number from 1 to {MAX_DEVICES}, got {self.devices!r}")
         if self.num_processes < 1:
             raise PlacementError(f"--num-processes must be >= 1, got {self.num_processes}")
         if self.num_processes == 1 and self.process_id:

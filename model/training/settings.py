@@ -23,6 +23,7 @@ MIN_EVAL_CHARS = 2  # one prediction needs two characters
 MAX_SAMPLE_CHARS = 2_000
 MAX_VALIDATION_FRACTION = 0.5
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which Keras uses, takes 32 bits
+MAX_BATCH_SIZE = 1 << 20  # windows in one step, all devices together (a batch of 64 is the default)
 
 
 class TrainingError(ValueError):
@@ -74,6 +75,8 @@ class TrainSettings:
 
         whole("seq_len", self.seq_len)
         whole("batch_size", self.batch_size)
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise TrainingError(f"--batch-size must be at most {MAX_BATCH_SIZE:,} windows, got {self.batch_size:,}")
         whole("epochs", self.epochs)
         whole("max_steps", self.max_steps, optional=True)
         whole("eval_every", self.eval_every, optional=True)

@@ -36,6 +36,7 @@ command line reports a mistake before the backend loads; `train()` imports Keras
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import math
 import os
@@ -95,23 +96,24 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         verbose = 1 if sys.stdout.isatty() else 0
     command = command or " ".join(sys.argv)
 
-    # prepare data: every check, then Keras, run.json and the token file
-    prep = prepare(settings, resume, explicit, writer=cluster.process_id == 0)
-    settings = prep.settings
-    placement = _place(cluster, settings.batch_size)
-    data = _load_data(prep, placement, command)
+    with _RunLock() as lock:
+        # prepare data: every check, then Keras, run.json (the run directory locked) and the token file
+        prep = prepare(settings, resume, explicit, writer=cluster.process_id == 0)
+        settings = prep.settings
+        placement = _place(cluster, settings.batch_size)
+        data = _load_data(prep, placement, command, lock)
 
-    # build or resume
-    model, state = _build_or_resume(prep, data, placement)
-    started_with, resumed = prep.commands(command)
-    run = _Run(settings, data, placement, model, state, Budget(called, settings.max_minutes), verbose,
-               command=started_with, resumed=resumed)
-    _describe(run)
-    _prepare_evaluations(run)
+        # build or resume
+        model, state = _build_or_resume(prep, data, placement)
+        started_with, resumed = prep.commands(command)
+        run = _Run(settings, data, placement, model, state, Budget(called, settings.max_minutes), verbose,
+                   command=started_with, resumed=resumed)
+        _describe(run)
+        _prepare_evaluations(run)
 
-    # fit with evaluation, then finish
-    stop_reason = _fit(run)
-    return _finish(run, stop_reason)
+        # fit with evaluation, then finish
+        stop_reason = _fit(run)
+        return _finish(run, stop_reason)
 
 
 # ---------------------------------------------------------------- prepare data
@@ -301,15 +303,18 @@ class _Data:
         return self.windows.steps_per_epoch
 
 
-def _load_data(prep: Prepared, placement: Placement, command: str) -> _Data:
+def _load_data(prep: Prepared, placement: Placement, command: str, lock: _RunLock) -> _Data:
     """Process 0 writes run.json (a new run's) and the token file, while the others wait; then
     every process reads the token file."""
     settings = prep.settings
     if placement.writer:
         out = Path(settings.out)
         out.mkdir(parents=True, exist_ok=True)
+        lock.hold(out)
         if not (out / RUN_FILE).exists():
             write_atomic(out / RUN_FILE, run_json(settings, command))
+        elif not prep.resume:  # another training wrote it since prepare() looked, and has finished
+            raise TrainingError(f"{out} already holds a training run: pass --resume to continue it, or choose another --out")
         _write_tokens(prep)
     else:
         _log(f"process {placement.process_id} of {placement.num_processes}: process 0 writes {settings.out}")
@@ -323,6 +328,38 @@ def _load_data(prep: Prepared, placement: Placement, command: str) -> _Data:
     per_epoch = windows.steps_per_epoch
     last_step = per_epoch * settings.epochs if settings.max_steps is None else min(per_epoch * settings.epochs, settings.max_steps)
     return _Data(prep.corpus, tokens, tokens.vocab, split, windows, last_step, settings.eval_every or per_epoch)
+
+
+LOCK_FILE = ".lock"  # held (flock) by the process writing the run directory, for as long as it trains
+
+
+class _RunLock:
+    """One training writes a run directory at a time: a second (a new run, or a --resume started
+    while one runs) is refused, naming the process that holds it. Held from when process 0 creates
+    the directory until train() returns or raises (the system drops it when a process dies)."""
+
+    fd: int | None = None
+
+    def hold(self, out: Path) -> None:
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TrainingError(f"{out} is being written by another training (pid {holder}): wait for it to end, "
+                                "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def __enter__(self) -> _RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
 
 
 def _write_tokens(prep: Prepared) -> None:
