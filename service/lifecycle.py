@@ -211,6 +211,10 @@ def _stop_listening(worker) -> None:
             if worker.nr_conns == before:
                 break
         listener.close()
+    # The main loop turns accepting back on while the worker is alive and below its connection limit,
+    # which the SIGTERM handler's exit may not have ended yet (a reload's handover thread): with the
+    # listeners gone from its list, that registers none instead of failing on a closed socket.
+    worker.sockets = []
 
 
 # ---------------------------------------------------------------- python -m service.lifecycle take

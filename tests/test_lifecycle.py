@@ -129,6 +129,30 @@ def test_sigterm_drains_a_long_stream_refuses_new_connections_and_exits_0(tiny_a
 # ---------------------------------------------------------------- reload
 
 
+def test_a_draining_worker_whose_loop_runs_on_stops_listening_for_good():
+    """A reload's drain closes the worker's listeners from its main loop, which may go round again
+    before the exit handler ends it: turning accepting back on then crashed the worker (exit 255,
+    "'NoneType' object has no attribute 'setblocking'") instead of letting it drain."""
+    import selectors
+    import socket
+
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from service.lifecycle import _stop_listening
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    worker = ThreadWorker.__new__(ThreadWorker)  # the parts of a gthread worker its accept loop uses
+    worker.sockets, worker.poller, worker._accepting = [listener], selectors.DefaultSelector(), False
+    worker.nr_conns, worker.worker_connections = 0, 10
+    worker.set_accept_enabled(True)
+    _stop_listening(worker)
+    assert listener.fileno() == -1  # closed: new connections are refused at once
+    worker.set_accept_enabled(True)  # what the main loop does while the worker is alive and below its limit
+    worker.set_accept_enabled(False)  # and as it ends
+    assert worker.poller.get_map() == {}
+    worker.poller.close()
+
+
 def broken_copy(artifact: Path, where: Path) -> Path:
     """A copy whose files are all present and whose archives are damaged inside: only a real load
     finds out (the network files are a zip of nonsense and a truncated ONNX file)."""
@@ -246,6 +270,7 @@ def test_sighup_swaps_the_model_without_a_failed_request_and_a_broken_one_change
     later = [outcome for sent, outcome in load.results if sent > drained]
     assert later and set(later) == {new_text}, "answers after the reload must come from the new model"
     assert set(load.texts_since(bad_hup)) == {new_text}, "a broken deploy changes nothing"
+    assert "Exception in worker process" not in log and "exited with code" not in log, log[-3000:]
     assert done["choices"][0]["finish_reason"] == "length" and len(text) == LONG
 
     # The first worker kept accepting while its successor loaded: requests sent after the fork (and
