@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -241,7 +242,7 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
     """Train a model on CORPUS; the best checkpoint is kept as OUT/best."""
     _require_keras("train")
     from model.training.distribute import Cluster
-    from model.training.train import TrainingError, train as run  # Keras comes after its checks
+    from model.training.train import Terminated, TrainingError, train as run  # Keras comes after its checks
 
     try:  # what the click types let through (--dropout nan) is caught here
         config = ModelConfig(cell=cell, layers=layers, units=units, embedding=embedding, dropout=dropout)
@@ -263,18 +264,19 @@ def train(corpus, out, cell, layers, units, embedding, dropout, resume, devices,
         run(settings, cluster=cluster, resume=resume, explicit=explicit, command=command)
     except TrainingError as e:
         raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:  # the command as typed, with --resume: the run keeps its settings, the flags must agree
+    except KeyboardInterrupt as e:  # the command as typed, with --resume: the run keeps its settings, the flags must agree
         from model.training.run_state import STATE_FILE
         from model.training.settings import RUN_FILE
 
+        how = "stopped (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if not (Path(out) / RUN_FILE).exists():  # stopped before the run was written: nothing to resume
             again = shlex.join([a for a in sys.argv[1:] if a != "--resume"])
-            click.echo(f"\ninterrupted before the run in {out} began; start it again with:\n  {_me()} {again}", err=True)
+            click.echo(f"\n{how} before the run in {out} began; start it again with:\n  {_me()} {again}", err=True)
         else:
             again = shlex.join([*sys.argv[1:], *([] if resume else ["--resume"])])
             kept = "keeps its last evaluation" if (Path(out) / STATE_FILE).exists() else "has no evaluation yet: it starts over"
-            click.echo(f"\ninterrupted; the run in {out} {kept}. Continue it with:\n  {_me()} {again}", err=True)
-        sys.exit(130)
+            click.echo(f"\n{how}; the run in {out} {kept}. Continue it with:\n  {_me()} {again}", err=True)
+        sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
 
 
 # ---------------------------------------------------------------- evaluate

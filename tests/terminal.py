@@ -32,11 +32,16 @@ class Screen:
         return "\n".join(line.rsplit("\r", 1)[-1] for line in self.raw.replace("\r\n", "\n").split("\n"))
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def run_on_terminal(args: list[str], *, timeout: float = 300, columns: int = 120, cwd: Path | None = None,
-                    interrupt_at: str | None = None) -> Screen:
+                    interrupt_at: str | None = None, interrupt_with: int = signal.SIGINT) -> Screen:
     """Run `args` with a pseudo-terminal as its stdin, stdout and stderr, `columns` wide; returns
     its exit status and everything it wrote. With `interrupt_at`, the command gets SIGINT, as from
-    Ctrl-C, once that text is on the screen. Killed (and the test failed) after `timeout` seconds."""
+    Ctrl-C (or `interrupt_with`), once that text is on the screen. Killed (and the test failed) after `timeout` seconds."""
     controller, terminal = os.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns)}
@@ -44,7 +49,7 @@ def run_on_terminal(args: list[str], *, timeout: float = 300, columns: int = 120
     # SIGINT as a shell in a terminal leaves it: a suite started in the background (`scripts/test &`)
     # inherits it ignored, and Python then never raises KeyboardInterrupt
     process = subprocess.Popen(args, stdin=terminal, stdout=terminal, stderr=terminal, env=env, cwd=cwd,
-                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               start_new_session=True, preexec_fn=_default_signals)
     os.close(terminal)
     chunks, deadline = [], time.monotonic() + timeout
     try:
@@ -59,7 +64,7 @@ def run_on_terminal(args: list[str], *, timeout: float = 300, columns: int = 120
                     break
                 chunks.append(data)
                 if interrupt_at is not None and interrupt_at.encode() in b"".join(chunks):
-                    os.killpg(process.pid, signal.SIGINT)  # the command's process group, as the terminal does
+                    os.killpg(process.pid, interrupt_with)  # the command's process group, as the terminal does
                     interrupt_at = None
             elif process.poll() is not None:
                 break

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,22 @@ def test_ctrl_c_says_how_to_continue_and_the_artifact_records_each_command(tmp_p
     assert meta.command == "chargen " + shlex.join(args)
     assert meta.resumed == ["chargen --backend tensorflow " + shlex.join([*args, "--resume"])]
     assert json.loads((run / "best" / "meta.json").read_text())["resumed"] == meta.resumed
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, corpus):
+    """docker stop, Kubernetes and supervisors stop a training with SIGTERM: it ended the process
+    silently (status -15); it now stops at the end of the batch and says how to continue, as Ctrl-C."""
+    run = tmp_path / "run"
+    args = ["train", "--corpus", str(corpus), "--out", str(run), "--layers", "1", "--units", "16", "--embedding", "8",
+            "--seq-len", "20", "--batch-size", "8", "--epochs", "40", "--patience", "0", "--sample-chars", "0"]
+    screen = run_on_terminal([CHARGEN, *args], interrupt_at="Epoch 3/40", interrupt_with=signal.SIGTERM)
+    assert screen.returncode == 143, screen.raw[-3000:]
+    assert "Traceback" not in screen.raw
+    lines = screen.text.splitlines()
+    continue_with = lines[lines.index(f"stopped (SIGTERM); the run in {run} keeps its last evaluation. Continue it with:") + 1]
+    assert continue_with == "  " + shlex.join([CHARGEN, *args, "--resume"])
+    assert json.loads((run / "state.json").read_text())["epoch"] == 2
 
 
 @pytest.mark.slow

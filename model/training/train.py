@@ -96,7 +96,7 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         verbose = 1 if sys.stdout.isatty() else 0
     command = command or " ".join(sys.argv)
 
-    with _RunLock() as lock:
+    with _RunLock() as lock, _sigterm_interrupts():
         # prepare data: every check, then Keras, run.json (the run directory locked) and the token file
         prep = prepare(settings, resume, explicit, writer=cluster.process_id == 0)
         settings = prep.settings
@@ -586,27 +586,56 @@ def _train_stretch(run: _Run) -> _Stretch:
     return _Stretch(seconds, float(fit.history["loss"][-1]), deadline.hit, done * settings.batch_size * settings.seq_len)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, Kubernetes, a supervisor) during training: raised where Ctrl-C's
+    KeyboardInterrupt would be, so the run stops as it does (what it saved stays)."""
+
+
+def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
 @contextlib.contextmanager
-def _ctrl_c_stops(deadline):
-    """Ctrl-C during fit() stops it at the end of the batch and interrupts the run once fit() has
-    returned: a KeyboardInterrupt raised in the middle of TensorFlow's ops could abort the process
-    (glibc's "malloc_consolidate(): invalid chunk size"). A second Ctrl-C interrupts at once."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+def _sigterm_interrupts():
+    """SIGTERM interrupts the run as Ctrl-C does (where nothing else has claimed it: a program that
+    calls train() with its own handler keeps it)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
-
-    def stop(signum, frame):
-        deadline.interrupted = True
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(deadline):
+    """Ctrl-C (or SIGTERM) during fit() stops it at the end of the batch and interrupts the run once
+    fit() has returned: a KeyboardInterrupt raised in the middle of TensorFlow's ops could abort the
+    process (glibc's "malloc_consolidate(): invalid chunk size"). A second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    deferred = [sig for sig, handler in previous.items() if handler not in (signal.SIG_IGN, signal.SIG_DFL, None)]
+    stopped_by = []
+
+    def stop(signum, frame):
+        deadline.interrupted = True
+        stopped_by.append(signum)
+        signal.signal(signum, previous[signum])
+
+    for sig in deferred:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig in deferred:
+            signal.signal(sig, previous[sig])
     if deadline.interrupted:
-        raise KeyboardInterrupt
+        raise Terminated if stopped_by[:1] == [signal.SIGTERM] else KeyboardInterrupt
 
 
 @dataclass
