@@ -52,6 +52,7 @@ class Snapshots:
         (self.root / "ready").mkdir()
         self.current: Models | None = None  # the copies workers forked now load (None: the sources themselves)
         self._current_dir: Path | None = None
+        self._listed: dict[str, str] = {}  # name -> where the current snapshot's models were listed (their sources)
         self.reloads = 0  # SIGHUPs handled; a worker keeps the value it was forked with
         self._taken = 0
         (self.root / "reloads").write_text("0")
@@ -92,11 +93,24 @@ class Snapshots:
                     continue
                 failures.append((m.name, reason, True))
             kept.append(ModelSource(m.name, str(copy), m.origin))
+        for name, reason in _no_longer_artifacts(self._listed, models, previous).items():
+            # still in the models directory, but no artifact now: a deploy that flipped a link to nowhere
+            # or to a directory without meta.json is a model that fails to load, not one taken away
+            copy = target / name
+            try:
+                shutil.copytree(previous[name], copy)
+            except OSError as e:
+                failures.append((name, f"{reason} (and its previous copy cannot be copied: {e})", False))
+                continue
+            failures.append((name, reason, True))
+            kept.append(ModelSource(name, str(copy), next(m.origin for m in self.current.sources if m.name == name)))
         if (not check and failures) or models.default not in {m.name for m in kept}:
             shutil.rmtree(target, ignore_errors=True)
             raise SnapshotError("; ".join(f"model {name!r}: {reason}" for name, reason, _ in failures)
                                 or f"the default model {models.default!r} has no copy")
         self.current = Models(tuple(kept), models.default)
+        self._listed = {**{m.name: m.path for m in models.sources},
+                        **{name: self._listed[name] for name, _, still in failures if still and name in self._listed}}
         previous_dir, self._current_dir = self._current_dir, target
         for old in self.root.iterdir():  # keep the current and the previous copies
             if old.name.isdigit() and old not in (target, previous_dir):
@@ -135,6 +149,24 @@ class Snapshots:
 
 
 # ---------------------------------------------------------------- the worker's SIGTERM
+
+
+def _no_longer_artifacts(listed: dict[str, str], models: Models, previous: dict[str, Path]) -> dict[str, str]:
+    """The models served before (`listed`: name -> source) that the new listing left out though their
+    entry is still there, with why each is no artifact now."""
+    named = {m.name for m in models.sources}
+    gone = {}
+    for name, source in listed.items():
+        path = Path(source)
+        if name in named or name not in previous or not os.path.lexists(path):
+            continue  # listed again, new, or removed on purpose
+        if path.is_symlink() and not path.exists():
+            gone[name] = f"{source}: a link to {os.readlink(path)}, which does not exist"
+        elif not path.is_dir():
+            gone[name] = f"{source}: not a directory"
+        else:
+            gone[name] = f"{source}: holds no artifact (no meta.json, nor best/meta.json)"
+    return gone
 
 
 def _take_all(models: Models, target: Path, check: bool) -> dict[str, str]:

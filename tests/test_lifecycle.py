@@ -312,7 +312,18 @@ def test_sighup_serves_a_model_added_to_the_models_directory(tiny_artifact, othe
         assert answer(server, "bad") == "model_not_found"
         new_copy = Path(server.get("/info?model=fox").json()["model"]["path"])
         assert new_copy.parent.parent == copy.parent.parent and new_copy.parent != copy.parent  # the reload's snapshot
+
+        # a deploy flips jugs' link to nowhere: the model fails to load (logged), and keeps its previous copy
+        swapped = set(server.worker_pids())
+        (root / "next").symlink_to(tmp_path / "gone")
+        (root / "next").replace(root / "jugs")
+        server.process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: server.worker_pids() and set(server.worker_pids()).isdisjoint(swapped), timeout=120), \
+            server.log()[-3000:]
+        assert sorted(served(server)) == ["fox", "jugs", "run"] and answer(server, "jugs") == OTHER[:30]
         assert server.get("/health").status_code == 200
         log = server.log()
     assert "the new model 'bad' cannot be loaded and is not served: " in log
+    assert (f"the model 'jugs' cannot be loaded, so the new workers load the previous one again: {root / 'jugs'}: a link "
+            f"to {tmp_path / 'gone'}, which does not exist") in log
     assert f"{root / 'bad'}: " in log.split("the new model 'bad' cannot be loaded and is not served: ", 1)[1].splitlines()[0]
