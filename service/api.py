@@ -29,7 +29,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from service import metrics
 from model.runtime.constraints import ConstraintError, compile_constraint
-from service.errors import ApiError, bad_field, deadline_exceeded, loading, queue_full
+from service.errors import ApiError, bad_field, deadline_exceeded, loading, queue_full, shutting_down
 from service.reading import read_generate, read_json
 from service.scheduler import Chunk, ClientGone, Job, NotReady, QueueFull
 from service.schemas import constraint_of
@@ -188,6 +188,8 @@ class Generation:
                         kept[c.index].extend(c.logprobs)
             if job.error == "deadline":
                 raise deadline_exceeded(self._timeout)
+            if job.error == "shutdown":
+                raise shutting_down()
             if job.error:
                 raise internal_error(self.request_id)
             yield Result(self.seed, self._choices(kept), _usage(job, self.candidates), _timings(job))

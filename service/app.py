@@ -27,6 +27,7 @@ from service.schemas import ADJUSTMENTS, BOUNDS, Schemas
 from service.scheduler import Scheduler, WorkerReadiness
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+DRAIN_MARGIN = 2.0  # seconds a drain leaves for the last answers to be written before the worker is stopped
 
 log = logging.getLogger("chargen")
 
@@ -151,8 +152,12 @@ class Chargen:
         return any(m.scheduler.draining for m in self.models.values())
 
     def drain(self) -> None:
+        """SIGTERM: requests get CHARGEN_GRACEFUL_TIMEOUT to finish; those that would not are ended a
+        little before it with a 503 (an error event when streamed), which a client can retry, rather
+        than cut when the worker is stopped."""
+        left = self.settings.graceful_timeout
         for m in self.models.values():
-            m.scheduler.drain()
+            m.scheduler.drain(max(0.5, left - min(DRAIN_MARGIN, left / 10)))
 
     def close(self, timeout: float = 5.0) -> None:
         for m in self.models.values():

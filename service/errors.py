@@ -63,6 +63,14 @@ def queue_full(retry_after: int = 1) -> ApiError:
                     type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after)})
 
 
+def shutting_down(retry_after: int = 1) -> ApiError:
+    """A request still running when its worker had to stop (a deploy, a scale-down): another worker
+    answers the retry."""
+    return ApiError(503, "the server is shutting down and this request did not finish within CHARGEN_GRACEFUL_TIMEOUT; "
+                    "send it again", type="unavailable_error", code="shutting_down",
+                    headers={"Retry-After": str(retry_after)})
+
+
 def deadline_exceeded(seconds: float) -> ApiError:
     return ApiError(504, f"the request did not finish within its deadline of {seconds:g} s (CHARGEN_REQUEST_TIMEOUT)",
                     type="timeout_error", code="deadline_exceeded")

@@ -90,7 +90,7 @@ class Job:
         self.choice: dict = {}  # Stream -> its index in `streams`
         self.submitted = self.started = self.generating = self.first_char = self.finished = None
         self.prompt_seconds = 0.0
-        self.error: str | None = None  # "deadline" or "server": why the loop ended it early
+        self.error: str | None = None  # "deadline", "shutdown" or "server": why the loop ended it early
         self.cancelled = False
         self.done = False
         self._unfinished = len(requests)
@@ -139,6 +139,7 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._cancelled: deque[Job] = deque()
         self._next_deadline = float("inf")
+        self._cutoff = float("inf")  # draining: when every job still here is ended ("shutdown")
         self._on_failure: Callable[[BaseException, bool], None] | None = None
         self._reported_active = 0
         self._cache_seen = (0, 0, 0)  # the prompt cache's hits, misses and characters saved, as reported
@@ -187,9 +188,16 @@ class Scheduler:
         if failure is not None:
             callback(failure, self.engine is not None)
 
-    def drain(self) -> None:
-        """The worker is shutting down: report it (/health); running and queued jobs still finish."""
+    def drain(self, seconds: float | None = None) -> None:
+        """The worker is shutting down: report it (/health); running and queued jobs still finish, or,
+        those still here after `seconds` (a little less than what the worker has left before it is
+        stopped), end with error "shutdown", which their clients are told, rather than being cut."""
         self.draining = True
+        if seconds is not None:
+            with self._cond:
+                self._cutoff = time.perf_counter() + seconds
+                self._next_deadline = min(self._next_deadline, self._cutoff)
+                self._cond.notify()
 
     def close(self, timeout: float = 5.0) -> None:
         self._closing.set()
@@ -208,7 +216,7 @@ class Scheduler:
                 raise QueueFull()
             job.submitted = time.perf_counter()
             self._waiting.append(job)
-            self._next_deadline = min(self._next_deadline, job.deadline)
+            self._next_deadline = min(self._next_deadline, job.deadline, self._cutoff)
             self._cond.notify()
         self.metrics.queue_depth.inc()
 
@@ -476,23 +484,28 @@ class Scheduler:
                 self._finish(job)
         return changed
 
+    def _due(self, job: Job) -> float:
+        """When the loop ends `job`: its deadline, or the drain's cutoff if that comes first."""
+        return min(job.deadline, self._cutoff)
+
     def _expire(self, active: dict) -> bool:
         now, changed = time.perf_counter(), False
+        due = self._due
         with self._cond:
-            late = [job for job in self._waiting if job.deadline <= now]
+            late = [job for job in self._waiting if due(job) <= now]
             for job in late:
                 self._waiting.remove(job)
         for job in late:
             self.metrics.queue_depth.dec()
-            job.error = "deadline"
+            job.error = "deadline" if job.deadline <= now else "shutdown"
             self._finish(job)
-        for job in {job for job in active.values() if job.deadline <= now}:
+        for job in {job for job in active.values() if due(job) <= now}:
             self._stop(job, active)
-            job.error = "deadline"
+            job.error = "deadline" if job.deadline <= now else "shutdown"
             self._finish(job)
             changed = True
         with self._cond:
-            self._next_deadline = min([j.deadline for j in self._waiting] + [j.deadline for j in active.values()],
+            self._next_deadline = min([due(j) for j in self._waiting] + [due(j) for j in active.values()],
                                       default=float("inf"))
         return changed
 

@@ -126,6 +126,39 @@ def test_sigterm_drains_a_long_stream_refuses_new_connections_and_exits_0(tiny_a
     assert "Worker exiting" in log and "terminate called" not in log and "SIGABRT" not in log, log[-2000:]
 
 
+def test_requests_that_outlast_the_grace_period_are_told_to_retry_not_cut(tiny_artifact):
+    """A drain gives requests CHARGEN_GRACEFUL_TIMEOUT; those still running then were cut without a
+    word (a stream with no final event, an empty reply): they now end a little before it, with a 503
+    shutting_down that a client or a load balancer can retry elsewhere."""
+    endless = 1_000_000  # far more than the tiny model writes in the 3 s grace
+    env = {"CHARGEN_MAX_CHARS": endless, "CHARGEN_GRACEFUL_TIMEOUT": 3}
+    with running_server(tiny_artifact, env=env) as server:
+        body = {"prompt": "the", "max_chars": endless, "temperature": 0}
+        stream = server.post("/v1/generate", json={**body, "stream": True}, stream=True)
+        assert stream.status_code == 200
+        chunks = stream.iter_content(chunk_size=None)
+        first = next(chunks)
+        whole = {}
+        waiting = threading.Thread(target=lambda: whole.update(r=requests.post(server.url + "/v1/generate", json=body,
+                                                                               timeout=REQUEST_TIMEOUT)))
+        waiting.start()
+        assert wait_for(lambda: server.get("/info").json()["engine"]["active"] == 2, timeout=30)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+
+        buffer = first + b"".join(chunks)
+        ended = time.monotonic() - signalled
+        waiting.join(REQUEST_TIMEOUT)
+        last = json.loads(buffer.rstrip(b"\n").rsplit(b"\n\n", 1)[-1].decode()[len("data: "):])
+        assert last["error"]["code"] == "shutting_down", last
+        assert 2 < ended < 10, ended  # not before the cutoff, a little short of the 3 s the worker has
+        r = whole["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down" and r.headers["Retry-After"] == "1"
+        assert server.process.wait(15) == 0
+        log = server.log()
+    assert "Traceback" not in log
+
+
 # ---------------------------------------------------------------- reload
 
 
