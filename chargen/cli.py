@@ -135,11 +135,19 @@ def _preset(ctx, param, value):
     return value
 
 
+def _as_flag(name: str, value) -> str:
+    """A setting as it is written on the command line: --locked, --no-locked, --units 512."""
+    flag = f"--{name.replace('_', '-')}"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{name.replace('_', '-')}"
+    return f"{flag} {value}"
+
+
 @main.command()
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None, is_eager=True, expose_value=False,
               callback=_preset,
               help="Start from a named configuration: " + "; ".join(
-                  f"{name}: " + (", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()) or "the defaults")
+                  f"{name}: " + (", ".join(_as_flag(k, v) for k, v in values.items()) or "the defaults")
                   for name, values in PRESETS.items()) + ". Options given on the command line override it.")
 @click.option("--corpus", required=True, multiple=True, metavar="FILE|DIR|NAME",
               help="Text to learn from: a UTF-8 file, a directory of them, or a corpus named in corpora/manifest.json. "

@@ -310,6 +310,11 @@ def test_killed_run_resumes_from_its_last_completed_epoch(tmp_path):
     assert sorted(p.name for p in (run / "artifacts").iterdir()) == [best.path.resolve().name]
 
 
+def test_the_presets_are_described_as_command_lines():
+    described = " ".join(invoke("train", "--help").output.split())
+    assert "--locked, --weight-decay 0.1" in described and "--locked True" not in described
+
+
 def test_a_run_directory_another_training_writes_is_refused(tmp_path, corpus):
     """Two trainings on one --out at once overwrote each other's files: the process writing a run
     directory holds its lock, and a second (new or --resume) is refused, naming it, writing nothing."""
