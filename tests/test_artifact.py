@@ -1,11 +1,14 @@
 """Artifacts: a round trip keeps the logits (Keras and the ONNX graph); every kind of damage has its
-own error naming the file; meta.json is one typed record; the module, its check and the serving
-load need no Keras."""
+own error naming the file, and so has another model's graph or vocabulary (meta.json records their
+sha256); meta.json is one typed record; the module, its check and the serving load need no Keras."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +24,7 @@ import pytest
 
 from model.runtime import artifact
 from model.training import artifacts
-from model.records.meta import ArtifactError, ArtifactMeta, ArtifactNotFound, BadMeta, BadVocab, CorpusInfo, CorruptGraph, CorruptModel, MissingFile, MissingGraph, UnsupportedFormat, VocabMismatch
+from model.records.meta import ArtifactError, ArtifactMeta, ArtifactNotFound, BadMeta, BadVocab, CorpusInfo, CorruptGraph, CorruptModel, FileHashes, MissingFile, MissingGraph, UnsupportedFormat, VocabMismatch
 from model.records.config import ModelConfig
 from model.training.network import build_model
 from model.training.onnx_graph import build_graph
@@ -59,6 +62,33 @@ def raises(cls, path: Path, names: str, keras: bool = True) -> ArtifactError:
     return e.value
 
 
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hashes(path: Path) -> FileHashes:
+    """What meta.json records of the artifact at `path`'s model.onnx and vocab.json."""
+    return FileHashes(model_onnx=sha256_of(path / "model.onnx"), vocab_json=sha256_of(path / "vocab.json"))
+
+
+def edit_meta(path: Path, edit) -> None:
+    """meta.json changed in place by `edit(data)`."""
+    data = json.loads((path / "meta.json").read_text())
+    edit(data)
+    (path / "meta.json").write_text(json.dumps(data))
+
+
+def unrecorded(data: dict) -> None:
+    """An edit_meta: meta.json as written before it recorded the sha256 of model.onnx and vocab.json."""
+    del data["sha256"]
+
+
+def another_graph() -> bytes:
+    """A sound graph of the same shape as `saved`'s, of another network (other weights)."""
+    keras.utils.set_random_seed(4)
+    return build_graph(build_model(CONFIG, len(VOCAB))).SerializeToString()
+
+
 def graph_logits(onnx_path: Path, x: np.ndarray) -> np.ndarray:
     """The graph's logits for x (B, T) from the zero state, run by ONNX Runtime."""
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -75,7 +105,7 @@ def test_round_trip_gives_identical_logits(saved):
     assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.keras", "model.onnx", "vocab.json"]
     assert loaded.vocab.chars == VOCAB.chars
     assert loaded.config == CONFIG
-    assert loaded.meta == META
+    assert loaded.meta == dataclasses.replace(META, sha256=hashes(path))
     assert loaded.meta.format_version == artifact.FORMAT_VERSION and loaded.meta.vocab_size == len(VOCAB)
     assert loaded.onnx_path == path / "model.onnx"
     expected = keras.ops.convert_to_numpy(model(X))
@@ -90,7 +120,7 @@ def test_the_serving_load_has_the_graph_and_no_keras_network(saved):
     path, _ = saved
     served = artifact.load(path)
     assert served.model is None and served.onnx_path == path / "model.onnx"
-    assert (served.path, served.vocab.chars, served.meta) == (path, VOCAB.chars, META)
+    assert (served.path, served.vocab.chars, served.meta) == (path, VOCAB.chars, dataclasses.replace(META, sha256=hashes(path)))
     assert artifact.Artifact(path, None, VOCAB, META).onnx_path is None  # the record, positionally
 
 
@@ -249,6 +279,7 @@ def test_vocabulary_that_does_not_fit_the_model(copy):
     (copy / "vocab.json").write_text(Vocab(VOCAB.chars + ["z"]).to_json())
     raises(VocabMismatch, copy, "meta.json says vocab_size 10 but vocab.json has 11")  # seen without the network
     meta = json.loads((copy / "meta.json").read_text())
+    del meta["sha256"]  # as written before meta.json recorded vocab.json's sha256, which would refuse it first
     (copy / "meta.json").write_text(json.dumps({**meta, "vocab_size": len(VOCAB) + 1}))
     error = raises(VocabMismatch, copy, "vocab.json")
     assert f"{len(VOCAB) + 1} characters" in str(error) and f"built for {len(VOCAB)}" in str(error)
@@ -277,6 +308,9 @@ def test_unknown_format_version(copy, version):
     (json.dumps({"format_version": 1, "config": {"cell": "transformer"}}), "invalid config"),
     (json.dumps({"format_version": 1, "config": {"colour": "red"}}), "invalid config"),
     (json.dumps({"format_version": 1, "config": [1]}), "invalid config: expected an object"),
+    ("", "not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+    ("[" * 200_000, "not valid JSON: nested too deeply"),  # a RecursionError in json's parser
+    ('{"format_version": 1, "config": ' * 100_000, "not valid JSON: nested too deeply"),
 ])
 def test_bad_meta(copy, text, problem):
     (copy / "meta.json").write_text(text)
@@ -312,19 +346,88 @@ def test_meta_fields_are_typed(copy, change, problem):
     assert problem in str(error)
 
 
-def test_meta_that_describes_another_network(copy):
-    meta = json.loads((copy / "meta.json").read_text())
-    meta["config"]["units"] = 32
-    (copy / "meta.json").write_text(json.dumps(meta))
+@pytest.mark.parametrize("field, value, problem", [("units", 32, "metadata units is '16', meta.json says '32'"),
+                                                   ("embedding", 99, "metadata embedding is '8', meta.json says '99'")])
+def test_meta_that_describes_another_network(copy, field, value, problem):
+    edit_meta(copy, lambda meta: meta["config"].update({field: value}))
     raises(BadMeta, copy, "model.keras holds")
-    error = raises(CorruptGraph, copy, "model.onnx", keras=False)  # serving sees it in the graph
-    assert "metadata units is '16', meta.json says '32'" in str(error)
+    # serving sees it in the graph, which is the file meta.json records: meta.json is what changed
+    error = raises(BadMeta, copy, f"{copy / 'meta.json'}: describes a 2-layer gru network", keras=False)
+    assert problem in str(error) and "model.onnx, the file it records (the same sha256), is another network" in str(error)
+    assert str(error).endswith("meta.json was changed after the artifact was written: put its own back")
+    edit_meta(copy, unrecorded)  # written before the record: nothing tells which of the two changed
+    error = raises(CorruptGraph, copy, f"{copy / 'model.onnx'}: does not match meta.json", keras=False)
+    assert problem in str(error)
 
 
-@pytest.mark.parametrize("data", [b"{oops", b'{"letters": []}', b'{"chars": ["a", "a"]}', b"\xff\xfe"])
-def test_bad_vocab(copy, data):
+@pytest.mark.parametrize("data, problem", [
+    (b"{oops", "not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    (b"", "not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+    (b"[" * 200_000, "not valid JSON: nested too deeply"),  # a RecursionError in json's parser
+    (b"\xff\xfe", "not valid JSON: not UTF-8"),
+    (b'{"letters": []}', 'expected a JSON object {"chars": [...]}'),
+    (b'{"chars": ["a", "a"]}', "duplicate characters"),
+    (b'{"chars": ["a", "\\ud800"]}', "vocabulary entry 1 is '\\ud800', a lone surrogate"),  # no UTF-8 encodes it
+])
+def test_bad_vocab(copy, data, problem):
     (copy / "vocab.json").write_bytes(data)
-    raises(BadVocab, copy, "vocab.json")
+    for keras_load in (False, True):
+        error = raises(BadVocab, copy, f"{copy / 'vocab.json'}: ", keras=keras_load)
+        assert problem in str(error)
+
+
+@pytest.mark.parametrize("name, cls", [("meta.json", BadMeta), ("vocab.json", BadVocab), ("model.onnx", CorruptGraph)])
+def test_a_file_that_cannot_be_read_is_named_with_the_reason(copy, name, cls):
+    """A read that fails (EACCES, EIO) is the loader's error naming the file and the system's reason.
+    /proc/self/mem is a file that cannot be read from its start (EIO) even as root, whom chmod 000 does
+    not stop."""
+    (copy / name).unlink()
+    (copy / name).symlink_to("/proc/self/mem")
+    for keras_load in (False, True):
+        error = raises(cls, copy, name, keras=keras_load)
+        assert str(error) == f"{copy / name}: cannot be read: {os.strerror(errno.EIO)}"
+
+
+# ---------------------------------------------------------------- another model's graph or vocabulary
+
+
+def test_meta_records_the_sha256_of_the_graph_and_the_vocabulary(saved):
+    path, _ = saved
+    assert json.loads((path / "meta.json").read_text())["sha256"] == {
+        "model_onnx": sha256_of(path / "model.onnx"), "vocab_json": sha256_of(path / "vocab.json")}
+
+
+def test_a_graph_of_another_model_of_the_same_shape_is_refused(saved, copy):
+    (copy / "model.onnx").write_bytes(another_graph())
+    for keras_load in (False, True):
+        error = raises(CorruptGraph, copy, f"{copy / 'model.onnx'}: does not match meta.json (sha256 ", keras=keras_load)
+        assert "another model's graph, or changed since the artifact was written" in str(error)
+        assert str(error).endswith(f"; rebuild it from model.keras with: .venv/bin/chargen export --artifact {copy}")
+    assert artifacts.add_graph(copy) == (copy / "model.onnx", True)  # what the message says to run
+    assert (copy / "model.onnx").read_bytes() == (saved[0] / "model.onnx").read_bytes()
+    assert artifact.load(copy).meta == artifact.load(saved[0]).meta
+
+
+def test_a_vocabulary_of_another_model_of_the_same_size_is_refused(copy):
+    (copy / "vocab.json").write_text(Vocab(VOCAB.chars[::-1]).to_json())  # the same characters, other ids
+    for keras_load in (False, True):
+        error = raises(VocabMismatch, copy, f"{copy / 'vocab.json'}: does not match meta.json (sha256 ", keras=keras_load)
+        assert "another model's vocabulary" in str(error) and str(error).endswith("put the artifact's own vocab.json back")
+
+
+def test_an_artifact_written_before_the_record_loads_as_before_and_export_records(saved, copy):
+    edit_meta(copy, unrecorded)
+    (copy / "model.onnx").write_bytes(another_graph())  # nothing tells it from the artifact's own
+    assert artifact.load(copy).meta.sha256 is None
+    assert artifacts.add_graph(copy) == (copy / "model.onnx", True)  # chargen export: the graph and the record
+    assert artifact.load(copy).meta.sha256 == hashes(copy) == hashes(saved[0])
+
+    edit_meta(copy, unrecorded)  # the graph is up to date: only meta.json is written
+    before = os.stat(copy / "model.onnx")
+    assert artifacts.add_graph(copy) == (copy / "model.onnx", False)
+    after = os.stat(copy / "model.onnx")
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (copy / "meta.json").read_text() == (saved[0] / "meta.json").read_text()
 
 
 def test_error_classes_are_distinct():
@@ -373,6 +476,7 @@ def test_the_shipped_artifact_reads_unchanged():
     assert checked_path == path and meta.vocab_size == len(vocab) == 65
     assert meta.corpus.name == "tinyshakespeare.txt" and meta.versions.backend == "jax"
     assert meta.to_json() == text
+    assert meta.sha256 == hashes(path) and meta.int8.float32_sha256 == meta.sha256.model_onnx  # recorded, and checked
 
 
 def test_a_meta_json_from_before_recipes_reads_unchanged():

@@ -6,8 +6,10 @@ On the shipped model, int8's greedy text is float32's up to the first near-tie."
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -73,6 +75,12 @@ def test_export_int8_writes_the_graph_and_both_figures(tiny_artifact, copy):
     (copy / INT8_GRAPH).unlink()
     rewrite_meta(copy, None)
     assert artifact.load(copy).precision == "float32"  # an artifact made before int8 serves float32
+    with pytest.raises(artifact.MissingInt8Graph) as asked:  # and says how to give it one
+        artifact.load(copy, "int8")
+    assert str(asked.value) == (
+        f"{copy}: int8 was asked for, but this artifact has no int8 graph (meta.json records none: the artifact was "
+        f"made before int8 graphs); add one with: chargen export --int8 --artifact {copy} --corpus FILE, or run it "
+        "in float32 (--precision float32 or CHARGEN_PRECISION=float32)")
     result = chargen("export", "--int8", "--artifact", str(copy), "--corpus", str(corpus_of(tiny_artifact)))
     assert result.exit_code == 0, result.output
     assert f"wrote {copy / INT8_GRAPH}" in result.output and "so serving runs int8 by default" in result.output
@@ -161,6 +169,57 @@ def test_an_int8_graph_that_is_not_the_recorded_file(copy, other_artifact):
     rewrite_meta(copy, {"sha256": hashlib.sha256((copy / INT8_GRAPH).read_bytes()).hexdigest()})
     with pytest.raises(artifact.CorruptInt8Graph, match="it is the float32 graph, expected the int8 one"):
         artifact.load(copy)
+
+
+def another_model_onnx(path: Path) -> bytes:
+    """A sound model.onnx of the same shape as the artifact's at `path`, of another network (its
+    output layer's bias moved)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_model_from_string((path / "model.onnx").read_bytes())
+    bias = next(t for t in model.graph.initializer if t.name == "logits_bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 1.0, "logits_bias"))
+    return model.SerializeToString()
+
+
+def test_a_model_onnx_of_another_model_is_refused_whatever_serves(copy):
+    """meta.json records model.onnx's sha256: float32 serving, which runs it, and int8 serving, whose
+    graph was made from it, both refuse another model's graph of the same shape, naming model.onnx."""
+    (copy / "model.onnx").write_bytes(another_model_onnx(copy))
+    for precision in ("float32", "auto"):
+        with pytest.raises(artifact.CorruptGraph) as e:
+            artifact.load(copy, precision)
+        assert str(e.value).startswith(f"{copy / 'model.onnx'}: does not match meta.json (sha256 "), e.value
+        assert "another model's graph" in str(e.value)
+    result = chargen("sample", "--artifact", str(copy), "--precision", "float32", "--max-chars", "5")
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {copy / 'model.onnx'}: does not match meta.json")
+
+
+def test_a_changed_meta_json_is_blamed_not_the_graph(copy):
+    """The graphs are the files meta.json records (their sha256), so when they disagree with its
+    network, meta.json is what changed: the error names it, not the graph, and asks for no export."""
+    data = json.loads((copy / "meta.json").read_text())
+    data["config"]["units"] = 48
+    (copy / "meta.json").write_text(json.dumps(data))
+    for precision, graph in (("auto", INT8_GRAPH), ("float32", "model.onnx")):
+        with pytest.raises(artifact.BadMeta) as e:
+            artifact.load(copy, precision)
+        assert str(e.value).startswith(f"{copy / 'meta.json'}: describes a 1-layer lstm network of 48 units"), e.value
+        assert f"but {graph}, the file it records (the same sha256), is another network" in str(e.value)
+        assert "metadata units is '32', meta.json says '48'" in str(e.value) and "export" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, error", [(INT8_GRAPH, artifact.CorruptInt8Graph),
+                                         ("model.onnx", artifact.CorruptGraph)])  # hashed: it made the int8 graph
+def test_an_unreadable_graph_is_named_with_the_reason(copy, name, error):
+    (copy / name).unlink()
+    (copy / name).symlink_to("/proc/self/mem")  # reading from its start fails (EIO), even as root
+    with pytest.raises(error) as e:
+        artifact.load(copy)
+    assert str(e.value) == f"{copy / name}: cannot be read: {os.strerror(errno.EIO)}"
+    result = chargen("sample", "--artifact", str(copy), "--max-chars", "5")
+    assert result.exit_code == 1 and result.output == f"Error: {e.value}\n"
 
 
 def test_an_int8_graph_made_from_another_model_onnx(copy):
@@ -260,8 +319,18 @@ def test_gru_serves_float32_and_says_why(tmp_path):
     result = chargen("export", "--int8", "--artifact", str(gru))  # no text needed: nothing to score
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == f"no int8 graph: {meta.int8.reason}; serving runs float32"
-    with pytest.raises(artifact.MissingInt8Graph, match="no quantized GRU operator"):
+    # int8 asked for: one line that says why there is none and what to run instead, and no export to try
+    with pytest.raises(artifact.MissingInt8Graph) as asked:
         artifact.load(gru, "int8")
+    assert str(asked.value) == (
+        f"{gru}: int8 was asked for, but a GRU artifact has no int8 graph and `chargen export --int8` cannot add one: "
+        f"{meta.int8.reason}; run it in float32 (--precision float32 or CHARGEN_PRECISION=float32; auto, the default, does)")
+    text = tmp_path / "text.txt"
+    text.write_text(words(300, seed=1))
+    for args, env in ((["sample", "--precision", "int8"], None), (["sample"], {"CHARGEN_PRECISION": "int8"}),
+                      (["evaluate", "--text", str(text), "--precision", "int8"], None)):
+        result = chargen(*args, "--artifact", str(gru), env=env)
+        assert result.exit_code == 1 and result.output == f"Error: {asked.value}\n", (args, result.output)
 
 
 # ---------------------------------------------------------------- the shipped model

@@ -77,6 +77,8 @@ def test_json_round_trip_keeps_order_and_non_ascii():
     (["a", "a"], "duplicate"),
     (["ab"], "single characters"),
     ([1], "single characters"),
+    (["a", "b", "\ud800"], r"entry 2 is '\\ud800', a lone surrogate"),  # which no UTF-8 text holds, nor can encode
+    (["\udfff"], r"entry 0 is '\\udfff', a lone surrogate"),
 ])
 def test_invalid_vocabularies_are_refused(chars, problem):
     with pytest.raises(ValueError, match=problem):
@@ -87,6 +89,19 @@ def test_invalid_vocabularies_are_refused(chars, problem):
 def test_from_json_refuses_other_shapes(text):
     with pytest.raises(ValueError):
         Vocab.from_json(text)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("not json", "not valid JSON: Expecting value: line 1 column 1"),
+    ("", "not valid JSON: Expecting value"),
+    ('{"chars": ["a"', "not valid JSON: Expecting"),
+    ("[" * 200_000, "not valid JSON: nested too deeply"),  # json's parser runs out of recursion
+    ('{"chars": ["a", "\\ud800"]}', "entry 1 is '\\ud800', a lone surrogate"),  # the JSON escape of one
+])
+def test_from_json_says_what_is_wrong(text, problem):
+    with pytest.raises(ValueError) as e:
+        Vocab.from_json(text)
+    assert problem in str(e.value)
 
 
 def test_json_is_plain_data():

@@ -12,7 +12,8 @@ An artifact is a directory:
                   what serving runs by default when it passed its quality gate
     vocab.json    {"chars": [...]}: id -> character
     meta.json     an `ArtifactMeta`: format version, network config, corpus, split, validation loss,
-                  training figures, versions and the command line that made it
+                  training figures, versions and the command line that made it, and the sha256 of
+                  model.onnx and vocab.json (`FileHashes`), which the loader compares
 and, when `chargen train` made it, history.json, history.csv and loss.png: the run's history up to
 the evaluation it was saved at, written once with the rest.
 """
@@ -28,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from model.records.config import ModelConfig, Recipe
+from model.records.files import parse_json
 
 FORMAT_VERSION = 1
 GRAPH = "model.onnx"
@@ -166,6 +168,17 @@ class Int8Info:
 
 
 @dataclass(frozen=True)
+class FileHashes:
+    """meta.json's `sha256`: of the files serving reads beside it, as they were written with it. The
+    loader compares them, so a model.onnx or vocab.json of another model, even one of the same shape,
+    is refused rather than served. Absent from artifacts written before it (they load unchecked);
+    `chargen export` adds it."""
+
+    model_onnx: str
+    vocab_json: str
+
+
+@dataclass(frozen=True)
 class TrainingInfo:
     epochs: int
     seconds: float
@@ -205,6 +218,7 @@ class ArtifactMeta:
     resumed: list[str] = field(default_factory=list)  # the command line of each --resume since, in order
     created: str | None = None  # ISO 8601, UTC
     vocab_size: int
+    sha256: FileHashes | None = None  # of model.onnx and vocab.json; absent from artifacts written before it
     int8: Int8Info | None = None  # the int8 graph (model.int8.onnx); absent from artifacts made before it
 
     def precision(self, asked: str = "auto") -> str:
@@ -222,9 +236,15 @@ class ArtifactMeta:
         if self.int8 is not None and self.int8.sha256 is not None:  # measured, and failed the gate
             raise MissingInt8Graph(f"int8 was asked for, but this artifact's int8 graph failed its quality gate: "
                                    f"{self.int8.verdict()}")
-        why = self.int8.verdict() if self.int8 is not None else "meta.json records no int8 graph"
-        raise MissingInt8Graph(f"int8 was asked for, but this artifact cannot serve it: {why}; add one with: "
-                               "chargen export --int8 --artifact DIR --corpus FILE, or serve float32")
+        float32 = "--precision float32 or CHARGEN_PRECISION=float32"
+        if self.config.cell != "lstm":  # int8 graphs are made for LSTMs only (model/training/quantize.py)
+            why = (self.int8 and self.int8.reason) or "int8 graphs are made for LSTMs only"
+            cell = self.config.cell.upper()
+            raise MissingInt8Graph(f"int8 was asked for, but a {cell} artifact has no int8 graph and `chargen export "
+                                   f"--int8` cannot add one: {why}; run it in float32 ({float32}; auto, the default, does)")
+        why = (self.int8 and self.int8.reason) or "meta.json records none: the artifact was made before int8 graphs"
+        raise MissingInt8Graph(f"int8 was asked for, but this artifact has no int8 graph ({why}); add one with: "
+                               f"chargen export --int8 --artifact DIR --corpus FILE, or run it in float32 ({float32})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -234,6 +254,8 @@ class ArtifactMeta:
             del d["resumed"]
         if d["int8"] is None:  # written only when made: older artifacts read back unchanged
             del d["int8"]
+        if d["sha256"] is None:  # written only when recorded, for the same reason
+            del d["sha256"]
         if d["validation"] and not d["validation"]["sample"]:  # written only when true: older artifacts read back unchanged
             del d["validation"]["sample"]
         return d
@@ -246,9 +268,9 @@ class ArtifactMeta:
         """The record in `text`; BadMeta (UnsupportedFormat for another version) names `where` and
         the first field that is wrong."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadMeta(f"{where}: not valid JSON: {e}") from None
+            data = parse_json(text)
+        except ValueError as e:  # says "not valid JSON: ..."
+            raise BadMeta(f"{where}: {e}") from None
         if not isinstance(data, dict):
             raise BadMeta(f"{where}: expected a JSON object")
         version = data.get("format_version")

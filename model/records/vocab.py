@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.records.files import parse_json
+
 
 def normalize_newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -30,9 +32,12 @@ class Vocab:
         chars = list(chars)
         if not chars:
             raise ValueError("a vocabulary needs at least one character")
-        for c in chars:
+        for i, c in enumerate(chars):
             if not isinstance(c, str) or len(c) != 1:
                 raise ValueError(f"vocabulary entries must be single characters, got {c!r}")
+            if "\ud800" <= c <= "\udfff":  # JSON's "\ud800" is one; no UTF-8 text holds one, nor can encode it
+                raise ValueError(f"vocabulary entry {i} is {c!r}, a lone surrogate (half of a UTF-16 pair), "
+                                 "not a character")
         if len(set(chars)) != len(chars):
             raise ValueError("vocabulary has duplicate characters")
         self.chars = chars
@@ -79,7 +84,7 @@ class Vocab:
 
     @classmethod
     def from_json(cls, text: str) -> "Vocab":
-        data = json.loads(text)
+        data = parse_json(text)
         if not isinstance(data, dict) or not isinstance(data.get("chars"), list):
             raise ValueError('expected a JSON object {"chars": [...]}')
         return cls(data["chars"])

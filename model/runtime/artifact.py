@@ -6,9 +6,11 @@ artifacts and loading their Keras network is the training side's (model/training
 Which graph serves is the precision (`CHARGEN_PRECISION`, `chargen sample --precision`): auto, the
 default, runs model.int8.onnx where meta.json records one that passed its quality gate and
 model.onnx otherwise; float32 and int8 ask for one. The graph that serves is the one checked
-(loaded by ONNX Runtime and compared with meta.json); for int8 also its sha256 against meta.json's,
-and model.onnx's against the one it was made from (hashed, not loaded: a worker serving int8 never
-loads the float32 graph).
+(loaded by ONNX Runtime and compared with meta.json). Each file is also compared by its sha256 with
+the one meta.json records, so that a file of another model of the same shape is refused: vocab.json
+and model.onnx (meta.json's `sha256`, absent from artifacts written before it: they load unchecked),
+model.int8.onnx (`int8.sha256`) and the model.onnx it was made from (`int8.float32_sha256`). A
+worker serving int8 hashes model.onnx but never loads it.
 
 Two ways in: `load(path)` is the serving load; `check()` does every check of it, and with
 `keras=True` the checks of the Keras load (model.keras instead of model.onnx, which is then
@@ -31,7 +33,7 @@ from model.records.meta import (FILES, FORMAT_VERSION, GRAPH, INT8_GRAPH, PRECIS
                                 MissingFile, MissingGraph, MissingInt8Graph, UnsupportedFormat, VocabMismatch,
                                 artifact_in)
 from model.records.vocab import Vocab
-from model.runtime.graph import check_graph
+from model.runtime.graph import described, graph_problems
 
 if TYPE_CHECKING:
     import keras
@@ -83,11 +85,11 @@ def check(path: str | Path, *, keras: bool = False, precision: str = "auto") -> 
     path, meta, vocab = _check_files(path, keras)
     if keras:
         if (path / GRAPH).is_file():
-            _check_graph(path / GRAPH, meta)
+            _check_float32(path, meta)
     elif served_precision(path, meta, precision) == "int8":
         _check_int8(path, meta)
     else:
-        _check_graph(path / GRAPH, meta)
+        _check_float32(path, meta)
     return path, meta, vocab
 
 
@@ -99,36 +101,58 @@ def served_precision(path: Path, meta: ArtifactMeta, asked: str) -> str:
         raise MissingInt8Graph(f"{path}: {e}".replace("--artifact DIR", f"--artifact {shlex.quote(str(path))}")) from None
 
 
+def _check_float32(path: Path, meta: ArtifactMeta) -> None:
+    """model.onnx is the graph of the network meta.json describes and, where meta.json records its
+    sha256, that very file (not another model's graph of the same shape)."""
+    graph = path / GRAPH
+    data = _read(graph, CorruptGraph)
+    recorded = meta.sha256.model_onnx if meta.sha256 is not None else None
+    found = _sha256(data) if recorded is not None else None
+    _check_graph(graph, meta, data, recorded=recorded is not None and found == recorded)  # damaged: said so first
+    if found != recorded:
+        raise CorruptGraph(_not_recorded(graph, found, recorded, "another model's graph") +
+                           f"; rebuild it from model.keras with: {export_command(path)}")
+
+
 def _check_int8(path: Path, meta: ArtifactMeta) -> None:
     """model.int8.onnx is there, is the file meta.json records, was made from this model.onnx, and
-    is the int8 graph of the network meta.json describes."""
+    is the int8 graph of the network meta.json describes; model.onnx is the file meta.json records."""
     graph, again = path / INT8_GRAPH, export_command(path, int8=True)
     if not graph.is_file():
         raise MissingInt8Graph(f"{graph}: missing; meta.json records this int8 graph (serving runs it by default). "
                                f"Add it again with: {again}, or serve float32 (CHARGEN_PRECISION=float32)")
-    data = graph.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.int8.sha256:
+    data = _read(graph, CorruptInt8Graph)
+    if _sha256(data) != meta.int8.sha256:
         raise CorruptInt8Graph(f"{graph}: not the int8 graph meta.json records (its sha256 differs: damaged, or "
                                f"replaced by another file); make it again with: {again}")
-    made_from = meta.int8.float32_sha256
-    if made_from is not None and _sha256(path / GRAPH) != made_from:
+    made_from, recorded = meta.int8.float32_sha256, meta.sha256.model_onnx if meta.sha256 is not None else None
+    float32 = _sha256(_read(path / GRAPH, CorruptGraph)) if made_from or recorded else None
+    if recorded is not None and float32 != recorded:
+        _check_float32(path, meta)  # raises, saying what is wrong with model.onnx
+    if made_from is not None and float32 != made_from:
         _check_graph(path / GRAPH, meta)  # a damaged model.onnx is said as such
         raise CorruptInt8Graph(f"{graph}: made from another model.onnx than the artifact's (model.onnx's sha256 "
                                f"differs from the one meta.json records); make it again with: {again}")
-    config = meta.config
+    _check_graph(graph, meta, data, "int8", recorded=True)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _not_recorded(path: Path, found: str, recorded: str, other: str) -> str:
+    """The start of the message for a file whose sha256 is not the one meta.json records."""
+    return (f"{path}: does not match meta.json (sha256 {found[:12]}…, meta.json records {recorded[:12]}…): "
+            f"{other}, or changed since the artifact was written")
+
+
+def _read(path: Path, error: type[ArtifactError]) -> bytes:
+    """The bytes of an artifact's file; `error` naming it and the system's reason when it cannot be
+    read (permissions, an I/O error)."""
     try:
-        check_graph(data, cell=config.cell, layers=config.layers, units=config.units, vocab_size=meta.vocab_size,
-                    name=str(graph), precision="int8")
-    except ValueError as e:
-        raise CorruptInt8Graph(f"{e}; make it again with: {again}") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot be read: {e.strerror or e}") from None
 
 
 def _check_files(path: str | Path, keras: bool) -> tuple[Path, ArtifactMeta, Vocab]:
@@ -143,23 +167,41 @@ def _check_files(path: str | Path, keras: bool) -> tuple[Path, ArtifactMeta, Voc
     if missing:
         raise MissingFile(f"{path}: missing {', '.join(missing)} (an artifact holds {', '.join(FILES)})")
     meta = _read_meta(path / "meta.json")
-    vocab = _read_vocab(path / "vocab.json")
+    vocab_path = path / "vocab.json"
+    data = _read(vocab_path, BadVocab)
+    vocab = _read_vocab(vocab_path, data)
     if meta.vocab_size != len(vocab):
         raise VocabMismatch(f"{path}: meta.json says vocab_size {meta.vocab_size} but vocab.json has {len(vocab)}")
+    if meta.sha256 is not None and _sha256(data) != meta.sha256.vocab_json:
+        raise VocabMismatch(_not_recorded(vocab_path, _sha256(data), meta.sha256.vocab_json, "another model's "
+                                          "vocabulary") + "; put the artifact's own vocab.json back")
     model_path = path / "model.keras"
     if keras and not zipfile.is_zipfile(model_path):
         raise CorruptModel(f"{model_path}: not a Keras archive (not a zip file; truncated or overwritten?)")
     return path, meta, vocab
 
 
-def _check_graph(graph_path: Path, meta: ArtifactMeta, data: bytes | None = None, precision: str = "float32") -> None:
+def _check_graph(graph_path: Path, meta: ArtifactMeta, data: bytes | None = None, precision: str = "float32",
+                 recorded: bool = False) -> None:
+    """The graph (its bytes, else read from `graph_path`) is the graph of the network meta.json
+    describes. `recorded`: its sha256 is the one meta.json records, so it is the graph written with
+    meta.json, and a network that differs is meta.json's fault, not the graph's."""
     config = meta.config
     error = CorruptGraph if precision == "float32" else CorruptInt8Graph
+    rebuild = f"rebuild it with: {export_command(graph_path.parent, precision == 'int8')}"
+    network = described(config.cell, config.layers, config.units, meta.vocab_size)
     try:
-        check_graph(graph_path if data is None else data, cell=config.cell, layers=config.layers,
-                    units=config.units, vocab_size=meta.vocab_size, name=str(graph_path), precision=precision)
-    except ValueError as e:  # its message names the file and every mismatch
-        raise error(f"{e}; rebuild it with: {export_command(graph_path.parent, precision == 'int8')}") from None
+        problems = graph_problems(graph_path if data is None else data, cell=config.cell, layers=config.layers,
+                                  units=config.units, vocab_size=meta.vocab_size, embedding=config.embedding,
+                                  name=str(graph_path), precision=precision)
+    except ValueError as e:  # its message names the file and what is wrong with it
+        raise error(f"{e}; {rebuild}") from None
+    if problems and recorded:
+        raise BadMeta(f"{graph_path.with_name('meta.json')}: describes {network}, but {graph_path.name}, the file it "
+                      f"records (the same sha256), is another network: {'; '.join(problems)}; meta.json was changed "
+                      "after the artifact was written: put its own back")
+    if problems:
+        raise error(f"{graph_path}: does not match meta.json ({network}): {'; '.join(problems)}; {rebuild}")
 
 
 def load(path: str | Path, precision: str = "auto") -> Artifact:
@@ -172,14 +214,17 @@ def load(path: str | Path, precision: str = "auto") -> Artifact:
 
 def _read_meta(path: Path) -> ArtifactMeta:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read(path, BadMeta).decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadMeta(f"{path}: not valid JSON: not UTF-8 ({e})") from None
     return ArtifactMeta.from_json(text, str(path))
 
 
-def _read_vocab(path: Path) -> Vocab:
+def _read_vocab(path: Path, data: bytes) -> Vocab:
+    """vocab.json's vocabulary from its bytes `data`."""
     try:
-        return Vocab.from_json(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        return Vocab.from_json(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadVocab(f"{path}: not valid JSON: not UTF-8 ({e})") from None
+    except ValueError as e:  # "not valid JSON: ...", or what in it is not a vocabulary
         raise BadVocab(f"{path}: {e}") from None

@@ -59,14 +59,27 @@ def metadata(cell: str, layers: int, units: int, embedding: int, vocab_size: int
 
 
 def check_graph(source: str | Path | bytes, *, cell: str, layers: int, units: int, vocab_size: int,
-                name: str | None = None, precision: str = "float32") -> None:
+                embedding: int | None = None, name: str | None = None, precision: str = "float32") -> None:
     """Check that a graph (a path or its bytes) is the graph of the network meta.json describes, in
-    `precision` (float32: model.onnx, int8: model.int8.onnx). Raises ValueError naming the file
-    (`name`, else the path) and every mismatch found."""
+    `precision` (float32: model.onnx, int8: model.int8.onnx); its embedding's size too when given.
+    Raises ValueError naming the file (`name`, else the path) and every mismatch found."""
+    name = _name(source, name, precision)
+    problems = graph_problems(source, cell=cell, layers=layers, units=units, vocab_size=vocab_size,
+                              embedding=embedding, name=name, precision=precision)
+    if problems:
+        raise ValueError(f"{name}: does not match meta.json ({described(cell, layers, units, vocab_size)}): "
+                         + "; ".join(problems))
+
+
+def graph_problems(source: str | Path | bytes, *, cell: str, layers: int, units: int, vocab_size: int,
+                   embedding: int | None = None, name: str | None = None, precision: str = "float32") -> list[str]:
+    """check_graph's mismatches of a sound graph, each a phrase (empty: the graph is the network's).
+    Raises ValueError naming the file when it cannot be read, ONNX Runtime refuses it, or it is the
+    network's graph in the other precision."""
+    name = _name(source, name, precision)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        name, data = name or ("model.onnx" if precision == "float32" else "model.int8.onnx"), bytes(source)
+        data = bytes(source)
     else:
-        name = name or str(source)
         try:
             data = Path(source).read_bytes()
         except OSError as e:
@@ -81,15 +94,27 @@ def check_graph(source: str | Path | bytes, *, cell: str, layers: int, units: in
         raise ValueError(f"{name}: damaged ONNX graph: {_reason(e)}") from None
 
     props = session.get_modelmeta().custom_metadata_map
-    problems = _metadata_problems(props, cell, layers, units, vocab_size)
-    if not problems and props.get("precision", "float32") != precision:
-        problems.append(f"it is the {props.get('precision', 'float32')} graph, expected the {precision} one")
+    problems = _metadata_problems(props, cell, layers, units, embedding, vocab_size)
     expected_in, expected_out = signature(cell, layers, units, vocab_size)
     problems += _tensor_problems("input", session.get_inputs(), expected_in)
     problems += _tensor_problems("output", session.get_outputs(), expected_out)
-    if problems:
-        described = f"a {layers}-layer {cell} network of {units} units and {vocab_size} characters"
-        raise ValueError(f"{name}: does not match meta.json ({described}): " + "; ".join(problems))
+    if not problems and props.get("precision", "float32") != precision:  # the network's graph, the other file of two
+        raise ValueError(f"{name}: does not match meta.json ({described(cell, layers, units, vocab_size)}): it is "
+                         f"the {props.get('precision', 'float32')} graph, expected the {precision} one")
+    return problems
+
+
+def described(cell: str, layers: int, units: int, vocab_size: int) -> str:
+    """The network meta.json describes, in the words of check_graph's message."""
+    return f"a {layers}-layer {cell} network of {units} units and {vocab_size} characters"
+
+
+def _name(source: str | Path | bytes, name: str | None, precision: str) -> str:
+    if name is not None:
+        return name
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "model.onnx" if precision == "float32" else "model.int8.onnx"
+    return str(source)
 
 
 def _session(data: bytes) -> ort.InferenceSession:
@@ -109,12 +134,15 @@ def _reason(error: Exception) -> str:
     return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", lines[0]).rstrip(".")
 
 
-def _metadata_problems(props: dict[str, str], cell: str, layers: int, units: int, vocab_size: int) -> list[str]:
+def _metadata_problems(props: dict[str, str], cell: str, layers: int, units: int, embedding: int | None,
+                       vocab_size: int) -> list[str]:
     if "chargen_graph_format" not in props:
         return ["no chargen metadata (not made by `chargen export`, or truncated)"]
     if props["chargen_graph_format"] != str(GRAPH_FORMAT):
         return [f"chargen_graph_format {props['chargen_graph_format']!r} is not supported (this chargen reads {GRAPH_FORMAT})"]
     wanted = {"cell": cell, "layers": str(layers), "units": str(units), "vocab_size": str(vocab_size)}
+    if embedding is not None:
+        wanted["embedding"] = str(embedding)
     return [f"metadata {key} is {props.get(key)!r}, meta.json says {value!r}"
             for key, value in wanted.items() if props.get(key) != value]
 

@@ -2,9 +2,11 @@
 `chargen evaluate` do (reading one for serving is model/runtime/artifact.py's).
 
 Directories are written under a temporary name beside the target and renamed into place, so a crash
-never leaves half an artifact under the real name. A published artifact is never rewritten, except
-by `add_graph`, which gives an artifact made before model.onnx existed its graph, and `add_int8`,
-which gives an LSTM artifact its int8 graph (model.int8.onnx) and meta.json its `int8` record.
+never leaves half an artifact under the real name. meta.json records the sha256 of the model.onnx
+and vocab.json written with it (its `sha256`), which the loader compares. A published artifact is
+never rewritten, except by `add_graph`, which gives an artifact made before model.onnx existed its
+graph and one made before meta.json's `sha256` that record, and `add_int8`, which gives an LSTM
+artifact its int8 graph (model.int8.onnx) and meta.json its `int8` record.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import numpy as np
 
 from model.records.files import fsync, write_atomic
 from model.records.meta import (GRAPH, INT8_GRAPH, MAX_INT8_LOSS_INCREASE, ArtifactMeta, BadMeta, CorruptModel,
-                                Int8Info, VocabMismatch)
+                                FileHashes, Int8Info, VocabMismatch)
 from model.records.vocab import Vocab
-from model.runtime.artifact import Artifact, _check_files, _check_graph, check
+from model.runtime.artifact import Artifact, _check_files, _check_float32, _check_graph, _sha256, check
 from model.training.network import build_model, config_of, copy_weights, trainable_weights
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ def load_keras(path: str | Path) -> Artifact:
     model = _keras_model(path, meta, vocab)  # first: when meta.json is wrong, this says how
     onnx_path = path / GRAPH if (path / GRAPH).is_file() else None
     if onnx_path is not None:
-        _check_graph(onnx_path, meta)
+        _check_float32(path, meta)
     return Artifact(path, model, vocab, meta, onnx_path)
 
 
@@ -76,14 +78,14 @@ def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
     a fresh inference model with the same weights, and its ONNX graph. With `int8_text` (ids, what
     they are: training passes its validation text), an LSTM gets its int8 graph too, scored beside
     the float32 graph on those ids, and meta.json its `int8` record (another cell: why it has none).
+    meta.json records the sha256 of the model.onnx and vocab.json written (whatever `meta.sha256` says).
     """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path}: already exists; choose a new directory")
     if meta.vocab_size != len(vocab):
         raise ValueError(f"meta.vocab_size is {meta.vocab_size} but the vocabulary has {len(vocab)} characters")
-    text = meta.to_json()
-    ArtifactMeta.from_json(text, f"{path / 'meta.json'} (about to be written)")  # what is written must load
+    ArtifactMeta.from_json(meta.to_json(), f"{path / 'meta.json'} (about to be written)")  # what is written must load
     path.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -99,11 +101,12 @@ def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
             if int8 is not None:
                 (tmp / INT8_GRAPH).write_bytes(int8)
             meta = dataclasses.replace(meta, int8=info)
-            text = meta.to_json()
-        (tmp / "vocab.json").write_text(vocab.to_json(), encoding="utf-8")
+        vocab_bytes = vocab.to_json().encode("utf-8")
+        (tmp / "vocab.json").write_bytes(vocab_bytes)
+        meta = dataclasses.replace(meta, sha256=FileHashes(model_onnx=_sha256(graph), vocab_json=_sha256(vocab_bytes)))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        (tmp / "meta.json").write_text(text, encoding="utf-8")
+        (tmp / "meta.json").write_text(meta.to_json(), encoding="utf-8")
         for child in tmp.iterdir():  # on the disk before the rename publishes them
             fsync(child)
         os.rename(tmp, path)
@@ -115,17 +118,22 @@ def save(path: str | Path, model: keras.Model, vocab: Vocab, meta: ArtifactMeta,
 
 def add_graph(path: str | Path) -> tuple[Path, bool]:
     """Give an existing artifact (or a run's best) the model.onnx built from its model.keras, as
-    `chargen export` does for one made before training wrote it. Returns the graph's path and
-    whether it was written: a graph that is already the one built is left alone, so running it
-    again changes nothing, and a damaged one is replaced. The graph is replaced atomically, so a
-    reader sees the old graph or the new one, never part of one."""
+    `chargen export` does for one made before training wrote it, and meta.json the sha256 of it and
+    of vocab.json where it does not record them. Returns the graph's path and whether the graph was
+    written: a graph that is already the one built is left alone, so running it again changes
+    nothing, and a damaged one, or another model's, is replaced. The graph, then meta.json, is
+    replaced atomically, so a reader sees the old file or the new one, never part of one."""
     path, meta, vocab = _check_files(path, keras=True)  # not the graph: a damaged one is replaced
     target = path / GRAPH
     data = _graph_bytes(_keras_model(path, meta, vocab), meta, target)
-    if target.is_file() and target.read_bytes() == data:
-        return target, False
-    write_atomic(target, data)
-    return target, True
+    written = not (target.is_file() and target.read_bytes() == data)
+    if written:
+        write_atomic(target, data)
+    # vocab.json as _check_files read it: the one meta.json records, or (not recorded yet) the one model.keras fits
+    hashes = FileHashes(model_onnx=_sha256(data), vocab_json=_sha256((path / "vocab.json").read_bytes()))
+    if meta.sha256 != hashes:
+        _write_meta(path, dataclasses.replace(meta, sha256=hashes))
+    return target, written
 
 
 def add_int8(path: str | Path, ids: np.ndarray, text: str,
@@ -146,11 +154,16 @@ def add_int8(path: str | Path, ids: np.ndarray, text: str,
         (path / INT8_GRAPH).unlink()
         written = True
     if meta.int8 != info:
-        updated = dataclasses.replace(meta, int8=info).to_json()
-        ArtifactMeta.from_json(updated, f"{path / 'meta.json'} (about to be written)")
-        write_atomic(path / "meta.json", updated)
+        _write_meta(path, dataclasses.replace(meta, int8=info))
         written = True
     return path, info, written
+
+
+def _write_meta(path: Path, meta: ArtifactMeta) -> None:
+    """Replace the meta.json of the artifact at `path` with `meta`, atomically."""
+    text = meta.to_json()
+    ArtifactMeta.from_json(text, f"{path / 'meta.json'} (about to be written)")
+    write_atomic(path / "meta.json", text)
 
 
 def _int8(graph: bytes, meta: ArtifactMeta, path: Path, ids: np.ndarray, text: str,
