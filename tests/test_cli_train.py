@@ -153,6 +153,7 @@ def test_resume_reads_the_corpus_where_it_is_now_and_refuses_another(tmp_path, c
     result = invoke("train", "--corpus", "same.txt", "--out", str(run), "--resume", "--max-steps", "1", "--eval-every", "1")
     assert result.exit_code == 0, result.output
     assert "prepared same.txt" in result.output and "stopped (max-steps) after epoch 1" in result.output
+    assert "\nint8 graph: int8 " in result.output and " nats/char against float32 " in result.output  # which graph serves
 
 
 def test_a_directory_of_files_with_held_out_ones(tmp_path):

@@ -147,3 +147,11 @@ def test_the_train_command_takes_its_defaults_and_bounds_from_the_records():
         ModelConfig(**{name: most})
         with pytest.raises(ValueError, match=f"{name} must be at most {most}, got {most + 1}"):
             ModelConfig(**{name: most + 1})
+
+
+@pytest.mark.parametrize("name", ["state.json", RUN_FILE])
+def test_a_record_nested_too_deeply_is_named_not_a_traceback(tmp_path, corpus, name):
+    run = resumable_run(tmp_path, corpus)
+    (run / name).write_text("[" * 200_000)
+    result = invoke("train", "--corpus", str(corpus), "--out", str(run), "--resume")
+    assert result.exit_code == 1 and f"{run / name}: " in result.output and "not valid JSON: nested too deeply" in result.output

@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from model.records.files import parse_json
 from model.records.meta import BadMeta, read_record
 from model.training.history import SAMPLES_KEPT, Evaluation
 from model.training.settings import TrainingError
@@ -72,9 +73,9 @@ class RunState:
     def from_json(cls, text: str, where: str = "state.json") -> "RunState":
         """The state in `text`; TrainingError names `where` and the first field that is wrong."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TrainingError(f"{where}: not valid JSON: {e}") from None
+            data = parse_json(text)
+        except ValueError as e:  # says "not valid JSON: ..." (nested too deeply, too)
+            raise TrainingError(f"{where}: {e}") from None
         if not isinstance(data, dict):
             raise TrainingError(f"{where}: expected a JSON object")
         missing = [f.name for f in fields(cls) if f.name not in data]

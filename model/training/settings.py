@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from model.records.config import ModelConfig, Recipe
+from model.records.files import parse_json
 
 RUN_FILE = "run.json"
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -152,8 +153,8 @@ def read_run(path: Path) -> tuple[TrainSettings, str | None]:
     """(the settings, the command that started the run) in the run.json at `path`; TrainingError
     names the file and what is wrong with it. The command is None in a run.json written without one."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = parse_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: "not valid JSON: ..."
         raise TrainingError(f"{path}: cannot be read: {e}") from None
     if not isinstance(data, dict):
         raise TrainingError(f"{path}: expected a JSON object")

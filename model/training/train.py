@@ -816,6 +816,10 @@ def _finish(run: _Run, stop_reason: str) -> Path:
         f"stopped ({stop_reason}) after {_position(run.state.step, per_epoch)}: best validation {best.val_nats:.4f} "
         f"nats/char ({best.val_nats / LN2:.4f} bits) at {_position(best.step, per_epoch)}; artifact {run.out / 'best'}"
     )
+    if run.writer:  # which graph serves it: the int8 graph's figures against float32's, or why it has none
+        meta = ArtifactMeta.from_json((run.out / "best" / "meta.json").read_text(encoding="utf-8"), "best/meta.json")
+        if meta.int8 is not None:
+            _log(f"int8 graph: {meta.int8.verdict()}")
     return run.out / "best"
 
 
