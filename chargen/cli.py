@@ -702,12 +702,15 @@ def serve(bind, host, port, workers, artifact_path):
     given = f"--bind {bind}" if bind else f"CHARGEN_BIND={settings.bind}"
     if host is not None or port is not None:
         bind = _host_and_port(host, port, settings.bind)
-        given = " ".join(f"--{name} {value}" for name, value in (("host", host), ("port", port)) if value is not None)
+        # Only a host can fail to resolve (a port is a number by then): name where the host came from.
+        given = f"--host {host}" if host is not None else f"CHARGEN_BIND={settings.bind} (its host, with --port {port})"
     # Before gunicorn starts: a port in use would be retried and logged by gunicorn for seconds, and
     # a wrong artifact (a missing or damaged model.onnx included) found by each worker. The address
     # first: the artifact's check loads ONNX Runtime, which takes longer than the rest of the command.
     _check_bind(bind or settings.bind, given)
-    _check_artifacts_apart([source.path for source in models.sources], settings.precision)
+    # Each artifact's message names the setting it came from, except --artifact's (named on this command line).
+    _check_artifacts_apart([("" if artifact_path and source.origin.startswith("CHARGEN_ARTIFACT") else source.origin,
+                             source.path) for source in models.sources], settings.precision)
     import gunicorn.app.wsgiapp
 
     # gunicorn's master runs in this process, not in a child of it: signals reach it directly (a
@@ -726,17 +729,19 @@ def serve(bind, host, port, workers, artifact_path):
     gunicorn.app.wsgiapp.run(prog="gunicorn")
 
 
-def _check_artifacts_apart(paths: list[str], precision: str) -> None:
+def _check_artifacts_apart(artifacts: list[tuple[str, str]], precision: str) -> None:
     """`serve`'s check of the artifacts (_check_artifact), in a child process: gunicorn's master runs
     in this one and forks the workers, which must not inherit ONNX Runtime from it (loaded in the
     master, it made every worker abort as it exited: "terminate called after throwing an instance
-    of 'std::system_error'")."""
+    of 'std::system_error'"). `artifacts`: (where it was configured, for the message, or "", path)."""
     import subprocess
 
-    code = ("import sys, click\nfrom chargen.cli import _check_artifact\ntry:\n    for path in sys.argv[2:]:\n"
+    code = ("import sys, click\nfrom chargen.cli import _check_artifact\ntry:\n"
+            "    for where, path in zip(sys.argv[2::2], sys.argv[3::2]):\n"
             "        _check_artifact(path, precision=sys.argv[1])\nexcept click.ClickException as e:\n"
-            "    print(e.message)\n    sys.exit(3)\n")
-    run = subprocess.run([sys.executable, "-c", code, precision, *paths], capture_output=True, text=True)
+            "    print(f'{where}: {e.message}' if where else e.message)\n    sys.exit(3)\n")
+    run = subprocess.run([sys.executable, "-c", code, precision, *(arg for pair in artifacts for arg in pair)],
+                         capture_output=True, text=True)
     if run.returncode == 3:
         raise click.ClickException(run.stdout.strip())
     if run.returncode != 0:

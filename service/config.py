@@ -23,8 +23,6 @@ from model.records.meta import artifact_in
 PREFIX = "CHARGEN_"
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARTIFACT = ROOT / "artifacts" / "default"
-# Variables read by other parts of the project; listed so they are not reported as unknown.
-OTHER_VARIABLES = {"FRAME_ANCESTORS"}
 
 
 # How /v1/chat/completions writes a conversation down: a play's layout (the shipped model learned
@@ -37,6 +35,13 @@ CHAT_ROLES = ("system", "developer", "user", "assistant")
 # A model's name: in URLs (/v1/models/NAME), query strings, metric labels and CHARGEN_MODELS itself.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+# A CSP source for frame-ancestors (CHARGEN_FRAME_ANCESTORS): a scheme-qualified origin, optionally
+# with a *. subdomain wildcard and a port (https://*.example.org:8443), or * for anyone.
+FRAME_ORIGIN = re.compile(r"^https?://(\*\.)?[A-Za-z0-9.-]+(:\d{1,5})?$")
+
+# Settings whose values messages never repeat (a key with a stray space is still the key).
+SECRET = {"api_key"}
 
 
 class SettingsError(ValueError):
@@ -84,30 +89,35 @@ class Settings(BaseModel):
     max_prompt_chars: int = Field(4096, ge=1, le=1_000_000, description="Longest prompt, in characters.")
     max_chars: int = Field(4096, ge=1, le=1_000_000, description="Most characters one choice may ask for (max_chars, max_tokens).")
     max_n: int = Field(8, ge=1, le=1024, description="Most choices per request (n).")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body (larger: 413).")
-    request_timeout: float = Field(300.0, gt=0, description="Deadline of a request in seconds, from arrival to the last character (queueing included).")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30, description="Largest request body (larger: 413).")
+    request_timeout: float = Field(300.0, gt=0, le=86400, allow_inf_nan=False, description="Deadline of a request in seconds, "
+                                   "from arrival to the last character (queueing included); at most a day.")
     # engine and queue, per worker
     max_batch: int = Field(64, ge=1, le=4096, description="Streams one worker steps together (engine batch slots).")
-    max_queue: int = Field(128, ge=0, description="Requests one worker holds waiting for slots; beyond that: 429.")
+    max_queue: int = Field(128, ge=0, le=10_000, description="Requests one worker holds waiting for slots; beyond that: 429.")
     device: str = Field("cpu", pattern="^(cpu|cuda)$", description="Where the network runs: cpu, or cuda (ONNX Runtime's "
                         "CUDA provider, from onnxruntime-gpu; without it the CPU, with a warning in the log).")
     precision: str = Field("auto", pattern="^(auto|int8|float32)$", description="Which graph each model runs: auto "
                            "(int8, model.int8.onnx, where the artifact has one that passed its quality gate; float32, "
                            "model.onnx, otherwise), int8 (a model without a passing int8 graph fails to load, saying "
                            "why) or float32. Scoring (/v1/score, echo logprobs) comes from the same graph.")
-    stream_interval: float = Field(0.02, ge=0, le=1, description="Least seconds between the chunks of a stream (the first "
-                                   "goes out at once); characters generated meanwhile are sent together.")
-    stream_chunk_rate: float = Field(400.0, gt=0, description="Most chunks per second one worker sends over all its streams: "
-                                     "with many streams, each stream's chunks come further apart and carry more characters.")
+    stream_interval: float = Field(0.02, ge=0, le=1, allow_inf_nan=False, description="Least seconds between the chunks of a "
+                                   "stream (the first goes out at once); characters generated meanwhile are sent together.")
+    # At least 1: below, a stream's chunks could be minutes apart (a stream that delivers everything at its end).
+    stream_chunk_rate: float = Field(400.0, ge=1, le=1_000_000, allow_inf_nan=False, description="Most chunks per second one "
+                                     "worker sends over all its streams: with many streams, each stream's chunks come further "
+                                     "apart and carry more characters.")
     # defaults of the request fields (the built-in values are model/records/defaults.py's, which `chargen sample` uses too)
     default_max_chars: int = Field(DEFAULTS.max_chars, ge=1, description="max_chars (and max_tokens) when a request does not say.")
     default_temperature: float = Field(DEFAULTS.temperature, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False,
                                        description="temperature when a request does not say.")
     default_top_k: int = Field(DEFAULTS.top_k, ge=0, le=MAX_TOP_K, description="top_k when a request does not say (0: off).")
-    default_top_p: float = Field(DEFAULTS.top_p, gt=0, le=1, description="top_p when a request does not say (1: off).")
+    default_top_p: float = Field(DEFAULTS.top_p, gt=0, le=1, allow_inf_nan=False,
+                                 description="top_p when a request does not say (1: off).")
     # the prompt cache and chat completions
-    prompt_cache_mb: float = Field(64.0, ge=0, le=1_000_000, description="Size of each model's prompt-state cache in MiB, "
-                                   "per worker (the state after recent prompts: a prompt that starts with one resumes there); 0: off.")
+    prompt_cache_mb: float = Field(64.0, ge=0, le=1_000_000, allow_inf_nan=False, description="Size of each model's "
+                                   "prompt-state cache in MiB, per worker (the state after recent prompts: a prompt that starts "
+                                   "with one resumes there); 0: off.")
     chat_template: str = Field(CHAT_TEMPLATE, description="How /v1/chat/completions writes one message into the transcript: "
                                "{name} is the speaker's name (CHARGEN_CHAT_NAMES), {content} the message; \\n and \\t "
                                "written out stand for a newline and a tab.")
@@ -116,24 +126,50 @@ class Settings(BaseModel):
     max_transcript_chars: int = Field(65536, ge=1, le=10_000_000, description="Longest chat transcript fed to the model; a longer "
                                       "one keeps its last this many characters (the oldest turns are cut).")
     # access
-    api_key: str | None = Field(None, description="When set, /v1/* needs `Authorization: Bearer <key>`.")
+    api_key: str | None = Field(None, description="When set, /v1/* needs `Authorization: Bearer <key>`; set but empty is "
+                                "refused (unset it to serve without a key).")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call /v1/* from a browser, comma separated, or *.")
+    frame_ancestors: list[str] = Field(default_factory=list, description="Sites that may show /embed in an iframe besides its "
+                                       "own origin (service/page.py): origins separated by spaces or commas, or *.")
     # gunicorn (read by service/gunicorn_conf.py; `chargen serve --bind/--workers` override)
     bind: str = Field("127.0.0.1:8000", description="Address to listen on.")
     workers: int = Field(1, ge=1, le=256, description="Worker processes; each loads the model and runs its own engine.")
-    threads: int = Field(0, ge=0, description="Threads per worker, one per open request (0: max_batch + max_queue + 16).")
-    timeout: int = Field(60, ge=1, description="Seconds a worker's main loop may hang before it is replaced (not a request limit).")
+    threads: int = Field(0, ge=0, le=20_000, description="Threads per worker, one per open request (0: models x (max_batch + "
+                         "max_queue) + 16).")
+    timeout: int = Field(60, ge=1, le=3600, description="Seconds a worker's main loop may hang before it is replaced (not a "
+                         "request limit).")
     client_timeout: int = Field(30, ge=1, le=3600, description="Seconds a request's reading waits for a client that "
                                 "stops sending in the middle of its headers or body before the connection is closed.")
-    graceful_timeout: int = Field(30, ge=1, description="Seconds open requests and streams get to finish after SIGTERM "
-                                  "(drain) or SIGHUP (reload) before their worker is stopped (gunicorn's graceful_timeout).")
+    graceful_timeout: int = Field(30, ge=1, le=86400, description="Seconds open requests and streams get to finish after "
+                                  "SIGTERM (drain) or SIGHUP (reload) before their worker is stopped (gunicorn's "
+                                  "graceful_timeout).")
     # test-only
-    load_delay: float = Field(0.0, ge=0, description="Test-only: seconds to wait before loading the model (to observe 503s).")
+    load_delay: float = Field(0.0, ge=0, le=600, allow_inf_nan=False, description="Test-only: seconds to wait before loading "
+                              "the model (to observe 503s).")
+
+    @field_validator("artifact")
+    @classmethod
+    def _check_artifact(cls, value):
+        if not value.strip():  # read as a path, "" would be the current directory
+            raise ValueError("set but empty: unset it to serve artifacts/default, or name an artifact directory")
+        return value
 
     @field_validator("api_key", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, value):
-        return None if value in ("", None) else str(value)
+    def _check_key(cls, value):
+        # Only an unset variable means "no key": an empty one is more likely CHARGEN_API_KEY="$KEY"
+        # with KEY unset, which must not turn authentication off.
+        if value is None:
+            return None
+        value = str(value)
+        if not value:
+            raise ValueError("set but empty: unset it to serve without a key")
+        # The token of a request's Authorization header is trimmed, so such a key would refuse everything.
+        if not value.strip():
+            raise ValueError("is only whitespace, which no request can send: unset it to serve without a key")
+        if value != value.strip():
+            raise ValueError("starts or ends with whitespace, which no request can send: remove it")
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -148,6 +184,22 @@ class Settings(BaseModel):
         for origin in value:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"{origin!r} is not an origin like https://example.org or *")
+        return value
+
+    @field_validator("frame_ancestors", mode="before")
+    @classmethod
+    def _split_frame_ancestors(cls, value):
+        if isinstance(value, str):
+            value = re.split(r"[\s,]+", value)
+        return [v.rstrip("/") for v in value if v]
+
+    @field_validator("frame_ancestors")
+    @classmethod
+    def _check_frame_ancestors(cls, value):
+        for source in value:
+            if source != "*" and not FRAME_ORIGIN.match(source):
+                raise ValueError(f"{source!r} is not an origin like https://blog.example (or https://*.example.org, "
+                                 "or * for any site)")
         return value
 
     @field_validator("chat_template", mode="before")
@@ -174,15 +226,19 @@ class Settings(BaseModel):
     @field_validator("models")
     @classmethod
     def _check_models(cls, value):
-        _entries(value)  # the syntax; the directories are read by models_to_serve()
+        # the syntax; the directories are read by models_to_serve()
+        if value and not _entries(value):  # unset and empty mean "CHARGEN_ARTIFACT alone"; " " or "," is a mistake
+            raise ValueError("names no model: give comma-separated NAME=PATH or DIR entries, or unset it")
         return value
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.default_max_chars > self.max_chars:
-            raise ValueError(f"default_max_chars ({self.default_max_chars}) is above max_chars ({self.max_chars})")
+            raise ValueError(f"{PREFIX}DEFAULT_MAX_CHARS ({self.default_max_chars}) is above {PREFIX}MAX_CHARS "
+                             f"({self.max_chars})")
         if self.max_n > self.max_batch:
-            raise ValueError(f"max_n ({self.max_n}) is above max_batch ({self.max_batch}): one request's choices run in one batch")
+            raise ValueError(f"{PREFIX}MAX_N ({self.max_n}) is above {PREFIX}MAX_BATCH ({self.max_batch}): one request's "
+                             "choices run in one batch")
         return self
 
     # ------------------------------------------------------------ derived
@@ -316,14 +372,18 @@ def prefixed(environ: Mapping[str, str]) -> dict[str, str]:
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """CHARGEN_* variables that nothing reads: most likely typos."""
-    known = {name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    known = {name.upper() for name in Settings.model_fields}
     return sorted(PREFIX + key for key in prefixed(os.environ if environ is None else environ) if key not in known)
 
 
 def describe(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
-        where = PREFIX + str(e["loc"][0]).upper() if e["loc"] else "settings"
-        got = f" (got {e['input']!r})" if e["loc"] and not isinstance(e["input"], dict) else ""
-        lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}{got}")
+        message = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # a check of several settings (_consistent): its message names them
+            lines.append(message)
+            continue
+        field = str(e["loc"][0])
+        got = f" (got {e['input']!r})" if field not in SECRET and not isinstance(e["input"], dict) else ""
+        lines.append(f"{PREFIX}{field.upper()}: {message}{got}")
     return "invalid configuration: " + "; ".join(lines)

@@ -10,42 +10,19 @@ text even if a bug tried to render it. Assets are served by the app's own static
 
 Framing: `/` may not be framed at all; `/embed` may be framed by its own origin and by the origins in
 CHARGEN_FRAME_ANCESTORS (space or comma separated, e.g. "https://blog.example https://*.example.org";
-"*" allows any site). Which origins may call the API from their own JavaScript is CORS, configured
-separately by CHARGEN_CORS_ORIGINS (service/app.py).
+"*" allows any site; checked with the other settings, service/config.py, so `chargen serve` refuses a
+bad one before gunicorn starts). Which origins may call the API from their own JavaScript is CORS,
+configured separately by CHARGEN_CORS_ORIGINS (service/app.py).
 """
 
 from __future__ import annotations
 
-import re
-
 from flask import Blueprint, current_app, render_template
-
-from service.config import SettingsError
 
 bp = Blueprint("page", __name__, template_folder="templates")
 
-# A CSP source for frame-ancestors: a scheme-qualified origin, optionally with a *. subdomain
-# wildcard and a port (https://*.example.org:8443), or * for anyone.
-_ORIGIN = re.compile(r"^https?://(\*\.)?[A-Za-z0-9.-]+(:\d{1,5})?$")
-
 _BASE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
                 "manifest-src 'self'; base-uri 'none'; form-action 'none'; object-src 'none'")
-
-
-def frame_ancestors(value: str | None) -> list[str]:
-    """The origins (besides the page's own) that may frame /embed, from CHARGEN_FRAME_ANCESTORS."""
-    sources = [v.rstrip("/") for v in re.split(r"[\s,]+", value or "") if v]
-    for source in sources:
-        if source != "*" and not _ORIGIN.match(source):
-            raise SettingsError(f"invalid configuration: CHARGEN_FRAME_ANCESTORS: {source!r} is not an origin like "
-                                "https://blog.example (or https://*.example.org, or * for any site)")
-    return sources
-
-
-@bp.record_once
-def _check_settings(state):
-    # Read once at start-up so a typo stops the server with a message instead of a broken embed.
-    state.app.extensions["chargen_frame_ancestors"] = frame_ancestors(state.app.config.get("FRAME_ANCESTORS"))
 
 
 def _page(template: str, ancestors: str, **context):
@@ -65,5 +42,5 @@ def index():
 
 @bp.get("/embed")
 def embed():
-    extra = current_app.extensions["chargen_frame_ancestors"]
+    extra = current_app.extensions["chargen"].settings.frame_ancestors  # CHARGEN_FRAME_ANCESTORS
     return _page("embed.html", " ".join(["'self'", *extra]))

@@ -244,12 +244,32 @@ def test_serve_refuses_a_port_in_use_in_one_line():
      "Error: CHARGEN_BIND=127.0.0.1:http: not an address to listen on ('http' is not a valid port number.)"),
     (["--bind", "127.0.0.1:http"], None, 1,
      "Error: --bind 127.0.0.1:http: not an address to listen on ('http' is not a valid port number.)"),
+    # the host that does not resolve is CHARGEN_BIND's, not --port's (.invalid never resolves: RFC 6761)
+    (["--port", "18651"], {"CHARGEN_BIND": "nosuchhost.invalid"}, 1,
+     "Error: CHARGEN_BIND=nosuchhost.invalid (its host, with --port 18651): not an address to listen on ("),
 ])
 def test_serve_names_what_is_wrong_with_the_address(args, env, code, message):
     result, _ = serve(*args, env=env)
     assert result.returncode == code, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "Listening" not in result.stdout
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"CHARGEN_MODELS": " "}, "Error: invalid configuration: CHARGEN_MODELS: names no model"),
+    ({"CHARGEN_FRAME_ANCESTORS": "abc"}, "Error: invalid configuration: CHARGEN_FRAME_ANCESTORS: 'abc' is not an origin"),
+    ({"CHARGEN_API_KEY": ""}, "Error: invalid configuration: CHARGEN_API_KEY: set but empty: unset it to serve without a key"),
+    ({"CHARGEN_ARTIFACT": ""}, "Error: invalid configuration: CHARGEN_ARTIFACT: set but empty"),
+    ({"CHARGEN_LOAD_DELAY": "inf"}, "Error: invalid configuration: CHARGEN_LOAD_DELAY: "),
+    ({"CHARGEN_MODELS": "a=b"}, "Error: CHARGEN_MODELS entry a=b: b: no such artifact directory"),
+])
+def test_serve_refuses_a_bad_setting_before_gunicorn_starts(env, message):
+    """In one line naming the variable, as the README promises: not a traceback, not a worker that
+    fails to boot, not a server that quietly does something else."""
+    result, _ = serve("--bind", f"127.0.0.1:{free_port()}", env=env)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "Listening" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow  # real gunicorn

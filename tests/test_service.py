@@ -18,7 +18,7 @@ from conftest import PERIODIC, assert_error, events
 from polling import wait_for
 from server import ROOT, continuation, server_env
 from service.app import create_app
-from service.config import SettingsError
+from service.config import Settings, SettingsError
 
 LIMITS = {"MAX_CHARS": 1000, "MAX_N": 4, "MAX_PROMPT_CHARS": 300, "MAX_BODY_BYTES": 4096, "MAX_BATCH": 16}
 
@@ -741,7 +741,7 @@ def test_deadline_is_504(tight_app):
     ({"MAX_BATCH": "0"}, "CHARGEN_MAX_BATCH"),
     ({"DEFAULT_TOP_P": "2"}, "CHARGEN_DEFAULT_TOP_P"),
     ({"CORS_ORIGINS": "page.example"}, "CHARGEN_CORS_ORIGINS"),
-    ({"MAX_N": "9", "MAX_BATCH": "8"}, "max_n"),
+    ({"MAX_N": "9", "MAX_BATCH": "8"}, "CHARGEN_MAX_N"),
 ])
 def test_bad_configuration_names_the_variable(tiny_artifact, config, variable):
     with pytest.raises(SettingsError, match=variable):
@@ -760,3 +760,53 @@ def test_configuration_from_the_environment(tiny_artifact, monkeypatch):
         assert_error(app.test_client().post("/v1/generate", json={}), 401, "invalid_api_key")
     finally:
         app.extensions["chargen"].scheduler.close()
+
+
+# Values that used to pass the check and fail later (a traceback, a worker that cannot boot), or
+# change what the server does without a word: each refused with one line that names the variable.
+@pytest.mark.parametrize("env, message", [
+    ({"CHARGEN_MODELS": " "}, "CHARGEN_MODELS: names no model"),
+    ({"CHARGEN_MODELS": ","}, "CHARGEN_MODELS: names no model"),
+    ({"CHARGEN_FRAME_ANCESTORS": "abc"}, "CHARGEN_FRAME_ANCESTORS: 'abc' is not an origin"),
+    ({"CHARGEN_FRAME_ANCESTORS": "https://blog.example a=b"}, "CHARGEN_FRAME_ANCESTORS: 'a=b' is not an origin"),
+    ({"CHARGEN_LOAD_DELAY": "inf"}, "CHARGEN_LOAD_DELAY: Input should be a finite number"),
+    ({"CHARGEN_LOAD_DELAY": "1e300"}, "CHARGEN_LOAD_DELAY: Input should be less than or equal to 600"),
+    ({"CHARGEN_LOAD_DELAY": "99999999999999999999"}, "CHARGEN_LOAD_DELAY: Input should be less than or equal to 600"),
+    ({"CHARGEN_API_KEY": ""}, "CHARGEN_API_KEY: set but empty: unset it to serve without a key"),
+    ({"CHARGEN_API_KEY": " "}, "CHARGEN_API_KEY: is only whitespace"),
+    ({"CHARGEN_API_KEY": "s3cret\n"}, "CHARGEN_API_KEY: starts or ends with whitespace"),
+    ({"CHARGEN_ARTIFACT": ""}, "CHARGEN_ARTIFACT: set but empty"),
+    ({"CHARGEN_DEFAULT_MAX_CHARS": "99999999999999999999"},
+     "invalid configuration: CHARGEN_DEFAULT_MAX_CHARS (99999999999999999999) is above CHARGEN_MAX_CHARS (4096)"),
+    ({"CHARGEN_MAX_N": "9", "CHARGEN_MAX_BATCH": "8"}, "invalid configuration: CHARGEN_MAX_N (9) is above CHARGEN_MAX_BATCH (8)"),
+    ({"CHARGEN_MAX_QUEUE": "99999999999999999999"}, "CHARGEN_MAX_QUEUE: Input should be less than or equal to 10000"),
+    ({"CHARGEN_THREADS": "99999999999999999999"}, "CHARGEN_THREADS: Input should be less than or equal to 20000"),
+    ({"CHARGEN_TIMEOUT": "99999999999999999999"}, "CHARGEN_TIMEOUT: Input should be less than or equal to 3600"),
+    ({"CHARGEN_GRACEFUL_TIMEOUT": "99999999999999999999"}, "CHARGEN_GRACEFUL_TIMEOUT: Input should be less than or equal to 86400"),
+    ({"CHARGEN_MAX_BODY_BYTES": "99999999999999999999"},
+     "CHARGEN_MAX_BODY_BYTES: Input should be less than or equal to 1073741824"),
+    ({"CHARGEN_REQUEST_TIMEOUT": "inf"}, "CHARGEN_REQUEST_TIMEOUT: Input should be a finite number"),
+    ({"CHARGEN_REQUEST_TIMEOUT": "1e300"}, "CHARGEN_REQUEST_TIMEOUT: Input should be less than or equal to 86400"),
+    ({"CHARGEN_STREAM_CHUNK_RATE": "1e-300"}, "CHARGEN_STREAM_CHUNK_RATE: Input should be greater than or equal to 1"),
+    ({"CHARGEN_STREAM_CHUNK_RATE": "inf"}, "CHARGEN_STREAM_CHUNK_RATE: Input should be a finite number"),
+])
+def test_a_setting_that_would_fail_later_is_refused_at_once(env, message):
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env(env)
+    assert message in str(refused.value)
+    assert "s3cret" not in str(refused.value)  # a key is never repeated in a message or a log
+
+
+def test_the_settings_in_use_and_the_bounds_are_accepted():
+    """The defaults, values deploy/ and the tests use, and each bound itself."""
+    assert Settings.from_env({}) == Settings()
+    settings = Settings.from_env({
+        "CHARGEN_LOAD_DELAY": "600", "CHARGEN_REQUEST_TIMEOUT": "86400", "CHARGEN_GRACEFUL_TIMEOUT": "86400",
+        "CHARGEN_TIMEOUT": "3600", "CHARGEN_MAX_QUEUE": "10000", "CHARGEN_THREADS": "20000",
+        "CHARGEN_MAX_BODY_BYTES": str(1 << 30), "CHARGEN_STREAM_CHUNK_RATE": "1", "CHARGEN_API_KEY": "a key",
+        "CHARGEN_MODELS": "", "CHARGEN_FRAME_ANCESTORS": "https://blog.example/, https://*.example.org:8443 *"})
+    assert settings.api_key == "a key" and settings.models_to_serve().names == ["default"]
+    assert settings.frame_ancestors == ["https://blog.example", "https://*.example.org:8443", "*"]
+    assert Settings.from_env({"CHARGEN_REQUEST_TIMEOUT": "42.5", "CHARGEN_MAX_QUEUE": "0"}).request_timeout == 42.5
+    assert Settings.from_env({"CHARGEN_API_KEY": "null"}).api_key == "null"
+    assert Settings().api_key is None  # unset: no key
