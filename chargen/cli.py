@@ -443,6 +443,7 @@ def export_command(artifact_path, int8, corpus_path, text_path, int8_max_increas
         raise click.UsageError("give either --corpus (the artifact's validation text) or --text, not both")
     _require_keras("export")
     try:  # the artifact is checked (without its graph, which may be damaged) before Keras loads
+        record = _read_or_none(artifact.resolve(artifact_path) / "meta.json")
         graph, written = artifacts.add_graph(artifact_path)
     except artifact.ArtifactError as e:
         raise click.ClickException(str(e)) from None
@@ -451,6 +452,8 @@ def export_command(artifact_path, int8, corpus_path, text_path, int8_max_increas
         raise click.ClickException(f"{graph}: cannot be written: {e.strerror or e}") from None
     if written:
         click.echo(f"wrote {graph} ({_size(graph)}): the ONNX graph of its model.keras, checked against meta.json")
+    elif _read_or_none(graph.with_name("meta.json")) != record:
+        click.echo(f"{graph} is up to date ({_size(graph)}); its sha256 and vocab.json's recorded in meta.json")
     else:
         click.echo(f"{graph} is up to date ({_size(graph)}); nothing written")
     if not int8:
@@ -727,6 +730,13 @@ def serve(bind, host, port, workers, artifact_path):
         sys.argv += ["--workers", str(workers)]
     sys.stdout.flush()
     gunicorn.app.wsgiapp.run(prog="gunicorn")
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _check_artifacts_apart(artifacts: list[tuple[str, str]], precision: str) -> None:

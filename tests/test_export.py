@@ -3,6 +3,7 @@ and idempotently, and refuses what is not an artifact with the loader's message.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -38,6 +39,18 @@ def test_export_adds_the_graph_training_would_have_written(tiny_artifact, old):
     assert (old / "model.onnx").read_bytes() == (tiny_artifact / "model.onnx").read_bytes()
     assert artifact.load(old).onnx_path == old / "model.onnx"  # servable now
     assert sorted(p.name for p in old.iterdir()) == sorted(p.name for p in tiny_artifact.iterdir())  # no temporary file
+
+
+def test_export_records_the_sha256_an_older_meta_json_lacks_and_says_so(old):
+    assert export(old).exit_code == 0
+    meta = json.loads((old / "meta.json").read_text())
+    recorded = meta.pop("sha256")
+    (old / "meta.json").write_text(json.dumps(meta, indent=2))  # as written before meta.json recorded them
+    result = export(old)
+    assert result.exit_code == 0, result.output
+    assert f"{old / 'model.onnx'} is up to date (" in result.output
+    assert "its sha256 and vocab.json's recorded in meta.json" in result.output and "nothing written" not in result.output
+    assert json.loads((old / "meta.json").read_text())["sha256"] == recorded
 
 
 def test_export_again_changes_nothing(old):
