@@ -19,6 +19,7 @@ import time
 from datetime import datetime
 
 from flask import Flask, g, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from service import errors, metrics
 from service.config import Models, Settings, unknown_variables
@@ -261,7 +262,7 @@ def _register_request_hooks(app: Flask, settings: Settings) -> None:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         if origins and request.path.startswith("/v1/"):
             _cors(response, origins)
-        route = request.url_rule.rule if request.url_rule else "unmatched"
+        route = _route(app)
         method = request.method if request.method in HTTP_METHODS else "other"  # a label per invented method would grow for ever
         status, arrived = str(response.status_code), g.arrived
 
@@ -271,6 +272,21 @@ def _register_request_hooks(app: Flask, settings: Settings) -> None:
 
         response.call_on_close(record)
         return response
+
+
+def _route(app: Flask) -> str:
+    """The route label of /metrics: the request's rule; for a method the route does not take (405), the
+    route's own rule; "unmatched" for a path no route has (a label per path would grow for ever)."""
+    if request.url_rule is not None:
+        return request.url_rule.rule
+    refused = request.routing_exception
+    if isinstance(refused, MethodNotAllowed) and refused.valid_methods:
+        try:
+            rule, _ = app.url_map.bind_to_environ(request.environ).match(method=refused.valid_methods[0], return_rule=True)
+            return rule.rule
+        except HTTPException:
+            pass
+    return "unmatched"
 
 
 def _cors(response, origins: set[str]) -> None:

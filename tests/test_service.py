@@ -323,6 +323,10 @@ def test_metrics(client):
             assert r.status_code == 405
     text = client.get("/metrics").get_data(as_text=True)
     assert 'method="other"' in text and "FROB" not in text and "XYZZY" not in text
+    assert 'chargen_requests_total{method="other",route="/v1/generate",status="405"}' in text  # the route it asked
+    with client.get("/no/such/path") as r:
+        assert r.status_code == 404
+    assert 'route="unmatched",status="404"' in client.get("/metrics").get_data(as_text=True)
 
 
 def test_openapi_comes_from_the_request_schemas(client):
