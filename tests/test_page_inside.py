@@ -45,7 +45,10 @@ def reply_inside(tab: Tab, prompt: str = "the quick", chars: int = 60, embed: bo
     tab.send(prompt, temperature=0, max_chars=None if embed else chars)
     assert tab.wait_ended() == "done"
     assert tab.generated() == continuation(prompt, chars)
-    tab.turn().get_by_role("button", name="Look inside").click()
+    # each reply's button is named for its reply, the header's for a text of one's own (screen readers list them)
+    assert tab.page.get_by_role("button", name="Look inside this reply", exact=True).count() == 1
+    assert tab.page.get_by_role("button", name="Look inside a text of your own", exact=True).count() == (0 if embed else 1)
+    tab.turn().get_by_role("button", name="Look inside this reply", exact=True).click()
     tab.page.locator("#inside-view").wait_for(state="visible")
     return prompt + continuation(prompt, chars)
 
