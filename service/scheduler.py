@@ -393,19 +393,20 @@ class Scheduler:
                 if not self._waiting or len(self._waiting[0].requests) > engine.max_batch - engine.active:
                     return admitted
                 job = self._waiting[0]
-            if active:  # a long prompt is read a piece at a time, the running streams stepping between
-                try:
-                    if not self._read_ahead(job):
-                        return admitted
-                except Exception:
-                    log.exception("could not read a prompt")
-                    with self._cond:
-                        if self._waiting and self._waiting[0] is job:
-                            self._waiting.popleft()
-                            self.metrics.queue_depth.dec()
-                    job.error = "server"
-                    self._finish(job)
-                    continue
+            # A long prompt is read a piece at a time: the running streams step between pieces, and the loop
+            # sees deadlines and a drain's cutoff between them (on an idle worker too).
+            try:
+                if not self._read_ahead(job):
+                    return admitted
+            except Exception:
+                log.exception("could not read a prompt")
+                with self._cond:
+                    if self._waiting and self._waiting[0] is job:
+                        self._waiting.popleft()
+                        self.metrics.queue_depth.dec()
+                job.error = "server"
+                self._finish(job)
+                continue
             with self._cond:
                 if not self._waiting or self._waiting[0] is not job:  # the deadline took it meanwhile
                     continue

@@ -257,3 +257,36 @@ def test_a_long_prompt_is_read_between_the_steps_of_the_running_streams(apps, mo
     reads = [k for k, e in enumerate(events) if e == "read"]
     assert len(reads) >= 3500 // 512  # read in pieces...
     assert all("step" in events[a:b] for a, b in zip(reads, reads[1:]))  # ...with the running stream stepped between each
+
+
+def test_a_long_prompt_on_an_idle_worker_is_read_in_pieces_so_a_drain_ends_it_in_time(tiny_artifact, monkeypatch):
+    # read in one call on a worker with nothing else running, a long prompt held the loop past the
+    # drain's cutoff, and the worker was stopped with the request unanswered
+    import threading
+    import time
+
+    from conftest import PERIODIC, loaded_app
+
+    with loaded_app(tiny_artifact, MAX_PROMPT_CHARS=5000) as app:
+        scheduler, client = app.extensions["chargen"].scheduler, app.test_client()
+        engine, read_more, reads = scheduler.engine, scheduler.engine.read_more, []
+
+        def slow_read_more(reading):  # a big model's prompt: 0.2 s a piece
+            reads.append(time.monotonic())
+            time.sleep(0.2)
+            return read_more(reading)
+
+        monkeypatch.setattr(engine, "read_more", slow_read_more)
+        got = {}
+        thread = threading.Thread(target=lambda: got.update(r=client.post("/v1/generate", json={
+            "prompt": (PERIODIC[::-1] * 80)[:4500], "max_chars": 5, "temperature": 0})))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not reads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        scheduler.drain(0.3)
+
+        thread.join(60)
+        r = got["r"]
+        assert r.status_code == 503 and r.get_json()["error"]["code"] == "shutting_down", r.get_json()
+        assert len(reads) < 4500 // 512  # ended between pieces, not after reading all of them
