@@ -343,6 +343,15 @@ def test_a_run_directory_another_training_writes_is_refused(tmp_path, corpus):
     assert (run / RUN_FILE).exists()
 
 
+def test_a_lock_that_is_not_a_file_is_named(tmp_path, corpus):
+    from model.training.train import LOCK_FILE
+
+    run = tmp_path / "run"
+    (run / LOCK_FILE).mkdir(parents=True)
+    result = invoke("train", "--corpus", str(corpus), "--out", str(run), "--units", "8", "--seq-len", "20", "--max-steps", "1")
+    assert result.exit_code == 1 and f"{run / LOCK_FILE}: cannot be used as the run's lock: Is a directory" in result.output
+
+
 def test_resume_refuses_a_changed_network_or_data_setting(tmp_path, corpus):
     """A resumed run keeps its settings; a differing flag is an error, not silently ignored."""
     from model.records.config import ModelConfig

@@ -97,11 +97,14 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
     command = command or " ".join(sys.argv)
 
     with _RunLock() as lock, _sigterm_interrupts():
-        # prepare data: every check, then Keras, run.json (the run directory locked) and the token file
+        # prepare data: every check, the run directory locked (before the processes join: a refusal
+        # must not leave the others waiting), then Keras, run.json and the token file
         prep = prepare(settings, resume, explicit, writer=cluster.process_id == 0)
         settings = prep.settings
+        if cluster.process_id == 0:
+            lock.hold(Path(settings.out))
         placement = _place(cluster, settings.batch_size)
-        data = _load_data(prep, placement, command, lock)
+        data = _load_data(prep, placement, command)
 
         # build or resume
         model, state = _build_or_resume(prep, data, placement)
@@ -303,14 +306,13 @@ class _Data:
         return self.windows.steps_per_epoch
 
 
-def _load_data(prep: Prepared, placement: Placement, command: str, lock: _RunLock) -> _Data:
+def _load_data(prep: Prepared, placement: Placement, command: str) -> _Data:
     """Process 0 writes run.json (a new run's) and the token file, while the others wait; then
     every process reads the token file."""
     settings = prep.settings
     if placement.writer:
         out = Path(settings.out)
         out.mkdir(parents=True, exist_ok=True)
-        lock.hold(out)
         if not (out / RUN_FILE).exists():
             write_atomic(out / RUN_FILE, run_json(settings, command))
         elif not prep.resume:  # another training wrote it since prepare() looked, and has finished
@@ -335,13 +337,22 @@ LOCK_FILE = ".lock"  # held (flock) by the process writing the run directory, fo
 
 class _RunLock:
     """One training writes a run directory at a time: a second (a new run, or a --resume started
-    while one runs) is refused, naming the process that holds it. Held from when process 0 creates
-    the directory until train() returns or raises (the system drops it when a process dies)."""
+    while one runs) is refused, naming the process that holds it. Held by process 0 from the end of
+    prepare() until train() returns or raises (the system drops it when a process dies); a directory
+    it made for a run that then failed before run.json was written is removed again."""
 
     fd: int | None = None
+    made: Path | None = None  # the run directory, where hold() created it
 
     def hold(self, out: Path) -> None:
-        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        if not out.exists():
+            out.mkdir(parents=True)
+            self.made = out
+        try:
+            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a directory or a dangling link in its place
+            raise TrainingError(f"{out / LOCK_FILE}: cannot be used as the run's lock: {e.strerror or e}; "
+                                "remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -356,10 +367,14 @@ class _RunLock:
     def __enter__(self) -> _RunLock:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, failed, *exc) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = None
+        if failed is not None and self.made is not None and not (self.made / RUN_FILE).exists():
+            (self.made / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.made.rmdir()  # empty again: nothing of the run was written
 
 
 def _write_tokens(prep: Prepared) -> None:
