@@ -415,6 +415,19 @@ def test_a_vocabulary_of_another_model_of_the_same_size_is_refused(copy):
         assert "another model's vocabulary" in str(error) and str(error).endswith("put the artifact's own vocab.json back")
 
 
+def test_export_refuses_a_model_keras_of_another_model_rather_than_follow_it(copy):
+    # model.onnx is the recorded graph; a model.keras of another network of the same shape must not
+    # become the artifact's graph (and be recorded) through chargen export
+    keras.utils.set_random_seed(4)
+    build_model(CONFIG, len(VOCAB)).save(copy / "model.keras")
+    before = (copy / "model.onnx").read_bytes(), (copy / "meta.json").read_bytes()
+    with pytest.raises(artifact.CorruptModel) as error:
+        artifacts.add_graph(copy)
+    assert str(error.value).startswith(f"{copy / 'model.keras'}: its network is not the one of model.onnx"), error.value
+    assert "put the artifact's own back" in str(error.value)
+    assert ((copy / "model.onnx").read_bytes(), (copy / "meta.json").read_bytes()) == before
+
+
 def test_an_artifact_written_before_the_record_loads_as_before_and_export_records(saved, copy):
     edit_meta(copy, unrecorded)
     (copy / "model.onnx").write_bytes(another_graph())  # nothing tells it from the artifact's own

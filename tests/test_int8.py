@@ -196,6 +196,17 @@ def test_a_model_onnx_of_another_model_is_refused_whatever_serves(copy):
     assert result.exit_code == 1 and result.output.startswith(f"Error: {copy / 'model.onnx'}: does not match meta.json")
 
 
+def test_before_meta_json_recorded_sha256_the_int8_record_still_names_model_onnx(copy):
+    # an artifact from before meta.json's `sha256`: its int8 record has the sha256 of the model.onnx it was made from
+    data = json.loads((copy / "meta.json").read_text())
+    del data["sha256"]
+    (copy / "meta.json").write_text(json.dumps(data))
+    assert artifact.load(copy, "float32").meta.sha256 is None  # its own graph loads as before
+    (copy / "model.onnx").write_bytes(another_model_onnx(copy))
+    with pytest.raises(artifact.CorruptGraph, match="another model's graph"):
+        artifact.load(copy, "float32")
+
+
 def test_a_changed_meta_json_is_blamed_not_the_graph(copy):
     """The graphs are the files meta.json records (their sha256), so when they disagree with its
     network, meta.json is what changed: the error names it, not the graph, and asks for no export."""

@@ -107,6 +107,8 @@ def _check_float32(path: Path, meta: ArtifactMeta) -> None:
     graph = path / GRAPH
     data = _read(graph, CorruptGraph)
     recorded = meta.sha256.model_onnx if meta.sha256 is not None else None
+    if recorded is None and meta.int8 is not None:  # an artifact from before `sha256`: its int8 record names model.onnx
+        recorded = meta.int8.float32_sha256
     found = _sha256(data) if recorded is not None else None
     _check_graph(graph, meta, data, recorded=recorded is not None and found == recorded)  # damaged: said so first
     if found != recorded:

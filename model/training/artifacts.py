@@ -121,12 +121,20 @@ def add_graph(path: str | Path) -> tuple[Path, bool]:
     `chargen export` does for one made before training wrote it, and meta.json the sha256 of it and
     of vocab.json where it does not record them. Returns the graph's path and whether the graph was
     written: a graph that is already the one built is left alone, so running it again changes
-    nothing, and a damaged one, or another model's, is replaced. The graph, then meta.json, is
+    nothing, and a damaged one, or another model's, is replaced; but a model.keras that builds
+    another graph than the one meta.json records is refused (the archive is the file that changed). The graph, then meta.json, is
     replaced atomically, so a reader sees the old file or the new one, never part of one."""
     path, meta, vocab = _check_files(path, keras=True)  # not the graph: a damaged one is replaced
     target = path / GRAPH
     data = _graph_bytes(_keras_model(path, meta, vocab), meta, target)
-    written = not (target.is_file() and target.read_bytes() == data)
+    present = target.read_bytes() if target.is_file() else None
+    recorded = meta.sha256.model_onnx if meta.sha256 is not None else meta.int8.float32_sha256 if meta.int8 else None
+    if present is not None and present != data and _sha256(present) == recorded:
+        # model.onnx is the graph written with meta.json, and model.keras builds another: the archive is what changed
+        raise CorruptModel(f"{path / 'model.keras'}: its network is not the one of model.onnx, the graph meta.json records "
+                           "(its sha256): model.keras is another model's, or changed since the artifact was written; put "
+                           "the artifact's own back (model.onnx is left as it is)")
+    written = present != data
     if written:
         write_atomic(target, data)
     # vocab.json as _check_files read it: the one meta.json records, or (not recorded yet) the one model.keras fits
