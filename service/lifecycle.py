@@ -104,6 +104,10 @@ class Snapshots:
                 continue
             failures.append((name, reason, True))
             kept.append(ModelSource(name, str(copy), next(m.origin for m in self.current.sources if m.name == name)))
+            if name == self.current.default and not self.settings.default_model:
+                # the default by its place in the listing (the first): it keeps that role with its previous copy
+                models = Models(models.sources, name)
+                kept.insert(0, kept.pop())
         if (not check and failures) or models.default not in {m.name for m in kept}:
             shutil.rmtree(target, ignore_errors=True)
             raise SnapshotError("; ".join(f"model {name!r}: {reason}" for name, reason, _ in failures)

@@ -315,6 +315,29 @@ def test_sighup_swaps_the_model_without_a_failed_request_and_a_broken_one_change
           "first worker while its successor loaded")
 
 
+def test_a_broken_default_of_a_models_directory_stays_the_default(tiny_artifact, other_artifact, tmp_path):
+    """With no CHARGEN_DEFAULT_MODEL, a directory's first model is the default; a deploy that breaks
+    its link keeps its previous copy, and its role: requests that name no model still reach it."""
+    from service.config import Settings
+    from service.lifecycle import Snapshots
+
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "a").symlink_to(tiny_artifact)
+    (root / "b").symlink_to(other_artifact)
+    snapshots = Snapshots(Settings.from_env({"CHARGEN_MODELS": str(root)}))
+    try:
+        first, _ = snapshots.take(check=False)
+        assert (first.names, first.default) == (["a", "b"], "a")
+        (root / "next").symlink_to(tmp_path / "gone")
+        (root / "next").replace(root / "a")
+        current, failures = snapshots.take(check=True)
+        assert (current.names, current.default) == (["a", "b"], "a")
+        assert [(name, kept) for name, _, kept in failures] == [("a", True)]
+    finally:
+        snapshots.remove()
+
+
 def test_sighup_serves_a_model_added_to_the_models_directory(tiny_artifact, other_artifact, tmp_path):
     root = tmp_path / "models"
     root.mkdir()
