@@ -83,6 +83,19 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, corpus):
 
 
 @pytest.mark.slow
+def test_a_signal_as_an_evaluation_is_reported_waits_for_its_save(tmp_path, corpus):
+    """The evaluation's line is printed before its artifact and state are saved: a SIGTERM then used
+    to drop what the line had just reported ("keeps its last evaluation" meant the one before)."""
+    run = tmp_path / "run"
+    args = ["train", "--corpus", str(corpus), "--out", str(run), "--layers", "1", "--units", "16", "--embedding", "8",
+            "--seq-len", "20", "--batch-size", "8", "--epochs", "40", "--patience", "0", "--sample-chars", "0"]
+    screen = run_on_terminal([CHARGEN, *args], interrupt_at="epoch 2: train ", interrupt_with=signal.SIGTERM)
+    assert screen.returncode == 143, screen.raw[-3000:]
+    assert f"stopped (SIGTERM); the run in {run} keeps its last evaluation." in screen.text
+    assert json.loads((run / "state.json").read_text())["epoch"] >= 2  # the one reported, saved
+
+
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_evaluation_says_the_run_starts_over(tmp_path, corpus):
     run = tmp_path / "run"
     args = ["train", "--corpus", str(corpus), "--out", str(run), "--layers", "1", "--units", "16", "--embedding", "8",

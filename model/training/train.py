@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -546,10 +547,12 @@ def _fit(run: _Run) -> str:
         stretch = _train_stretch(run)
         scores = _validate(run)
         saving = time.monotonic()
-        improved = _record(run, stretch, scores)
-        if run.writer:
-            _save(run, scores, improved)
-            run.budget.saved(time.monotonic() - saving)
+        # an interrupt once the evaluation is reported waits for its save: the run keeps what it said
+        with _ctrl_c_stops(types.SimpleNamespace(interrupted=False)):
+            improved = _record(run, stretch, scores)
+            if run.writer:
+                _save(run, scores, improved)
+                run.budget.saved(time.monotonic() - saving)
         if stretch.partial:
             return "max-minutes"
 
@@ -629,7 +632,8 @@ def _sigterm_interrupts():
 def _ctrl_c_stops(deadline):
     """Ctrl-C (or SIGTERM) during fit() stops it at the end of the batch and interrupts the run once
     fit() has returned: a KeyboardInterrupt raised in the middle of TensorFlow's ops could abort the
-    process (glibc's "malloc_consolidate(): invalid chunk size"). A second one interrupts at once."""
+    process (glibc's "malloc_consolidate(): invalid chunk size"). A second one interrupts at once.
+    Around an evaluation's report and save too, so that the run keeps the evaluation it reported."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
