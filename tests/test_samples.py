@@ -236,3 +236,7 @@ def test_format_samples_shows_one_line_per_temperature():
                                                 "  T=1 novelty  n/a: " + "x" * 159 + "…"]
     assert format_samples(rows[1:], width=None) == "  T=1 novelty  n/a: " + "x" * 300
     assert "novelty 100%" in format_samples([{"temperature": 0.8, "text": "a", "novelty": 1.0}])
+    # a corpus of coloured logs: its samples' escape sequences, bell and overrides are shown, not obeyed
+    shown = format_samples([{"temperature": 1.0, "text": "\x1b[31mred\x1b]0;title\x07\u202eevil\x9b\tok", "novelty": None}])
+    assert shown == "  T=1 novelty  n/a: ␛[31mred␛]0;title␇\\u202eevil\\u009b\tok"
+    assert not any(c in shown for c in "\x1b\x07\u202e\x9b")

@@ -226,14 +226,22 @@ def samples(model: keras.Model, vocab: Vocab, *, temperatures: Sequence[float] =
              "novelty": None if novelty is None else novelty.novelty(row)} for s, row in zip(settings, out)]
 
 
+# How a sample's characters that would act on a terminal rather than show are written in the log: a
+# newline as ⏎, the other C0 controls (ESC's colour and title sequences, the bell) and DEL as their
+# Unicode control pictures (␛, ␇, ␡), C1 controls and the bidirectional overrides as \u escapes.
+_SHOWN = {10: "⏎", 127: "␡", **{c: chr(0x2400 + c) for c in range(32) if c not in (9, 10)},
+          **{c: f"\\u{c:04x}" for c in [*range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}}
+
+
 def format_samples(rows: Sequence[dict], width: int | None = 160) -> str:
-    """The run's log lines for `samples`' rows: one per temperature, newlines shown as ⏎, cut to
+    """The run's log lines for `samples`' rows: one per temperature, newlines shown as ⏎ and the
+    characters that would act on a terminal as pictures or escapes (_SHOWN), cut to
     `width` characters of text (None: all of it). The percentage is rounded down: 100% only when no
     n-gram was seen."""
     lines = []
     for row in rows:
         score = "novelty  n/a" if row.get("novelty") is None else f"novelty {math.floor(100 * row['novelty']):3d}%"
-        text = row["text"].replace("\n", "⏎")
+        text = row["text"].translate(_SHOWN)
         if width is not None and len(text) > width:
             text = text[: width - 1] + "…"
         lines.append(f"  T={row['temperature']:g} {score}: {text}")
