@@ -165,6 +165,19 @@ def test_missing_unknown_and_twice_given_sources(tmp_path, monkeypatch):
         scan(found)
 
 
+def test_a_directory_follows_linked_directories_once(tmp_path):
+    # corpus/books -> /data/books was skipped without a word; a link back up the tree must not loop
+    books = tmp_path / "data" / "books"
+    write(books / "a.txt", "a book of words\n" * 20)
+    root = tmp_path / "corpus"
+    write(root / "own.txt", "my own words\n" * 20)
+    (root / "books").symlink_to(books)
+    (root / "up").symlink_to(root)  # a loop
+    (root / "again").symlink_to(books)  # the same directory by a second name: read once
+    found = find_sources([str(root)], downloads=tmp_path / "dl")
+    assert [f.name for f in found.files] == [f"{root}/own.txt", f"{root}/again/a.txt"]
+
+
 def test_a_directory_skips_links_to_its_own_files_and_binary_files(tmp_path):
     """Debian's fortunes: each text has a `.u8` link to it and a binary `.dat` index beside it."""
     root = tmp_path / "fortunes"

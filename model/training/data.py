@@ -250,10 +250,18 @@ def _matches(name: str, globs) -> bool:
 
 def _walk(root: Path, skip: set[str]):
     """(path inside root, path) of the non-empty regular files under root, sorted, skipping hidden
-    files and directories (.git, .cache, ...) and the directories in `skip` (real paths)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in skip)
+    files and directories (.git, .cache, ...) and the directories in `skip` (real paths). Linked
+    directories are followed (a folder of links to books is a corpus), each real directory once, so
+    a link back up the tree ends there."""
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        kept = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in skip and real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if not name.startswith(".") and path.is_file() and path.stat().st_size > 0:
