@@ -846,11 +846,15 @@ def _score_whole(run: _Run) -> None:
     """Evaluations scored a sample of the validation text: score the best model on all of it, once,
     within what is left of the budget, and record it in state.json (the artifact is not rewritten)."""
     settings, best = run.settings, run.state.best
+    if run.budget and time.monotonic() >= run.budget.validate_until():
+        _log("whole validation text: --max-minutes ran out before it could be scored; not recorded (--resume scores it)")
+        return
     # the best artifact's weights: an earlier evaluation's, or this one's (under --ema the average
     # or the raw weights, whichever it kept)
     weights = trainable_weights(artifacts.load_keras(run.out / best.artifact).model)
     whole = Validation(run.data.split.validation, None, settings.eval_streams, settings.config.units,
                        run.data.tokens.release)
+    _log(f"scoring the best model ({best.artifact}) on the whole validation text, {whole.chars:,} characters ...")
     began = time.monotonic()
     loss = whole.loss(run.scoring.model(weights), deadline=run.budget.validate_until() if run.budget else None)
     if loss.chars < whole.chars:  # a prefix's loss is no score of the whole text: not recorded
