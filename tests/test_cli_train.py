@@ -343,6 +343,21 @@ def test_a_run_directory_another_training_writes_is_refused(tmp_path, corpus):
     assert (run / RUN_FILE).exists()
 
 
+def test_a_shared_data_folder_says_when_it_makes_the_token_file_again(tmp_path, corpus):
+    other = tmp_path / "other.txt"
+    other.write_text(PERIODIC[::-1] * 20)
+    data = tmp_path / "tokens"
+    tiny = ("--data", str(data), "--units", "8", "--embedding", "4", "--seq-len", "20", "--max-steps", "1",
+            "--eval-every", "1", "--sample-chars", "0")
+    first = invoke("train", "--corpus", str(corpus), "--out", str(tmp_path / "a"), *tiny)
+    assert first.exit_code == 0, first.output
+    assert "is made again" not in first.output  # there was none
+    second = invoke("train", "--corpus", str(other), "--out", str(tmp_path / "b"), *tiny)
+    assert second.exit_code == 0, second.output
+    made_again = [line for line in second.output.splitlines() if "is made again" in line]
+    assert made_again == [f"the token file in {data} is made again: it holds other files ({corpus}, not {other})"], made_again
+
+
 def test_a_lock_that_is_not_a_file_is_named(tmp_path, corpus):
     from model.training.train import LOCK_FILE
 

@@ -612,6 +612,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16)
 
 
+NO_TOKEN_FILE = "no token file yet"  # prepared()'s reason where there is none to reuse
+
 def prepared(directory: Path, sources: Sources) -> tuple[CorpusScan | None, str]:
     """The scan recorded in `directory` when its token file was made from exactly these files (same
     bytes, hashed again, in the same order, the same ones held out) and the same --drop-control,
@@ -622,7 +624,7 @@ def prepared(directory: Path, sources: Sources) -> tuple[CorpusScan | None, str]
             return None, "made by another version of chargen"
         recorded = CorpusScan.from_dict(record)
     except FileNotFoundError:
-        return None, "no token file yet"
+        return None, NO_TOKEN_FILE
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"{SOURCES} is unreadable ({type(e).__name__})"
     if len(recorded.sources) != len(sources.files) or not (Path(directory) / TOKENS).is_file():
@@ -634,15 +636,22 @@ def prepared(directory: Path, sources: Sources) -> tuple[CorpusScan | None, str]
             return None, f"{file.name} is held out differently"
         try:
             if file.path.stat().st_size != info.size_bytes:
-                return None, f"{file.name} has changed (its size differs)"
+                return None, _differs(info, file, "size")
         except FileNotFoundError:
             if file.url:
                 return None, f"{file.name} is to be downloaded"
             raise CorpusError(f"{file.name}: no such file") from None
         if _sha256(file.path) != info.sha256:
-            return None, f"{file.name} has changed (its sha256 differs)"
+            return None, _differs(info, file, "sha256")
     return CorpusScan(sources.label, recorded.sources, recorded.vocabulary, recorded.length,
                       recorded.validation_start, recorded.control, recorded.drop_control), "the same files"
+
+
+def _differs(info: SourceInfo, file: SourceFile, what: str) -> str:
+    """Why a token file made from `info` is not one of `file` (a file moved, same bytes, is)."""
+    if info.name != file.name:
+        return f"it holds other files ({info.name}, not {file.name})"
+    return f"{file.name} has changed (its {what} differs)"
 
 
 def _sha256(path: Path) -> str:

@@ -61,8 +61,8 @@ from model.records.meta import ArtifactMeta, CorpusInfo, SplitInfo, TrainingInfo
 from model.records.vocab import Vocab
 from model.training import artifacts
 from model.training.budget import Budget
-from model.training.data import (CorpusError, CorpusScan, Sources, Split, TokenCorpus, Windows, find_sources, prepared,
-                                 scan, split_lengths, write_tokens)
+from model.training.data import (NO_TOKEN_FILE, CorpusError, CorpusScan, Sources, Split, TokenCorpus, Windows, find_sources,
+                                 prepared, scan, split_lengths, write_tokens)
 from model.training.distribute import Cluster, Placement, PlacementError, before_keras, place
 from model.training.evaluate import LN2, Loss
 from model.training.history import Evaluation, Sample, history_files
@@ -179,13 +179,14 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | No
             _check_writable(flag_name, path)
     began = time.monotonic()
     try:
-        sources, corpus, reused = _read_corpus(settings, data, out)
+        sources, corpus, reused, stale = _read_corpus(settings, data, out)
     except TrainingError as e:
         if resume and settings.corpus == started_on:  # the path as the run recorded it: given relative to elsewhere, or moved
             raise TrainingError(f"{e} (the run's corpus as it was given when the run started: give its path now with --corpus)") from None
         raise
     if writer:
-        for line in (*sources.skipped, corpus.control_report()):
+        rewrite = f"the token file in {data} is made again: {stale}" if stale else None  # another run's, say (a shared --data)
+        for line in (*sources.skipped, corpus.control_report(), rewrite):
             if line:
                 _log(line)
     if state is not None and state.corpus_sha256 != corpus.sha256:
@@ -247,19 +248,23 @@ def _refuse_changes(settings: TrainSettings, saved: TrainSettings, explicit: fro
             break
 
 
-def _read_corpus(settings: TrainSettings, data: Path, out: Path) -> tuple[Sources, CorpusScan, str | None]:
+def _read_corpus(settings: TrainSettings, data: Path, out: Path
+                 ) -> tuple[Sources, CorpusScan, str | None, str | None]:
     """(the corpus files, what the first pass found in them, why the token file in `data` can be
-    reused or None): the token file's own record when it matches the files, else a first pass."""
+    reused or None, why a token file there cannot be or None): the token file's own record when it
+    matches the files, else a first pass."""
     try:
         sources = find_sources(settings.corpus, include=settings.include, exclude=settings.exclude,
                                validation_files=settings.validation_files, downloads=data, skip=[out],
                                drop_control=settings.drop_control)
         corpus, reused = prepared(data, sources)
+        stale = None
         if corpus is None:
+            stale = None if reused == NO_TOKEN_FILE else reused
             corpus, reused = scan(sources), None
     except CorpusError as e:
         raise TrainingError(str(e)) from None
-    return sources, corpus, reused
+    return sources, corpus, reused, stale
 
 
 def _check_split(settings: TrainSettings, corpus: CorpusScan) -> None:
