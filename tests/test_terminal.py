@@ -67,6 +67,19 @@ def test_ctrl_c_says_how_to_continue_and_the_artifact_records_each_command(tmp_p
 
 
 @pytest.mark.slow
+def test_a_narrow_terminal_gets_the_lines_without_the_bar(tmp_path, corpus):
+    """At 40 columns Keras' bar wrapped, and each redraw left a line behind: the run writes its
+    evaluation lines only, as to a file."""
+    run = tmp_path / "run"
+    screen = run_on_terminal([CHARGEN, "train", "--corpus", str(corpus), "--out", str(run), "--layers", "1", "--units", "8",
+                              "--embedding", "4", "--seq-len", "20", "--batch-size", "8", "--epochs", "1",
+                              "--sample-chars", "0"], columns=40)
+    assert screen.returncode == 0, screen.raw[-3000:]
+    assert "epoch 1: train " in screen.text and "━" not in screen.raw
+    assert screen.raw.count("\r") == screen.raw.count("\r\n")  # nothing redrawn in place
+
+
+@pytest.mark.slow
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, corpus):
     """docker stop, Kubernetes and supervisors stop a training with SIGTERM: it ended the process
     silently (status -15); it now stops at the end of the batch and says how to continue, as Ctrl-C."""

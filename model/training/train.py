@@ -89,12 +89,13 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
     in prepare(). --max-minutes counts from this call (see model/training/budget.py). `cluster` says
     which devices and processes take part (model/training/distribute.py).
 
-    verbose="auto" shows Keras' live progress bar with the running loss on a terminal; elsewhere (a
-    log file, CI) only the one line per evaluation that this function prints, because the bar
-    writes backspaces and colour codes many times a second even when stdout is not a terminal."""
+    verbose="auto" shows Keras' live progress bar with the running loss on a terminal that suits it
+    (_bar_fits); elsewhere (a log file, CI, TERM=dumb, NO_COLOR, a narrow window) only the one line
+    per evaluation that this function prints, because the bar writes backspaces and colour codes many
+    times a second even when stdout is not a terminal."""
     called = time.monotonic()
     if verbose == "auto":
-        verbose = 1 if sys.stdout.isatty() else 0
+        verbose = 1 if _bar_fits() else 0
     command = command or " ".join(sys.argv)
 
     with _RunLock() as lock, _sigterm_interrupts():
@@ -118,6 +119,18 @@ def train(settings: TrainSettings, *, cluster: Cluster = Cluster(), resume: bool
         # fit with evaluation, then finish
         stop_reason = _fit(run)
         return _finish(run, stop_reason)
+
+
+def _bar_fits() -> bool:
+    """Whether Keras' live bar suits the output: a terminal that can redraw a line in place (not
+    TERM=dumb), that asks for no colours (NO_COLOR; the bar writes them) and is wide enough for
+    the bar not to wrap (each redraw of a wrapped bar leaves a line behind)."""
+    if not sys.stdout.isatty() or os.environ.get("TERM") == "dumb" or os.environ.get("NO_COLOR"):
+        return False
+    return shutil.get_terminal_size((80, 24)).columns >= MIN_BAR_COLUMNS
+
+
+MIN_BAR_COLUMNS = 72  # Keras' bar with its loss and timing is about this wide
 
 
 # ---------------------------------------------------------------- prepare data
