@@ -194,7 +194,9 @@ def test_a_directory_says_what_it_left_out_and_a_run_keeps_its_drop_control(tmp_
         f"{texts}: skipped 1 link to a file already in the corpus (a.u8 -> a)",
         f"{texts}: skipped 1 binary file (a.dat)",
         "texts/ (1 files): 2 control characters (not printable text, newline or tab) in 1 file (a): "
-        "U+0007 BEL ×1, U+0008 BS ×1; left out of the text and the vocabulary (--drop-control)"]
+        "U+0007 BEL ×1, U+0008 BS ×1; left out of the text and the vocabulary (--drop-control)",
+        "warning: the validation text has only 46 characters: its loss, which picks the best model and stops the run, "
+        "says little (raise --validation, or hold out more with --validation-files)"]
 
     # a resumed run keeps the setting it started with: its token file is made with it
     run.mkdir()
@@ -352,6 +354,7 @@ def test_a_shared_data_folder_says_when_it_makes_the_token_file_again(tmp_path, 
     first = invoke("train", "--corpus", str(corpus), "--out", str(tmp_path / "a"), *tiny)
     assert first.exit_code == 0, first.output
     assert "is made again" not in first.output  # there was none
+    assert "warning: the validation text has only 90 characters: its loss" in first.output  # a tenth of 900
     second = invoke("train", "--corpus", str(other), "--out", str(tmp_path / "b"), *tiny)
     assert second.exit_code == 0, second.output
     made_again = [line for line in second.output.splitlines() if "is made again" in line]

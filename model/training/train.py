@@ -130,6 +130,7 @@ def _bar_fits() -> bool:
     return shutil.get_terminal_size((80, 24)).columns >= MIN_BAR_COLUMNS
 
 
+FEW_VALIDATION_CHARS = 1_000  # a validation text shorter than this gets a warning
 MIN_BAR_COLUMNS = 72  # Keras' bar with its loss and timing is about this wide
 
 
@@ -208,6 +209,10 @@ def prepare(settings: TrainSettings, resume: bool, explicit: frozenset[str] | No
         raise TrainingError(f"--resume: {' '.join(settings.corpus)} {what}: its sha256 differs "
                             f"({corpus.sha256[:12]}… against the run's {state.corpus_sha256[:12]}…)")
     _check_split(settings, corpus)
+    n_val = split_lengths(corpus, settings.validation_fraction)[1]
+    if writer and n_val < FEW_VALIDATION_CHARS:
+        _log(f"warning: the validation text has only {n_val:,} characters: its loss, which picks the best model and "
+             "stops the run, says little (raise --validation, or hold out more with --validation-files)")
     return Prepared(settings, sources, corpus, data, reused, time.monotonic() - began, resume, state, command)
 
 
