@@ -309,6 +309,17 @@ def test_escape_stops_the_generation_only_when_it_closes_nothing_else(tab):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("control", ["#temperature", "#probabilities"])
+def test_escape_on_a_slider_or_a_checkbox_stops_the_generation(tab, control):
+    page = tab.page
+    tab.send("the", temperature=0, max_chars=LONG)
+    page.wait_for_function(GROWN, arg=200)
+    page.focus(control)  # neither gives Escape a meaning of its own, as a text field may
+    page.keyboard.press("Escape")
+    assert tab.wait_ended() == "stopped"
+
+
+@pytest.mark.slow
 def test_a_prompt_over_the_limit_stays_in_the_box_and_the_pages_own_checks_are_said_plainly(tab, server):
     page = tab.page
     asked = []
@@ -659,6 +670,8 @@ def sent(tab: Tab, prompt: str = "the quick") -> dict:
     ("/embed", "?max_chars=7&top_k=2", {"temperature": 0.3, "max_chars": 7, "top_k": 2}),
     # presets that are no number (no whole number, for max_chars and top_k), or out of the server's bounds, are dropped
     ("/embed", "?max_chars=abc&top_k=1.5&top_p=&temperature=-1", {"temperature": 0.3}),
+    ("/", "?max_chars=abc&top_k=1.5&top_p=7", DEFAULTS),
+    ("/embed", "?max_chars=0x10&top_k=-5&top_p=7", {"temperature": 0.3}),  # decimal notation only: not hex
     ("/", "?temperature=1e9&max_chars=7", {**DEFAULTS, "max_chars": 7}),
 ])
 def test_the_page_starts_from_the_servers_defaults_unless_the_query_string_presets_them(browser, defaults_server, path, query, expected):
@@ -673,6 +686,47 @@ def test_the_page_starts_from_the_servers_defaults_unless_the_query_string_prese
         body = sent(t)
         assert {k: v for k, v in body.items() if k in DEFAULTS} == expected
         assert len(t.generated()) == expected.get("max_chars", DEFAULTS["max_chars"])  # the server applied the rest
+        assert t.console_errors == []
+    finally:
+        t.close()
+
+
+NUMERIC = ("temperature", "max_chars", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_window",
+           "presence_penalty", "frequency_penalty")  # the settings a query string may preset
+
+
+def presets_at_the_bounds(info: dict) -> dict[str, str]:
+    """A preset for each setting at the edge of what the server takes (/info's bounds and limits)."""
+    bounds, penalty = info["bounds"], info["bounds"]["max_penalty"]
+    return {"temperature": f"{bounds['max_temperature']:g}", "max_chars": "5", "top_k": "0", "top_p": "1", "min_p": "0",
+            "repetition_penalty": f"{bounds['max_repetition_penalty']:g}", "repetition_window": str(bounds["max_repetition_window"]),
+            "presence_penalty": f"{-penalty:g}", "frequency_penalty": f"{penalty:g}"}
+
+
+def presets_beyond_the_bounds(info: dict) -> dict[str, str]:
+    """A preset for each setting that the server would refuse (422): out of its bounds, not whole, not decimal."""
+    bounds, penalty = info["bounds"], info["bounds"]["max_penalty"]
+    return {"temperature": f"{bounds['max_temperature'] + 0.5:g}", "max_chars": str(info["limits"]["max_chars"] + 1),
+            "top_k": str(bounds["max_top_k"] + 1), "top_p": "0", "min_p": "1.5", "repetition_penalty": "0",
+            "repetition_window": "2.5", "presence_penalty": f"{-penalty - 0.5:g}", "frequency_penalty": "0x1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/", "/embed"])
+@pytest.mark.parametrize("kept", [True, False], ids=["at-the-bounds", "beyond-them"])
+def test_every_numeric_preset_is_held_to_the_servers_bounds(browser, defaults_server, path, kept):
+    info = defaults_server.get("/info").json()
+    presets = (presets_at_the_bounds if kept else presets_beyond_the_bounds)(info)
+    t = Tab(browser, defaults_server.url + path + "?" + "&".join(f"{k}={v}" for k, v in presets.items()))
+    try:
+        body = sent(t)  # the server took it
+        if kept:
+            expected = {name: float(value) for name, value in presets.items()}
+        elif path == "/":
+            expected = {name: info["defaults"][name] for name in NUMERIC}  # the controls show the server's defaults
+        else:
+            expected = {"temperature": info["defaults"]["temperature"]}  # the slider's; the server applies the rest
+        assert {k: v for k, v in body.items() if k in NUMERIC} == expected
         assert t.console_errors == []
     finally:
         t.close()

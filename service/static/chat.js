@@ -128,16 +128,36 @@ function showTemperature() {
 
 // Query-string presets (?prompt=…&temperature=…&max_chars=…&top_k=…&top_p=…&model=…), so a site embedding
 // the page can start it with its own example. Values only ever fill form fields, or, for a setting this
-// page has no control for, go into the request as numbers; a value that is no number (no whole number
-// where the server takes one) is dropped, as a number field drops it, and the server's default applies.
+// page has no control for, go into the request as numbers. The numeric ones wait for /info: one the server
+// would refuse (not a number in decimal notation, not a whole number where the server takes one, or out of
+// the server's bounds) is dropped, and the server's default applies.
 const presets = new URLSearchParams(location.search);
 const uncontrolled = {};
-const WHOLE = new Set(["max_chars", "top_k", "repetition_window"]); // the settings the server takes as integers
+// A number as a number field takes it (HTML's floating-point number): Number() would also read 0x10, 0b1, Infinity.
+const DECIMAL = /^-?(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+)?$/;
 
-function presetNumber(name) {
+// What the server takes for each setting (service/schemas.py), with the bounds /info states: `above` is an
+// open lower end, `whole` an integer; a bound /info leaves out is left to the server.
+function ranges({ bounds = {}, limits = {} }) {
+  const penalty = bounds.max_penalty ?? Infinity;
+  return {
+    temperature: { min: 0, max: bounds.max_temperature },
+    max_chars: { min: 1, max: limits.max_chars, whole: true },
+    top_k: { min: 0, max: bounds.max_top_k, whole: true },
+    top_p: { above: 0, max: 1 },
+    min_p: { min: 0, max: 1 },
+    repetition_penalty: { above: 0, max: bounds.max_repetition_penalty },
+    repetition_window: { min: 0, max: bounds.max_repetition_window, whole: true },
+    presence_penalty: { min: -penalty, max: penalty },
+    frequency_penalty: { min: -penalty, max: penalty },
+  };
+}
+
+function presetNumber(name, { min = -Infinity, above = -Infinity, max = Infinity, whole = false }) {
   const value = presets.get(name)?.trim() ?? "";
-  const n = value === "" ? NaN : Number(value);
-  return Number.isFinite(n) && (!WHOLE.has(name) || Number.isInteger(n)) ? n : undefined;
+  const n = DECIMAL.test(value) ? Number(value) : NaN;
+  const kept = Number.isFinite(n) && (!whole || Number.isInteger(n)) && n >= min && n > above && n <= max;
+  return kept ? n : undefined;
 }
 
 function setSetting(name, value) {
@@ -151,31 +171,23 @@ function setSetting(name, value) {
     control.dataset.chosen = "true";
     showTemperature();
   } else {
-    control.value = value;
+    control.value = String(value);
   }
 }
 
-function applyPresets() {
-  if (presets.has("prompt")) ui.prompt.value = presets.get("prompt");
-  for (const name of Object.keys(SETTINGS)) {
-    if (name === "temperature" || !presets.has(name)) continue; // the temperature waits for the server's bounds
-    const value = presetNumber(name);
-    if (SETTINGS[name]) setSetting(name, presets.get(name));
-    else if (value !== undefined) uncontrolled[name] = value;
-  }
-}
-
-// The temperature preset, if it is within the server's bounds (one beyond them is dropped rather than
-// widening the slider), then the server's defaults, into the controls that no preset and no person has set yet.
-function applyDefaults({ defaults, bounds }) {
-  const t = presetNumber("temperature");
-  const kept = t !== undefined && t >= 0 && t <= (bounds?.max_temperature ?? Infinity);
-  if (kept && !ui.temperature.dataset.chosen) setSetting("temperature", t);
+// Once /info has answered: each setting's preset if the server takes it, else the server's default, into
+// the controls that no person has set yet; the presets of settings without a control into the request.
+function applyDefaults(data) {
+  const range = ranges(data);
   for (const [name, control] of Object.entries(SETTINGS)) {
-    const preset = name === "temperature" ? kept : presets.has(name);
-    if (!control || preset || defaults?.[name] === undefined) continue;
+    const preset = presets.has(name) ? presetNumber(name, range[name]) : undefined;
+    if (!control) {
+      if (preset !== undefined) uncontrolled[name] = preset;
+      continue;
+    }
+    const value = preset ?? data.defaults?.[name];
     const untouched = control === ui.temperature ? !control.dataset.chosen : control.value === "";
-    if (untouched) setSetting(name, defaults[name]);
+    if (untouched && value !== undefined) setSetting(name, value);
   }
 }
 
@@ -539,11 +551,13 @@ ui.prompt.addEventListener("keydown", (e) => {
 
 ui.stop.addEventListener("click", () => running?.controller.abort());
 // Escape stops the generation, unless it is closing something (a dialog, a tip, a drop-down list) or
-// belongs to another field.
+// belongs to another field you type into or choose from (a slider, a checkbox or a button gives it no meaning).
+const TYPED = new Set(["text", "search", "number", "email", "url", "tel", "password"]);
 document.addEventListener("keydown", (e) => {
   if (e.key !== "Escape" || !running || e.defaultPrevented || document.querySelector("dialog[open]")) return;
   const field = document.activeElement;
-  if (field !== ui.prompt && field?.matches("input, select, textarea")) return;
+  const ownsEscape = field?.matches("select, textarea") || (field instanceof HTMLInputElement && TYPED.has(field.type));
+  if (field !== ui.prompt && ownsEscape) return;
   running.controller.abort();
 });
 ui.prompt.addEventListener("input", () => { ui.promptError.hidden = true; });
@@ -571,7 +585,7 @@ ui.probabilities?.addEventListener("change", () => {
   if (ui.probabilities.checked) scoreShown();
 });
 
-applyPresets();
+if (presets.has("prompt")) ui.prompt.value = presets.get("prompt");
 showTemperature();
 document.body.classList.toggle("show-probabilities", Boolean(ui.probabilities?.checked));
 loadInfo();
